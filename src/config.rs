@@ -1,0 +1,578 @@
+//! The configuration model: the TOML file parsed once into plain structs the rest of the guard
+//! reads, and checked before anything binds a port.
+//!
+//! Nothing else in the crate parses TOML. Unknown keys are errors (a misspelt key that is
+//! silently ignored is a setting the admin believes is active), and every error names the key
+//! and the reason, so `qsguard check-config` can be run in a deploy pipeline.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+
+/// The whole configuration, as read from the file with defaults filled in.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default, rename = "upstream")]
+    pub upstreams: Vec<UpstreamConfig>,
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    #[serde(default, rename = "virtual_proxy")]
+    pub virtual_proxies: Vec<VirtualProxyConfig>,
+    #[serde(default)]
+    pub sessions: SessionsConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// The main (client-facing) listener and the limits that protect it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// PEM certificate chain; set together with `tls_key` to serve https (and HTTP/2 by ALPN).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Offer HTTP/2 by ALPN on TLS.
+    #[serde(default = "yes")]
+    pub http2: bool,
+    /// Tokio worker threads; 0 = one per CPU core.
+    #[serde(default)]
+    pub workers: usize,
+    /// Connections served at once; further clients wait in the listen backlog.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Time a client has to send a complete request head (slowloris protection); hyper starts
+    /// this clock when it waits for a head, so it is also the keep-alive idle timeout.
+    #[serde(default = "default_header_read_timeout", with = "duration")]
+    pub header_read_timeout: Duration,
+    /// Largest request head (request line + headers); larger gets 431.
+    #[serde(default = "default_max_header_size", deserialize_with = "byte_size")]
+    pub max_header_size: u64,
+    /// Largest request body; larger gets 413. Qlik app uploads through the QMC can be large.
+    #[serde(default = "default_max_body_size", deserialize_with = "byte_size")]
+    pub max_body_size: u64,
+    /// On shutdown, how long in-flight requests get to finish before tunnels are closed.
+    #[serde(default = "default_grace_period", with = "duration")]
+    pub grace_period: Duration,
+    /// Close a WebSocket tunnel idle this long. Unset (the default): never, since Qlik engine
+    /// sessions sit idle for hours.
+    #[serde(default, with = "opt_duration")]
+    pub websocket_idle_timeout: Option<Duration>,
+    /// Peers whose X-Forwarded-* headers are trusted and appended to; others are replaced.
+    #[serde(default)]
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+/// The admin listener (health, and later sessions, events and metrics).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+/// One Qlik Sense proxy node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    #[serde(deserialize_with = "uri")]
+    pub url: http::Uri,
+    /// A short name for logs; defaults to the URL's authority.
+    pub name: Option<String>,
+}
+
+impl UpstreamConfig {
+    pub fn display_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            self.url
+                .authority()
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        })
+    }
+}
+
+/// How the guard talks to the upstream nodes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    #[serde(default = "default_connect_timeout", with = "duration")]
+    pub connect_timeout: Duration,
+    /// Time to wait for the upstream's response head (not for the whole body).
+    #[serde(default = "default_response_timeout", with = "duration")]
+    pub response_timeout: Duration,
+    /// Idle keep-alive connections to an upstream are closed after this; keep it below the
+    /// upstream's own keep-alive timeout so the guard never reuses a connection Qlik is closing.
+    #[serde(default = "default_pool_idle_timeout", with = "duration")]
+    pub pool_idle_timeout: Duration,
+    #[serde(default = "default_pool_max_idle")]
+    pub pool_max_idle_per_upstream: usize,
+    /// PEM CA bundle for https upstreams; unset: the system's roots.
+    pub upstream_ca: Option<PathBuf>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            connect_timeout: default_connect_timeout(),
+            response_timeout: default_response_timeout(),
+            pool_idle_timeout: default_pool_idle_timeout(),
+            pool_max_idle_per_upstream: default_pool_max_idle(),
+            upstream_ca: None,
+        }
+    }
+}
+
+/// A Qlik virtual proxy: its path prefix and the name of its session cookie.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtualProxyConfig {
+    pub prefix: String,
+    pub session_cookie: String,
+    /// Header-authentication virtual proxy: the header carrying `DIRECTORY\user`.
+    pub identity_header: Option<String>,
+    /// Overrides `[sessions] inactivity_timeout` for this virtual proxy.
+    #[serde(default, with = "opt_duration")]
+    pub inactivity_timeout: Option<Duration>,
+}
+
+/// What to do when a user is about to pass Qlik's session limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnLimit {
+    Reuse,
+    Error,
+    Evict,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionsConfig {
+    #[serde(default = "default_max_per_user")]
+    pub max_per_user: usize,
+    #[serde(default = "default_inactivity_timeout", with = "duration")]
+    pub inactivity_timeout: Duration,
+    #[serde(default = "default_on_limit")]
+    pub on_limit: OnLimit,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        SessionsConfig {
+            max_per_user: default_max_per_user(),
+            inactivity_timeout: default_inactivity_timeout(),
+            on_limit: default_on_limit(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// One line per request (method, path, status, upstream, time, bytes).
+    #[serde(default = "yes")]
+    pub requests: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { requests: true }
+    }
+}
+
+/// A configuration error: the key it concerns and why.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}", self.reason)
+        } else {
+            write!(f, "{}: {}", self.key, self.reason)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err("", format!("cannot read {}: {e}", path.display())))?;
+        Config::parse(&text)
+    }
+
+    /// Parses and validates; the error names the key (TOML errors carry line and column).
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            // Quote the whole line the error points at: it shows the key even when the
+            // error's span covers only the value.
+            let key = match e.span() {
+                Some(span) => {
+                    let start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
+                    let end = text[span.start..]
+                        .find('\n')
+                        .map_or(text.len(), |i| span.start + i);
+                    let line = text[..span.start].matches('\n').count() + 1;
+                    format!("line {line}: `{}`", text[start..end].trim())
+                }
+                None => String::new(),
+            };
+            err(key, e.message())
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        match (&s.tls_cert, &s.tls_key) {
+            (Some(_), None) => {
+                return Err(err("server.tls_key", "must be set with server.tls_cert"))
+            }
+            (None, Some(_)) => {
+                return Err(err("server.tls_cert", "must be set with server.tls_key"))
+            }
+            _ => {}
+        }
+        if s.max_connections == 0 {
+            return Err(err("server.max_connections", "must be at least 1"));
+        }
+        if s.max_header_size < 1024 {
+            return Err(err("server.max_header_size", "must be at least 1KiB"));
+        }
+        if s.header_read_timeout.is_zero() {
+            return Err(err("server.header_read_timeout", "must be more than 0s"));
+        }
+        if self.upstreams.is_empty() {
+            return Err(err(
+                "upstream",
+                "at least one [[upstream]] (a Qlik Sense proxy node) is needed",
+            ));
+        }
+        for (i, u) in self.upstreams.iter().enumerate() {
+            let key = format!("upstream[{i}].url");
+            match u.url.scheme_str() {
+                Some("http") | Some("https") => {}
+                _ => return Err(err(key, "must start with http:// or https://")),
+            }
+            if u.url.authority().is_none() {
+                return Err(err(key, "has no host"));
+            }
+            if !matches!(u.url.path(), "" | "/") || u.url.query().is_some() {
+                return Err(err(
+                    key,
+                    "must not have a path or query: name the node only",
+                ));
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for u in &self.upstreams {
+            if !names.insert(u.display_name()) {
+                return Err(err(
+                    "upstream.name",
+                    format!("`{}` is used twice", u.display_name()),
+                ));
+            }
+        }
+        if self.proxy.connect_timeout.is_zero() || self.proxy.response_timeout.is_zero() {
+            return Err(err("proxy", "timeouts must be more than 0s"));
+        }
+        let mut prefixes = std::collections::HashSet::new();
+        let mut cookies = std::collections::HashSet::new();
+        for (i, vp) in self.virtual_proxies.iter().enumerate() {
+            let p = &vp.prefix;
+            if !p
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._~".contains(&b))
+            {
+                return Err(err(
+                    format!("virtual_proxy[{i}].prefix"),
+                    "Qlik prefixes are lower-case a-z, 0-9 and - . _ ~ only, without slashes",
+                ));
+            }
+            if !prefixes.insert(p.clone()) {
+                return Err(err(
+                    format!("virtual_proxy[{i}].prefix"),
+                    format!("`{p}` is used twice"),
+                ));
+            }
+            if vp.session_cookie.is_empty() || !vp.session_cookie.bytes().all(is_token_byte) {
+                return Err(err(
+                    format!("virtual_proxy[{i}].session_cookie"),
+                    "must be a cookie name (letters, digits and -._ etc., no spaces)",
+                ));
+            }
+            if !cookies.insert(vp.session_cookie.to_ascii_lowercase()) {
+                return Err(err(
+                    format!("virtual_proxy[{i}].session_cookie"),
+                    "Qlik requires a unique session cookie name per virtual proxy",
+                ));
+            }
+            if let Some(h) = &vp.identity_header {
+                if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                    return Err(err(
+                        format!("virtual_proxy[{i}].identity_header"),
+                        "is not a valid header name",
+                    ));
+                }
+                let lower = h.to_ascii_lowercase();
+                for banned in [
+                    "x-qlik-security",
+                    "x-qlik-user",
+                    "x-qlik-proxysession",
+                    "x-qlik-proxyid",
+                    "x-qlik-trace",
+                    "x-qlik-app",
+                    "x-qlik-capabilities",
+                ] {
+                    if lower.contains(banned) {
+                        return Err(err(
+                            format!("virtual_proxy[{i}].identity_header"),
+                            format!("Qlik does not allow header names containing {banned}"),
+                        ));
+                    }
+                }
+            }
+        }
+        if self.sessions.max_per_user == 0 {
+            return Err(err("sessions.max_per_user", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// The virtual proxies, with the central proxy added when the file names none.
+    pub fn virtual_proxies_or_default(&self) -> Vec<VirtualProxyConfig> {
+        if self.virtual_proxies.is_empty() {
+            vec![VirtualProxyConfig {
+                prefix: String::new(),
+                session_cookie: "X-Qlik-Session".into(),
+                identity_header: None,
+                inactivity_timeout: None,
+            }]
+        } else {
+            self.virtual_proxies.clone()
+        }
+    }
+}
+
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(20)
+}
+fn default_max_header_size() -> u64 {
+    32 * 1024
+}
+fn default_max_body_size() -> u64 {
+    4 * 1024 * 1024 * 1024
+}
+fn default_grace_period() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9090))
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_response_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_pool_idle_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_pool_max_idle() -> usize {
+    256
+}
+fn default_max_per_user() -> usize {
+    5
+}
+fn default_inactivity_timeout() -> Duration {
+    Duration::from_secs(30 * 60)
+}
+fn default_on_limit() -> OnLimit {
+    OnLimit::Reuse
+}
+
+/// `"30m"`, `"10s"`, `"1h 30m"` (humantime).
+mod duration {
+    use super::*;
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "`{s}` is not a duration like \"30s\", \"5m\" or \"1h\": {e}"
+            ))
+        })
+    }
+}
+
+mod opt_duration {
+    use super::*;
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        super::duration::deserialize(d).map(Some)
+    }
+}
+
+fn uri<'de, D: Deserializer<'de>>(d: D) -> Result<http::Uri, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse()
+        .map_err(|e| serde::de::Error::custom(format!("`{s}` is not a URL: {e}")))
+}
+
+/// A byte count: a plain integer, or a string like `"16KiB"`, `"100MiB"`, `"4GiB"`.
+fn byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(u64),
+        Str(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Int(n) => Ok(n),
+        Raw::Str(s) => parse_byte_size(&s).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "`{s}` is not a size like 16384, \"16KiB\", \"100MiB\" or \"4GiB\""
+            ))
+        }),
+    }
+}
+
+pub fn parse_byte_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+[server]
+listen = "127.0.0.1:8443"
+[[upstream]]
+url = "http://127.0.0.1:4280"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(MIN).unwrap();
+        assert_eq!(c.server.max_header_size, 32 * 1024);
+        assert_eq!(c.sessions.max_per_user, 5);
+        assert_eq!(c.sessions.on_limit, OnLimit::Reuse);
+        assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(
+            c.virtual_proxies_or_default()[0].session_cookie,
+            "X-Qlik-Session"
+        );
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../config/qsguard.toml");
+        Config::parse(text).unwrap();
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Config::parse(&format!("{MIN}\n[sessions]\nmax_per_usr = 4\n")).unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("max_per_usr"), "{s}");
+        assert!(s.contains("unknown field"), "{s}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let cases = [
+            ("[server]\nlisten = \"nope\"\n[[upstream]]\nurl=\"http://a\"", "listen"),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\ntls_cert = \"/x\"\n[[upstream]]\nurl=\"http://a\"",
+                "server.tls_key",
+            ),
+            ("[server]\nlisten = \"127.0.0.1:1\"", "upstream"),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[upstream]]\nurl=\"ftp://a\"",
+                "upstream[0].url",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\nheader_read_timeout = \"soon\"\n[[upstream]]\nurl=\"http://a\"",
+                "header_read_timeout",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\nmax_body_size = \"12 parsecs\"\n[[upstream]]\nurl=\"http://a\"",
+                "max_body_size",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[upstream]]\nurl=\"http://a\"\n[[virtual_proxy]]\nprefix=\"Bad/\"\nsession_cookie=\"X\"",
+                "virtual_proxy[0].prefix",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[upstream]]\nurl=\"http://a\"\n[[virtual_proxy]]\nprefix=\"a\"\nsession_cookie=\"X\"\nidentity_header=\"X-Qlik-User-Id\"",
+                "identity_header",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[upstream]]\nurl=\"http://a\"\n[sessions]\non_limit=\"panic\"",
+                "on_limit",
+            ),
+        ];
+        for (text, key) in cases {
+            let e = Config::parse(text).unwrap_err().to_string();
+            assert!(e.contains(key), "error `{e}` should name `{key}`");
+        }
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(parse_byte_size("16KiB"), Some(16384));
+        assert_eq!(parse_byte_size("100"), Some(100));
+        assert_eq!(parse_byte_size("2 MiB"), Some(2 << 20));
+        assert_eq!(parse_byte_size("1.5GiB"), None);
+        assert_eq!(parse_byte_size("x"), None);
+    }
+}

@@ -1,0 +1,14 @@
+//! qsguard: a reverse proxy for Qlik Sense that passes the session cookie through byte for
+//! byte and keeps every user under Qlik's parallel-session limit. See ARCHITECTURE.md for the
+//! map of the code.
+
+pub mod admin;
+pub mod config;
+pub mod logging;
+pub mod proxy;
+pub mod server;
+#[cfg(feature = "sim")]
+pub mod sim;
+
+pub use config::Config;
+pub use server::Guard;

@@ -1,0 +1,193 @@
+//! The qsguard command line: run the guard, check a config, or run the built-in demo (the guard
+//! in front of the Qlik Sense simulator, all on loopback).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use qsguard::logging::{self, LogFormat};
+use qsguard::{Config, Guard};
+
+#[derive(Parser)]
+#[command(
+    name = "qsguard",
+    version,
+    about = "A reverse proxy for Qlik Sense that keeps sessions alive and users under the session limit"
+)]
+struct Cli {
+    /// The configuration file (see config/qsguard.toml).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Log lines as text or JSON.
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
+    /// Log level or filter (RUST_LOG overrides it).
+    #[arg(long, default_value = "info", global = true)]
+    log_level: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the guard with --config FILE (the default when no command is given).
+    Run,
+    /// Check a configuration file and exit: non-zero, naming the bad key, when it is invalid.
+    CheckConfig { file: PathBuf },
+    /// Run the guard in front of the built-in Qlik Sense simulator on loopback.
+    Demo {
+        /// Where the guard listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Where the admin listener listens.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format, &cli.log_level);
+    match cli.command.unwrap_or(Command::Run) {
+        Command::CheckConfig { file } => match Config::load(&file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", file.display());
+                ExitCode::from(2)
+            }
+        },
+        Command::Run => {
+            let Some(path) = cli.config else {
+                eprintln!(
+                    "qsguard: give a configuration with --config FILE, or try `qsguard demo`"
+                );
+                return ExitCode::from(2);
+            };
+            let config = match Config::load(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{}: {e}", path.display());
+                    return ExitCode::from(2);
+                }
+            };
+            let workers = config.server.workers;
+            runtime(workers).block_on(async move {
+                match Guard::start(config).await {
+                    Ok(guard) => {
+                        run_until_signal(guard).await;
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("qsguard: {e}");
+                        ExitCode::from(1)
+                    }
+                }
+            })
+        }
+        Command::Demo { listen, admin } => runtime(0).block_on(demo(listen, admin)),
+    }
+}
+
+fn runtime(workers: usize) -> tokio::runtime::Runtime {
+    let mut b = if workers == 1 {
+        // One worker: a current-thread runtime has no cross-thread hand-offs at all.
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if workers > 1 {
+            b.worker_threads(workers);
+        }
+        b
+    };
+    b.enable_all()
+        .build()
+        .expect("cannot start the tokio runtime")
+}
+
+/// Serves until SIGTERM or ctrl-c, then shuts down gracefully; a second signal exits at once.
+async fn run_until_signal(guard: Guard) {
+    let stopper = guard.stopper();
+    let waiter = tokio::spawn(guard.wait());
+    wait_for_signal().await;
+    tracing::info!("shutting down: finishing in-flight requests (a second signal exits now)");
+    stopper.cancel();
+    tokio::select! {
+        _ = waiter => {}
+        _ = wait_for_signal() => tracing::warn!("second signal: exiting now"),
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("cannot listen for SIGTERM");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn demo(listen: SocketAddr, admin: SocketAddr) -> ExitCode {
+    use qsguard::sim::{SimConfig, Simulator};
+    let sim_config = SimConfig::default();
+    let sim = match Simulator::start(sim_config, SocketAddr::from(([127, 0, 0, 1], 0))).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("qsguard demo: cannot start the Qlik simulator: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let text = format!(
+        r#"
+[server]
+listen = "{listen}"
+[admin]
+listen = "{admin}"
+[[upstream]]
+url = "http://{sim}"
+name = "sim-node1"
+[[virtual_proxy]]
+prefix = ""
+session_cookie = "X-Qlik-Session-HTTP"
+[[virtual_proxy]]
+prefix = "hdr"
+session_cookie = "X-Qlik-Session-hdr-HTTP"
+identity_header = "hdr-usr"
+"#,
+        sim = sim.addr()
+    );
+    let config = Config::parse(&text).expect("the demo config is valid");
+    let guard = match Guard::start(config).await {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("qsguard demo: {e}\n(another program uses the port? try --listen 127.0.0.1:0 --admin 127.0.0.1:0)");
+            return ExitCode::from(1);
+        }
+    };
+    println!(
+        "\nqsguard demo: the guard in front of a Qlik Sense simulator, all on loopback.\n\
+         \n  Hub through the guard (Windows-style login as DEMO\\alice):  http://{addr}/hub/\n  \
+         Header-auth virtual proxy:   curl -i -H 'hdr-usr: DEMO\\bob' http://{addr}/hdr/hub/\n  \
+         Admin listener:              http://{admin}/healthz\n  \
+         The simulator itself:        http://{sim}/  (QPS REST API on {api})\n\
+         \nTry: open the hub, watch the login redirects and the engine WebSocket in the log below; \
+         Ctrl-C stops.\n",
+        addr = guard.addr,
+        admin = guard.admin_addr,
+        sim = sim.addr(),
+        api = sim.api_addr(),
+    );
+    run_until_signal(guard).await;
+    sim.stop().await;
+    ExitCode::SUCCESS
+}

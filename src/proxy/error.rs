@@ -1,0 +1,232 @@
+//! Every way a request can fail inside the guard, mapped to a status code and a page in this one
+//! place. The pages are written for two readers: the user in front of the browser (what
+//! happened, what to do) and the admin who gets the screenshot (which part failed).
+
+use std::fmt;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::server::framing::Rejection;
+
+#[derive(Debug, Clone)]
+pub enum ProxyError {
+    /// The framing check refused the request; it never reached Qlik.
+    Rejected(Rejection),
+    /// A request the guard will not forward (no Host, CONNECT, ...).
+    BadRequest(&'static str),
+    MethodNotAllowed,
+    PayloadTooLarge {
+        limit: u64,
+    },
+    /// No upstream could be asked at all.
+    NoUpstream,
+    /// The upstream node did not accept a connection.
+    UpstreamUnreachable {
+        upstream: String,
+        detail: String,
+    },
+    /// The upstream did not answer in time.
+    UpstreamTimeout {
+        upstream: String,
+    },
+    /// The connection broke or the upstream sent something that is not HTTP.
+    UpstreamFailed {
+        upstream: String,
+        detail: String,
+    },
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::Rejected(r) => {
+                StatusCode::from_u16(r.status()).unwrap_or(StatusCode::BAD_REQUEST)
+            }
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::NoUpstream => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// Failures of the upstream (as opposed to of the client's request).
+    pub fn is_upstream(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::NoUpstream
+                | ProxyError::UpstreamUnreachable { .. }
+                | ProxyError::UpstreamTimeout { .. }
+                | ProxyError::UpstreamFailed { .. }
+        )
+    }
+
+    fn title(&self) -> &'static str {
+        match self {
+            ProxyError::Rejected(_) | ProxyError::BadRequest(_) => "This request was refused",
+            ProxyError::MethodNotAllowed => "This kind of request is not allowed here",
+            ProxyError::PayloadTooLarge { .. } => "The upload is too large",
+            ProxyError::NoUpstream
+            | ProxyError::UpstreamUnreachable { .. }
+            | ProxyError::UpstreamFailed { .. } => "Qlik Sense is not reachable right now",
+            ProxyError::UpstreamTimeout { .. } => "Qlik Sense did not answer in time",
+        }
+    }
+
+    fn user_advice(&self) -> &'static str {
+        match self {
+            ProxyError::Rejected(_) | ProxyError::BadRequest(_) | ProxyError::MethodNotAllowed => {
+                "Your browser or a device on the way sent a request that could not be passed on safely. \
+                 Reload the page; if this keeps happening, send this page to your Qlik administrator."
+            }
+            ProxyError::PayloadTooLarge { .. } => {
+                "The file is larger than this site accepts. Ask your Qlik administrator to raise the limit."
+            }
+            ProxyError::NoUpstream
+            | ProxyError::UpstreamUnreachable { .. }
+            | ProxyError::UpstreamFailed { .. } => {
+                "Your work is not lost: Qlik keeps your session while it is away. Wait a minute and \
+                 reload the page. If this stays, tell your Qlik administrator."
+            }
+            ProxyError::UpstreamTimeout { .. } => {
+                "Qlik Sense may be busy (a large reload or export). Wait a minute and reload the page."
+            }
+        }
+    }
+
+    /// What an admin needs to know; never a cookie value.
+    pub fn admin_detail(&self) -> String {
+        match self {
+            ProxyError::Rejected(r) => format!("{} ({})", r.describe(), r.id()),
+            ProxyError::BadRequest(why) => (*why).to_string(),
+            ProxyError::MethodNotAllowed => "CONNECT and TRACE are not proxied".into(),
+            ProxyError::PayloadTooLarge { limit } => {
+                format!("request body over server.max_body_size ({limit} bytes)")
+            }
+            ProxyError::NoUpstream => "no Qlik Sense proxy node is configured or available".into(),
+            ProxyError::UpstreamUnreachable { upstream, detail } => {
+                format!("cannot connect to Qlik Sense proxy node {upstream}: {detail}")
+            }
+            ProxyError::UpstreamTimeout { upstream } => {
+                format!(
+                    "Qlik Sense proxy node {upstream} did not answer within proxy.response_timeout"
+                )
+            }
+            ProxyError::UpstreamFailed { upstream, detail } => {
+                format!("the connection to Qlik Sense proxy node {upstream} failed: {detail}")
+            }
+        }
+    }
+
+    pub fn to_response<B: From<Bytes>>(&self) -> Response<B> {
+        let status = self.status();
+        let body = page(
+            status,
+            self.title(),
+            self.user_advice(),
+            &self.admin_detail(),
+        );
+        let mut resp = Response::new(B::from(Bytes::from(body)));
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if self.is_upstream() {
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
+        }
+        if matches!(self, ProxyError::Rejected(_) | ProxyError::BadRequest(_)) {
+            // After a framing error the rest of the connection cannot be trusted.
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
+    }
+}
+
+impl fmt::Display for ProxyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.admin_detail())
+    }
+}
+
+/// A minimal self-contained HTML page (no external resources: the upstream may be down).
+pub fn page(status: StatusCode, title: &str, advice: &str, detail: &str) -> String {
+    format!(
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+<title>{title}</title><style>body{{font-family:system-ui,sans-serif;max-width:40em;margin:4em auto;padding:0 1em;color:#222}}\
+h1{{font-size:1.4em}}.detail{{color:#555;font-size:.9em;border-top:1px solid #ddd;padding-top:1em;margin-top:2em}}</style></head>\
+<body><h1>{title}</h1><p>{advice}</p>\
+<p class=\"detail\">For your administrator: HTTP {code}. {detail}<br>Answered by qsguard, the proxy in front of Qlik Sense.</p>\
+</body></html>\n",
+        title = escape(title),
+        advice = escape(advice),
+        detail = escape(detail),
+        code = status.as_u16(),
+    )
+}
+
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::Full;
+
+    #[test]
+    fn statuses() {
+        let cases = [
+            (ProxyError::Rejected(Rejection::TeAndCl), 400),
+            (ProxyError::Rejected(Rejection::HeadTooLarge), 431),
+            (ProxyError::Rejected(Rejection::UnknownTransferCoding), 501),
+            (ProxyError::PayloadTooLarge { limit: 1 }, 413),
+            (ProxyError::NoUpstream, 503),
+            (
+                ProxyError::UpstreamUnreachable {
+                    upstream: "n1".into(),
+                    detail: "refused".into(),
+                },
+                502,
+            ),
+            (
+                ProxyError::UpstreamTimeout {
+                    upstream: "n1".into(),
+                },
+                504,
+            ),
+        ];
+        for (e, code) in cases {
+            let r: Response<Full<Bytes>> = e.to_response();
+            assert_eq!(r.status().as_u16(), code, "{e}");
+            assert!(r.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/html"));
+        }
+    }
+
+    #[test]
+    fn pages_escape_what_they_quote() {
+        let p = page(StatusCode::BAD_GATEWAY, "t", "a", "<script>x</script>");
+        assert!(!p.contains("<script>"));
+        assert!(p.contains("&lt;script&gt;"));
+    }
+}

@@ -1,0 +1,295 @@
+//! One request through the guard, as a short sequence of named phases:
+//!
+//! 1. **admit**: refuse what must not reach Qlik (a verdict of the framing check, CONNECT, a
+//!    missing Host, a body over the limit);
+//! 2. **prepare**: choose the node and build the upstream request: hop-by-hop fields out,
+//!    X-Forwarded-* set, HTTP/2 cookies joined, Host and every cookie byte kept;
+//! 3. **send**: to the node's keep-alive pool, with the response timeout;
+//! 4. **respond**: hop-by-hop fields out of the response, every `Set-Cookie` kept as its own
+//!    field in order; a `101` hands both connections to the WebSocket tunnel;
+//! 5. **log**: one line when the response body is done (see [`access_log`]).
+//!
+//! Any failure is a [`ProxyError`], which becomes a status code and a readable page in one place.
+
+pub mod access_log;
+pub mod error;
+pub mod headers;
+pub mod tunnel;
+pub mod upstream;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body_util::{Either, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::server::framing::{Rejection, REJECT_HEADER};
+use access_log::{Logged, Record};
+pub use error::ProxyError;
+use headers::TrustedProxies;
+use upstream::{Node, Upstreams};
+
+/// The body of every response the guard sends: Qlik's, streamed, or a page of the guard's own.
+pub type ProxyBody = Logged<Either<Incoming, Full<Bytes>>>;
+
+/// What the proxy knows about the client connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+/// The settings the hot path reads, copied out of the config once.
+struct Settings {
+    max_body_size: u64,
+    websocket_idle_timeout: Option<Duration>,
+    log_requests: bool,
+    trusted: TrustedProxies,
+}
+
+/// The proxy: shared by every connection.
+pub struct Proxy {
+    settings: Settings,
+    upstreams: Upstreams,
+    /// Open WebSocket tunnels, closed on shutdown after in-flight requests.
+    tunnels: TaskTracker,
+    close_tunnels: CancellationToken,
+}
+
+impl Proxy {
+    pub fn new(config: &Config) -> Result<Proxy, String> {
+        Ok(Proxy {
+            settings: Settings {
+                max_body_size: config.server.max_body_size,
+                websocket_idle_timeout: config.server.websocket_idle_timeout,
+                log_requests: config.log.requests,
+                trusted: TrustedProxies::new(config.server.trusted_proxies.clone()),
+            },
+            upstreams: Upstreams::new(config)?,
+            tunnels: TaskTracker::new(),
+            close_tunnels: CancellationToken::new(),
+        })
+    }
+
+    pub fn upstreams(&self) -> &Upstreams {
+        &self.upstreams
+    }
+
+    /// Closes every tunnel and waits (bounded) for them to go.
+    pub async fn close_tunnels(&self, wait: Duration) {
+        self.close_tunnels.cancel();
+        self.tunnels.close();
+        let _ = tokio::time::timeout(wait, self.tunnels.wait()).await;
+    }
+
+    /// Number of open WebSocket tunnels.
+    pub fn open_tunnels(&self) -> usize {
+        self.tunnels.len()
+    }
+
+    /// The hyper service entry point.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        let started = Instant::now();
+        let record = self.settings.log_requests.then(|| {
+            Box::new(Record {
+                method: req.method().clone(),
+                path: req.uri().path().to_string(),
+                status: StatusCode::OK,
+                upstream: None,
+                started,
+                bytes: 0,
+                peer: conn.peer.ip(),
+            })
+        });
+        let (resp, node) = match self.forward(req, conn).await {
+            Ok((resp, node)) => (resp.map(Either::Left), Some(node)),
+            Err((e, node)) => {
+                if e.is_upstream() {
+                    tracing::warn!(client = %conn.peer, "{e}");
+                } else {
+                    tracing::info!(client = %conn.peer, "refused: {e}");
+                }
+                (e.to_response().map(Either::Right), node)
+            }
+        };
+        let record = record.map(|mut r| {
+            r.status = resp.status();
+            r.upstream = node.map(|n| n.name.clone());
+            r
+        });
+        Ok(resp.map(|b| Logged::new(b, record)))
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Result<(Response<Incoming>, Arc<Node>), (ProxyError, Option<Arc<Node>>)> {
+        self.admit(&req).map_err(|e| (e, None))?;
+        let client_upgrade = headers::upgrade_requested(req.headers())
+            .map(|proto| (proto, hyper::upgrade::on(&mut req)));
+        let node = self.upstreams.pick().map_err(|e| (e, None))?;
+        let upstream_req = self
+            .prepare(
+                req,
+                conn,
+                &node,
+                client_upgrade.as_ref().map(|(p, _)| p.clone()),
+            )
+            .map_err(|e| (e, Some(node.clone())))?;
+        let resp = self
+            .upstreams
+            .send(&node, upstream_req, self.settings.max_body_size)
+            .await
+            .map_err(|e| (e, Some(node.clone())))?;
+        Ok((self.respond(resp, client_upgrade), node))
+    }
+
+    /// Phase 1: what must not reach Qlik at all.
+    fn admit(&self, req: &Request<Incoming>) -> Result<(), ProxyError> {
+        if let Some(v) = req.headers().get(REJECT_HEADER) {
+            return Err(ProxyError::Rejected(
+                Rejection::from_header(v.as_bytes()).unwrap_or(Rejection::Malformed),
+            ));
+        }
+        if req.method() == Method::CONNECT || req.method() == Method::TRACE {
+            return Err(ProxyError::MethodNotAllowed);
+        }
+        let hosts = req.headers().get_all(header::HOST).iter().count();
+        if hosts > 1 {
+            return Err(ProxyError::BadRequest("more than one Host header"));
+        }
+        if hosts == 0 && req.version() == Version::HTTP_11 {
+            return Err(ProxyError::BadRequest("HTTP/1.1 request without Host"));
+        }
+        if req.uri().path_and_query().is_none() || !req.uri().path().starts_with('/') {
+            return Err(ProxyError::BadRequest("the request target is not a path"));
+        }
+        if let Some(len) = req.headers().get(header::CONTENT_LENGTH) {
+            let len: u64 = len
+                .to_str()
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .ok_or(ProxyError::BadRequest("invalid Content-Length"))?;
+            if len > self.settings.max_body_size {
+                return Err(ProxyError::PayloadTooLarge {
+                    limit: self.settings.max_body_size,
+                });
+            }
+        }
+        if req.version() == Version::HTTP_2 && req.headers().contains_key(header::TRANSFER_ENCODING)
+        {
+            return Err(ProxyError::BadRequest(
+                "Transfer-Encoding in an HTTP/2 request",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Phase 2: the request as the node gets it.
+    fn prepare(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+        node: &Node,
+        upgrade: Option<HeaderValue>,
+    ) -> Result<Request<upstream::UpstreamBody>, ProxyError> {
+        let (mut parts, body) = req.into_parts();
+        let h2 = parts.version == Version::HTTP_2;
+        let authority = if h2 { authority_of(&parts.uri) } else { None };
+        parts.uri = node
+            .uri(parts.uri.path_and_query())
+            .map_err(|_| ProxyError::BadRequest("the request target cannot be forwarded"))?;
+        if h2 {
+            // HTTP/2 carries the host in :authority; an HTTP/1.1 upstream needs a Host field.
+            if !parts.headers.contains_key(header::HOST) {
+                if let Some(a) = authority {
+                    parts.headers.insert(header::HOST, a);
+                }
+            }
+            headers::join_cookies(&mut parts.headers);
+        }
+        parts.version = Version::HTTP_11;
+        headers::remove_hop_by_hop(&mut parts.headers);
+        if let Some(proto) = upgrade {
+            headers::restore_upgrade(&mut parts.headers, proto);
+        }
+        let host = parts.headers.get(header::HOST).cloned();
+        headers::set_forwarded(
+            &mut parts.headers,
+            conn.peer.ip(),
+            &self.settings.trusted,
+            conn.tls,
+            host.as_ref(),
+        );
+        let body = Limited::new(body, self.settings.max_body_size as usize);
+        Ok(Request::from_parts(parts, body))
+    }
+
+    /// Phase 4: the response as the client gets it.
+    fn respond(
+        &self,
+        mut resp: Response<Incoming>,
+        client_upgrade: Option<(HeaderValue, hyper::upgrade::OnUpgrade)>,
+    ) -> Response<Incoming> {
+        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let upgrade_proto = resp.headers().get(header::UPGRADE).cloned();
+        headers::remove_hop_by_hop(resp.headers_mut());
+        match (client_upgrade, switching) {
+            (Some((_, client_side)), true) => {
+                if let Some(p) = upgrade_proto {
+                    headers::restore_upgrade(resp.headers_mut(), p);
+                }
+                let upstream_side = hyper::upgrade::on(&mut resp);
+                self.spawn_tunnel(client_side, upstream_side);
+            }
+            (Some(_), false) => {
+                // The upgrade was refused: end the connection after this answer, since the
+                // framing check stopped reading it as HTTP when the upgrade was asked for.
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
+        }
+        resp
+    }
+
+    fn spawn_tunnel(&self, client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+        let idle = self.settings.websocket_idle_timeout;
+        let stop = self.close_tunnels.clone();
+        self.tunnels.spawn(async move {
+            let (client, upstream) = match tokio::try_join!(client, upstream) {
+                Ok(both) => both,
+                Err(e) => {
+                    tracing::debug!("upgrade did not complete: {e}");
+                    return;
+                }
+            };
+            let (ending, moved) =
+                tunnel::run(TokioIo::new(client), TokioIo::new(upstream), idle, stop).await;
+            tracing::debug!(
+                ?ending,
+                to_upstream = moved.to_upstream,
+                to_client = moved.to_client,
+                "websocket closed"
+            );
+        });
+    }
+}
+
+fn authority_of(uri: &http::Uri) -> Option<HeaderValue> {
+    uri.authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+}
