@@ -58,6 +58,7 @@ where
         up: Direction::default(),
         down: Direction::default(),
         idle: idle_timeout.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
+        fin: None,
     };
     tokio::select! {
         r = &mut copy => {
@@ -87,7 +88,13 @@ struct Copy<C, U> {
     up: Direction,
     down: Direction,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    /// Armed when one side has closed: the other gets [`FIN_TIMEOUT`] to follow.
+    fin: Option<Pin<Box<Sleep>>>,
 }
+
+/// After one side closed, how long the other may keep its half open (HAProxy's
+/// `timeout client-fin`): a peer that never closes must not pin the tunnel forever.
+const FIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 const STACK_BUF: usize = 16 * 1024;
 
@@ -189,6 +196,14 @@ where
                 return Poll::Ready(Ending::Error)
             }
             (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => return Poll::Ready(Ending::Closed),
+            (Poll::Ready(Ok(())), _) | (_, Poll::Ready(Ok(()))) => {
+                let fin = this
+                    .fin
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(FIN_TIMEOUT)));
+                if fin.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Ending::Closed);
+                }
+            }
             _ => {}
         }
         if let Some((limit, sleep)) = &mut this.idle {
@@ -263,6 +278,15 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(6 * 3600)).await;
         assert!(!t.is_finished(), "no timer may cut an idle tunnel");
         t.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_half_closed_tunnel_ends_after_the_fin_timeout() {
+        let (client, client_side) = duplex(64);
+        let (upstream_side, _server) = duplex(64);
+        drop(client);
+        let (ending, _) = run(client_side, upstream_side, None, CancellationToken::new()).await;
+        assert_eq!(ending, Ending::Closed);
     }
 
     #[tokio::test]

@@ -186,13 +186,12 @@ fn tls_client_config(ca: Option<&std::path::Path>) -> Result<rustls::ClientConfi
             }
         }
     }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+    // hyper-rustls sets ALPN (http/1.1 only) from `enable_http1`.
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .map_err(|e| e.to_string())?
     .with_root_certificates(roots)
-    .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(cfg)
+    .with_no_client_auth())
 }

@@ -235,6 +235,9 @@ async fn serve_http1<S>(
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
+        // A client (or the framing check, after a rejection) may close its sending side
+        // while it waits for the answer; it still gets the answer.
+        .half_close(true)
         .max_headers(framing::MAX_HEADERS)
         .max_buf_size((settings.max_header_size * 2).max(8192))
         .serve_connection(io, svc)
