@@ -7,7 +7,6 @@ pub mod config;
 pub mod logging;
 pub mod proxy;
 pub mod server;
-#[cfg(feature = "sim")]
 pub mod sim;
 
 pub use config::Config;

@@ -1,0 +1,179 @@
+//! Shared test plumbing: start the simulator and the guard on loopback ephemeral ports, and
+//! talk to them with a plain HTTP/1.1 client or a raw socket.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use qsguard::sim::{SimConfig, Simulator};
+use qsguard::{Config, Guard};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub const LOOPBACK: ([u8; 4], u16) = ([127, 0, 0, 1], 0);
+
+pub async fn sim() -> Simulator {
+    sim_with(SimConfig::default()).await
+}
+
+pub async fn sim_with(config: SimConfig) -> Simulator {
+    Simulator::start(config, SocketAddr::from(LOOPBACK))
+        .await
+        .expect("simulator starts")
+}
+
+/// The guard's config for the given upstreams, with the simulator's two virtual proxies, plus
+/// `extra` TOML appended (sections not already present).
+pub fn config_text(upstreams: &[SocketAddr], server_extra: &str, extra: &str) -> String {
+    let mut t = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ngrace_period = \"5s\"\n{server_extra}\n[admin]\nlisten = \"127.0.0.1:0\"\n"
+    );
+    for u in upstreams {
+        t.push_str(&format!("[[upstream]]\nurl = \"http://{u}\"\n"));
+    }
+    t.push_str(
+        "[[virtual_proxy]]\nprefix = \"\"\nsession_cookie = \"X-Qlik-Session-HTTP\"\n\
+         [[virtual_proxy]]\nprefix = \"hdr\"\nsession_cookie = \"X-Qlik-Session-hdr-HTTP\"\nidentity_header = \"hdr-usr\"\n",
+    );
+    t.push_str(extra);
+    t
+}
+
+pub async fn guard(upstream: SocketAddr) -> Guard {
+    guard_with(&config_text(&[upstream], "", "")).await
+}
+
+pub async fn guard_with(text: &str) -> Guard {
+    let config = Config::parse(text).expect("test config is valid");
+    Guard::start(config).await.expect("guard starts")
+}
+
+/// A response as a test looks at it.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Resp {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    }
+
+    pub fn all(&self, name: &str) -> Vec<String> {
+        self.headers
+            .get_all(name)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect()
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection.
+pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Result<Resp, String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(Resp {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
+}
+
+/// GET `path` with the given headers (Host defaults to "qlik.example.com").
+pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Resp {
+    let mut b = Request::get(path);
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        b = b.header("host", "qlik.example.com");
+    }
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    send(addr, b.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+/// Writes `bytes` on a raw connection and reads what comes back until the guard closes the
+/// connection or `wait` passes without a byte.
+pub async fn raw(addr: SocketAddr, bytes: &[u8], wait: Duration) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(bytes).await.expect("write");
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match tokio::time::timeout(wait, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    out
+}
+
+/// The status codes of every response in a raw byte stream, in order.
+pub fn statuses(raw: &[u8]) -> Vec<u16> {
+    let text = String::from_utf8_lossy(raw);
+    text.match_indices("HTTP/1.1 ")
+        .filter_map(|(i, _)| text.get(i + 9..i + 12)?.parse().ok())
+        .collect()
+}
+
+/// Follows redirects (keeping cookies like a browser would) until a non-redirect answer.
+pub async fn browse(
+    addr: SocketAddr,
+    path: &str,
+    jar: &mut Vec<(String, String)>,
+    extra: &[(&str, &str)],
+) -> Resp {
+    let mut path = path.to_string();
+    for _ in 0..10 {
+        let cookie = jar
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let mut headers: Vec<(&str, &str)> = extra.to_vec();
+        if !cookie.is_empty() {
+            headers.push(("cookie", &cookie));
+        }
+        let resp = get(addr, &path, &headers).await;
+        for sc in resp.all("set-cookie") {
+            let pair = sc.split(';').next().unwrap_or("");
+            if let Some((k, v)) = pair.split_once('=') {
+                jar.retain(|(n, _)| n != k);
+                jar.push((k.to_string(), v.to_string()));
+            }
+        }
+        if resp.status.is_redirection() {
+            path = resp.header("location").expect("redirect has a location");
+            if let Some(rest) = path.strip_prefix("http://") {
+                path = rest[rest.find('/').unwrap_or(rest.len())..].to_string();
+            }
+            continue;
+        }
+        return resp;
+    }
+    panic!("too many redirects");
+}

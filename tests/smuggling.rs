@@ -1,0 +1,184 @@
+//! Request smuggling and malformed requests on raw sockets: each one is answered with a 4xx (501
+//! for an unknown transfer coding), never reaches the simulator, and the guard keeps serving.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const WAIT: Duration = Duration::from_secs(3);
+
+/// (name, raw request, expected status)
+fn attacks() -> Vec<(&'static str, Vec<u8>, u16)> {
+    let smuggled = "GET /__sim/smuggled HTTP/1.1\r\nHost: q\r\n\r\n";
+    vec![
+        (
+            "CL.TE",
+            format!("POST /__sim/echo HTTP/1.1\r\nHost: q\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}", 5 + smuggled.len()).into_bytes(),
+            400,
+        ),
+        (
+            "TE.CL",
+            format!("POST /__sim/echo HTTP/1.1\r\nHost: q\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n{:x}\r\n{smuggled}\r\n0\r\n\r\n", smuggled.len()).into_bytes(),
+            400,
+        ),
+        (
+            "differing Content-Length",
+            format!("POST /__sim/echo HTTP/1.1\r\nHost: q\r\nContent-Length: 0\r\nContent-Length: {}\r\n\r\n{smuggled}", smuggled.len()).into_bytes(),
+            400,
+        ),
+        (
+            "Content-Length list",
+            b"POST /__sim/echo HTTP/1.1\r\nHost: q\r\nContent-Length: 3, 3\r\n\r\nabc".to_vec(),
+            400,
+        ),
+        (
+            "unknown coding",
+            b"POST /__sim/echo HTTP/1.1\r\nHost: q\r\nTransfer-Encoding: gzip\r\n\r\n".to_vec(),
+            501,
+        ),
+        (
+            "obfuscated coding (xchunked)",
+            b"POST /__sim/echo HTTP/1.1\r\nHost: q\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n".to_vec(),
+            501,
+        ),
+        (
+            "obfuscated coding (quoted)",
+            b"POST /__sim/echo HTTP/1.1\r\nHost: q\r\nTransfer-Encoding: \"chunked\"\r\n\r\n0\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "chunked twice",
+            b"POST /__sim/echo HTTP/1.1\r\nHost: q\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "space before colon",
+            b"POST /__sim/echo HTTP/1.1\r\nHost: q\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "TE on HTTP/1.0",
+            b"POST /__sim/echo HTTP/1.0\r\nHost: q\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(),
+            400,
+        ),
+        ("garbage request line", b"HELLO THERE\r\n\r\n".to_vec(), 400),
+        ("obs-fold line folding", b"GET /__sim/echo HTTP/1.1\r\nHost: q\r\nX-A: 1\r\n folded\r\n\r\n".to_vec(), 400),
+        ("NUL in a header", b"GET /__sim/echo HTTP/1.1\r\nHost: q\r\nX-A: a\x00b\r\n\r\n".to_vec(), 400),
+        (
+            "oversized header",
+            format!("GET /__sim/echo HTTP/1.1\r\nHost: q\r\nCookie: {}\r\n\r\n", "a".repeat(40_000)).into_bytes(),
+            431,
+        ),
+        ("no Host", b"GET /__sim/echo HTTP/1.1\r\n\r\n".to_vec(), 400),
+        ("two Hosts", b"GET /__sim/echo HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n".to_vec(), 400),
+        ("CONNECT", b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\n".to_vec(), 405),
+        (
+            "upgrade with a body",
+            format!("GET /app/x HTTP/1.1\r\nHost: q\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nContent-Length: {}\r\n\r\n{smuggled}", smuggled.len()).into_bytes(),
+            400,
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn attacks_never_reach_qlik_and_the_guard_keeps_serving() {
+    let sim = sim().await;
+    let guard = guard(sim.addr()).await;
+    for (name, bytes, want) in attacks() {
+        let before = sim.counters().requests;
+        let out = raw(guard.addr, &bytes, WAIT).await;
+        assert_eq!(
+            statuses(&out),
+            vec![want],
+            "{name}: {}",
+            String::from_utf8_lossy(&out)
+        );
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.contains("qsguard"), "{name}: the guard's own page");
+        assert_eq!(
+            sim.counters().requests,
+            before,
+            "{name} reached the simulator"
+        );
+        assert!(
+            sim.last_request("/__sim/smuggled").is_none(),
+            "{name}: smuggled request reached Qlik"
+        );
+        assert_eq!(
+            get(guard.addr, "/__sim/echo", &[]).await.status,
+            200,
+            "after {name}"
+        );
+    }
+    guard.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_bad_request_behind_a_good_one_on_the_same_connection() {
+    let sim = sim().await;
+    let guard = guard(sim.addr()).await;
+    let mut bytes = b"GET /__sim/echo HTTP/1.1\r\nHost: q\r\n\r\n".to_vec();
+    bytes.extend_from_slice(b"POST /__sim/echo HTTP/1.1\r\nHost: q\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n");
+    bytes.extend_from_slice(b"GET /__sim/smuggled HTTP/1.1\r\nHost: q\r\n\r\n");
+    let out = raw(guard.addr, &bytes, WAIT).await;
+    assert_eq!(statuses(&out), vec![200, 400]);
+    assert_eq!(sim.counters().requests, 1);
+    assert!(sim.last_request("/__sim/smuggled").is_none());
+    guard.shutdown().await;
+}
+
+#[tokio::test]
+async fn valid_chunked_and_pipelined_requests_pass() {
+    let sim = sim().await;
+    let guard = guard(sim.addr()).await;
+    let bytes = b"POST /__sim/echo HTTP/1.1\r\nHost: q\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n\
+GET /__sim/echo?second HTTP/1.1\r\nHost: q\r\nContent-Length: 0\r\n\r\n\
+GET /__sim/echo?third HTTP/1.1\r\nHost: q\r\nConnection: close\r\n\r\n";
+    let out = raw(guard.addr, bytes, WAIT).await;
+    assert_eq!(statuses(&out), vec![200, 200, 200]);
+    assert!(String::from_utf8_lossy(&out).contains("\"body_len\":11"));
+    assert_eq!(sim.counters().requests, 3);
+    guard.shutdown().await;
+}
+
+#[tokio::test]
+async fn slowloris_is_cut_off_after_the_header_timeout() {
+    let sim = sim().await;
+    let guard = guard_with(&config_text(
+        &[sim.addr()],
+        "header_read_timeout = \"1s\"",
+        "",
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(guard.addr).await.unwrap();
+    s.write_all(b"GET /__sim/echo HTTP/1.1\r\nHost: q\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    // Keep dripping a header line now and then, as slowloris does.
+    let closed = loop {
+        if started.elapsed() > Duration::from_secs(10) {
+            break false;
+        }
+        tokio::select! {
+            r = s.read(&mut buf) => match r {
+                Ok(0) | Err(_) => break true,
+                Ok(_) => continue,
+            },
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                if s.write_all(b"X-a: b\r\n").await.is_err() {
+                    break true;
+                }
+            }
+        }
+    };
+    assert!(closed, "the slow client was not cut off");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(sim.counters().requests, 0);
+    assert_eq!(get(guard.addr, "/__sim/echo", &[]).await.status, 200);
+    guard.shutdown().await;
+}

@@ -1,0 +1,159 @@
+//! TLS on the main listener with an rcgen test certificate: HTTP/1.1 and HTTP/2 by ALPN, and
+//! HTTP/2 cookie fields joined for the HTTP/1.1 upstream.
+
+mod common;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::ServerName;
+
+struct Tls {
+    dir: std::path::PathBuf,
+    cert_pem: String,
+}
+
+fn make_cert() -> Tls {
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let dir = std::env::temp_dir().join(format!(
+        "qsguard-tls-{}-{}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("cert.pem"), ck.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), ck.key_pair.serialize_pem()).unwrap();
+    Tls {
+        dir,
+        cert_pem: ck.cert.pem(),
+    }
+}
+
+fn connector(tls: &Tls, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from_pem_slice(tls.cert_pem.as_bytes()).unwrap())
+        .unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+}
+
+fn tls_config(sim: std::net::SocketAddr, tls: &Tls) -> String {
+    config_text(
+        &[sim],
+        &format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"",
+            tls.dir.join("cert.pem").display(),
+            tls.dir.join("key.pem").display()
+        ),
+        "",
+    )
+}
+
+#[tokio::test]
+async fn http2_over_tls_joins_split_cookies_for_qlik() {
+    let sim = sim().await;
+    let tls = make_cert();
+    let guard = guard_with(&tls_config(sim.addr(), &tls)).await;
+    let tcp = tokio::net::TcpStream::connect(guard.addr).await.unwrap();
+    let stream = connector(&tls, &[b"h2", b"http/1.1"])
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("https://qlik.example.com/__sim/echo")
+        .header("cookie", "X-Qlik-Session-HTTP=a=b\"c")
+        .header("cookie", "qsguard=0011")
+        .header("cookie", "z=1")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let _ = resp.into_body().collect().await.unwrap();
+    let seen = sim.last_request("/__sim/echo").unwrap();
+    assert_eq!(seen.version, "HTTP/1.1");
+    let cookies: Vec<_> = seen
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "cookie")
+        .map(|(_, v)| v.clone())
+        .collect();
+    assert_eq!(
+        cookies,
+        vec![b"X-Qlik-Session-HTTP=a=b\"c; qsguard=0011; z=1".to_vec()]
+    );
+    let host: Vec<_> = seen
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "host")
+        .map(|(_, v)| v.clone())
+        .collect();
+    assert_eq!(
+        host,
+        vec![b"qlik.example.com".to_vec()],
+        "the :authority becomes Host"
+    );
+    let proto: Vec<_> = seen
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "x-forwarded-proto")
+        .map(|(_, v)| v.clone())
+        .collect();
+    assert_eq!(proto, vec![b"https".to_vec()]);
+    guard.shutdown().await;
+    let _ = std::fs::remove_dir_all(&tls.dir);
+}
+
+#[tokio::test]
+async fn http1_over_tls_and_bad_tls_config_is_named() {
+    let sim = sim().await;
+    let tls = make_cert();
+    let guard = guard_with(&tls_config(sim.addr(), &tls)).await;
+    let tcp = tokio::net::TcpStream::connect(guard.addr).await.unwrap();
+    let stream = connector(&tls, &[b"http/1.1"])
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = sender
+        .send_request(
+            http::Request::get("/__sim/echo")
+                .header("host", "qlik.example.com")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    guard.shutdown().await;
+
+    // A key file that is not a key: the error names the key and the file.
+    std::fs::write(tls.dir.join("key.pem"), "not a key").unwrap();
+    let config = qsguard::Config::parse(&tls_config(sim.addr(), &tls)).unwrap();
+    let err = qsguard::Guard::start(config)
+        .await
+        .err()
+        .expect("refuses to start");
+    assert!(err.contains("server.tls_key"), "{err}");
+    let _ = std::fs::remove_dir_all(&tls.dir);
+}
