@@ -30,6 +30,21 @@ pub struct Config {
     pub sessions: SessionsConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// The QPS REST API (port 4243, mutual TLS); unset: the Personal API is used instead.
+    pub qps_api: Option<QpsApiConfig>,
+}
+
+/// The QPS REST API client: Qlik's exported client certificate and key, and the CA that
+/// signed the QPS's certificate.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QpsApiConfig {
+    /// e.g. `https://qlik1.example.com:4243`; plain `http` only when TLS is ended elsewhere.
+    #[serde(deserialize_with = "uri")]
+    pub url: http::Uri,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
 }
 
 /// The main (client-facing) listener and the limits that protect it.
@@ -170,6 +185,23 @@ pub struct SessionsConfig {
     pub inactivity_timeout: Duration,
     #[serde(default = "default_on_limit")]
     pub on_limit: OnLimit,
+    /// Track sessions and act on the limit. Off: qsguard is a plain (cookie-safe) proxy.
+    #[serde(default = "yes")]
+    pub guard: bool,
+    /// With `evict`: end a session this many slots before the limit (Qlik frees a slot only
+    /// about five minutes after a session ends with professional access).
+    #[serde(default)]
+    pub evict_headroom: usize,
+    /// The guard's own cookie that recognises a browser across restarts.
+    #[serde(default = "default_device_cookie")]
+    pub device_cookie: String,
+    /// How long requests of a browser wait while another of its requests is (re)creating its
+    /// session, before they go on their own.
+    #[serde(default = "default_burst_wait", with = "duration")]
+    pub burst_wait: Duration,
+    /// How long the guard remembers a browser (and its last user) after its last session.
+    #[serde(default = "default_device_memory", with = "duration")]
+    pub device_memory: Duration,
 }
 
 impl Default for SessionsConfig {
@@ -178,6 +210,11 @@ impl Default for SessionsConfig {
             max_per_user: default_max_per_user(),
             inactivity_timeout: default_inactivity_timeout(),
             on_limit: default_on_limit(),
+            guard: true,
+            evict_headroom: 0,
+            device_cookie: default_device_cookie(),
+            burst_wait: default_burst_wait(),
+            device_memory: default_device_memory(),
         }
     }
 }
@@ -362,8 +399,49 @@ impl Config {
                 }
             }
         }
-        if self.sessions.max_per_user == 0 {
+        let ss = &self.sessions;
+        if ss.max_per_user == 0 {
             return Err(err("sessions.max_per_user", "must be at least 1"));
+        }
+        if ss.evict_headroom >= ss.max_per_user {
+            return Err(err(
+                "sessions.evict_headroom",
+                "must be less than sessions.max_per_user",
+            ));
+        }
+        if ss.device_cookie.is_empty() || !ss.device_cookie.bytes().all(is_token_byte) {
+            return Err(err("sessions.device_cookie", "must be a cookie name"));
+        }
+        if self
+            .virtual_proxies
+            .iter()
+            .any(|vp| vp.session_cookie.eq_ignore_ascii_case(&ss.device_cookie))
+        {
+            return Err(err(
+                "sessions.device_cookie",
+                "must differ from every virtual proxy's session_cookie",
+            ));
+        }
+        if ss.inactivity_timeout.is_zero() {
+            return Err(err("sessions.inactivity_timeout", "must be more than 0s"));
+        }
+        if let Some(api) = &self.qps_api {
+            if !matches!(api.url.scheme_str(), Some("http") | Some("https"))
+                || api.url.authority().is_none()
+            {
+                return Err(err(
+                    "qps_api.url",
+                    "must be an http:// or https:// URL with a host",
+                ));
+            }
+            if api.url.scheme_str() == Some("https")
+                && (api.client_cert.is_none() || api.client_key.is_none())
+            {
+                return Err(err(
+                    "qps_api.client_cert",
+                    "an https QPS API needs client_cert and client_key (Qlik's exported client certificate)",
+                ));
+            }
         }
         Ok(())
     }
@@ -428,6 +506,15 @@ fn default_inactivity_timeout() -> Duration {
 }
 fn default_on_limit() -> OnLimit {
     OnLimit::Reuse
+}
+fn default_device_cookie() -> String {
+    "qsguard".into()
+}
+fn default_burst_wait() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_device_memory() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
 }
 
 /// `"30m"`, `"10s"`, `"1h 30m"` (humantime).

@@ -6,7 +6,9 @@ pub mod admin;
 pub mod config;
 pub mod logging;
 pub mod proxy;
+pub mod qps;
 pub mod server;
+pub mod session;
 pub mod sim;
 
 pub use config::Config;

@@ -67,7 +67,15 @@ async fn every_set_cookie_reaches_the_browser_in_order() {
         .map(|s| format!("set_cookie={}", urlencode(s)))
         .collect();
     let resp = get(guard.addr, &format!("/__sim/echo?{}", query.join("&")), &[]).await;
-    assert_eq!(resp.all("set-cookie"), set.to_vec());
+    let all = resp.all("set-cookie");
+    assert_eq!(
+        all[..3],
+        set,
+        "Qlik's cookies arrive unchanged and in order"
+    );
+    // A new browser also gets the guard's device cookie, as a header of its own, after them.
+    assert_eq!(all.len(), 4);
+    assert!(all[3].starts_with("qsguard="), "{all:?}");
     // And on the wire, each one is its own header line (never folded with commas).
     let raw_resp = raw(
         guard.addr,
@@ -80,7 +88,7 @@ async fn every_set_cookie_reaches_the_browser_in_order() {
     )
     .await;
     let text = String::from_utf8_lossy(&raw_resp).to_ascii_lowercase();
-    assert_eq!(text.matches("\r\nset-cookie: ").count(), 3, "{text}");
+    assert_eq!(text.matches("\r\nset-cookie: ").count(), 4, "{text}");
     guard.shutdown().await;
 }
 

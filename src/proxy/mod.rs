@@ -32,13 +32,17 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::server::framing::{Rejection, REJECT_HEADER};
+use crate::session::{self, page, table::Session, SessionGuard, Verdict};
 use access_log::{Logged, Record};
 pub use error::ProxyError;
 use headers::TrustedProxies;
 use upstream::{Node, Upstreams};
 
-/// The body of every response the guard sends: Qlik's, streamed, or a page of the guard's own.
-pub type ProxyBody = Logged<Either<Incoming, Full<Bytes>>>;
+/// A response body: Qlik's, streamed, or one the guard wrote (a page, a buffered error page).
+pub type Body = Either<Incoming, Full<Bytes>>;
+
+/// The body of every response the guard sends, with its access-log line.
+pub type ProxyBody = Logged<Body>;
 
 /// What the proxy knows about the client connection a request came on.
 #[derive(Debug, Clone, Copy)]
@@ -58,6 +62,8 @@ struct Settings {
 /// The proxy: shared by every connection.
 pub struct Proxy {
     settings: Settings,
+    /// The session guard (`sessions.guard = true`, the default).
+    sessions: Option<Arc<SessionGuard>>,
     upstreams: Upstreams,
     /// Open WebSocket tunnels, closed on shutdown after in-flight requests.
     tunnels: TaskTracker,
@@ -74,6 +80,11 @@ impl Proxy {
                 trusted: TrustedProxies::new(config.server.trusted_proxies.clone()),
             },
             upstreams: Upstreams::new(config)?,
+            sessions: if config.sessions.guard {
+                Some(Arc::new(SessionGuard::new(config)?))
+            } else {
+                None
+            },
             tunnels: TaskTracker::new(),
             close_tunnels: CancellationToken::new(),
         })
@@ -81,6 +92,10 @@ impl Proxy {
 
     pub fn upstreams(&self) -> &Upstreams {
         &self.upstreams
+    }
+
+    pub fn sessions(&self) -> Option<&Arc<SessionGuard>> {
+        self.sessions.as_ref()
     }
 
     /// Closes every tunnel and waits (bounded) for them to go.
@@ -114,7 +129,7 @@ impl Proxy {
             })
         });
         let (resp, node) = match self.forward(req, conn).await {
-            Ok((resp, node)) => (resp.map(Either::Left), Some(node)),
+            Ok((resp, node)) => (resp, node),
             Err((e, node)) => {
                 if e.is_upstream() {
                     tracing::warn!(client = %conn.peer, "{e}");
@@ -134,27 +149,125 @@ impl Proxy {
 
     async fn forward(
         &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Result<(Response<Body>, Option<Arc<Node>>), (ProxyError, Option<Arc<Node>>)> {
+        self.admit(&req).map_err(|e| (e, None))?;
+        let Some(guard) = &self.sessions else {
+            let node = self.upstreams.pick().map_err(|e| (e, None))?;
+            let resp = self.exchange(req, conn, &node, None).await?;
+            return Ok((resp.map(Either::Left), Some(node)));
+        };
+        if req.uri().path() == page::END_SESSION_PATH {
+            return Ok((guard.end_session_form(req).await.map(Either::Right), None));
+        }
+        let (mut parts, body) = req.into_parts();
+        let ctx = match guard.before(&mut parts, conn.peer.ip(), conn.tls).await {
+            Verdict::Pass => None,
+            Verdict::Forward(ctx) => Some(ctx),
+            Verdict::Answer(resp) => return Ok((resp.map(Either::Right), None)),
+        };
+        // A Qlik session lives in the memory of the node that made it.
+        let node = match ctx.as_ref().and_then(|c| c.session.as_ref()) {
+            Some(s) => self.upstreams.by_name(&s.node),
+            None => None,
+        };
+        let node = match node {
+            Some(n) => n,
+            None => self.upstreams.pick().map_err(|e| {
+                if let Some(c) = &ctx {
+                    guard.abandon(c);
+                }
+                (e, None)
+            })?,
+        };
+        let req = Request::from_parts(parts, body);
+        let mut resp = match self.exchange(req, conn, &node, ctx.as_deref()).await {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(c) = &ctx {
+                    guard.abandon(c);
+                }
+                return Err(e);
+            }
+        };
+        let user = ctx.as_ref().and_then(|c| {
+            c.identity
+                .clone()
+                .or_else(|| c.session.as_ref().and_then(|s| s.owner()))
+        });
+        if let Some(c) = &ctx {
+            guard.after(c, &node.name_arc(), &mut resp);
+        }
+        let resp = self.watch_for_qps_refusal(guard, resp, user).await;
+        Ok((resp, Some(node)))
+    }
+
+    /// Phases 2 to 4 for one request to `node`.
+    async fn exchange(
+        &self,
         mut req: Request<Incoming>,
         conn: ConnInfo,
-    ) -> Result<(Response<Incoming>, Arc<Node>), (ProxyError, Option<Arc<Node>>)> {
-        self.admit(&req).map_err(|e| (e, None))?;
+        node: &Arc<Node>,
+        ctx: Option<&session::Context>,
+    ) -> Result<Response<Incoming>, (ProxyError, Option<Arc<Node>>)> {
         let client_upgrade = headers::upgrade_requested(req.headers())
             .map(|proto| (proto, hyper::upgrade::on(&mut req)));
-        let node = self.upstreams.pick().map_err(|e| (e, None))?;
         let upstream_req = self
             .prepare(
                 req,
                 conn,
-                &node,
+                node,
                 client_upgrade.as_ref().map(|(p, _)| p.clone()),
             )
             .map_err(|e| (e, Some(node.clone())))?;
         let resp = self
             .upstreams
-            .send(&node, upstream_req, self.settings.max_body_size)
+            .send(node, upstream_req, self.settings.max_body_size)
             .await
             .map_err(|e| (e, Some(node.clone())))?;
-        Ok((self.respond(resp, client_upgrade), node))
+        Ok(self.respond(resp, client_upgrade, ctx))
+    }
+
+    /// Qlik's own "too many sessions" page is the failure the guard exists to prevent: when it
+    /// gets through anyway, it must show in the log and the counters, with the user.
+    async fn watch_for_qps_refusal(
+        &self,
+        guard: &SessionGuard,
+        resp: Response<Incoming>,
+        user: Option<session::identity::User>,
+    ) -> Response<Body> {
+        let html = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/html"));
+        let small = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .is_some_and(|n| n <= 64 * 1024);
+        if !(resp.status().is_client_error() && html && small) {
+            return resp.map(Either::Left);
+        }
+        let (parts, body) = resp.into_parts();
+        let bytes = match http_body_util::BodyExt::collect(body).await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                tracing::debug!("error page from Qlik broke off: {e}");
+                Bytes::new()
+            }
+        };
+        if memchr_text(&bytes, QPS_LIMIT_TEXT) {
+            guard
+                .counters
+                .qps_limit_refusals
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!(
+                user = %user.map(|u| u.to_string()).unwrap_or_else(|| "(unknown)".into()),
+                "Qlik refused a session: too many sessions active in parallel"
+            );
+        }
+        Response::from_parts(parts, Either::Right(Full::new(bytes)))
     }
 
     /// Phase 1: what must not reach Qlik at all.
@@ -243,6 +356,7 @@ impl Proxy {
         &self,
         mut resp: Response<Incoming>,
         client_upgrade: Option<(HeaderValue, hyper::upgrade::OnUpgrade)>,
+        ctx: Option<&session::Context>,
     ) -> Response<Incoming> {
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         let upgrade_proto = resp.headers().get(header::UPGRADE).cloned();
@@ -253,7 +367,11 @@ impl Proxy {
                     headers::restore_upgrade(resp.headers_mut(), p);
                 }
                 let upstream_side = hyper::upgrade::on(&mut resp);
-                self.spawn_tunnel(client_side, upstream_side);
+                let engine = match (&self.sessions, ctx.and_then(|c| c.session.clone())) {
+                    (Some(g), Some(s)) => Some((g.clone(), s, ctx.and_then(|c| c.app.clone()))),
+                    _ => None,
+                };
+                self.spawn_tunnel(client_side, upstream_side, engine);
             }
             (Some(_), false) => {
                 // The upgrade was refused: end the connection after this answer, since the
@@ -266,7 +384,12 @@ impl Proxy {
         resp
     }
 
-    fn spawn_tunnel(&self, client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    fn spawn_tunnel(
+        &self,
+        client: hyper::upgrade::OnUpgrade,
+        upstream: hyper::upgrade::OnUpgrade,
+        engine: Option<(Arc<SessionGuard>, Arc<Session>, Option<String>)>,
+    ) {
         let idle = self.settings.websocket_idle_timeout;
         let stop = self.close_tunnels.clone();
         self.tunnels.spawn(async move {
@@ -277,8 +400,23 @@ impl Proxy {
                     return;
                 }
             };
-            let (ending, moved) =
-                tunnel::run(TokioIo::new(client), TokioIo::new(upstream), idle, stop).await;
+            // An open engine WebSocket keeps its session alive in Qlik: count it, and listen
+            // for the notifications that end the session.
+            let observer = engine.as_ref().map(|(guard, s, app)| {
+                guard.table.websocket_opened(s, app.clone());
+                guard.engine_observer(s.clone())
+            });
+            let (ending, moved) = tunnel::run(
+                TokioIo::new(client),
+                TokioIo::new(upstream),
+                idle,
+                stop,
+                observer,
+            )
+            .await;
+            if let Some((guard, s, app)) = &engine {
+                guard.table.websocket_closed(s, app.as_deref());
+            }
             tracing::debug!(
                 ?ending,
                 to_upstream = moved.to_upstream,
@@ -287,6 +425,14 @@ impl Proxy {
             );
         });
     }
+}
+
+/// Qlik's refusal at the limit, as its page words it.
+const QPS_LIMIT_TEXT: &[u8] = b"too many sessions active in parallel";
+
+fn memchr_text(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
 }
 
 fn authority_of(uri: &http::Uri) -> Option<HeaderValue> {

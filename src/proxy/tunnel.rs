@@ -41,12 +41,17 @@ pub enum Ending {
     Error,
 }
 
+/// Sees every chunk Qlik sends to the browser (the session guard listens for engine
+/// notifications); it must be cheap, it runs on the copy path.
+pub type Observer = Box<dyn FnMut(&[u8]) + Send>;
+
 /// Copies between `client` and `upstream` until both directions are done.
 pub async fn run<C, U>(
     client: C,
     upstream: U,
     idle_timeout: Option<Duration>,
     shutdown: CancellationToken,
+    observe_upstream: Option<Observer>,
 ) -> (Ending, Transferred)
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -56,7 +61,10 @@ where
         client,
         upstream,
         up: Direction::default(),
-        down: Direction::default(),
+        down: Direction {
+            observer: observe_upstream,
+            ..Direction::default()
+        },
         idle: idle_timeout.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
         fin: None,
     };
@@ -80,6 +88,7 @@ struct Direction {
     read_done: bool,
     done: bool,
     bytes: u64,
+    observer: Option<Observer>,
 }
 
 struct Copy<C, U> {
@@ -158,6 +167,9 @@ impl Direction {
             }
             *moved = true;
             self.bytes += data.len() as u64;
+            if let Some(o) = &mut self.observer {
+                o(data);
+            }
             let mut off = 0;
             while off < data.len() {
                 match Pin::new(&mut *writer).poll_write(cx, &data[off..]) {
@@ -232,6 +244,7 @@ mod tests {
             upstream_side,
             None,
             CancellationToken::new(),
+            None,
         ));
         let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         let big2 = big.clone();
@@ -263,6 +276,7 @@ mod tests {
             upstream_side,
             Some(Duration::from_secs(60)),
             CancellationToken::new(),
+            None,
         )
         .await;
         assert_eq!(ending, Ending::IdleTimeout);
@@ -274,6 +288,7 @@ mod tests {
             upstream_side,
             None,
             CancellationToken::new(),
+            None,
         ));
         tokio::time::sleep(Duration::from_secs(6 * 3600)).await;
         assert!(!t.is_finished(), "no timer may cut an idle tunnel");
@@ -285,7 +300,14 @@ mod tests {
         let (client, client_side) = duplex(64);
         let (upstream_side, _server) = duplex(64);
         drop(client);
-        let (ending, _) = run(client_side, upstream_side, None, CancellationToken::new()).await;
+        let (ending, _) = run(
+            client_side,
+            upstream_side,
+            None,
+            CancellationToken::new(),
+            None,
+        )
+        .await;
         assert_eq!(ending, Ending::Closed);
     }
 
@@ -294,7 +316,7 @@ mod tests {
         let (_c, client_side) = duplex(64);
         let (upstream_side, _s) = duplex(64);
         let token = CancellationToken::new();
-        let t = tokio::spawn(run(client_side, upstream_side, None, token.clone()));
+        let t = tokio::spawn(run(client_side, upstream_side, None, token.clone(), None));
         token.cancel();
         assert_eq!(t.await.unwrap().0, Ending::Shutdown);
     }

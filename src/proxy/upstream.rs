@@ -29,11 +29,16 @@ pub type UpstreamBody = Limited<Incoming>;
 #[derive(Debug)]
 pub struct Node {
     pub name: String,
+    name_arc: Arc<str>,
     scheme: Scheme,
     authority: Authority,
 }
 
 impl Node {
+    pub fn name_arc(&self) -> Arc<str> {
+        self.name_arc.clone()
+    }
+
     /// The absolute URI of `path_and_query` on this node.
     pub fn uri(&self, path_and_query: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
         Uri::builder()
@@ -84,6 +89,7 @@ impl Upstreams {
             .map(|u| {
                 Arc::new(Node {
                     name: u.display_name(),
+                    name_arc: u.display_name().into(),
                     scheme: u.url.scheme().cloned().unwrap_or(Scheme::HTTP),
                     authority: u.url.authority().cloned().expect("validated in config"),
                 })
@@ -99,6 +105,11 @@ impl Upstreams {
 
     pub fn nodes(&self) -> &[Arc<Node>] {
         &self.nodes
+    }
+
+    /// The node called `name`, if it is still configured.
+    pub fn by_name(&self, name: &str) -> Option<Arc<Node>> {
+        self.nodes.iter().find(|n| n.name == name).cloned()
     }
 
     /// The node for the next request (round robin until the balancing issue makes sessions
@@ -156,8 +167,9 @@ fn classify(node: &Node, e: &hyper_util::client::legacy::Error, body_limit: u64)
     }
 }
 
-/// The TLS settings for https upstreams: HTTP/1.1 only, the system roots or the given CA.
-fn tls_client_config(ca: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
+/// The roots that upstream certificates are checked against: the given CA bundle, else the
+/// system's.
+pub fn root_store(ca: Option<&std::path::Path>) -> Result<rustls::RootCertStore, String> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::CertificateDer;
     let mut roots = rustls::RootCertStore::empty();
@@ -186,12 +198,17 @@ fn tls_client_config(ca: Option<&std::path::Path>) -> Result<rustls::ClientConfi
             }
         }
     }
-    // hyper-rustls sets ALPN (http/1.1 only) from `enable_http1`.
+    Ok(roots)
+}
+
+/// The TLS settings for https upstreams (hyper-rustls sets ALPN to http/1.1 from
+/// `enable_http1`).
+fn tls_client_config(ca: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
     Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
+    .with_root_certificates(root_store(ca)?)
     .with_no_client_auth())
 }

@@ -245,7 +245,7 @@ impl State {
             .sessions
             .iter()
             .filter(|(_, s)| s.vp == vp)
-            .filter(|(_, s)| key.as_ref().map_or(true, |k| &s.user.key() == k))
+            .filter(|(_, s)| key.as_ref().is_none_or(|k| &s.user.key() == k))
             .map(|(id, s)| SessionInfo {
                 id: id.clone(),
                 user: s.user.clone(),

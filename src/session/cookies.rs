@@ -1,0 +1,283 @@
+//! Reading and writing the cookies the guard cares about: the virtual proxy's session cookie,
+//! and the guard's own device cookie.
+//!
+//! Reading never changes a byte. Writing happens only when the guard restores or reuses a
+//! session: then exactly one `name=value` pair of the `Cookie` header is replaced (or appended),
+//! and every other byte stays where it was.
+
+use bytes::BytesMut;
+use http::header::{self, HeaderMap, HeaderValue};
+
+/// What a request's `Cookie` header(s) say about one cookie name.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Found<'a> {
+    /// The first value sent under the name.
+    pub first: Option<&'a str>,
+    /// How many times the name was sent (more than once: path-scoped duplicates or a middlebox
+    /// appending).
+    pub count: usize,
+}
+
+/// Finds `name` in every `Cookie` field of the request; no allocation.
+pub fn find<'a>(headers: &'a HeaderMap, name: &str) -> Found<'a> {
+    let mut found = Found::default();
+    for field in headers.get_all(header::COOKIE) {
+        let Ok(text) = field.to_str() else { continue };
+        for pair in text.split(';') {
+            let pair = pair.trim_start_matches([' ', '\t']);
+            let Some((n, v)) = pair.split_once('=') else {
+                continue;
+            };
+            if n.trim_end() == name {
+                found.count += 1;
+                if found.first.is_none() {
+                    found.first = Some(v.trim_end_matches([' ', '\t']));
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Makes the request carry `name=value`: the first pair with that name gets the new value
+/// (other duplicates are left), or the pair is appended to the first `Cookie` field.
+pub fn set_request_cookie(headers: &mut HeaderMap, name: &str, value: &str) {
+    let mut replaced = false;
+    let mut fields: Vec<HeaderValue> = Vec::new();
+    for field in headers.get_all(header::COOKIE) {
+        let bytes = field.as_bytes();
+        if replaced {
+            fields.push(field.clone());
+            continue;
+        }
+        let mut out = BytesMut::with_capacity(bytes.len() + value.len());
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let end = rest.iter().position(|&b| b == b';').unwrap_or(rest.len());
+            let pair = &rest[..end];
+            let lead = pair
+                .iter()
+                .position(|&b| b != b' ' && b != b'\t')
+                .unwrap_or(pair.len());
+            let body = &pair[lead..];
+            let is_it = !replaced
+                && body
+                    .iter()
+                    .position(|&b| b == b'=')
+                    .is_some_and(|eq| trim_end(&body[..eq]) == name.as_bytes());
+            if is_it {
+                out.extend_from_slice(&pair[..lead]);
+                out.extend_from_slice(name.as_bytes());
+                out.extend_from_slice(b"=");
+                out.extend_from_slice(value.as_bytes());
+                replaced = true;
+            } else {
+                out.extend_from_slice(pair);
+            }
+            if end < rest.len() {
+                out.extend_from_slice(b";");
+                rest = &rest[end + 1..];
+            } else {
+                rest = &[];
+            }
+        }
+        fields.push(HeaderValue::from_maybe_shared(out.freeze()).unwrap_or_else(|_| field.clone()));
+    }
+    if !replaced {
+        let pair = format!("{name}={value}");
+        match fields.first_mut() {
+            Some(first) => {
+                let mut joined = BytesMut::from(first.as_bytes());
+                if !joined.is_empty() {
+                    joined.extend_from_slice(b"; ");
+                }
+                joined.extend_from_slice(pair.as_bytes());
+                if let Ok(v) = HeaderValue::from_maybe_shared(joined.freeze()) {
+                    *first = v;
+                }
+            }
+            None => {
+                if let Ok(v) = HeaderValue::from_str(&pair) {
+                    fields.push(v);
+                }
+            }
+        }
+    }
+    headers.remove(header::COOKIE);
+    for f in fields {
+        headers.append(header::COOKIE, f);
+    }
+}
+
+fn trim_end(b: &[u8]) -> &[u8] {
+    let end = b
+        .iter()
+        .rposition(|&c| c != b' ' && c != b'\t')
+        .map_or(0, |e| e + 1);
+    &b[..end]
+}
+
+/// A `Set-Cookie` from Qlik for a session cookie: the value and the attributes as Qlik wrote
+/// them (kept verbatim, so a restore sets the cookie exactly as Qlik did).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetCookie {
+    pub value: String,
+    pub attributes: String,
+    /// Qlik clears a cookie with an empty value or an expiry in the past.
+    pub clears: bool,
+}
+
+/// The `Set-Cookie` fields of a response that set `name`, in order.
+pub fn set_cookies_named(headers: &HeaderMap, name: &str) -> Vec<SetCookie> {
+    let mut out = Vec::new();
+    for field in headers.get_all(header::SET_COOKIE) {
+        let Ok(text) = field.to_str() else { continue };
+        let Ok(c) = cookie::Cookie::parse(text) else {
+            continue;
+        };
+        if c.name() != name {
+            continue;
+        }
+        let attributes = text
+            .split_once(';')
+            .map(|(_, a)| a.trim().to_string())
+            .unwrap_or_default();
+        let expired = c.max_age().is_some_and(|d| d.is_zero() || d.is_negative())
+            || c.expires_datetime()
+                .is_some_and(|t| t.unix_timestamp() < unix_now());
+        out.push(SetCookie {
+            value: c.value().to_string(),
+            clears: c.value().is_empty() || expired,
+            attributes,
+        });
+    }
+    out
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// `Set-Cookie` for a restored or reused session, with Qlik's own attributes.
+pub fn session_set_cookie(name: &str, value: &str, attributes: &str) -> Option<HeaderValue> {
+    let text = if attributes.is_empty() {
+        format!("{name}={value}")
+    } else {
+        format!("{name}={value}; {attributes}")
+    };
+    HeaderValue::from_str(&text).ok()
+}
+
+/// The device cookie: long-lived so it outlives a browser restart (the Qlik cookie does not).
+pub fn device_set_cookie(name: &str, device: &str, tls: bool) -> Option<HeaderValue> {
+    let c = cookie::Cookie::build((name, device))
+        .path("/")
+        .http_only(true)
+        .same_site(cookie::SameSite::Lax)
+        .max_age(cookie::time::Duration::days(400))
+        .secure(tls)
+        .build();
+    HeaderValue::from_str(&c.to_string()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(cookies: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for c in cookies {
+            h.append(header::COOKIE, HeaderValue::from_str(c).unwrap());
+        }
+        h
+    }
+
+    fn cookie_fields(h: &HeaderMap) -> Vec<String> {
+        h.get_all(header::COOKIE)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn finds_values_and_duplicates() {
+        let h = headers(&["a=1; X-Qlik-Session=abc=d; b=2", "X-Qlik-Session=zzz"]);
+        let f = find(&h, "X-Qlik-Session");
+        assert_eq!(f.first, Some("abc=d"));
+        assert_eq!(f.count, 2);
+        assert_eq!(find(&h, "X-Qlik-Session-HTTP").count, 0);
+        assert_eq!(
+            find(&headers(&["X-Qlik-Session-HTTP=1"]), "X-Qlik-Session").count,
+            0
+        );
+    }
+
+    #[test]
+    fn replacing_keeps_every_other_byte() {
+        let mut h = headers(&["a=\"q\";X-Qlik-Session=dead;  b=x=y"]);
+        set_request_cookie(&mut h, "X-Qlik-Session", "live");
+        assert_eq!(
+            cookie_fields(&h),
+            vec!["a=\"q\";X-Qlik-Session=live;  b=x=y"]
+        );
+    }
+
+    #[test]
+    fn appending_when_absent() {
+        let mut h = headers(&["qsguard=00ff"]);
+        set_request_cookie(&mut h, "X-Qlik-Session", "live");
+        assert_eq!(cookie_fields(&h), vec!["qsguard=00ff; X-Qlik-Session=live"]);
+        let mut empty = HeaderMap::new();
+        set_request_cookie(&mut empty, "X-Qlik-Session", "live");
+        assert_eq!(cookie_fields(&empty), vec!["X-Qlik-Session=live"]);
+    }
+
+    #[test]
+    fn set_cookie_attributes_are_kept_verbatim() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::SET_COOKIE,
+            HeaderValue::from_static("other=1; Path=/"),
+        );
+        h.append(
+            header::SET_COOKIE,
+            HeaderValue::from_static("X-Qlik-Session=abc; Path=/; HttpOnly; SameSite=Lax; Secure"),
+        );
+        h.append(
+            header::SET_COOKIE,
+            HeaderValue::from_static(
+                "X-Qlik-Session=; Path=/; Expires=Thu, 01 Jan 1970 00:00:00 GMT",
+            ),
+        );
+        let got = set_cookies_named(&h, "X-Qlik-Session");
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].value, "abc");
+        assert_eq!(got[0].attributes, "Path=/; HttpOnly; SameSite=Lax; Secure");
+        assert!(!got[0].clears);
+        assert!(got[1].clears);
+        let v = session_set_cookie("X-Qlik-Session", "abc", &got[0].attributes).unwrap();
+        assert_eq!(
+            v,
+            "X-Qlik-Session=abc; Path=/; HttpOnly; SameSite=Lax; Secure"
+        );
+    }
+
+    #[test]
+    fn device_cookie_attributes() {
+        let v = device_set_cookie("qsguard", "00112233", false).unwrap();
+        let s = v.to_str().unwrap();
+        assert!(s.starts_with("qsguard=00112233"));
+        for want in ["HttpOnly", "SameSite=Lax", "Path=/", "Max-Age="] {
+            assert!(s.contains(want), "{s}");
+        }
+        assert!(!s.contains("Secure"));
+        assert!(device_set_cookie("qsguard", "00", true)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .contains("Secure"));
+    }
+}

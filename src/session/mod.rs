@@ -1,0 +1,922 @@
+//! The session guard: the reason to put qsguard in front of Qlik instead of nginx.
+//!
+//! For every request on a virtual proxy it decides, before the request goes upstream
+//! ([`SessionGuard::before`]), and learns, from the response ([`SessionGuard::after`]):
+//!
+//! | the request carries | the guard does |
+//! | --- | --- |
+//! | a cookie it knows is live | forward unchanged; touch the session |
+//! | a cookie it does not know | forward unchanged; adopt the session and learn its owner |
+//! | none, or a dead one, and the browser has a live session here | **restore** it |
+//! | the same, and the user is at the limit | `on_limit`: **reuse**, **evict** or the **limit page** |
+//! | the same, while another request of the browser is (re)creating its session | **wait** for it |
+//!
+//! Responses: a new session cookie records a session (its node, its browser; its owner from the
+//! identity header, else looked up off the hot path); a logout, a replaced cookie or an engine
+//! notification ends one. The table is in [`table`], the burst handling in [`flight`].
+
+pub mod cookies;
+pub mod engine;
+pub mod flight;
+pub mod identity;
+pub mod page;
+pub mod table;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode, Uri};
+use http_body_util::Full;
+
+use crate::config::{Config, OnLimit};
+use crate::qps::{Owner, PersonalApi, QpsApi, QpsError};
+use flight::{Flight, Flights, Outcome};
+use identity::User;
+use table::{DeviceId, Session, State, Table};
+
+/// A virtual proxy as the guard needs it.
+#[derive(Debug, Clone)]
+pub struct VirtualProxy {
+    pub prefix: String,
+    pub cookie: String,
+    pub identity_header: Option<HeaderName>,
+}
+
+/// Counts of what the guard did, for logs now and metrics later.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub restored: AtomicU64,
+    pub reused: AtomicU64,
+    pub evicted: AtomicU64,
+    pub refused_at_limit: AtomicU64,
+    pub bursts_held: AtomicU64,
+    pub qps_limit_refusals: AtomicU64,
+    pub adopted: AtomicU64,
+    pub replaced: AtomicU64,
+}
+
+/// What the guard decided for one request, carried to the response phase.
+#[derive(Debug)]
+pub struct Context {
+    pub vp: usize,
+    pub device: DeviceId,
+    /// The browser had no (valid) device cookie: this response sets one.
+    pub new_device: bool,
+    /// The user named by a header-authentication identity header.
+    pub identity: Option<User>,
+    /// The session this request goes upstream with.
+    pub session: Option<Arc<Session>>,
+    /// The guard put `session`'s cookie on the request (restore or reuse): set it back.
+    pub set_back: bool,
+    /// A session cookie the guard did not know.
+    pub unknown: Option<Box<str>>,
+    /// This request leads its browser's flight.
+    pub lead: Option<Arc<Flight>>,
+    pub logout: bool,
+    pub host: Option<HeaderValue>,
+    pub path: String,
+    /// `/app/<id>` of an engine WebSocket upgrade.
+    pub app: Option<String>,
+    pub tls: bool,
+    /// A slot in the user's count held by this request (when no flight holds it).
+    reservation: Option<(User, u64)>,
+}
+
+/// The decision before the upstream.
+pub enum Verdict {
+    /// Not a virtual proxy path: no session logic.
+    Pass,
+    Forward(Box<Context>),
+    /// The guard answers itself (limit page, bad identity header, a held login step).
+    Answer(Response<Full<Bytes>>),
+}
+
+/// Where a user at the limit goes.
+enum Limit {
+    Proceed(Option<u64>),
+    Reuse(Arc<Session>),
+    WaitForPending,
+    Evict(Arc<Session>, u64),
+    Refuse,
+}
+
+pub struct SessionGuard {
+    pub table: Table,
+    flights: Flights,
+    vps: Vec<VirtualProxy>,
+    max: usize,
+    headroom: usize,
+    on_limit: OnLimit,
+    burst_wait: Duration,
+    device_cookie: String,
+    nodes: HashMap<Arc<str>, Uri>,
+    personal: PersonalApi,
+    api: Option<QpsApi>,
+    pub counters: Counters,
+    csrf_key: [u8; 32],
+}
+
+impl SessionGuard {
+    pub fn new(config: &Config) -> Result<SessionGuard, String> {
+        let vps: Vec<VirtualProxy> = config
+            .virtual_proxies_or_default()
+            .into_iter()
+            .map(|v| VirtualProxy {
+                prefix: v.prefix,
+                cookie: v.session_cookie,
+                identity_header: v
+                    .identity_header
+                    .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
+            })
+            .collect();
+        let timeouts = config
+            .virtual_proxies_or_default()
+            .iter()
+            .map(|v| {
+                v.inactivity_timeout
+                    .unwrap_or(config.sessions.inactivity_timeout)
+            })
+            .collect();
+        let s = &config.sessions;
+        let nodes = config
+            .upstreams
+            .iter()
+            .map(|u| (Arc::<str>::from(u.display_name()), u.url.clone()))
+            .collect();
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(crate::proxy::upstream::root_store(
+            config.proxy.upstream_ca.as_deref(),
+        )?)
+        .with_no_client_auth();
+        Ok(SessionGuard {
+            table: Table::new(timeouts, s.device_memory),
+            // A login dance may take a while (a password prompt): give it a minute.
+            flights: Flights::new(Duration::from_secs(60).max(s.burst_wait)),
+            vps,
+            max: s.max_per_user,
+            headroom: s.evict_headroom,
+            on_limit: s.on_limit,
+            burst_wait: s.burst_wait,
+            device_cookie: s.device_cookie.clone(),
+            nodes,
+            personal: PersonalApi::new(tls),
+            api: config.qps_api.as_ref().map(QpsApi::new).transpose()?,
+            counters: Counters::default(),
+            csrf_key: rand::random(),
+        })
+    }
+
+    pub fn virtual_proxies(&self) -> &[VirtualProxy] {
+        &self.vps
+    }
+
+    /// The virtual proxy a path belongs to, and the path below its prefix.
+    pub fn route<'a>(&self, path: &'a str) -> Option<(usize, &'a str)> {
+        let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
+        if !first.is_empty() {
+            if let Some(i) = self.vps.iter().position(|v| v.prefix == first) {
+                return Some((i, &path[1 + first.len()..]));
+            }
+        }
+        self.vps
+            .iter()
+            .position(|v| v.prefix.is_empty())
+            .map(|i| (i, path))
+    }
+
+    /// The background work: expiry and abandoned logins. Runs until the guard stops.
+    pub async fn sweep_forever(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let min_timeout = (0..self.vps.len())
+            .map(|vp| self.table.timeout_ms(vp))
+            .min()
+            .unwrap_or(60_000);
+        let every = Duration::from_millis((min_timeout / 10).clamp(50, 5_000));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.cancelled() => return,
+            }
+            for s in self.table.sweep() {
+                tracing::info!(session = %s.hash, user = %owner_text(&s), vp = %self.vps[s.vp].prefix, "session expired");
+            }
+            for f in self.flights.sweep() {
+                self.release_flight(&f);
+            }
+        }
+    }
+
+    /// Phase "before upstream": see the module docs.
+    pub async fn before(
+        &self,
+        parts: &mut http::request::Parts,
+        peer: IpAddr,
+        tls: bool,
+    ) -> Verdict {
+        let path = parts.uri.path();
+        let Some((vp, rest)) = self.route(path) else {
+            return Verdict::Pass;
+        };
+        let rest = rest.to_string();
+        let info = &self.vps[vp];
+        let (device, new_device) = match cookies::find(&parts.headers, &self.device_cookie).first {
+            Some(v) => match u128::from_str_radix(v, 16) {
+                Ok(d) if v.len() == 32 => (d, false),
+                _ => (rand::random(), true),
+            },
+            None => (rand::random(), true),
+        };
+        let identity = match &info.identity_header {
+            None => None,
+            Some(h) => {
+                let mut values = parts.headers.get_all(h).iter();
+                match (values.next(), values.next()) {
+                    (None, _) => None,
+                    (Some(v), None) => match User::parse(v.as_bytes()) {
+                        Ok(u) => Some(u),
+                        Err(why) => return Verdict::Answer(bad_identity(h, why)),
+                    },
+                    (Some(_), Some(_)) => {
+                        return Verdict::Answer(bad_identity(
+                            h,
+                            "the identity header was sent twice",
+                        ))
+                    }
+                }
+            }
+        };
+        let found = cookies::find(&parts.headers, &info.cookie);
+        let mut ctx = Context {
+            vp,
+            device,
+            new_device,
+            identity,
+            session: None,
+            set_back: false,
+            unknown: None,
+            lead: None,
+            logout: parts.method == Method::DELETE && is_personal_api(&rest),
+            host: parts.headers.get(header::HOST).cloned(),
+            path: parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_else(|| "/".into()),
+            app: app_of(&rest),
+            tls,
+            reservation: None,
+        };
+
+        // The hot path: a cookie the guard knows is live.
+        if let Some(value) = found.first {
+            match self.table.get(vp, value) {
+                Some(s) if self.table.is_live(&s, self.table.now_ms()) => {
+                    let owner_differs = match (&ctx.identity, s.owner()) {
+                        (Some(i), Some(o)) => i.key != o.key,
+                        _ => false,
+                    };
+                    if !owner_differs {
+                        self.table.touch(&s);
+                        if !new_device && !s.meta().devices.contains(&device) {
+                            self.table.link_device(&s, device);
+                        }
+                        if let Some(i) = &ctx.identity {
+                            if s.meta().owner.is_none() {
+                                self.table.set_owner(&s, i.clone());
+                            }
+                        }
+                        ctx.session = Some(s);
+                        return Verdict::Forward(Box::new(ctx));
+                    }
+                }
+                Some(_) => {}
+                None => ctx.unknown = Some(value.into()),
+            }
+        }
+        let ua = parts
+            .headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok());
+        self.table.seen_device(device, ua, peer);
+        if let Some(i) = &ctx.identity {
+            self.table.set_device_user(device, i);
+        }
+
+        // The Personal API never creates a session: nothing to guard.
+        if is_personal_api(&rest) {
+            return Verdict::Forward(Box::new(ctx));
+        }
+        // A step of a login dance.
+        let ticket = has_param(parts.uri.query(), "qlikTicket")
+            || parts.headers.contains_key("x-qlik-ticket");
+        if is_auth_module(&rest) || ticket {
+            if let (false, Some(f)) = (new_device, self.flights.get(device, vp)) {
+                let target = param(parts.uri.query(), "targetId");
+                let leads = ticket
+                    || f.dance().leader_target.is_none()
+                    || f.dance().leader_target.as_deref() == target.as_deref();
+                if !leads {
+                    // A second login of the same burst: hold it, then send it back to the page
+                    // it asked for, with the session the first one got.
+                    self.counters.bursts_held.fetch_add(1, Ordering::Relaxed);
+                    let back = target.and_then(|t| f.dance().targets.get(&t).cloned());
+                    if let Outcome::Session(s) = f.wait(self.burst_wait).await {
+                        return Verdict::Answer(self.redirect_with(
+                            &s,
+                            back.as_deref().unwrap_or(&hub_of(&info.prefix)),
+                            &ctx,
+                        ));
+                    }
+                }
+            }
+            return Verdict::Forward(Box::new(ctx));
+        }
+
+        // Restore: the browser lost its cookie (restart, a middlebox), the guard did not.
+        if !new_device {
+            if let Some(s) = self.table.device_session(device, vp, ctx.identity.as_ref()) {
+                self.counters.restored.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(session = %s.hash, user = %owner_text(&s), vp = %info.prefix, "session restored for a browser that lost its cookie");
+                return Verdict::Forward(Box::new(self.attach(parts, ctx, s)));
+            }
+            // A burst: one request (re)creates the session, the others wait for it.
+            for _ in 0..2 {
+                match self.flights.lead(device, vp) {
+                    Ok(f) => {
+                        ctx.lead = Some(f);
+                        break;
+                    }
+                    Err(open) => {
+                        self.counters.bursts_held.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(vp = %info.prefix, "request held while the browser's session is being created");
+                        if let Outcome::Session(s) = open.wait(self.burst_wait).await {
+                            if self.table.is_restorable(&s, self.table.now_ms()) {
+                                return Verdict::Forward(Box::new(self.attach(parts, ctx, s)));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        // An unknown cookie may well be live (made before a guard restart, or elsewhere):
+        // forward it and learn from the answer. Otherwise this request creates a session.
+        if ctx.unknown.is_some() {
+            return Verdict::Forward(Box::new(ctx));
+        }
+        let trusted = ctx.identity.is_some();
+        let user = ctx.identity.clone().or_else(|| {
+            (!new_device)
+                .then(|| self.table.device_user(device))
+                .flatten()
+        });
+        let Some(user) = user else {
+            return Verdict::Forward(Box::new(ctx));
+        };
+        let mut limit = self.limit(&user, vp, trusted);
+        if let Limit::WaitForPending = limit {
+            limit = self.wait_for_pending(&user, vp).await;
+        }
+        match limit {
+            Limit::Proceed(reservation) => {
+                self.keep_reservation(&mut ctx, &user, reservation);
+                Verdict::Forward(Box::new(ctx))
+            }
+            Limit::Reuse(s) => {
+                self.counters.reused.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(session = %s.hash, user = %user, vp = %info.prefix, "user at the session limit: request attached to their most recent session");
+                self.finish_flight(&ctx, Outcome::Session(s.clone()));
+                let mut ctx = self.attach(parts, ctx, s);
+                ctx.lead = None;
+                Verdict::Forward(Box::new(ctx))
+            }
+            Limit::Evict(victim, reservation) => {
+                self.counters.evicted.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(session = %victim.hash, user = %user, vp = %self.vps[victim.vp].prefix, "user at the session limit: least recently active session evicted");
+                if let Err(e) = self.end_in_qlik(&victim).await {
+                    tracing::warn!(session = %victim.hash, user = %user, "eviction failed: {e}");
+                }
+                self.keep_reservation(&mut ctx, &user, Some(reservation));
+                Verdict::Forward(Box::new(ctx))
+            }
+            Limit::Refuse | Limit::WaitForPending => {
+                self.counters
+                    .refused_at_limit
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(user = %user, vp = %info.prefix, limit = self.max, "user at the session limit: limit page shown");
+                self.finish_flight(&ctx, Outcome::Failed);
+                Verdict::Answer(self.limit_page(&user, &ctx))
+            }
+        }
+    }
+
+    /// Puts `s`'s cookie on the request; the response will set it back in the browser.
+    fn attach(
+        &self,
+        parts: &mut http::request::Parts,
+        mut ctx: Context,
+        s: Arc<Session>,
+    ) -> Context {
+        cookies::set_request_cookie(&mut parts.headers, &self.vps[ctx.vp].cookie, &s.id);
+        self.table.touch(&s);
+        self.table.link_device(&s, ctx.device);
+        ctx.set_back = true;
+        ctx.unknown = None;
+        ctx.session = Some(s);
+        ctx
+    }
+
+    /// The slot goes with the flight (held through the login dance) or with this request.
+    fn keep_reservation(&self, ctx: &mut Context, user: &User, reservation: Option<u64>) {
+        let Some(r) = reservation else { return };
+        match &ctx.lead {
+            Some(f) => f.dance().reservation = Some((user.clone(), r)),
+            None => ctx.reservation = Some((user.clone(), r)),
+        }
+    }
+
+    /// The upstream never answered: give back what the request held.
+    pub fn abandon(&self, ctx: &Context) {
+        self.finish_flight(ctx, Outcome::Failed);
+        if let Some((u, r)) = &ctx.reservation {
+            self.table.release(u, *r);
+        }
+    }
+
+    fn finish_flight(&self, ctx: &Context, outcome: Outcome) {
+        if let Some(f) = &ctx.lead {
+            if let Some(done) = self.flights.finish(ctx.device, ctx.vp, Some(f.id), outcome) {
+                self.release_flight(&done);
+            }
+        }
+    }
+
+    fn release_flight(&self, f: &Flight) {
+        if let Some((u, r)) = f.dance().reservation.take() {
+            self.table.release(&u, r);
+        }
+    }
+
+    /// The limit decision, under the user's entry lock.
+    fn limit(&self, user: &User, vp: usize, trusted: bool) -> Limit {
+        let max = self.max;
+        let on_limit = self.on_limit;
+        let threshold = match on_limit {
+            OnLimit::Evict => max - self.headroom,
+            _ => max,
+        };
+        let lifetime = 60_000;
+        self.table.with_user(user, |e, t, now| {
+            e.reservations.retain(|r| r.until_ms > now);
+            let live: Vec<Arc<Session>> = e
+                .sessions
+                .iter()
+                .filter(|s| t.is_live(s, now))
+                .cloned()
+                .collect();
+            let used = live.len() + e.reservations.len();
+            let reserve = |e: &mut table::UserEntry| {
+                let r = t.new_reservation(vp, now + lifetime);
+                e.reservations.push(r);
+                r.id
+            };
+            if used < threshold {
+                return Limit::Proceed(Some(reserve(e)));
+            }
+            match on_limit {
+                OnLimit::Reuse if trusted => {
+                    let mine = live
+                        .iter()
+                        .filter(|s| s.vp == vp && t.is_restorable(s, now))
+                        .max_by_key(|s| s.last_active_ms());
+                    match mine {
+                        Some(s) => Limit::Reuse(s.clone()),
+                        None if e.reservations.iter().any(|r| r.vp == vp) => Limit::WaitForPending,
+                        None => Limit::Refuse,
+                    }
+                }
+                OnLimit::Evict => {
+                    let victim = live
+                        .iter()
+                        .filter(|s| s.websockets() == 0)
+                        .min_by_key(|s| s.last_active_ms());
+                    match victim {
+                        Some(v) if t.end(v, State::Evicted) => Limit::Evict(v.clone(), reserve(e)),
+                        _ if used < max => Limit::Proceed(Some(reserve(e))),
+                        _ => Limit::Refuse,
+                    }
+                }
+                _ => Limit::Refuse,
+            }
+        })
+    }
+
+    /// Reuse when the user's sessions on this virtual proxy are all still being created: wait
+    /// (bounded) for one to exist.
+    async fn wait_for_pending(&self, user: &User, vp: usize) -> Limit {
+        let until = tokio::time::Instant::now() + self.burst_wait;
+        while tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let now = self.table.now_ms();
+            if let Some(s) = self
+                .table
+                .user_sessions(&user.key)
+                .into_iter()
+                .find(|s| s.vp == vp && self.table.is_restorable(s, now))
+            {
+                return Limit::Reuse(s);
+            }
+            match self.limit(user, vp, true) {
+                Limit::WaitForPending => continue,
+                other => return other,
+            }
+        }
+        Limit::Refuse
+    }
+
+    /// Phase "after upstream": learn from the response, and add the guard's own cookies.
+    pub fn after<B>(self: &Arc<Self>, ctx: &Context, node: &Arc<str>, resp: &mut Response<B>) {
+        let info = &self.vps[ctx.vp];
+        let set = cookies::set_cookies_named(resp.headers(), &info.cookie);
+        let fresh = set.iter().rev().find(|c| !c.clears);
+        let mut new_session = None;
+        if let Some(c) = fresh {
+            if ctx.session.as_deref().map(|s| &*s.id) != Some(c.value.as_str()) {
+                new_session = Some(self.record_new(ctx, node, c));
+            }
+        } else if let Some(f) = &ctx.lead {
+            if let Some(target) = auth_redirect_target(resp) {
+                let mut d = f.dance();
+                if d.leader_target.is_none() {
+                    d.leader_target = Some(target.clone());
+                }
+                d.targets.insert(target, ctx.path.clone());
+            } else if let (Some(value), true) = (&ctx.unknown, resp.status().as_u16() < 400) {
+                // Qlik took the cookie: a live session the guard had not seen.
+                let attrs = default_attributes(ctx.tls);
+                let s = self.table.insert(
+                    ctx.vp,
+                    value,
+                    node.clone(),
+                    Some(ctx.device),
+                    ctx.identity.clone(),
+                    attrs,
+                );
+                self.counters.adopted.fetch_add(1, Ordering::Relaxed);
+                if ctx.identity.is_none() {
+                    self.resolve_owner(s.clone(), ctx.host.clone());
+                }
+                self.finish_flight(ctx, Outcome::Session(s));
+            } else {
+                self.finish_flight(ctx, Outcome::Failed);
+            }
+        } else if let Some(target) = auth_redirect_target(resp) {
+            if let Some(f) = self.flights.get(ctx.device, ctx.vp) {
+                f.dance().targets.insert(target, ctx.path.clone());
+            }
+        } else if let (Some(value), true) = (&ctx.unknown, resp.status().as_u16() < 400) {
+            let s = self.table.insert(
+                ctx.vp,
+                value,
+                node.clone(),
+                (!ctx.new_device).then_some(ctx.device),
+                ctx.identity.clone(),
+                default_attributes(ctx.tls),
+            );
+            self.counters.adopted.fetch_add(1, Ordering::Relaxed);
+            if ctx.identity.is_none() {
+                self.resolve_owner(s, ctx.host.clone());
+            }
+        }
+        if ctx.logout && resp.status().is_success() {
+            if let Some(s) = &ctx.session {
+                if self.table.end(s, State::LoggedOut) {
+                    tracing::info!(session = %s.hash, user = %owner_text(s), "session logged out");
+                }
+            }
+        }
+        if ctx.set_back && new_session.is_none() {
+            if let Some(s) = &ctx.session {
+                let attrs = s.meta().cookie_attributes.clone();
+                if let Some(v) = cookies::session_set_cookie(&info.cookie, &s.id, &attrs) {
+                    resp.headers_mut().append(header::SET_COOKIE, v);
+                }
+            }
+        }
+        // Last: the new session (if any) counts now, so the slot it held can go.
+        if let Some((u, r)) = &ctx.reservation {
+            self.table.release(u, *r);
+        }
+        if ctx.new_device {
+            if let Some(v) = cookies::device_set_cookie(
+                &self.device_cookie,
+                &format!("{:032x}", ctx.device),
+                ctx.tls,
+            ) {
+                resp.headers_mut().append(header::SET_COOKIE, v);
+            }
+        }
+    }
+
+    /// Qlik set a new session cookie: record the session and end what it replaces.
+    fn record_new(
+        self: &Arc<Self>,
+        ctx: &Context,
+        node: &Arc<str>,
+        c: &cookies::SetCookie,
+    ) -> Arc<Session> {
+        if let Some(old) = &ctx.session {
+            if self.table.end(old, State::Replaced) {
+                self.counters.replaced.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(session = %old.hash, user = %owner_text(old), "Qlik replaced a session cookie (it no longer knew the session)");
+            }
+        }
+        if let Some(value) = &ctx.unknown {
+            // Qlik did not know that cookie: remember it as dead.
+            let dead = self
+                .table
+                .insert(ctx.vp, value, node.clone(), None, None, String::new());
+            self.table.end(&dead, State::Ended);
+        }
+        let s = self.table.insert(
+            ctx.vp,
+            &c.value,
+            node.clone(),
+            Some(ctx.device),
+            ctx.identity.clone(),
+            c.attributes.clone(),
+        );
+        if let Some(h) = &ctx.host {
+            s.meta().host = Some(h.clone());
+        }
+        tracing::info!(session = %s.hash, user = %ctx.identity.as_ref().map(|u| u.to_string()).unwrap_or_else(|| "(resolving)".into()), vp = %self.vps[ctx.vp].prefix, node = %node, "session created");
+        if let Some(f) = self
+            .flights
+            .finish(ctx.device, ctx.vp, None, Outcome::Session(s.clone()))
+        {
+            self.release_flight(&f);
+        }
+        if ctx.identity.is_none() {
+            self.resolve_owner(s.clone(), ctx.host.clone());
+        }
+        s
+    }
+
+    /// Learns who owns a session, off the hot path.
+    fn resolve_owner(self: &Arc<Self>, s: Arc<Session>, host: Option<HeaderValue>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            match me.ask_owner(&s, host.as_ref()).await {
+                Ok(Owner::User(u)) => {
+                    tracing::debug!(session = %s.hash, user = %u, "session owner resolved");
+                    me.table.set_owner(&s, u);
+                }
+                Ok(Owner::Inactive) => {
+                    me.table.end(&s, State::Ended);
+                }
+                Err(e) => {
+                    tracing::warn!(session = %s.hash, "cannot learn the session's owner: {e}")
+                }
+            }
+        });
+    }
+
+    async fn ask_owner(&self, s: &Session, host: Option<&HeaderValue>) -> Result<Owner, QpsError> {
+        let info = &self.vps[s.vp];
+        match &self.api {
+            Some(api) => api.owner(&info.prefix, &s.id).await,
+            None => {
+                let node = self.node_uri(&s.node)?;
+                self.personal
+                    .owner(&node, &info.prefix, host, &info.cookie, &s.id)
+                    .await
+            }
+        }
+    }
+
+    fn node_uri(&self, node: &str) -> Result<Uri, QpsError> {
+        self.nodes
+            .get(node)
+            .cloned()
+            .ok_or_else(|| QpsError(format!("the node {node} is no longer configured")))
+    }
+
+    /// Ends a session in Qlik: the QPS REST API when configured, else a logout through the
+    /// Personal API with the session's own cookie.
+    pub async fn end_in_qlik(&self, s: &Session) -> Result<(), QpsError> {
+        let info = &self.vps[s.vp];
+        match &self.api {
+            Some(api) => api.end(&info.prefix, &s.id).await,
+            None => {
+                let node = self.node_uri(&s.node)?;
+                let host = s.meta().host.clone();
+                self.personal
+                    .logout(&node, &info.prefix, host.as_ref(), &info.cookie, &s.id)
+                    .await
+            }
+        }
+    }
+
+    /// Watches an engine WebSocket for the notifications that end its session.
+    pub fn engine_observer(self: &Arc<Self>, s: Arc<Session>) -> crate::proxy::tunnel::Observer {
+        let me = self.clone();
+        let mut watcher = engine::Watcher::default();
+        Box::new(move |bytes: &[u8]| {
+            watcher.feed(bytes, &mut |n| me.on_engine_notice(&s, n));
+        })
+    }
+
+    fn on_engine_notice(&self, s: &Session, n: engine::Notice) {
+        let state = match n {
+            engine::Notice::LoggedOut => State::LoggedOut,
+            engine::Notice::TimedOut => State::Expired,
+            engine::Notice::Closed => State::Ended,
+            engine::Notice::MaxParallelSessionsExceeded => {
+                self.counters
+                    .qps_limit_refusals
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(user = %owner_text(s), session = %s.hash, "Qlik refused an engine session: OnMaxParallelSessionsExceeded");
+                return;
+            }
+        };
+        if self.table.end(s, state) {
+            tracing::info!(session = %s.hash, user = %owner_text(s), "session ended by Qlik ({n:?})");
+        }
+    }
+
+    /// A 302 to `location` that also sets `s`'s cookie.
+    fn redirect_with(&self, s: &Session, location: &str, ctx: &Context) -> Response<Full<Bytes>> {
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = StatusCode::FOUND;
+        if let Ok(v) = HeaderValue::from_str(location) {
+            r.headers_mut().insert(header::LOCATION, v);
+        }
+        let attrs = s.meta().cookie_attributes.clone();
+        if let Some(v) = cookies::session_set_cookie(&self.vps[s.vp].cookie, &s.id, &attrs) {
+            r.headers_mut().append(header::SET_COOKIE, v);
+        }
+        r.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        let _ = ctx;
+        r
+    }
+
+    /// A keyed token binding a form to this browser and user (CSRF protection).
+    pub fn csrf_token(&self, device: DeviceId, user: &User) -> String {
+        let mut h = blake3::Hasher::new_keyed(&self.csrf_key);
+        h.update(&device.to_be_bytes());
+        h.update(user.key.as_bytes());
+        h.finalize().to_hex()[..32].to_string()
+    }
+
+    /// The device id from a request's device cookie.
+    pub fn device_of(&self, headers: &http::HeaderMap) -> Option<DeviceId> {
+        let v = cookies::find(headers, &self.device_cookie).first?;
+        (v.len() == 32)
+            .then(|| u128::from_str_radix(v, 16).ok())
+            .flatten()
+    }
+
+    /// The user a request speaks for: a valid identity header of any header-auth virtual
+    /// proxy, else the browser's last known user.
+    pub fn user_of(&self, headers: &http::HeaderMap, device: Option<DeviceId>) -> Option<User> {
+        for vp in &self.vps {
+            if let Some(h) = &vp.identity_header {
+                if let Some(Ok(u)) = headers.get(h).map(|v| User::parse(v.as_bytes())) {
+                    return Some(u);
+                }
+            }
+        }
+        self.table.device_user(device?)
+    }
+
+    /// Seconds until the user's oldest idle session times out (for Retry-After).
+    pub fn retry_after(&self, user: &User) -> u64 {
+        let now = self.table.now_ms();
+        self.table
+            .user_sessions(&user.key)
+            .iter()
+            .filter_map(|s| self.table.expires_in_ms(s, now))
+            .min()
+            .map(|ms| ms.div_ceil(1000).max(1))
+            .unwrap_or_else(|| self.table.timeout_ms(0) / 1000)
+    }
+}
+
+fn owner_text(s: &Session) -> String {
+    s.owner()
+        .map(|u| u.to_string())
+        .unwrap_or_else(|| "(unknown)".into())
+}
+
+fn default_attributes(tls: bool) -> String {
+    if tls {
+        "Path=/; HttpOnly; Secure".into()
+    } else {
+        "Path=/; HttpOnly".into()
+    }
+}
+
+fn hub_of(prefix: &str) -> String {
+    if prefix.is_empty() {
+        "/hub/".into()
+    } else {
+        format!("/{prefix}/hub/")
+    }
+}
+
+fn is_personal_api(rest: &str) -> bool {
+    let r = rest.trim_end_matches('/');
+    r == "/qps/user"
+}
+
+fn is_auth_module(rest: &str) -> bool {
+    rest.starts_with("/internal_windows_authentication")
+        || rest.starts_with("/internal_forms_authentication")
+}
+
+/// `/app/<id>` (an engine WebSocket) -> the app id.
+fn app_of(rest: &str) -> Option<String> {
+    let id = rest.strip_prefix("/app/")?;
+    let id = id.split('/').next().unwrap_or("");
+    (!id.is_empty()).then(|| id.chars().take(100).collect())
+}
+
+fn param(query: Option<&str>, name: &str) -> Option<String> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.to_string())
+}
+
+fn has_param(query: Option<&str>, name: &str) -> bool {
+    query.is_some_and(|q| {
+        q.split('&').any(|kv| {
+            kv.split('=')
+                .next()
+                .is_some_and(|k| k.eq_ignore_ascii_case(name))
+        })
+    })
+}
+
+/// The `targetId` of a redirect to Qlik's authentication module.
+fn auth_redirect_target<B>(resp: &Response<B>) -> Option<String> {
+    if !resp.status().is_redirection() {
+        return None;
+    }
+    let loc = resp.headers().get(header::LOCATION)?.to_str().ok()?;
+    let (path, query) = loc.split_once('?').unwrap_or((loc, ""));
+    if !(path.contains("/internal_windows_authentication")
+        || path.contains("/internal_forms_authentication"))
+    {
+        return None;
+    }
+    param(Some(query), "targetId")
+}
+
+fn bad_identity(header: &HeaderName, why: &str) -> Response<Full<Bytes>> {
+    let body = crate::proxy::error::page(
+        StatusCode::BAD_REQUEST,
+        "This request was refused",
+        "The sign-in information added by your organisation's login gateway is not valid, so the \
+         request was not passed to Qlik Sense. Tell your Qlik administrator.",
+        &format!("{why} (header {header}; the value must be DIRECTORY\\userid in US-ASCII)"),
+    );
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = StatusCode::BAD_REQUEST;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths() {
+        assert!(is_personal_api("/qps/user"));
+        assert!(is_personal_api("/qps/user/"));
+        assert!(!is_personal_api("/qps/users"));
+        assert!(is_auth_module("/internal_windows_authentication/"));
+        assert_eq!(app_of("/app/engineData"), Some("engineData".into()));
+        assert_eq!(app_of("/app/"), None);
+        assert_eq!(
+            param(Some("a=1&targetId=xyz"), "targetid"),
+            Some("xyz".into())
+        );
+        assert!(has_param(Some("x=1&qlikTicket=abc"), "qlikTicket"));
+        assert!(!has_param(Some("qlikTicketx=1"), "qlikTicket"));
+    }
+}

@@ -1,0 +1,644 @@
+//! The session table: every Qlik session the guard has seen, in memory, with indexes by user
+//! and by device.
+//!
+//! The hot path is one map look-up by cookie value and an atomic store (the "touch"); nothing
+//! on it takes a lock that another map's lock could be waiting on. The three maps are updated
+//! one after the other, never with one map's lock held while taking another's, so there is no
+//! lock order to get wrong. A user's limit decision runs under that user's entry lock (see
+//! [`Table::with_user`]), which is what keeps counts exact when many requests of one user
+//! arrive at once.
+//!
+//! Ended sessions stay a while as tombstones (so "a cookie the guard knows is dead" is known),
+//! then the sweeper removes them: memory follows the number of live sessions.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use dashmap::DashMap;
+
+use super::identity::User;
+
+/// A browser, known by the guard's device cookie (random 128 bits).
+pub type DeviceId = u128;
+
+/// How long an ended session is remembered as dead, at most (and at most the longest
+/// inactivity timeout: a browser holding a dead cookie longer than that is a new visit).
+const TOMBSTONE: Duration = Duration::from_secs(300);
+
+/// Slack on Qlik's inactivity timeout: Qlik's clock for a session starts a little after the
+/// guard's, so the guard counts a session a little longer and restores it a little less long.
+const CLOCK_SLACK_MS: u64 = 2_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum State {
+    Live = 0,
+    LoggedOut = 1,
+    Expired = 2,
+    Evicted = 3,
+    Replaced = 4,
+    /// Ended by Qlik (engine notification, or Qlik said it is not a live session).
+    Ended = 5,
+    /// Ended by an admin through the guard.
+    EndedByAdmin = 6,
+}
+
+impl State {
+    fn from_u8(v: u8) -> State {
+        match v {
+            0 => State::Live,
+            1 => State::LoggedOut,
+            2 => State::Expired,
+            3 => State::Evicted,
+            4 => State::Replaced,
+            5 => State::Ended,
+            _ => State::EndedByAdmin,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Live => "live",
+            State::LoggedOut => "logged out",
+            State::Expired => "expired",
+            State::Evicted => "evicted",
+            State::Replaced => "replaced by upstream",
+            State::Ended => "ended by Qlik",
+            State::EndedByAdmin => "ended by an admin",
+        }
+    }
+}
+
+/// What changes rarely, behind a small lock.
+#[derive(Debug, Default)]
+pub struct Meta {
+    pub owner: Option<User>,
+    pub devices: Vec<DeviceId>,
+    /// App ids of the open engine WebSockets.
+    pub apps: Vec<String>,
+    /// Qlik's attributes for the cookie (Path, HttpOnly, SameSite, Secure), for restores.
+    pub cookie_attributes: String,
+    /// The Host the browser used (Qlik's host allow list checks it on the guard's own calls).
+    pub host: Option<http::HeaderValue>,
+    pub ended_ms: u64,
+}
+
+/// One Qlik session.
+#[derive(Debug)]
+pub struct Session {
+    pub vp: usize,
+    /// The cookie value: a secret, never logged or shown (see `hash`).
+    pub id: Box<str>,
+    /// A short keyed hash of the cookie value, for logs, events and the admin API.
+    pub hash: Box<str>,
+    /// The upstream node that created it (a Qlik session lives in one node's memory).
+    pub node: Arc<str>,
+    pub created: SystemTime,
+    last_active_ms: AtomicU64,
+    websockets: AtomicU32,
+    state: AtomicU8,
+    meta: Mutex<Meta>,
+}
+
+impl Session {
+    pub fn state(&self) -> State {
+        State::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    pub fn websockets(&self) -> u32 {
+        self.websockets.load(Ordering::Acquire)
+    }
+
+    pub fn last_active_ms(&self) -> u64 {
+        self.last_active_ms.load(Ordering::Relaxed)
+    }
+
+    pub fn meta(&self) -> MutexGuard<'_, Meta> {
+        self.meta.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn owner(&self) -> Option<User> {
+        self.meta().owner.clone()
+    }
+}
+
+/// A user's sessions and the session creations in progress for them.
+#[derive(Debug)]
+pub struct UserEntry {
+    pub user: User,
+    pub sessions: Vec<Arc<Session>>,
+    /// Session creations under way (a request is on its way to Qlik without a session, or
+    /// in the login dance): they count towards the limit until they end.
+    pub reservations: Vec<Reservation>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation {
+    pub id: u64,
+    pub vp: usize,
+    pub until_ms: u64,
+}
+
+/// A browser.
+#[derive(Debug, Default)]
+pub struct DeviceEntry {
+    pub sessions: Vec<Arc<Session>>,
+    pub last_user: Option<User>,
+    pub user_agent: Option<String>,
+    pub addr: Option<IpAddr>,
+    pub last_seen_ms: u64,
+}
+
+/// The table.
+pub struct Table {
+    epoch: Instant,
+    timeouts_ms: Vec<u64>,
+    by_id: Vec<DashMap<Box<str>, Arc<Session>>>,
+    users: DashMap<Arc<str>, UserEntry>,
+    devices: DashMap<DeviceId, DeviceEntry>,
+    hash_key: [u8; 32],
+    device_memory_ms: u64,
+    tombstone_ms: u64,
+    next_reservation: AtomicU64,
+}
+
+impl Table {
+    /// `timeouts`: the inactivity timeout of each virtual proxy, by index.
+    pub fn new(timeouts: Vec<Duration>, device_memory: Duration) -> Table {
+        Table {
+            epoch: Instant::now(),
+            by_id: timeouts.iter().map(|_| DashMap::new()).collect(),
+            timeouts_ms: timeouts.iter().map(|t| t.as_millis() as u64).collect(),
+            users: DashMap::new(),
+            devices: DashMap::new(),
+            hash_key: rand::random(),
+            device_memory_ms: device_memory.as_millis() as u64,
+            tombstone_ms: timeouts
+                .iter()
+                .max()
+                .copied()
+                .unwrap_or(TOMBSTONE)
+                .min(TOMBSTONE)
+                .as_millis() as u64,
+            next_reservation: AtomicU64::new(1),
+        }
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Milliseconds since the table started, as wall-clock time.
+    pub fn wall(&self, ms: u64) -> SystemTime {
+        let age = Duration::from_millis(self.now_ms().saturating_sub(ms));
+        SystemTime::now() - age
+    }
+
+    pub fn timeout_ms(&self, vp: usize) -> u64 {
+        self.timeouts_ms.get(vp).copied().unwrap_or(30 * 60_000)
+    }
+
+    /// The short keyed hash shown wherever a cookie value would be.
+    pub fn hash(&self, value: &str) -> String {
+        let h = blake3::keyed_hash(&self.hash_key, value.as_bytes());
+        h.to_hex()[..12].to_string()
+    }
+
+    /// Counts towards the limit: live, and open or active within the timeout (plus slack).
+    pub fn is_live(&self, s: &Session, now_ms: u64) -> bool {
+        s.state() == State::Live
+            && (s.websockets() > 0
+                || now_ms.saturating_sub(s.last_active_ms())
+                    <= self.timeout_ms(s.vp) + CLOCK_SLACK_MS)
+    }
+
+    /// Safe to hand to a browser: Qlik surely still knows it.
+    pub fn is_restorable(&self, s: &Session, now_ms: u64) -> bool {
+        s.state() == State::Live
+            && (s.websockets() > 0
+                || now_ms.saturating_sub(s.last_active_ms())
+                    < self.timeout_ms(s.vp).saturating_sub(CLOCK_SLACK_MS))
+    }
+
+    /// Milliseconds until `s` times out (0 when it has an open WebSocket: it will not).
+    pub fn expires_in_ms(&self, s: &Session, now_ms: u64) -> Option<u64> {
+        if s.websockets() > 0 {
+            return None;
+        }
+        Some((s.last_active_ms() + self.timeout_ms(s.vp) + CLOCK_SLACK_MS).saturating_sub(now_ms))
+    }
+
+    pub fn get(&self, vp: usize, value: &str) -> Option<Arc<Session>> {
+        self.by_id.get(vp)?.get(value).map(|e| e.value().clone())
+    }
+
+    pub fn touch(&self, s: &Session) {
+        s.last_active_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Records a session Qlik created (or one the guard adopts). Returns the existing entry
+    /// when the value is already known.
+    pub fn insert(
+        &self,
+        vp: usize,
+        value: &str,
+        node: Arc<str>,
+        device: Option<DeviceId>,
+        owner: Option<User>,
+        cookie_attributes: String,
+    ) -> Arc<Session> {
+        let now = self.now_ms();
+        let map = &self.by_id[vp];
+        let session = match map.entry(value.into()) {
+            dashmap::Entry::Occupied(e) => return e.get().clone(),
+            dashmap::Entry::Vacant(e) => {
+                let s = Arc::new(Session {
+                    vp,
+                    hash: self.hash(value).into(),
+                    id: value.into(),
+                    node,
+                    created: SystemTime::now(),
+                    last_active_ms: AtomicU64::new(now),
+                    websockets: AtomicU32::new(0),
+                    state: AtomicU8::new(State::Live as u8),
+                    meta: Mutex::new(Meta {
+                        cookie_attributes,
+                        ..Meta::default()
+                    }),
+                });
+                e.insert(s.clone());
+                s
+            }
+        };
+        if let Some(d) = device {
+            self.link_device(&session, d);
+        }
+        if let Some(u) = owner {
+            self.set_owner(&session, u);
+        }
+        session
+    }
+
+    /// Notes that `device` uses `session`.
+    pub fn link_device(&self, session: &Arc<Session>, device: DeviceId) {
+        {
+            let mut m = session.meta();
+            if m.devices.contains(&device) {
+                return;
+            }
+            m.devices.push(device);
+        }
+        let owner = session.owner();
+        let mut d = self.devices.entry(device).or_default();
+        d.last_seen_ms = self.now_ms();
+        if !d.sessions.iter().any(|s| Arc::ptr_eq(s, session)) {
+            d.sessions.push(session.clone());
+        }
+        if owner.is_some() {
+            d.last_user = owner;
+        }
+    }
+
+    /// Records who owns a session (once known), and indexes it under that user.
+    pub fn set_owner(&self, session: &Arc<Session>, user: User) {
+        let devices = {
+            let mut m = session.meta();
+            if m.owner.as_ref() == Some(&user) {
+                return;
+            }
+            m.owner = Some(user.clone());
+            m.devices.clone()
+        };
+        {
+            let mut u = self
+                .users
+                .entry(user.key.clone())
+                .or_insert_with(|| UserEntry {
+                    user: user.clone(),
+                    sessions: Vec::new(),
+                    reservations: Vec::new(),
+                });
+            if !u.sessions.iter().any(|s| Arc::ptr_eq(s, session)) {
+                u.sessions.push(session.clone());
+            }
+        }
+        for d in devices {
+            if let Some(mut e) = self.devices.get_mut(&d) {
+                e.last_user = Some(user.clone());
+            }
+        }
+    }
+
+    /// Ends a live session; returns false when it had ended already.
+    pub fn end(&self, s: &Session, state: State) -> bool {
+        let ended = s
+            .state
+            .compare_exchange(
+                State::Live as u8,
+                state as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok();
+        if ended {
+            s.meta().ended_ms = self.now_ms();
+        }
+        ended
+    }
+
+    pub fn websocket_opened(&self, s: &Session, app: Option<String>) {
+        s.websockets.fetch_add(1, Ordering::AcqRel);
+        if let Some(a) = app {
+            s.meta().apps.push(a);
+        }
+        self.touch(s);
+    }
+
+    pub fn websocket_closed(&self, s: &Session, app: Option<&str>) {
+        // The WebSocket kept the session alive until now: its inactivity clock starts here.
+        self.touch(s);
+        let _ = s
+            .websockets
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        if let Some(a) = app {
+            let mut m = s.meta();
+            if let Some(i) = m.apps.iter().position(|x| x == a) {
+                m.apps.remove(i);
+            }
+        }
+    }
+
+    /// Notes the browser's user agent and address (for the limit page and the admin API).
+    pub fn seen_device(&self, device: DeviceId, user_agent: Option<&str>, addr: IpAddr) {
+        let mut d = self.devices.entry(device).or_default();
+        d.last_seen_ms = self.now_ms();
+        d.addr = Some(addr);
+        if let Some(ua) = user_agent {
+            if d.user_agent.as_deref() != Some(ua) {
+                d.user_agent = Some(ua.chars().take(200).collect());
+            }
+        }
+    }
+
+    pub fn set_device_user(&self, device: DeviceId, user: &User) {
+        if let Some(mut d) = self.devices.get_mut(&device) {
+            if d.last_user.as_ref() != Some(user) {
+                d.last_user = Some(user.clone());
+            }
+        }
+    }
+
+    pub fn device_user(&self, device: DeviceId) -> Option<User> {
+        self.devices.get(&device)?.last_user.clone()
+    }
+
+    /// The browser's user agent and address.
+    pub fn device_info(&self, device: DeviceId) -> (Option<String>, Option<IpAddr>) {
+        match self.devices.get(&device) {
+            Some(d) => (d.user_agent.clone(), d.addr),
+            None => (None, None),
+        }
+    }
+
+    /// The device's most recently active restorable session on `vp`, if its owner is not
+    /// known to differ from `user`.
+    pub fn device_session(
+        &self,
+        device: DeviceId,
+        vp: usize,
+        user: Option<&User>,
+    ) -> Option<Arc<Session>> {
+        let now = self.now_ms();
+        let d = self.devices.get(&device)?;
+        d.sessions
+            .iter()
+            .filter(|s| s.vp == vp && self.is_restorable(s, now))
+            .filter(|s| match (user, s.owner()) {
+                (Some(u), Some(o)) => u.key == o.key,
+                _ => true,
+            })
+            .max_by_key(|s| s.last_active_ms())
+            .cloned()
+    }
+
+    /// Runs `f` on the user's entry under its lock: the place for limit decisions.
+    pub fn with_user<R>(&self, user: &User, f: impl FnOnce(&mut UserEntry, &Table, u64) -> R) -> R {
+        let now = self.now_ms();
+        let mut e = self
+            .users
+            .entry(user.key.clone())
+            .or_insert_with(|| UserEntry {
+                user: user.clone(),
+                sessions: Vec::new(),
+                reservations: Vec::new(),
+            });
+        f(&mut e, self, now)
+    }
+
+    pub fn new_reservation(&self, vp: usize, until_ms: u64) -> Reservation {
+        Reservation {
+            id: self.next_reservation.fetch_add(1, Ordering::Relaxed),
+            vp,
+            until_ms,
+        }
+    }
+
+    pub fn release(&self, user: &User, reservation: u64) {
+        if let Some(mut e) = self.users.get_mut(&user.key) {
+            e.reservations.retain(|r| r.id != reservation);
+        }
+    }
+
+    /// The user's live sessions, most recently active first.
+    pub fn user_sessions(&self, user_key: &str) -> Vec<Arc<Session>> {
+        let now = self.now_ms();
+        let mut v: Vec<Arc<Session>> = match self.users.get(user_key) {
+            Some(e) => e
+                .sessions
+                .iter()
+                .filter(|s| self.is_live(s, now))
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        };
+        v.sort_by_key(|s| std::cmp::Reverse(s.last_active_ms()));
+        v
+    }
+
+    pub fn live_count(&self, user_key: &str) -> usize {
+        let now = self.now_ms();
+        self.users
+            .get(user_key)
+            .map(|e| e.sessions.iter().filter(|s| self.is_live(s, now)).count())
+            .unwrap_or(0)
+    }
+
+    /// Every user with at least one live session, and those sessions.
+    pub fn users(&self) -> Vec<(User, Vec<Arc<Session>>)> {
+        let mut out: Vec<(User, Vec<Arc<Session>>)> = self
+            .users
+            .iter()
+            .map(|e| (e.user.clone(), e.key().clone()))
+            .map(|(u, k)| {
+                let s = self.user_sessions(&k);
+                (u, s)
+            })
+            .filter(|(_, s)| !s.is_empty())
+            .collect();
+        out.sort_by(|a, b| a.0.key.cmp(&b.0.key));
+        out
+    }
+
+    /// Every session, live or tombstone.
+    pub fn all(&self) -> Vec<Arc<Session>> {
+        self.by_id
+            .iter()
+            .flat_map(|m| m.iter().map(|e| e.value().clone()).collect::<Vec<_>>())
+            .collect()
+    }
+
+    pub fn find_by_hash(&self, hash: &str) -> Option<Arc<Session>> {
+        self.by_id.iter().find_map(|m| {
+            m.iter()
+                .find(|e| &*e.value().hash == hash)
+                .map(|e| e.value().clone())
+        })
+    }
+
+    /// Sizes of the maps: (sessions incl. tombstones, users, devices).
+    pub fn sizes(&self) -> (usize, usize, usize) {
+        (
+            self.by_id.iter().map(|m| m.len()).sum(),
+            self.users.len(),
+            self.devices.len(),
+        )
+    }
+
+    /// Expires idle sessions, forgets old tombstones, stale reservations, and devices not seen
+    /// for `device_memory`. Returns the sessions it expired now.
+    pub fn sweep(&self) -> Vec<Arc<Session>> {
+        let now = self.now_ms();
+        let mut expired = Vec::new();
+        let tomb = self.tombstone_ms;
+        for map in &self.by_id {
+            map.retain(|_, s| {
+                if s.state() == State::Live && !self.is_live(s, now) && self.end(s, State::Expired)
+                {
+                    expired.push(s.clone());
+                }
+                s.state() == State::Live || now.saturating_sub(s.meta().ended_ms) < tomb
+            });
+        }
+        self.users.retain(|_, e| {
+            e.sessions.retain(|s| s.state() == State::Live);
+            e.reservations.retain(|r| r.until_ms > now);
+            !e.sessions.is_empty() || !e.reservations.is_empty()
+        });
+        let memory = self.device_memory_ms;
+        self.devices.retain(|_, d| {
+            d.sessions.retain(|s| {
+                s.state() == State::Live || now.saturating_sub(s.meta().ended_ms) < tomb
+            });
+            !d.sessions.is_empty() || now.saturating_sub(d.last_seen_ms) < memory
+        });
+        // Give the maps' memory back after a wave of sessions has gone.
+        for map in &self.by_id {
+            if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+                map.shrink_to_fit();
+            }
+        }
+        if self.devices.capacity() > 64 && self.devices.len() < self.devices.capacity() / 4 {
+            self.devices.shrink_to_fit();
+        }
+        if self.users.capacity() > 64 && self.users.len() < self.users.capacity() / 4 {
+            self.users.shrink_to_fit();
+        }
+        expired
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(timeout_ms: u64) -> Table {
+        Table::new(
+            vec![Duration::from_millis(timeout_ms); 2],
+            Duration::from_millis(timeout_ms),
+        )
+    }
+
+    #[test]
+    fn indexes_follow_inserts_and_owners() {
+        let t = table(60_000);
+        let jane = User::new("CORP", "jane");
+        let s = t.insert(0, "abc", "n1".into(), Some(7), None, String::new());
+        assert!(t.get(0, "abc").is_some());
+        assert!(
+            t.get(1, "abc").is_none(),
+            "a cookie of one virtual proxy is unknown on another"
+        );
+        assert_eq!(t.live_count(&jane.key), 0);
+        t.set_owner(&s, jane.clone());
+        assert_eq!(t.live_count(&jane.key), 1);
+        assert_eq!(t.device_user(7), Some(jane.clone()));
+        assert!(t.device_session(7, 0, Some(&jane)).is_some());
+        let bob = User::new("CORP", "bob");
+        assert!(
+            t.device_session(7, 0, Some(&bob)).is_none(),
+            "never another user's session"
+        );
+        assert!(t.end(&s, State::LoggedOut));
+        assert!(!t.end(&s, State::Expired));
+        assert_eq!(t.live_count(&jane.key), 0);
+        assert_ne!(&*s.hash, "abc");
+        assert_eq!(s.hash.len(), 12);
+    }
+
+    #[test]
+    fn websockets_keep_sessions_live() {
+        let t = table(0);
+        let s = t.insert(
+            0,
+            "x",
+            "n1".into(),
+            None,
+            Some(User::new("a", "b")),
+            String::new(),
+        );
+        t.websocket_opened(&s, Some("app1".into()));
+        std::thread::sleep(Duration::from_millis(CLOCK_SLACK_MS + 20));
+        assert!(t.is_live(&s, t.now_ms()));
+        assert!(t.sweep().is_empty());
+        t.websocket_closed(&s, Some("app1"));
+        assert!(s.meta().apps.is_empty());
+    }
+
+    #[test]
+    fn hundred_thousand_sessions_come_and_go() {
+        let t = Table::new(vec![Duration::from_millis(1); 1], Duration::from_millis(1));
+        let before = t.sizes();
+        for i in 0..100_000u32 {
+            let u = User::new("D", &format!("u{}", i % 5000));
+            t.insert(
+                0,
+                &format!("cookie-{i}"),
+                "n1".into(),
+                Some(i as u128),
+                Some(u),
+                String::new(),
+            );
+        }
+        assert_eq!(t.sizes().0, 100_000);
+        std::thread::sleep(Duration::from_millis(CLOCK_SLACK_MS + 50));
+        let expired = t.sweep();
+        assert_eq!(expired.len(), 100_000);
+        assert_eq!(t.sizes().1, 0, "users without live sessions are forgotten");
+        // Tombstones go after their retention (here: the 1 ms timeout).
+        std::thread::sleep(Duration::from_millis(5));
+        t.sweep();
+        assert_eq!(t.sizes(), before, "the table returns to its size");
+    }
+}
