@@ -552,49 +552,47 @@ impl SessionGuard {
             if ctx.session.as_deref().map(|s| &*s.id) != Some(c.value.as_str()) {
                 new_session = Some(self.record_new(ctx, node, c));
             }
-        } else if let Some(f) = &ctx.lead {
-            if let Some(target) = auth_redirect_target(resp) {
+        } else if let Some(target) = auth_redirect_target(resp) {
+            // Qlik sends this request to log in: whatever session it carried is dead in Qlik.
+            if let Some(s) = &ctx.session {
+                if self.table.end(s, State::Ended) {
+                    tracing::info!(session = %s.hash, user = %owner_text(s), "Qlik no longer knows the session: the browser is sent to log in again");
+                }
+            }
+            // The login dance is this browser's flight: the rest of its burst waits for it.
+            let flight = match (&ctx.lead, ctx.new_device) {
+                (Some(f), _) => Some(f.clone()),
+                (None, false) => Some(match self.flights.lead(ctx.device, ctx.vp) {
+                    Ok(f) | Err(f) => f,
+                }),
+                (None, true) => None,
+            };
+            if let Some(f) = flight {
                 let mut d = f.dance();
                 if d.leader_target.is_none() {
                     d.leader_target = Some(target.clone());
                 }
                 d.targets.insert(target, ctx.path.clone());
-            } else if let (Some(value), true) = (&ctx.unknown, resp.status().as_u16() < 400) {
-                // Qlik took the cookie: a live session the guard had not seen.
-                let attrs = default_attributes(ctx.tls);
-                let s = self.table.insert(
-                    ctx.vp,
-                    value,
-                    node.clone(),
-                    Some(ctx.device),
-                    ctx.identity.clone(),
-                    attrs,
-                );
-                self.counters.adopted.fetch_add(1, Ordering::Relaxed);
-                if ctx.identity.is_none() {
-                    self.resolve_owner(s.clone(), ctx.host.clone());
-                }
-                self.finish_flight(ctx, Outcome::Session(s));
-            } else {
-                self.finish_flight(ctx, Outcome::Failed);
-            }
-        } else if let Some(target) = auth_redirect_target(resp) {
-            if let Some(f) = self.flights.get(ctx.device, ctx.vp) {
-                f.dance().targets.insert(target, ctx.path.clone());
             }
         } else if let (Some(value), true) = (&ctx.unknown, resp.status().as_u16() < 400) {
+            // Qlik took the cookie: a live session the guard had not seen (made before a
+            // guard restart, or elsewhere). Adopt it.
+            let device = (!ctx.new_device).then_some(ctx.device);
             let s = self.table.insert(
                 ctx.vp,
                 value,
                 node.clone(),
-                (!ctx.new_device).then_some(ctx.device),
+                device,
                 ctx.identity.clone(),
                 default_attributes(ctx.tls),
             );
             self.counters.adopted.fetch_add(1, Ordering::Relaxed);
             if ctx.identity.is_none() {
-                self.resolve_owner(s, ctx.host.clone());
+                self.resolve_owner(s.clone(), ctx.host.clone());
             }
+            self.finish_flight(ctx, Outcome::Session(s));
+        } else {
+            self.finish_flight(ctx, Outcome::Failed);
         }
         if ctx.logout && resp.status().is_success() {
             if let Some(s) = &ctx.session {

@@ -1,0 +1,677 @@
+//! The session guard against the simulator: every test asserts on the simulator's counters (what
+//! Qlik would have seen), not only on the guard's view.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use qsguard::sim::{SimConfig, Simulator};
+
+type Jar = Vec<(String, String)>;
+
+fn sessions_cfg(extra: &str) -> String {
+    format!("[sessions]\n{extra}\n")
+}
+
+fn table(guard: &qsguard::Guard) -> &Arc<qsguard::session::SessionGuard> {
+    guard.proxy().sessions().expect("the session guard is on")
+}
+
+/// One browser of a header-auth user: its own cookie jar.
+async fn hdr_visit(addr: std::net::SocketAddr, path: &str, user: &str, jar: &mut Jar) -> Resp {
+    browse(addr, path, jar, &[("hdr-usr", user)]).await
+}
+
+fn without(jar: &Jar, name: &str) -> Jar {
+    jar.iter().filter(|(n, _)| n != name).cloned().collect()
+}
+
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+#[tokio::test]
+async fn restore_after_browser_restarts_costs_no_session() {
+    let sim = sim().await;
+    let guard = guard(sim.addr()).await;
+    let mut jar = Jar::new();
+    let r = browse(
+        guard.addr,
+        "/hub/",
+        &mut jar,
+        &[("x-sim-user", "CORP\\jane")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(sim.counters().sessions_created, 1);
+    eventually("the owner is learnt through the Personal API", || {
+        table(&guard).table.live_count("corp\\jane") == 1
+    })
+    .await;
+    // Six browser restarts: the Qlik cookie (a browser-session cookie) is gone each time, the
+    // guard's device cookie is not.
+    for i in 0..6 {
+        let mut restarted = without(&jar, "X-Qlik-Session-HTTP");
+        let r = browse(
+            guard.addr,
+            &format!("/hub/stream/{i}"),
+            &mut restarted,
+            &[("x-sim-user", "CORP\\jane")],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(r.text().contains(&format!("/hub/stream/{i}")));
+        assert!(
+            restarted.iter().any(|(n, _)| n == "X-Qlik-Session-HTTP"),
+            "the cookie is set back"
+        );
+    }
+    let c = sim.counters();
+    assert_eq!(c.sessions_created, 1, "one session, not seven");
+    assert_eq!(c.limit_refusals, 0);
+    assert_eq!(c.unknown_cookie_requests, 0);
+    assert_eq!(sim.live_sessions("CORP\\jane"), 1);
+    assert_eq!(
+        table(&guard)
+            .counters
+            .restored
+            .load(std::sync::atomic::Ordering::Relaxed),
+        6
+    );
+    guard.shutdown().await;
+}
+
+#[tokio::test]
+async fn sixth_browser_with_error_policy_gets_the_limit_page() {
+    let sim = sim().await;
+    let guard = guard_with(&config_text(
+        &[sim.addr()],
+        "",
+        &sessions_cfg("on_limit = \"error\""),
+    ))
+    .await;
+    let mut browsers: Vec<Jar> = Vec::new();
+    for _ in 0..5 {
+        let mut jar = Jar::new();
+        assert_eq!(
+            hdr_visit(guard.addr, "/hdr/hub/", "CORP\\max", &mut jar)
+                .await
+                .status,
+            200
+        );
+        browsers.push(jar);
+    }
+    assert_eq!(sim.live_sessions("CORP\\max"), 5);
+    let mut sixth = Jar::new();
+    let page = hdr_visit(guard.addr, "/hdr/hub/", "CORP\\max", &mut sixth).await;
+    assert_eq!(page.status, 429);
+    let retry: u64 = page.header("retry-after").unwrap().parse().unwrap();
+    assert!(retry > 0 && retry <= 30 * 60 + 2, "{retry}");
+    let text = page.text();
+    assert!(text.contains("at most <strong>5</strong>"), "{text}");
+    assert_eq!(
+        text.matches("End this session").count(),
+        5,
+        "the user's five sessions are listed"
+    );
+    assert_eq!(sim.counters().limit_refusals, 0, "Qlik never had to refuse");
+    assert_eq!(sim.counters().sessions_created, 5);
+    // The browsers that have a session keep working.
+    assert_eq!(
+        hdr_visit(guard.addr, "/hdr/hub/", "CORP\\max", &mut browsers[0])
+            .await
+            .status,
+        200
+    );
+
+    // The page's button ends one of the user's own sessions; then the sixth browser gets in.
+    let csrf = between(&text, "name=\"csrf\" value=\"", "\"");
+    let hash = between(&text, "name=\"session\" value=\"", "\"");
+    let cookie = sixth
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let forged = post_form(
+        guard.addr,
+        &cookie,
+        &format!("session={hash}&csrf=0000&return=%2Fhdr%2Fhub%2F"),
+    )
+    .await;
+    assert_eq!(forged.status, 403, "a wrong CSRF token ends nothing");
+    let ended = post_form(
+        guard.addr,
+        &cookie,
+        &format!("session={hash}&csrf={csrf}&return=%2Fhdr%2Fhub%2F"),
+    )
+    .await;
+    assert_eq!(ended.status, 303, "{}", ended.text());
+    assert_eq!(ended.header("location").as_deref(), Some("/hdr/hub/"));
+    assert_eq!(sim.live_sessions("CORP\\max"), 4);
+    assert_eq!(
+        hdr_visit(guard.addr, "/hdr/hub/", "CORP\\max", &mut sixth)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(sim.counters().limit_refusals, 0);
+    guard.shutdown().await;
+}
+
+fn between(text: &str, start: &str, end: &str) -> String {
+    let i = text.find(start).expect("marker") + start.len();
+    let j = text[i..].find(end).unwrap() + i;
+    text[i..j].to_string()
+}
+
+async fn post_form(addr: std::net::SocketAddr, cookie: &str, body: &str) -> Resp {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    send(
+        addr,
+        http::Request::post("/__qsguard/end-session")
+            .header("host", "qlik.example.com")
+            .header("cookie", cookie)
+            .header("hdr-usr", "CORP\\max")
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap(),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn reuse_lets_eight_cookieless_clients_in() {
+    let sim = sim().await;
+    let guard = guard_with(&config_text(
+        &[sim.addr()],
+        "",
+        &sessions_cfg("on_limit = \"reuse\""),
+    ))
+    .await;
+    for i in 0..8 {
+        let mut jar = Jar::new();
+        let r = hdr_visit(
+            guard.addr,
+            &format!("/hdr/hub/{i}"),
+            "CORP\\robot",
+            &mut jar,
+        )
+        .await;
+        assert_eq!(r.status, 200, "client {i}: {}", r.text());
+        assert!(r.text().contains(&format!("/hdr/hub/{i}")));
+    }
+    let c = sim.counters();
+    assert_eq!(c.limit_refusals, 0);
+    assert_eq!(c.sessions_created, 5);
+    assert_eq!(sim.live_sessions("CORP\\robot"), 5);
+    assert_eq!(table(&guard).table.live_count("corp\\robot"), 5);
+    guard.shutdown().await;
+}
+
+#[tokio::test]
+async fn reuse_is_not_given_on_a_device_cookie_alone() {
+    // Windows authentication: the guard knows the user only through the device cookie, so at
+    // the limit it shows the page instead of handing over one of the user's other sessions.
+    let sim = sim().await;
+    let guard = guard_with(&config_text(
+        &[sim.addr()],
+        "",
+        &sessions_cfg("on_limit = \"reuse\""),
+    ))
+    .await;
+    let g = table(&guard);
+    let user = [("x-sim-user", "CORP\\win")];
+    let mut first = Jar::new();
+    browse(guard.addr, "/hub/", &mut first, &user).await;
+    let mut second = Jar::new();
+    browse(guard.addr, "/hub/", &mut second, &user).await;
+    eventually("owners resolved", || g.table.live_count("corp\\win") == 2).await;
+    // The second browser logs out: the guard still knows whose browser it is.
+    let r = send(
+        guard.addr,
+        http::Request::delete("/qps/user")
+            .header("host", "q")
+            .header("cookie", cookie_header(&second))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(g.table.live_count("corp\\win"), 1);
+    // Four sessions made elsewhere; the guard adopts them when they pass through it.
+    for _ in 0..4 {
+        let mut other = Jar::new();
+        browse(sim.addr(), "/hub/", &mut other, &user).await;
+        let r = browse(guard.addr, "/hub/", &mut without(&other, "qsguard"), &[]).await;
+        assert_eq!(r.status, 200);
+    }
+    eventually("adopted sessions resolved", || {
+        g.table.live_count("corp\\win") == 5
+    })
+    .await;
+    assert_eq!(sim.live_sessions("CORP\\win"), 5);
+    let created = sim.counters().sessions_created;
+    let mut again = without(&second, "X-Qlik-Session-HTTP");
+    let r = browse(guard.addr, "/hub/", &mut again, &user).await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(sim.counters().sessions_created, created);
+    assert_eq!(sim.counters().limit_refusals, 0);
+    assert!(
+        !again.iter().any(|(n, _)| n == "X-Qlik-Session-HTTP"),
+        "no other browser's session was handed over"
+    );
+    guard.shutdown().await;
+}
+
+fn cookie_header(jar: &Jar) -> String {
+    jar.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn api_cfg(sim: &Simulator) -> qsguard::config::QpsApiConfig {
+    qsguard::config::QpsApiConfig {
+        url: format!("http://{}", sim.api_addr()).parse().unwrap(),
+        client_cert: None,
+        client_key: None,
+        ca: None,
+    }
+}
+
+#[tokio::test]
+async fn evict_ends_the_oldest_idle_session_and_admits_the_new_one() {
+    let sim = sim().await;
+    let guard = guard_with(&config_text(
+        &[sim.addr()],
+        "",
+        &sessions_cfg("on_limit = \"evict\""),
+    ))
+    .await;
+    let mut first = Jar::new();
+    hdr_visit(guard.addr, "/hdr/hub/", "CORP\\eve", &mut first).await;
+    let oldest = first
+        .iter()
+        .find(|(n, _)| n == "X-Qlik-Session-hdr-HTTP")
+        .unwrap()
+        .1
+        .clone();
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        hdr_visit(guard.addr, "/hdr/hub/", "CORP\\eve", &mut Jar::new()).await;
+    }
+    assert_eq!(sim.live_sessions("CORP\\eve"), 5);
+    let r = hdr_visit(guard.addr, "/hdr/hub/new", "CORP\\eve", &mut Jar::new()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(sim.live_sessions("CORP\\eve"), 5);
+    assert!(
+        !sim.session_ids("CORP\\eve").contains(&oldest),
+        "the least recently active went"
+    );
+    let c = sim.counters();
+    assert_eq!(c.limit_refusals, 0);
+    assert_eq!(
+        c.logouts, 1,
+        "ended through the Personal API with its own cookie"
+    );
+    assert_eq!(c.sessions_created, 6);
+    guard.shutdown().await;
+}
+
+#[tokio::test]
+async fn evict_through_the_qps_rest_api_when_configured() {
+    let sim = sim().await;
+    let extra = format!(
+        "{}[qps_api]\nurl = \"http://{}\"\n",
+        sessions_cfg("on_limit = \"evict\""),
+        sim.api_addr()
+    );
+    let guard = guard_with(&config_text(&[sim.addr()], "", &extra)).await;
+    for _ in 0..6 {
+        let r = hdr_visit(guard.addr, "/hdr/hub/", "CORP\\api", &mut Jar::new()).await;
+        assert_eq!(r.status, 200);
+    }
+    let c = sim.counters();
+    assert_eq!(c.sessions_ended_by_api, 1);
+    assert_eq!(c.limit_refusals, 0);
+    assert_eq!(sim.live_sessions("CORP\\api"), 5);
+    guard.shutdown().await;
+}
+
+#[tokio::test]
+async fn expiry_frees_a_slot() {
+    let mut cfg = SimConfig::default();
+    cfg.inactivity_timeout = Duration::from_millis(700);
+    let sim = sim_with(cfg).await;
+    let guard = guard_with(&config_text(
+        &[sim.addr()],
+        "",
+        &sessions_cfg("on_limit = \"error\"\ninactivity_timeout = \"700ms\""),
+    ))
+    .await;
+    for _ in 0..5 {
+        hdr_visit(guard.addr, "/hdr/hub/", "CORP\\exp", &mut Jar::new()).await;
+    }
+    assert_eq!(
+        hdr_visit(guard.addr, "/hdr/hub/", "CORP\\exp", &mut Jar::new())
+            .await
+            .status,
+        429
+    );
+    // 700 ms of Qlik's timeout plus the guard's clock slack.
+    tokio::time::sleep(Duration::from_millis(3_200)).await;
+    assert_eq!(sim.live_sessions("CORP\\exp"), 0);
+    assert_eq!(table(&guard).table.live_count("corp\\exp"), 0);
+    assert_eq!(
+        hdr_visit(guard.addr, "/hdr/hub/", "CORP\\exp", &mut Jar::new())
+            .await
+            .status,
+        200
+    );
+    assert_eq!(sim.counters().limit_refusals, 0);
+    guard.shutdown().await;
+}
+
+#[tokio::test]
+async fn logout_frees_a_slot() {
+    let sim = sim().await;
+    let guard = guard_with(&config_text(
+        &[sim.addr()],
+        "",
+        &sessions_cfg("on_limit = \"error\""),
+    ))
+    .await;
+    let mut jars = Vec::new();
+    for _ in 0..5 {
+        let mut jar = Jar::new();
+        hdr_visit(guard.addr, "/hdr/hub/", "CORP\\out", &mut jar).await;
+        jars.push(jar);
+    }
+    assert_eq!(
+        hdr_visit(guard.addr, "/hdr/hub/", "CORP\\out", &mut Jar::new())
+            .await
+            .status,
+        429
+    );
+    let cookie = jars[2]
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let r = send(
+        guard.addr,
+        http::Request::delete("/hdr/qps/user")
+            .header("host", "q")
+            .header("hdr-usr", "CORP\\out")
+            .header("cookie", cookie)
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(sim.counters().logouts, 1);
+    assert_eq!(table(&guard).table.live_count("corp\\out"), 4);
+    assert_eq!(
+        hdr_visit(guard.addr, "/hdr/hub/", "CORP\\out", &mut Jar::new())
+            .await
+            .status,
+        200
+    );
+    assert_eq!(sim.counters().limit_refusals, 0);
+    guard.shutdown().await;
+}
+
+/// Ten parallel page requests of one browser whose cookie is dead.
+async fn burst(
+    addr: std::net::SocketAddr,
+    jar: &Jar,
+    prefix: &str,
+    extra: Vec<(&'static str, String)>,
+) -> Vec<Resp> {
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let mut jar = jar.clone();
+        let extra = extra.clone();
+        let path = format!("{prefix}hub/page{i}");
+        tasks.push(tokio::spawn(async move {
+            let headers: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let r = browse(addr, &path, &mut jar, &headers).await;
+            assert!(
+                r.text().contains(&path),
+                "request {i} ends on the page it asked for: {}",
+                r.text()
+            );
+            r
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn dead_cookie_burst_makes_one_session_windows_login() {
+    let sim = sim().await;
+    let guard = guard(sim.addr()).await;
+    let mut jar = Jar::new();
+    browse(
+        guard.addr,
+        "/hub/",
+        &mut jar,
+        &[("x-sim-user", "CORP\\burst")],
+    )
+    .await;
+    assert_eq!(sim.counters().sessions_created, 1);
+    // Qlik ends the session behind the guard's back (an admin, a QPS restart...).
+    let id = sim.session_ids("CORP\\burst")[0].clone();
+    let api = qsguard::qps::QpsApi::new(&api_cfg(&sim)).unwrap();
+    api.end("", &id).await.unwrap();
+    let before = sim.counters().sessions_created;
+    let rs = burst(
+        guard.addr,
+        &jar,
+        "/",
+        vec![("x-sim-user", "CORP\\burst".into())],
+    )
+    .await;
+    assert!(rs.iter().all(|r| r.status == 200));
+    let c = sim.counters();
+    assert_eq!(
+        c.sessions_created - before,
+        1,
+        "one new session for the whole burst"
+    );
+    assert_eq!(c.limit_refusals, 0);
+    assert_eq!(sim.live_sessions("CORP\\burst"), 1);
+    guard.shutdown().await;
+}
+
+#[tokio::test]
+async fn dead_cookie_burst_makes_one_session_header_auth() {
+    let sim = sim().await;
+    let guard = guard(sim.addr()).await;
+    let mut jar = Jar::new();
+    hdr_visit(guard.addr, "/hdr/hub/", "CORP\\hb", &mut jar).await;
+    // The user logs out through the guard; the browser keeps the now dead cookie.
+    let cookie = jar
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    send(
+        guard.addr,
+        http::Request::delete("/hdr/qps/user")
+            .header("host", "q")
+            .header("hdr-usr", "CORP\\hb")
+            .header("cookie", cookie)
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(sim.live_sessions("CORP\\hb"), 0);
+    let before = sim.counters().sessions_created;
+    let rs = burst(
+        guard.addr,
+        &jar,
+        "/hdr/",
+        vec![("hdr-usr", "CORP\\hb".into())],
+    )
+    .await;
+    assert!(rs.iter().all(|r| r.status == 200));
+    assert_eq!(sim.counters().sessions_created - before, 1);
+    assert_eq!(sim.live_sessions("CORP\\hb"), 1);
+    assert_eq!(sim.counters().limit_refusals, 0);
+    guard.shutdown().await;
+}
+
+#[tokio::test]
+async fn two_hundred_parallel_requests_of_twenty_users_keep_counts_exact() {
+    let sim = sim().await;
+    let guard = guard_with(&config_text(
+        &[sim.addr()],
+        "",
+        &sessions_cfg("on_limit = \"reuse\""),
+    ))
+    .await;
+    let addr = guard.addr;
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let user = format!("LOAD\\u{}", i % 20);
+        tasks.push(tokio::spawn(async move {
+            let mut jar = Jar::new();
+            hdr_visit(addr, &format!("/hdr/hub/{i}"), &user, &mut jar)
+                .await
+                .status
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert_eq!(sim.counters().limit_refusals, 0);
+    for u in 0..20 {
+        let name = format!("LOAD\\u{u}");
+        let in_qlik = sim.live_sessions(&name);
+        assert_eq!(in_qlik, 5, "{name}");
+        assert_eq!(
+            table(&guard).table.live_count(&name.to_lowercase()),
+            in_qlik,
+            "{name}"
+        );
+    }
+    guard.shutdown().await;
+}
+
+#[tokio::test]
+async fn malformed_identity_header_is_refused_before_qlik() {
+    let sim = sim().await;
+    let guard = guard(sim.addr()).await;
+    for bad in ["noslash", "A\\B\\C", "\\x", "CORP\\"] {
+        let r = get(guard.addr, "/hdr/hub/", &[("hdr-usr", bad)]).await;
+        assert_eq!(r.status, 400, "{bad}");
+    }
+    let raw_resp = raw(
+        guard.addr,
+        b"GET /hdr/hub/ HTTP/1.1\r\nHost: q\r\nhdr-usr: CORP\\j\xc3\xa4ne\r\n\r\n",
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(statuses(&raw_resp), vec![400]);
+    assert_eq!(sim.counters().requests, 0, "never reached Qlik");
+    guard.shutdown().await;
+}
+
+#[tokio::test]
+async fn engine_notifications_and_qps_refusals_are_seen() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let sim = sim().await;
+    let guard = guard(sim.addr()).await;
+    let mut jar = Jar::new();
+    hdr_visit(guard.addr, "/hdr/hub/", "CORP\\ws", &mut jar).await;
+    let cookie = jar
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let mut req = format!("ws://{}/hdr/app/myapp", guard.addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("hdr-usr", "CORP\\ws".parse().unwrap());
+    req.headers_mut().insert("cookie", cookie.parse().unwrap());
+    let tcp = tokio::net::TcpStream::connect(guard.addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+    ws.next().await.unwrap().unwrap();
+    let g = table(&guard);
+    eventually("the open app is listed", || {
+        g.table
+            .user_sessions("corp\\ws")
+            .first()
+            .is_some_and(|s| s.meta().apps == vec!["myapp".to_string()])
+    })
+    .await;
+    // The session is ended in Qlik directly: the engine says OnSessionClosed, the guard hears it.
+    let id = sim.session_ids("CORP\\ws")[0].clone();
+    qsguard::qps::QpsApi::new(&api_cfg(&sim))
+        .unwrap()
+        .end("hdr", &id)
+        .await
+        .unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
+    eventually("the guard marks it ended", || {
+        g.table.live_count("corp\\ws") == 0
+    })
+    .await;
+
+    // Five sessions made behind the guard's back: Qlik's own refusal is detected and counted.
+    for _ in 0..5 {
+        browse(
+            sim.addr(),
+            "/hdr/hub/",
+            &mut Jar::new(),
+            &[("hdr-usr", "CORP\\behind")],
+        )
+        .await;
+    }
+    let r = hdr_visit(guard.addr, "/hdr/hub/", "CORP\\behind", &mut Jar::new()).await;
+    assert_eq!(r.status, 403);
+    assert!(r.text().contains("too many sessions active in parallel"));
+    assert_eq!(sim.counters().limit_refusals, 1);
+    assert_eq!(
+        g.counters
+            .qps_limit_refusals
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    guard.shutdown().await;
+}
+
+#[tokio::test]
+async fn guard_off_is_a_plain_proxy() {
+    let sim = sim().await;
+    let guard = guard_with(&config_text(
+        &[sim.addr()],
+        "",
+        &sessions_cfg("guard = false"),
+    ))
+    .await;
+    assert!(guard.proxy().sessions().is_none());
+    let r = get(guard.addr, "/__sim/echo", &[]).await;
+    assert!(r.all("set-cookie").is_empty(), "no device cookie");
+    guard.shutdown().await;
+}
