@@ -351,9 +351,11 @@ async fn evict_through_the_qps_rest_api_when_configured() {
 
 #[tokio::test]
 async fn expiry_frees_a_slot() {
-    let mut cfg = SimConfig::default();
-    cfg.inactivity_timeout = Duration::from_millis(700);
-    let sim = sim_with(cfg).await;
+    let sim = sim_with(SimConfig {
+        inactivity_timeout: Duration::from_millis(700),
+        ..SimConfig::default()
+    })
+    .await;
     let guard = guard_with(&config_text(
         &[sim.addr()],
         "",
