@@ -382,6 +382,11 @@ async fn expiry_frees_a_slot() {
         200
     );
     assert_eq!(sim.counters().limit_refusals, 0);
+    // The background sweeper forgets what ended: only the new session is left in the table.
+    eventually("expired sessions swept", || {
+        table(&guard).table.sizes().0 == 1
+    })
+    .await;
     guard.shutdown().await;
 }
 

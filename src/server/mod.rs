@@ -76,6 +76,9 @@ impl Guard {
             },
             stop.clone(),
         ));
+        if let Some(sessions) = proxy.sessions() {
+            tokio::spawn(sessions.clone().sweep_forever(stop.clone()));
+        }
         let grace = config.server.grace_period;
         let accept = accept_loop(
             listener,
