@@ -682,3 +682,50 @@ async fn guard_off_is_a_plain_proxy() {
     assert!(r.all("set-cookie").is_empty(), "no device cookie");
     guard.shutdown().await;
 }
+
+#[tokio::test]
+async fn after_a_guard_restart_unknown_cookies_are_adopted_and_bursts_still_make_one_session() {
+    let sim = sim().await;
+    let old = guard(sim.addr()).await;
+    let mut jar = Jar::new();
+    hdr_visit(old.addr, "/hdr/hub/", "CORP\\rs", &mut jar).await;
+    old.shutdown().await;
+    // A new guard knows nothing: the browser's cookie is unknown to it, but live in Qlik.
+    let guard = guard(sim.addr()).await;
+    let created = sim.counters().sessions_created;
+    let rs = burst(
+        guard.addr,
+        &jar,
+        "/hdr/",
+        vec![("hdr-usr", "CORP\\rs".into())],
+    )
+    .await;
+    assert!(rs.iter().all(|r| r.status == 200));
+    assert_eq!(
+        sim.counters().sessions_created,
+        created,
+        "the live session is adopted, not replaced"
+    );
+    assert_eq!(table(&guard).table.live_count("corp\\rs"), 1);
+    // Now Qlik ends it behind the guard's back; the next burst makes exactly one new session.
+    let id = sim.session_ids("CORP\\rs")[0].clone();
+    qsguard::qps::QpsApi::new(&api_cfg(&sim))
+        .unwrap()
+        .end("hdr", &id)
+        .await
+        .unwrap();
+    let guard2 = guard_with(&config_text(&[sim.addr()], "", "")).await;
+    let rs = burst(
+        guard2.addr,
+        &jar,
+        "/hdr/",
+        vec![("hdr-usr", "CORP\\rs".into())],
+    )
+    .await;
+    assert!(rs.iter().all(|r| r.status == 200));
+    assert_eq!(sim.counters().sessions_created, created + 1);
+    assert_eq!(sim.live_sessions("CORP\\rs"), 1);
+    assert_eq!(sim.counters().limit_refusals, 0);
+    guard.shutdown().await;
+    guard2.shutdown().await;
+}
