@@ -729,3 +729,18 @@ async fn after_a_guard_restart_unknown_cookies_are_adopted_and_bursts_still_make
     guard.shutdown().await;
     guard2.shutdown().await;
 }
+
+#[tokio::test]
+async fn clients_that_keep_no_cookies_leave_nothing_behind() {
+    let sim = sim().await;
+    let guard = guard(sim.addr()).await;
+    for _ in 0..50 {
+        assert_eq!(get(guard.addr, "/__sim/echo", &[]).await.status, 200);
+    }
+    assert_eq!(
+        table(&guard).table.sizes(),
+        (0, 0, 0),
+        "no session, user or device entries"
+    );
+    guard.shutdown().await;
+}

@@ -85,6 +85,8 @@ pub struct Context {
     pub tls: bool,
     /// A slot in the user's count held by this request (when no flight holds it).
     reservation: Option<(User, u64)>,
+    /// The browser's User-Agent and address, noted when a session is made for it.
+    client: Option<(Option<String>, IpAddr)>,
 }
 
 /// The decision before the upstream.
@@ -273,6 +275,7 @@ impl SessionGuard {
             app: app_of(&rest),
             tls,
             reservation: None,
+            client: None,
         };
 
         // The hot path: a cookie the guard knows is live.
@@ -305,7 +308,8 @@ impl SessionGuard {
             .headers
             .get(header::USER_AGENT)
             .and_then(|v| v.to_str().ok());
-        self.table.seen_device(device, ua, peer);
+        self.table.seen_device(device, ua, peer, false);
+        ctx.client = Some((ua.map(|u| u.chars().take(200).collect()), peer));
         if let Some(i) = &ctx.identity {
             self.table.set_device_user(device, i);
         }
@@ -654,6 +658,10 @@ impl SessionGuard {
         );
         if let Some(h) = &ctx.host {
             s.meta().host = Some(h.clone());
+        }
+        if let Some((ua, addr)) = &ctx.client {
+            self.table
+                .seen_device(ctx.device, ua.as_deref(), *addr, true);
         }
         tracing::info!(session = %s.hash, user = %ctx.identity.as_ref().map(|u| u.to_string()).unwrap_or_else(|| "(resolving)".into()), vp = %self.vps[ctx.vp].prefix, node = %node, "session created");
         if let Some(f) = self

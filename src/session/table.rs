@@ -371,8 +371,20 @@ impl Table {
     }
 
     /// Notes the browser's user agent and address (for the limit page and the admin API).
-    pub fn seen_device(&self, device: DeviceId, user_agent: Option<&str>, addr: IpAddr) {
-        let mut d = self.devices.entry(device).or_default();
+    /// Only browsers the table already knows, or `create`: a client that never keeps a cookie
+    /// would otherwise add an entry with every request.
+    pub fn seen_device(
+        &self,
+        device: DeviceId,
+        user_agent: Option<&str>,
+        addr: IpAddr,
+        create: bool,
+    ) {
+        let mut d = match self.devices.get_mut(&device) {
+            Some(d) => d,
+            None if create => self.devices.entry(device).or_default(),
+            None => return,
+        };
         d.last_seen_ms = self.now_ms();
         d.addr = Some(addr);
         if let Some(ua) = user_agent {
