@@ -337,3 +337,35 @@ async fn admin_health() {
     assert_eq!(sim.counters().requests, 0, "admin calls never reach Qlik");
     guard.shutdown().await;
 }
+
+#[tokio::test]
+async fn max_connections_makes_new_clients_wait() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sim = sim().await;
+    let guard = guard_with(&config_text(&[sim.addr()], "max_connections = 1", "")).await;
+    // The first client holds the only slot with an idle keep-alive connection.
+    let mut first = tokio::net::TcpStream::connect(guard.addr).await.unwrap();
+    first
+        .write_all(b"GET /__sim/echo HTTP/1.1\r\nHost: q\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = first.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    // The second one is not served while the first is open...
+    let mut second = tokio::net::TcpStream::connect(guard.addr).await.unwrap();
+    second
+        .write_all(b"GET /__sim/echo HTTP/1.1\r\nHost: q\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let early = tokio::time::timeout(Duration::from_millis(500), second.read(&mut buf)).await;
+    assert!(early.is_err(), "served past max_connections");
+    // ...and is served as soon as the slot is free.
+    drop(first);
+    let n = tokio::time::timeout(Duration::from_secs(5), second.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    guard.shutdown().await;
+}

@@ -65,3 +65,42 @@ async fn send_slow(addr: std::net::SocketAddr) -> Result<Resp, String> {
     )
     .await
 }
+
+#[tokio::test]
+async fn tunnels_close_once_in_flight_requests_are_done() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let sim = sim().await;
+    let guard = guard(sim.addr()).await;
+    let mut req = format!("ws://{}/hdr/app/x", guard.addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("hdr-usr", "CORP\\down".parse().unwrap());
+    let tcp = tokio::net::TcpStream::connect(guard.addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+    ws.next().await.unwrap().unwrap();
+    let addr = guard.addr;
+    let slow = tokio::spawn(async move { get(addr, "/__sim/slow?ms=800", &[]).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let stopping = tokio::spawn(guard.shutdown());
+    assert_eq!(
+        slow.await.unwrap().status,
+        200,
+        "the request in flight finished"
+    );
+    // The tunnel is closed after that, not before.
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(m)) if !m.is_close() => continue,
+                _ => break,
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the tunnel was closed by the shutdown");
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    stopping.await.unwrap();
+}

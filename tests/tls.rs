@@ -157,3 +157,58 @@ async fn http1_over_tls_and_bad_tls_config_is_named() {
     assert!(err.contains("server.tls_key"), "{err}");
     let _ = std::fs::remove_dir_all(&tls.dir);
 }
+
+#[tokio::test]
+async fn https_upstream_with_a_configured_ca() {
+    // Guard B serves TLS in front of the simulator; guard A uses B as an https upstream and
+    // trusts B's certificate through proxy.upstream_ca.
+    let sim = sim().await;
+    let tls = make_cert();
+    let b = guard_with(&tls_config(sim.addr(), &tls)).await;
+    let a_text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[[upstream]]\nurl = \"https://127.0.0.1:{}\"\n[proxy]\nupstream_ca = \"{}\"\n[sessions]\nguard = false\n",
+        b.addr.port(),
+        tls.dir.join("cert.pem").display()
+    );
+    let a = guard_with(&a_text).await;
+    let r = get(
+        a.addr,
+        "/__sim/echo",
+        &[("cookie", "X-Qlik-Session-HTTP=abc")],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = sim.last_request("/__sim/echo").unwrap();
+    let host: Vec<_> = seen
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "host")
+        .map(|(_, v)| v.clone())
+        .collect();
+    assert_eq!(
+        host,
+        vec![b"qlik.example.com".to_vec()],
+        "Host survives two proxies"
+    );
+    a.shutdown().await;
+
+    // Without the CA, the system roots do not trust B: a readable 502, not a hang.
+    let untrusting = guard_with(&a_text.replace(
+        &format!(
+            "[proxy]\nupstream_ca = \"{}\"\n",
+            tls.dir.join("cert.pem").display()
+        ),
+        "",
+    ))
+    .await;
+    let r = get(untrusting.addr, "/__sim/echo", &[]).await;
+    assert_eq!(r.status, 502);
+    assert!(
+        r.text().to_lowercase().contains("certificate"),
+        "{}",
+        r.text()
+    );
+    untrusting.shutdown().await;
+    b.shutdown().await;
+    let _ = std::fs::remove_dir_all(&tls.dir);
+}

@@ -75,8 +75,10 @@ where
                 rec.bytes += d.len() as u64;
             }
         }
-        if let (Poll::Ready(None), Some(rec)) = (&r, this.record.take()) {
-            rec.emit();
+        if let Poll::Ready(None) = r {
+            if let Some(rec) = this.record.take() {
+                rec.emit();
+            }
         }
         r
     }
