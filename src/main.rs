@@ -180,8 +180,8 @@ identity_header = "hdr-usr"
          Header-auth virtual proxy:   curl -i -H 'hdr-usr: DEMO\\bob' http://{addr}/hdr/hub/\n  \
          Admin listener:              http://{admin}/healthz\n  \
          The simulator itself:        http://{sim}/  (QPS REST API on {api})\n\
-         \nTry: open the hub, watch the login redirects and the engine WebSocket in the log below; \
-         Ctrl-C stops.\n",
+         \nTry: open the hub, delete the X-Qlik-Session-HTTP cookie (what a browser restart does) \
+         and reload: the guard restores the same Qlik session instead of making a new one. Ctrl-C stops.\n",
         addr = guard.addr,
         admin = guard.admin_addr,
         sim = sim.addr(),
