@@ -85,16 +85,11 @@ async fn server(addr: &str) -> ExitCode {
                 return;
             };
             while let Some(Ok(msg)) = ws.next().await {
-                match msg {
-                    Message::Text(_) | Message::Binary(_) => {
-                        if ws.send(msg).await.is_err() {
-                            break;
-                        }
-                    }
-                    Message::Close(_) => break,
-                    // Pings are answered by tungstenite itself.
-                    _ => {}
+                let echo = matches!(msg, Message::Text(_) | Message::Binary(_));
+                if matches!(msg, Message::Close(_)) || (echo && ws.send(msg).await.is_err()) {
+                    break;
                 }
+                // Pings are answered by tungstenite itself.
             }
         });
     }

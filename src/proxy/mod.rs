@@ -162,11 +162,20 @@ impl Proxy {
             return Ok((guard.end_session_form(req).await.map(Either::Right), None));
         }
         let (mut parts, body) = req.into_parts();
-        let ctx = match guard.before(&mut parts, conn.peer.ip(), conn.tls).await {
+        let view = session::Request {
+            method: parts.method.as_str().as_bytes(),
+            path: parts.uri.path(),
+            query: parts.uri.query(),
+            headers: &parts.headers,
+        };
+        let ctx = match guard.before(&view, conn.peer.ip(), conn.tls).await {
             Verdict::Pass => None,
             Verdict::Forward(ctx) => Some(ctx),
             Verdict::Answer(resp) => return Ok((resp.map(Either::Right), None)),
         };
+        if let Some((name, value)) = ctx.as_deref().and_then(|c| guard.cookie_to_send(c)) {
+            session::cookies::set_request_cookie(&mut parts.headers, name, value);
+        }
         // A Qlik session lives in the memory of the node that made it.
         let node = match ctx.as_ref().and_then(|c| c.session.as_ref()) {
             Some(s) => self.upstreams.by_name(&s.node),
@@ -197,7 +206,10 @@ impl Proxy {
                 .or_else(|| c.session.as_ref().and_then(|s| s.owner()))
         });
         if let Some(c) = &ctx {
-            guard.after(c, &node.name_arc(), &mut resp);
+            let status = resp.status().as_u16();
+            for v in guard.after(c, &node.name_arc(), status, resp.headers()) {
+                resp.headers_mut().append(header::SET_COOKIE, v);
+            }
         }
         let resp = self.watch_for_qps_refusal(guard, resp, user).await;
         Ok((resp, Some(node)))

@@ -8,6 +8,28 @@
 use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderValue};
 
+/// Read access to a message's header fields, whatever holds them: hyper's `HeaderMap`, or the
+/// HTTP/1 engine's raw head. `name` is lower-case.
+pub trait Headers: Sync {
+    type Values<'a>: Iterator<Item = &'a [u8]>
+    where
+        Self: 'a;
+    fn values<'a>(&'a self, name: &'a str) -> Self::Values<'a>;
+    fn first<'a>(&'a self, name: &'a str) -> Option<&'a [u8]> {
+        self.values(name).next()
+    }
+}
+
+impl Headers for HeaderMap {
+    type Values<'a> =
+        std::iter::Map<header::ValueIter<'a, HeaderValue>, fn(&'a HeaderValue) -> &'a [u8]>;
+    fn values<'a>(&'a self, name: &'a str) -> Self::Values<'a> {
+        self.get_all(name)
+            .iter()
+            .map(HeaderValue::as_bytes as fn(&'a HeaderValue) -> &'a [u8])
+    }
+}
+
 /// What a request's `Cookie` header(s) say about one cookie name.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Found<'a> {
@@ -19,10 +41,12 @@ pub struct Found<'a> {
 }
 
 /// Finds `name` in every `Cookie` field of the request; no allocation.
-pub fn find<'a>(headers: &'a HeaderMap, name: &str) -> Found<'a> {
+pub fn find<'a, H: Headers>(headers: &'a H, name: &str) -> Found<'a> {
     let mut found = Found::default();
-    for field in headers.get_all(header::COOKIE) {
-        let Ok(text) = field.to_str() else { continue };
+    for field in headers.values("cookie") {
+        let Ok(text) = std::str::from_utf8(field) else {
+            continue;
+        };
         for pair in text.split(';') {
             let pair = pair.trim_start_matches([' ', '\t']);
             let Some((n, v)) = pair.split_once('=') else {
@@ -39,67 +63,77 @@ pub fn find<'a>(headers: &'a HeaderMap, name: &str) -> Found<'a> {
     found
 }
 
+/// One `Cookie` field value with the first pair named `name` given `value`; `None` when the
+/// field has no such pair. Every other byte stays where it was.
+pub fn replace_in_field(field: &[u8], name: &str, value: &str) -> Option<BytesMut> {
+    let mut out = BytesMut::with_capacity(field.len() + value.len());
+    let mut replaced = false;
+    let mut rest = field;
+    while !rest.is_empty() {
+        let end = rest.iter().position(|&b| b == b';').unwrap_or(rest.len());
+        let pair = &rest[..end];
+        let lead = pair
+            .iter()
+            .position(|&b| b != b' ' && b != b'\t')
+            .unwrap_or(pair.len());
+        let body = &pair[lead..];
+        let is_it = !replaced
+            && body
+                .iter()
+                .position(|&b| b == b'=')
+                .is_some_and(|eq| trim_end(&body[..eq]) == name.as_bytes());
+        if is_it {
+            out.extend_from_slice(&pair[..lead]);
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b"=");
+            out.extend_from_slice(value.as_bytes());
+            replaced = true;
+        } else {
+            out.extend_from_slice(pair);
+        }
+        if end < rest.len() {
+            out.extend_from_slice(b";");
+            rest = &rest[end + 1..];
+        } else {
+            rest = &[];
+        }
+    }
+    replaced.then_some(out)
+}
+
+/// `first; name=value`: the pair appended to a field (or alone when there is none).
+pub fn append_to_field(field: Option<&[u8]>, name: &str, value: &str) -> BytesMut {
+    let mut out = BytesMut::new();
+    if let Some(f) = field.filter(|f| !f.is_empty()) {
+        out.extend_from_slice(f);
+        out.extend_from_slice(b"; ");
+    }
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"=");
+    out.extend_from_slice(value.as_bytes());
+    out
+}
+
 /// Makes the request carry `name=value`: the first pair with that name gets the new value
 /// (other duplicates are left), or the pair is appended to the first `Cookie` field.
 pub fn set_request_cookie(headers: &mut HeaderMap, name: &str, value: &str) {
-    let mut replaced = false;
-    let mut fields: Vec<HeaderValue> = Vec::new();
-    for field in headers.get_all(header::COOKIE) {
-        let bytes = field.as_bytes();
-        if replaced {
-            fields.push(field.clone());
-            continue;
-        }
-        let mut out = BytesMut::with_capacity(bytes.len() + value.len());
-        let mut rest = bytes;
-        while !rest.is_empty() {
-            let end = rest.iter().position(|&b| b == b';').unwrap_or(rest.len());
-            let pair = &rest[..end];
-            let lead = pair
-                .iter()
-                .position(|&b| b != b' ' && b != b'\t')
-                .unwrap_or(pair.len());
-            let body = &pair[lead..];
-            let is_it = !replaced
-                && body
-                    .iter()
-                    .position(|&b| b == b'=')
-                    .is_some_and(|eq| trim_end(&body[..eq]) == name.as_bytes());
-            if is_it {
-                out.extend_from_slice(&pair[..lead]);
-                out.extend_from_slice(name.as_bytes());
-                out.extend_from_slice(b"=");
-                out.extend_from_slice(value.as_bytes());
-                replaced = true;
-            } else {
-                out.extend_from_slice(pair);
+    let mut fields: Vec<HeaderValue> = headers.get_all(header::COOKIE).iter().cloned().collect();
+    let mut done = false;
+    for f in fields.iter_mut() {
+        if let Some(new) = replace_in_field(f.as_bytes(), name, value) {
+            if let Ok(v) = HeaderValue::from_maybe_shared(new.freeze()) {
+                *f = v;
             }
-            if end < rest.len() {
-                out.extend_from_slice(b";");
-                rest = &rest[end + 1..];
-            } else {
-                rest = &[];
-            }
+            done = true;
+            break;
         }
-        fields.push(HeaderValue::from_maybe_shared(out.freeze()).unwrap_or_else(|_| field.clone()));
     }
-    if !replaced {
-        let pair = format!("{name}={value}");
-        match fields.first_mut() {
-            Some(first) => {
-                let mut joined = BytesMut::from(first.as_bytes());
-                if !joined.is_empty() {
-                    joined.extend_from_slice(b"; ");
-                }
-                joined.extend_from_slice(pair.as_bytes());
-                if let Ok(v) = HeaderValue::from_maybe_shared(joined.freeze()) {
-                    *first = v;
-                }
-            }
-            None => {
-                if let Ok(v) = HeaderValue::from_str(&pair) {
-                    fields.push(v);
-                }
+    if !done {
+        let joined = append_to_field(fields.first().map(|f| f.as_bytes()), name, value);
+        if let Ok(v) = HeaderValue::from_maybe_shared(joined.freeze()) {
+            match fields.first_mut() {
+                Some(first) => *first = v,
+                None => fields.push(v),
             }
         }
     }
@@ -128,10 +162,15 @@ pub struct SetCookie {
 }
 
 /// The `Set-Cookie` fields of a response that set `name`, in order.
-pub fn set_cookies_named(headers: &HeaderMap, name: &str) -> Vec<SetCookie> {
+pub fn set_cookies_named<H: Headers>(headers: &H, name: &str) -> Vec<SetCookie> {
     let mut out = Vec::new();
-    for field in headers.get_all(header::SET_COOKIE) {
-        let Ok(text) = field.to_str() else { continue };
+    for field in headers.values("set-cookie") {
+        let Ok(text) = std::str::from_utf8(field) else {
+            continue;
+        };
+        if !text.trim_start().starts_with(name) {
+            continue;
+        }
         let Ok(c) = cookie::Cookie::parse(text) else {
             continue;
         };

@@ -30,11 +30,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
-use http::{Method, Response, StatusCode, Uri};
+use http::{Response, StatusCode, Uri};
 use http_body_util::Full;
 
 use crate::config::{Config, OnLimit};
 use crate::qps::{Owner, PersonalApi, QpsApi, QpsError};
+use cookies::Headers;
 use flight::{Flight, Flights, Outcome};
 use identity::User;
 use table::{DeviceId, Session, State, Table};
@@ -87,6 +88,14 @@ pub struct Context {
     reservation: Option<(User, u64)>,
     /// The browser's User-Agent and address, noted when a session is made for it.
     client: Option<(Option<String>, IpAddr)>,
+}
+
+/// A request as the guard reads it (no copy of the head is made).
+pub struct Request<'a, H> {
+    pub method: &'a [u8],
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a H,
 }
 
 /// The decision before the upstream.
@@ -217,19 +226,18 @@ impl SessionGuard {
     }
 
     /// Phase "before upstream": see the module docs.
-    pub async fn before(
+    pub async fn before<H: Headers>(
         &self,
-        parts: &mut http::request::Parts,
+        req: &Request<'_, H>,
         peer: IpAddr,
         tls: bool,
     ) -> Verdict {
-        let path = parts.uri.path();
-        let Some((vp, rest)) = self.route(path) else {
+        let Some((vp, rest)) = self.route(req.path) else {
             return Verdict::Pass;
         };
         let rest = rest.to_string();
         let info = &self.vps[vp];
-        let (device, new_device) = match cookies::find(&parts.headers, &self.device_cookie).first {
+        let (device, new_device) = match cookies::find(req.headers, &self.device_cookie).first {
             Some(v) => match u128::from_str_radix(v, 16) {
                 Ok(d) if v.len() == 32 => (d, false),
                 _ => (rand::random(), true),
@@ -239,10 +247,10 @@ impl SessionGuard {
         let identity = match &info.identity_header {
             None => None,
             Some(h) => {
-                let mut values = parts.headers.get_all(h).iter();
+                let mut values = req.headers.values(h.as_str());
                 match (values.next(), values.next()) {
                     (None, _) => None,
-                    (Some(v), None) => match User::parse(v.as_bytes()) {
+                    (Some(v), None) => match User::parse(v) {
                         Ok(u) => Some(u),
                         Err(why) => return Verdict::Answer(bad_identity(h, why)),
                     },
@@ -255,7 +263,7 @@ impl SessionGuard {
                 }
             }
         };
-        let found = cookies::find(&parts.headers, &info.cookie);
+        let found = cookies::find(req.headers, &info.cookie);
         let mut ctx = Context {
             vp,
             device,
@@ -265,13 +273,15 @@ impl SessionGuard {
             set_back: false,
             unknown: None,
             lead: None,
-            logout: parts.method == Method::DELETE && is_personal_api(&rest),
-            host: parts.headers.get(header::HOST).cloned(),
-            path: parts
-                .uri
-                .path_and_query()
-                .map(|p| p.as_str().to_string())
-                .unwrap_or_else(|| "/".into()),
+            logout: req.method == b"DELETE" && is_personal_api(&rest),
+            host: req
+                .headers
+                .first("host")
+                .and_then(|h| HeaderValue::from_bytes(h).ok()),
+            path: match req.query {
+                Some(q) => format!("{}?{q}", req.path),
+                None => req.path.to_string(),
+            },
             app: app_of(&rest),
             tls,
             reservation: None,
@@ -304,10 +314,10 @@ impl SessionGuard {
                 None => ctx.unknown = Some(value.into()),
             }
         }
-        let ua = parts
+        let ua = req
             .headers
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok());
+            .first("user-agent")
+            .and_then(|v| std::str::from_utf8(v).ok());
         self.table.seen_device(device, ua, peer, false);
         ctx.client = Some((ua.map(|u| u.chars().take(200).collect()), peer));
         if let Some(i) = &ctx.identity {
@@ -319,11 +329,11 @@ impl SessionGuard {
             return Verdict::Forward(Box::new(ctx));
         }
         // A step of a login dance.
-        let ticket = has_param(parts.uri.query(), "qlikTicket")
-            || parts.headers.contains_key("x-qlik-ticket");
+        let ticket =
+            has_param(req.query, "qlikTicket") || req.headers.first("x-qlik-ticket").is_some();
         if is_auth_module(&rest) || ticket {
             if let (false, Some(f)) = (new_device, self.flights.get(device, vp)) {
-                let target = param(parts.uri.query(), "targetId");
+                let target = param(req.query, "targetId");
                 let leads = ticket
                     || f.dance().leader_target.is_none()
                     || f.dance().leader_target.as_deref() == target.as_deref();
@@ -349,7 +359,7 @@ impl SessionGuard {
             if let Some(s) = self.table.device_session(device, vp, ctx.identity.as_ref()) {
                 self.counters.restored.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(session = %s.hash, user = %owner_text(&s), vp = %info.prefix, "session restored for a browser that lost its cookie");
-                return Verdict::Forward(Box::new(self.attach(parts, ctx, s)));
+                return Verdict::Forward(Box::new(self.attach(ctx, s)));
             }
             // A burst: one request (re)creates the session, the others wait for it.
             for _ in 0..2 {
@@ -363,7 +373,7 @@ impl SessionGuard {
                         tracing::debug!(vp = %info.prefix, "request held while the browser's session is being created");
                         if let Outcome::Session(s) = open.wait(self.burst_wait).await {
                             if self.table.is_restorable(&s, self.table.now_ms()) {
-                                return Verdict::Forward(Box::new(self.attach(parts, ctx, s)));
+                                return Verdict::Forward(Box::new(self.attach(ctx, s)));
                             }
                         }
                     }
@@ -398,7 +408,7 @@ impl SessionGuard {
                 self.counters.reused.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(session = %s.hash, user = %user, vp = %info.prefix, "user at the session limit: request attached to their most recent session");
                 self.finish_flight(&ctx, Outcome::Session(s.clone()));
-                let mut ctx = self.attach(parts, ctx, s);
+                let mut ctx = self.attach(ctx, s);
                 ctx.lead = None;
                 Verdict::Forward(Box::new(ctx))
             }
@@ -422,14 +432,9 @@ impl SessionGuard {
         }
     }
 
-    /// Puts `s`'s cookie on the request; the response will set it back in the browser.
-    fn attach(
-        &self,
-        parts: &mut http::request::Parts,
-        mut ctx: Context,
-        s: Arc<Session>,
-    ) -> Context {
-        cookies::set_request_cookie(&mut parts.headers, &self.vps[ctx.vp].cookie, &s.id);
+    /// The request goes upstream with `s`'s cookie (the caller puts it on, see
+    /// [`SessionGuard::cookie_to_send`]); the response sets it back in the browser.
+    fn attach(&self, mut ctx: Context, s: Arc<Session>) -> Context {
         self.table.touch(&s);
         self.table.link_device(&s, ctx.device);
         ctx.set_back = true;
@@ -546,17 +551,34 @@ impl SessionGuard {
         Limit::Refuse
     }
 
-    /// Phase "after upstream": learn from the response, and add the guard's own cookies.
-    pub fn after<B>(self: &Arc<Self>, ctx: &Context, node: &Arc<str>, resp: &mut Response<B>) {
+    /// The `name=value` the request must carry upstream instead of what the browser sent
+    /// (restore and reuse).
+    pub fn cookie_to_send<'a>(&'a self, ctx: &'a Context) -> Option<(&'a str, &'a str)> {
+        match (&ctx.session, ctx.set_back) {
+            (Some(s), true) => Some((&self.vps[ctx.vp].cookie, &s.id)),
+            _ => None,
+        }
+    }
+
+    /// Phase "after upstream": learn from the response head; returns the guard's own
+    /// `Set-Cookie` values, to be added after Qlik's.
+    pub fn after<H: Headers>(
+        self: &Arc<Self>,
+        ctx: &Context,
+        node: &Arc<str>,
+        status: u16,
+        headers: &H,
+    ) -> Vec<HeaderValue> {
+        let mut extra = Vec::new();
         let info = &self.vps[ctx.vp];
-        let set = cookies::set_cookies_named(resp.headers(), &info.cookie);
+        let set = cookies::set_cookies_named(headers, &info.cookie);
         let fresh = set.iter().rev().find(|c| !c.clears);
         let mut new_session = None;
         if let Some(c) = fresh {
             if ctx.session.as_deref().map(|s| &*s.id) != Some(c.value.as_str()) {
                 new_session = Some(self.record_new(ctx, node, c));
             }
-        } else if let Some(target) = auth_redirect_target(resp) {
+        } else if let Some(target) = auth_redirect_target(status, headers) {
             // Qlik sends this request to log in: whatever session it carried is dead in Qlik.
             if let Some(s) = &ctx.session {
                 if self.table.end(s, State::Ended) {
@@ -578,7 +600,7 @@ impl SessionGuard {
                 }
                 d.targets.insert(target, ctx.path.clone());
             }
-        } else if let (Some(value), true) = (&ctx.unknown, resp.status().as_u16() < 400) {
+        } else if let (Some(value), true) = (&ctx.unknown, status < 400) {
             // Qlik took the cookie: a live session the guard had not seen (made before a
             // guard restart, or elsewhere). Adopt it.
             let device = (!ctx.new_device).then_some(ctx.device);
@@ -598,7 +620,7 @@ impl SessionGuard {
         } else {
             self.finish_flight(ctx, Outcome::Failed);
         }
-        if ctx.logout && resp.status().is_success() {
+        if ctx.logout && (200..300).contains(&status) {
             if let Some(s) = &ctx.session {
                 if self.table.end(s, State::LoggedOut) {
                     tracing::info!(session = %s.hash, user = %owner_text(s), "session logged out");
@@ -609,7 +631,7 @@ impl SessionGuard {
             if let Some(s) = &ctx.session {
                 let attrs = s.meta().cookie_attributes.clone();
                 if let Some(v) = cookies::session_set_cookie(&info.cookie, &s.id, &attrs) {
-                    resp.headers_mut().append(header::SET_COOKIE, v);
+                    extra.push(v);
                 }
             }
         }
@@ -623,9 +645,10 @@ impl SessionGuard {
                 &format!("{:032x}", ctx.device),
                 ctx.tls,
             ) {
-                resp.headers_mut().append(header::SET_COOKIE, v);
+                extra.push(v);
             }
         }
+        extra
     }
 
     /// Qlik set a new session cookie: record the session and end what it replaces.
@@ -875,11 +898,11 @@ fn has_param(query: Option<&str>, name: &str) -> bool {
 }
 
 /// The `targetId` of a redirect to Qlik's authentication module.
-fn auth_redirect_target<B>(resp: &Response<B>) -> Option<String> {
-    if !resp.status().is_redirection() {
+fn auth_redirect_target<H: Headers>(status: u16, headers: &H) -> Option<String> {
+    if !(300..400).contains(&status) {
         return None;
     }
-    let loc = resp.headers().get(header::LOCATION)?.to_str().ok()?;
+    let loc = std::str::from_utf8(headers.first("location")?).ok()?;
     let (path, query) = loc.split_once('?').unwrap_or((loc, ""));
     if !(path.contains("/internal_windows_authentication")
         || path.contains("/internal_forms_authentication"))
