@@ -23,7 +23,7 @@ pub struct Record {
 }
 
 impl Record {
-    fn emit(&self) {
+    pub(crate) fn emit(&self) {
         tracing::info!(
             target: "qsguard::access",
             method = %self.method,

@@ -7,7 +7,7 @@ use std::fmt;
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
-use crate::server::framing::Rejection;
+use crate::proxy::h1::parse::Rejection;
 
 #[derive(Debug, Clone)]
 pub enum ProxyError {

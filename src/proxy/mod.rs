@@ -13,7 +13,9 @@
 
 pub mod access_log;
 pub mod error;
+pub mod h1;
 pub mod headers;
+pub mod pool;
 pub mod tunnel;
 pub mod upstream;
 
@@ -22,7 +24,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full, Limited};
 use hyper::body::Incoming;
@@ -31,7 +33,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::server::framing::{Rejection, REJECT_HEADER};
 use crate::session::{self, page, table::Session, SessionGuard, Verdict};
 use access_log::{Logged, Record};
 pub use error::ProxyError;
@@ -52,8 +53,11 @@ pub struct ConnInfo {
 }
 
 /// The settings the hot path reads, copied out of the config once.
-struct Settings {
-    max_body_size: u64,
+pub(crate) struct Settings {
+    pub(crate) header_read_timeout: Duration,
+    pub(crate) max_header_size: usize,
+    pub(crate) response_timeout: Duration,
+    pub(crate) max_body_size: u64,
     websocket_idle_timeout: Option<Duration>,
     log_requests: bool,
     trusted: TrustedProxies,
@@ -61,10 +65,10 @@ struct Settings {
 
 /// The proxy: shared by every connection.
 pub struct Proxy {
-    settings: Settings,
+    pub(crate) settings: Settings,
     /// The session guard (`sessions.guard = true`, the default).
-    sessions: Option<Arc<SessionGuard>>,
-    upstreams: Upstreams,
+    pub(crate) sessions: Option<Arc<SessionGuard>>,
+    pub(crate) upstreams: Upstreams,
     /// Open WebSocket tunnels, closed on shutdown after in-flight requests.
     tunnels: TaskTracker,
     close_tunnels: CancellationToken,
@@ -74,6 +78,9 @@ impl Proxy {
     pub fn new(config: &Config) -> Result<Proxy, String> {
         Ok(Proxy {
             settings: Settings {
+                header_read_timeout: config.server.header_read_timeout,
+                max_header_size: config.server.max_header_size as usize,
+                response_timeout: config.proxy.response_timeout,
                 max_body_size: config.server.max_body_size,
                 websocket_idle_timeout: config.server.websocket_idle_timeout,
                 log_requests: config.log.requests,
@@ -159,7 +166,15 @@ impl Proxy {
             return Ok((resp.map(Either::Left), Some(node)));
         };
         if req.uri().path() == page::END_SESSION_PATH {
-            return Ok((guard.end_session_form(req).await.map(Either::Right), None));
+            let (parts, body) = req.into_parts();
+            let body = match http_body_util::BodyExt::collect(Limited::new(body, 8 * 1024)).await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => Bytes::new(),
+            };
+            let resp = guard
+                .end_session_form(parts.method.as_str().as_bytes(), &parts.headers, &body)
+                .await;
+            return Ok((resp.map(Either::Right), None));
         }
         let (mut parts, body) = req.into_parts();
         let view = session::Request {
@@ -269,26 +284,12 @@ impl Proxy {
                 Bytes::new()
             }
         };
-        if memchr_text(&bytes, QPS_LIMIT_TEXT) {
-            guard
-                .counters
-                .qps_limit_refusals
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::error!(
-                user = %user.map(|u| u.to_string()).unwrap_or_else(|| "(unknown)".into()),
-                "Qlik refused a session: too many sessions active in parallel"
-            );
-        }
+        guard.note_possible_qps_refusal(&bytes, user);
         Response::from_parts(parts, Either::Right(Full::new(bytes)))
     }
 
     /// Phase 1: what must not reach Qlik at all.
     fn admit(&self, req: &Request<Incoming>) -> Result<(), ProxyError> {
-        if let Some(v) = req.headers().get(REJECT_HEADER) {
-            return Err(ProxyError::Rejected(
-                Rejection::from_header(v.as_bytes()).unwrap_or(Rejection::Malformed),
-            ));
-        }
         if req.method() == Method::CONNECT || req.method() == Method::TRACE {
             return Err(ProxyError::MethodNotAllowed);
         }
@@ -379,10 +380,11 @@ impl Proxy {
                     headers::restore_upgrade(resp.headers_mut(), p);
                 }
                 let upstream_side = hyper::upgrade::on(&mut resp);
-                let engine = match (&self.sessions, ctx.and_then(|c| c.session.clone())) {
-                    (Some(g), Some(s)) => Some((g.clone(), s, ctx.and_then(|c| c.app.clone()))),
-                    _ => None,
-                };
+                let engine: Option<Engine> =
+                    match (&self.sessions, ctx.and_then(|c| c.session.clone())) {
+                        (Some(g), Some(s)) => Some((g.clone(), s, ctx.and_then(|c| c.app.clone()))),
+                        _ => None,
+                    };
                 self.spawn_tunnel(client_side, upstream_side, engine);
             }
             (Some(_), false) => {
@@ -400,7 +402,7 @@ impl Proxy {
         &self,
         client: hyper::upgrade::OnUpgrade,
         upstream: hyper::upgrade::OnUpgrade,
-        engine: Option<(Arc<SessionGuard>, Arc<Session>, Option<String>)>,
+        engine: Option<Engine>,
     ) {
         let idle = self.settings.websocket_idle_timeout;
         let stop = self.close_tunnels.clone();
@@ -412,39 +414,86 @@ impl Proxy {
                     return;
                 }
             };
-            // An open engine WebSocket keeps its session alive in Qlik: count it, and listen
-            // for the notifications that end the session.
-            let observer = engine.as_ref().map(|(guard, s, app)| {
-                guard.table.websocket_opened(s, app.clone());
-                guard.engine_observer(s.clone())
-            });
-            let (ending, moved) = tunnel::run(
+            run_tunnel(
                 TokioIo::new(client),
                 TokioIo::new(upstream),
+                &[],
+                engine,
                 idle,
                 stop,
-                observer,
             )
             .await;
-            if let Some((guard, s, app)) = &engine {
-                guard.table.websocket_closed(s, app.as_deref());
+        });
+    }
+
+    /// The HTTP/1 engine's tunnel: the client's socket (with bytes it sent after the upgrade
+    /// request) and the upstream connection (with bytes Qlik sent after its 101).
+    pub(crate) fn spawn_tunnel_h1<S>(
+        &self,
+        client: S,
+        early: BytesMut,
+        upstream: pool::Conn,
+        engine: Option<Engine>,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let idle = self.settings.websocket_idle_timeout;
+        let stop = self.close_tunnels.clone();
+        self.tunnels.spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let pool::Conn {
+                io: mut up,
+                buf: from_qlik,
+                ..
+            } = upstream;
+            if !early.is_empty() && up.write_all(&early).await.is_err() {
+                return;
             }
-            tracing::debug!(
-                ?ending,
-                to_upstream = moved.to_upstream,
-                to_client = moved.to_client,
-                "websocket closed"
-            );
+            drop(early);
+            let mut client = client;
+            if !from_qlik.is_empty() && client.write_all(&from_qlik).await.is_err() {
+                return;
+            }
+            run_tunnel(client, up, &from_qlik, engine, idle, stop).await;
         });
     }
 }
 
-/// Qlik's refusal at the limit, as its page words it.
-const QPS_LIMIT_TEXT: &[u8] = b"too many sessions active in parallel";
+/// What the session guard needs to follow an engine WebSocket.
+pub(crate) type Engine = (Arc<SessionGuard>, Arc<Session>, Option<String>);
 
-fn memchr_text(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len())
-        .any(|w| w.eq_ignore_ascii_case(needle))
+/// Runs a tunnel; an engine WebSocket is counted on its session and listened to.
+async fn run_tunnel<C, U>(
+    client: C,
+    upstream: U,
+    already_sent: &[u8],
+    engine: Option<Engine>,
+    idle: Option<Duration>,
+    stop: CancellationToken,
+) where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    // An open engine WebSocket keeps its session alive in Qlik: count it, and listen for the
+    // notifications that end the session.
+    let observer = engine.as_ref().map(|(guard, s, app)| {
+        guard.table.websocket_opened(s, app.clone());
+        let mut o = guard.engine_observer(s.clone());
+        if !already_sent.is_empty() {
+            o(already_sent);
+        }
+        o
+    });
+    let (ending, moved) = tunnel::run(client, upstream, idle, stop, observer).await;
+    if let Some((guard, s, app)) = &engine {
+        guard.table.websocket_closed(s, app.as_deref());
+    }
+    tracing::debug!(
+        ?ending,
+        to_upstream = moved.to_upstream,
+        to_client = moved.to_client,
+        "websocket closed"
+    );
 }
 
 fn authority_of(uri: &http::Uri) -> Option<HeaderValue> {

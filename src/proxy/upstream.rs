@@ -21,6 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::Config;
 use crate::proxy::error::ProxyError;
+use crate::proxy::pool::Pool;
 
 /// The body sent upstream: the client's, cut off at `server.max_body_size`.
 pub type UpstreamBody = Limited<Incoming>;
@@ -32,6 +33,11 @@ pub struct Node {
     name_arc: Arc<str>,
     scheme: Scheme,
     authority: Authority,
+    /// Position in the list (the pool's index).
+    pub index: usize,
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
 }
 
 impl Node {
@@ -59,6 +65,8 @@ pub struct Upstreams {
     next: AtomicUsize,
     client: Client<HttpsConnector<HttpConnector>, UpstreamBody>,
     response_timeout: Duration,
+    /// Keep-alive connections for the HTTP/1 engine.
+    pub pool: Arc<Pool>,
 }
 
 impl Upstreams {
@@ -70,6 +78,15 @@ impl Upstreams {
         http.set_connect_timeout(Some(p.connect_timeout));
         http.set_keepalive(Some(Duration::from_secs(60)));
         let tls = tls_client_config(p.upstream_ca.as_deref())?;
+        let mut engine_tls = tls.clone();
+        engine_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let pool = Arc::new(Pool::new(
+            config.upstreams.len(),
+            engine_tls,
+            p.connect_timeout,
+            p.pool_idle_timeout,
+            p.pool_max_idle_per_upstream,
+        ));
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -86,12 +103,23 @@ impl Upstreams {
         let nodes = config
             .upstreams
             .iter()
-            .map(|u| {
+            .enumerate()
+            .map(|(index, u)| {
+                let tls = u.url.scheme_str() == Some("https");
+                let authority = u.url.authority().cloned().expect("validated in config");
                 Arc::new(Node {
                     name: u.display_name(),
                     name_arc: u.display_name().into(),
                     scheme: u.url.scheme().cloned().unwrap_or(Scheme::HTTP),
-                    authority: u.url.authority().cloned().expect("validated in config"),
+                    index,
+                    host: authority
+                        .host()
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_string(),
+                    port: authority.port_u16().unwrap_or(if tls { 443 } else { 80 }),
+                    tls,
+                    authority,
                 })
             })
             .collect();
@@ -100,6 +128,7 @@ impl Upstreams {
             next: AtomicUsize::new(0),
             client,
             response_timeout: p.response_timeout,
+            pool,
         })
     }
 

@@ -1,20 +1,19 @@
 //! The listeners and the life of a connection, from accept to graceful shutdown.
 //!
 //! [`Guard::start`] binds everything first (so a bad address fails before anything serves),
-//! then runs one accept loop per listener. Each client connection is served by hyper:
-//! HTTP/1.1 behind the [`framing`] check, or HTTP/2 when TLS ALPN picked it.
+//! then runs one accept loop per listener. Each client connection is served by the HTTP/1.1
+//! engine (`proxy::h1`), or by hyper's HTTP/2 server when TLS ALPN picked `h2`.
 //!
 //! Shutdown, in order: stop accepting; tell every connection to finish its in-flight request
 //! and close; wait for them up to `server.grace_period`; then close the WebSocket tunnels.
 
-pub mod framing;
 pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -27,7 +26,6 @@ use tokio_util::task::TaskTracker;
 use crate::admin;
 use crate::config::Config;
 use crate::proxy::{ConnInfo, Proxy};
-use framing::FramingCheck;
 
 /// Per-connection settings, copied out of the config once.
 #[derive(Clone)]
@@ -79,6 +77,7 @@ impl Guard {
         if let Some(sessions) = proxy.sessions() {
             tokio::spawn(sessions.clone().sweep_forever(stop.clone()));
         }
+        tokio::spawn(proxy.upstreams().pool.clone().reap(stop.clone()));
         let grace = config.server.grace_period;
         let accept = accept_loop(
             listener,
@@ -228,34 +227,12 @@ async fn serve_http1<S>(
     stream: S,
     info: ConnInfo,
     proxy: Arc<Proxy>,
-    settings: &ConnSettings,
+    _settings: &ConnSettings,
     stop: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let io = TokioIo::new(FramingCheck::new(stream, settings.max_header_size));
-    let svc = service_fn(move |req| proxy.clone().handle(req, info));
-    let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
-        // A client (or the framing check, after a rejection) may close its sending side
-        // while it waits for the answer; it still gets the answer.
-        .half_close(true)
-        .max_headers(framing::MAX_HEADERS)
-        .max_buf_size((settings.max_header_size * 2).max(8192))
-        .serve_connection(io, svc)
-        .with_upgrades();
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(e) = result {
-        tracing::debug!(client = %info.peer, "connection ended: {e}");
-    }
+    crate::proxy::h1::serve(stream, info, proxy, stop).await
 }
 
 async fn serve_http2<S>(

@@ -754,6 +754,25 @@ impl SessionGuard {
         }
     }
 
+    /// Qlik's own "too many sessions" page is the failure the guard exists to prevent: when it
+    /// gets through anyway (sessions made behind the guard's back), it must show in the log
+    /// and the counters, with the user.
+    pub fn note_possible_qps_refusal(&self, body: &[u8], user: Option<User>) {
+        const TEXT: &[u8] = b"too many sessions active in parallel";
+        if body
+            .windows(TEXT.len())
+            .any(|w| w.eq_ignore_ascii_case(TEXT))
+        {
+            self.counters
+                .qps_limit_refusals
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                user = %user.map(|u| u.to_string()).unwrap_or_else(|| "(unknown)".into()),
+                "Qlik refused a session: too many sessions active in parallel"
+            );
+        }
+    }
+
     /// Watches an engine WebSocket for the notifications that end its session.
     pub fn engine_observer(self: &Arc<Self>, s: Arc<Session>) -> crate::proxy::tunnel::Observer {
         let me = self.clone();
@@ -807,7 +826,7 @@ impl SessionGuard {
     }
 
     /// The device id from a request's device cookie.
-    pub fn device_of(&self, headers: &http::HeaderMap) -> Option<DeviceId> {
+    pub fn device_of<H: Headers>(&self, headers: &H) -> Option<DeviceId> {
         let v = cookies::find(headers, &self.device_cookie).first?;
         (v.len() == 32)
             .then(|| u128::from_str_radix(v, 16).ok())
@@ -816,10 +835,10 @@ impl SessionGuard {
 
     /// The user a request speaks for: a valid identity header of any header-auth virtual
     /// proxy, else the browser's last known user.
-    pub fn user_of(&self, headers: &http::HeaderMap, device: Option<DeviceId>) -> Option<User> {
+    pub fn user_of<H: Headers>(&self, headers: &H, device: Option<DeviceId>) -> Option<User> {
         for vp in &self.vps {
             if let Some(h) = &vp.identity_header {
-                if let Some(Ok(u)) = headers.get(h).map(|v| User::parse(v.as_bytes())) {
+                if let Some(Ok(u)) = headers.first(h.as_str()).map(User::parse) {
                     return Some(u);
                 }
             }

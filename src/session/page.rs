@@ -9,8 +9,8 @@
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http::{Response, StatusCode};
+use http_body_util::Full;
 
 use super::identity::User;
 use super::table::State;
@@ -112,23 +112,21 @@ sessions.on_limit = {policy}. Answered by qsguard, the proxy in front of Qlik Se
     }
 
     /// `POST /__qsguard/end-session`: ends one of the caller's own sessions.
-    pub async fn end_session_form(
+    pub async fn end_session_form<H: super::cookies::Headers>(
         &self,
-        req: Request<hyper::body::Incoming>,
+        method: &[u8],
+        headers: &H,
+        body: &[u8],
     ) -> Response<Full<Bytes>> {
-        if req.method() != Method::POST {
+        if method != b"POST" {
             return plain(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "use the buttons on the limit page",
             );
         }
-        let device = self.device_of(req.headers());
-        let user = self.user_of(req.headers(), device);
-        let body = match Limited::new(req.into_body(), 8 * 1024).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(_) => return plain(StatusCode::BAD_REQUEST, "the form could not be read"),
-        };
-        let form: Vec<(String, String)> = form_pairs(&body);
+        let device = self.device_of(headers);
+        let user = self.user_of(headers, device);
+        let form: Vec<(String, String)> = form_pairs(body);
         let get = |k: &str| form.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
         let (Some(device), Some(user)) = (device, user) else {
             return plain(

@@ -1,0 +1,988 @@
+//! The HTTP/1.1 engine: one task per client connection runs the keep-alive loop, and each
+//! request goes through these phases, in this order:
+//!
+//! 1. **read head**: bytes from the client until a complete head, judged by [`parse`] (a bad
+//!    one is answered and the connection closed; it never reaches Qlik);
+//! 2. **admit**: Host rules, CONNECT/TRACE, Content-Length over the limit;
+//! 3. **guard**: the session guard decides (forward, restore, reuse, answer itself);
+//! 4. **send**: a pooled connection to the session's node (or a new session's node), the head
+//!    written field by field as the browser sent it (minus hop-by-hop fields, plus
+//!    X-Forwarded-*), then the body, its framing passed on unchanged;
+//! 5. **read response head**, with `proxy.response_timeout`;
+//! 6. **respond**: the head as Qlik sent it (minus hop-by-hop fields), the guard's cookies
+//!    after Qlik's, then the body; `101` hands both sockets to the WebSocket tunnel;
+//! 7. **log**, and the upstream connection goes back to the pool if its response ended cleanly.
+//!
+//! Why not hyper here: a hyper server plus a hyper client cost two header maps, a channel and a
+//! task hop per request; this path copies header bytes once and stays on one task, which is
+//! what lets one core of qsguard keep up with one core of nginx. HTTP/2 (TLS + ALPN) still
+//! goes through hyper (`proxy::Proxy::handle`).
+
+pub mod parse;
+
+use std::io;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use super::access_log::Record;
+use super::error::ProxyError;
+use super::pool::Conn;
+use super::upstream::Node;
+use super::{ConnInfo, Proxy};
+use crate::session::{self, page, Verdict};
+use parse::{Chunked, Framing, Head, Rejection};
+
+/// What the connection does after a request.
+enum Next {
+    KeepAlive,
+    Close,
+    /// `101 Switching Protocols`: the connection becomes a tunnel to this upstream connection.
+    Tunnel(Conn, Option<super::Engine>),
+}
+
+enum ReadHead {
+    Head(Head),
+    Rejected(Rejection),
+    Closed,
+}
+
+/// Per-connection state kept between requests.
+struct Client<S> {
+    io: S,
+    buf: BytesMut,
+    out: BytesMut,
+    info: ConnInfo,
+    peer_text: String,
+}
+
+/// Serves one client connection until it closes, the guard stops, or it becomes a tunnel.
+pub async fn serve<S>(io: S, info: ConnInfo, proxy: Arc<Proxy>, stop: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut c = Client {
+        io,
+        buf: BytesMut::with_capacity(4096),
+        out: BytesMut::with_capacity(4096),
+        info,
+        peer_text: canonical(info.peer.ip()).to_string(),
+    };
+    loop {
+        let head = match read_head(&mut c, &proxy, &stop).await {
+            ReadHead::Head(h) => h,
+            ReadHead::Closed => return,
+            ReadHead::Rejected(r) => {
+                tracing::info!(client = %info.peer, "refused: {}", r.describe());
+                let e = ProxyError::Rejected(r);
+                let _ = write_answer(&mut c, e.to_response(), true).await;
+                return;
+            }
+        };
+        match exchange(&mut c, &proxy, head, &stop).await {
+            Next::KeepAlive => continue,
+            Next::Close => {
+                let _ = c.io.shutdown().await;
+                return;
+            }
+            Next::Tunnel(conn, engine) => {
+                let Client { io, buf, .. } = c;
+                proxy.spawn_tunnel_h1(io, buf, conn, engine);
+                return;
+            }
+        }
+    }
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+/// Phase 1. The clock starts when the connection waits for a head, so it also bounds idle
+/// keep-alive time (and slow-drip clients).
+async fn read_head<S: AsyncRead + Unpin>(
+    c: &mut Client<S>,
+    proxy: &Proxy,
+    stop: &CancellationToken,
+) -> ReadHead {
+    let deadline = tokio::time::Instant::now() + proxy.settings.header_read_timeout;
+    loop {
+        if !c.buf.is_empty() {
+            match parse::parse_request(&c.buf, proxy.settings.max_header_size) {
+                Ok(Some((len, mut head))) => {
+                    head.bytes = c.buf.split_to(len).freeze();
+                    return ReadHead::Head(head);
+                }
+                Ok(None) => {}
+                Err(r) => return ReadHead::Rejected(r),
+            }
+        }
+        if c.buf.capacity() - c.buf.len() < 1024 {
+            c.buf.reserve(8192);
+        }
+        let idle = c.buf.is_empty();
+        tokio::select! {
+            r = tokio::time::timeout_at(deadline, c.io.read_buf(&mut c.buf)) => match r {
+                Ok(Ok(0)) | Ok(Err(_)) => return ReadHead::Closed,
+                Ok(Ok(_)) => {}
+                Err(_) => {
+                    if !idle {
+                        tracing::debug!(client = %c.info.peer, "request head not complete within server.header_read_timeout");
+                    }
+                    return ReadHead::Closed;
+                }
+            },
+            _ = stop.cancelled(), if idle => return ReadHead::Closed,
+        }
+    }
+}
+
+/// Phases 2 to 7 for one request.
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Client<S>,
+    proxy: &Arc<Proxy>,
+    head: Head,
+    stop: &CancellationToken,
+) -> Next {
+    let started = Instant::now();
+    let has_body = head.framing != Framing::None;
+    // 2. admit
+    if let Err(e) = admit(proxy, &head) {
+        tracing::info!(client = %c.info.peer, "refused: {e}");
+        let _ = write_answer(c, e.to_response(), true).await;
+        return Next::Close;
+    }
+    // 3. guard
+    let mut ctx = None;
+    if let Some(guard) = &proxy.sessions {
+        if head.path() == page::END_SESSION_PATH {
+            return end_session_form(c, proxy, guard, &head).await;
+        }
+        let view = session::Request {
+            method: head.method(),
+            path: head.path(),
+            query: head.query(),
+            headers: &head,
+        };
+        match guard.before(&view, c.info.peer.ip(), c.info.tls).await {
+            Verdict::Pass => {}
+            Verdict::Forward(x) => ctx = Some(x),
+            Verdict::Answer(resp) => {
+                log(
+                    proxy,
+                    &head,
+                    resp.status().as_u16(),
+                    None,
+                    started,
+                    0,
+                    c.info,
+                );
+                // An unread body would be read as the next request: close instead.
+                let close = has_body || head.close;
+                return match write_answer(c, resp, close).await {
+                    Ok(()) if !close => Next::KeepAlive,
+                    _ => Next::Close,
+                };
+            }
+        }
+    }
+    // 4. the node: a session lives in the memory of the node that made it.
+    let node = match ctx.as_ref().and_then(|x| x.session.as_ref()) {
+        Some(s) => proxy.upstreams.by_name(&s.node),
+        None => None,
+    };
+    let node = match node.map(Ok).unwrap_or_else(|| proxy.upstreams.pick()) {
+        Ok(n) => n,
+        Err(e) => return fail(c, proxy, &head, ctx.as_deref(), None, e, started).await,
+    };
+    match forward(c, proxy, &head, &node, ctx.as_deref(), stop, started).await {
+        Ok(next) => next,
+        Err(e) => fail(c, proxy, &head, ctx.as_deref(), Some(&node), e, started).await,
+    }
+}
+
+/// The request could not be forwarded: the error page, and whatever the request held is given
+/// back.
+async fn fail<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Client<S>,
+    proxy: &Proxy,
+    head: &Head,
+    ctx: Option<&session::Context>,
+    node: Option<&Arc<Node>>,
+    e: ProxyError,
+    started: Instant,
+) -> Next {
+    if let (Some(g), Some(x)) = (&proxy.sessions, ctx) {
+        g.abandon(x);
+    }
+    if e.is_upstream() {
+        tracing::warn!(client = %c.info.peer, "{e}");
+    } else {
+        tracing::info!(client = %c.info.peer, "refused: {e}");
+    }
+    let resp: Response<Full<Bytes>> = e.to_response();
+    log(
+        proxy,
+        head,
+        resp.status().as_u16(),
+        node,
+        started,
+        0,
+        c.info,
+    );
+    let close = head.framing != Framing::None || head.close || !e.is_upstream();
+    match write_answer(c, resp, close).await {
+        Ok(()) if !close => Next::KeepAlive,
+        _ => Next::Close,
+    }
+}
+
+fn admit(proxy: &Proxy, head: &Head) -> Result<(), ProxyError> {
+    let m = head.method();
+    if m == b"CONNECT" || m == b"TRACE" {
+        return Err(ProxyError::MethodNotAllowed);
+    }
+    let hosts = (0..head.len())
+        .filter(|&i| head.field(i).0.eq_ignore_ascii_case(b"host"))
+        .count();
+    if hosts > 1 {
+        return Err(ProxyError::BadRequest("more than one Host header"));
+    }
+    if hosts == 0 && head.minor == 1 {
+        return Err(ProxyError::BadRequest("HTTP/1.1 request without Host"));
+    }
+    if !head.target().starts_with('/') {
+        return Err(ProxyError::BadRequest("the request target is not a path"));
+    }
+    if let Framing::Length(n) = head.framing {
+        if n > proxy.settings.max_body_size {
+            return Err(ProxyError::PayloadTooLarge {
+                limit: proxy.settings.max_body_size,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The body bytes of the request that the client has sent so far, and how the rest goes.
+enum BodyState {
+    Done,
+    Length(u64),
+    Chunked(Chunked),
+}
+
+/// Phases 4 to 7.
+#[allow(clippy::too_many_arguments)]
+async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Client<S>,
+    proxy: &Arc<Proxy>,
+    head: &Head,
+    node: &Arc<Node>,
+    ctx: Option<&session::Context>,
+    stop: &CancellationToken,
+    started: Instant,
+) -> Result<Next, ProxyError> {
+    let guard = proxy.sessions.as_ref();
+    let pool = &proxy.upstreams.pool;
+    let failed = |detail: String| ProxyError::UpstreamFailed {
+        upstream: node.name.clone(),
+        detail,
+    };
+
+    // The head, and the part of the body already read, in one write.
+    let mut req = BytesMut::with_capacity(head.bytes.len() + 256);
+    let rewrite = match (guard, ctx) {
+        (Some(g), Some(x)) => g.cookie_to_send(x),
+        _ => None,
+    };
+    write_request_head(&mut req, head, proxy, &c.peer_text, c.info.tls, rewrite);
+    if head.expect_continue && head.framing != Framing::None && c.buf.is_empty() {
+        // The guard answers the client's Expect itself (it removed the field upstream).
+        c.io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .map_err(|e| ProxyError::BadRequest(leak_io(e)))?;
+    }
+    let mut body = match head.framing {
+        Framing::Length(n) => BodyState::Length(n),
+        Framing::Chunked => BodyState::Chunked(Chunked::new(proxy.settings.max_header_size)),
+        _ => BodyState::Done,
+    };
+    let mut sent_body: u64 = 0;
+    let take =
+        take_body(&mut body, &c.buf).map_err(|_| ProxyError::Rejected(Rejection::BadChunk))?;
+    req.extend_from_slice(&c.buf.split_to(take));
+    sent_body += take as u64;
+    if sent_body > proxy.settings.max_body_size {
+        return Err(ProxyError::PayloadTooLarge {
+            limit: proxy.settings.max_body_size,
+        });
+    }
+    let whole = matches!(body, BodyState::Done);
+
+    // 4. send, with one retry on a fresh connection when a reused one turns out to be closed
+    // and the whole request is still in hand.
+    let mut conn = pool.checkout(node).await?;
+    if let Err(e) = conn.io.write_all(&req).await {
+        if !(conn.reused && whole) {
+            return Err(failed(e.to_string()));
+        }
+        conn = pool.connect(node).await?;
+        conn.io
+            .write_all(&req)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+    }
+    // The rest of the body, as it comes.
+    while !matches!(body, BodyState::Done) {
+        if c.buf.is_empty() {
+            c.buf.reserve(16 * 1024);
+            match c.io.read_buf(&mut c.buf).await {
+                Ok(0) | Err(_) => return Ok(Next::Close),
+                Ok(_) => {}
+            }
+        }
+        let take = match take_body(&mut body, &c.buf) {
+            Ok(n) => n,
+            Err(_) => {
+                // Qlik has half a request on this connection: it is dropped with it.
+                return Err(ProxyError::Rejected(Rejection::BadChunk));
+            }
+        };
+        sent_body += take as u64;
+        if sent_body > proxy.settings.max_body_size {
+            return Err(ProxyError::PayloadTooLarge {
+                limit: proxy.settings.max_body_size,
+            });
+        }
+        let chunk = c.buf.split_to(take);
+        conn.io
+            .write_all(&chunk)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+    }
+
+    // 5. the response head
+    let is_head = head.method() == b"HEAD";
+    let resp = match read_response_head(&mut conn, proxy, is_head, node).await {
+        Ok(r) => r,
+        Err(e) if conn.reused && whole && matches!(e, ProxyError::UpstreamFailed { .. }) => {
+            // A kept-alive connection Qlik closed just as it was reused: once more, fresh.
+            conn = pool.connect(node).await?;
+            conn.io
+                .write_all(&req)
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            read_response_head(&mut conn, proxy, is_head, node).await?
+        }
+        Err(e) => return Err(e),
+    };
+    drop(req);
+
+    // 6. respond
+    let node_name = node.name_arc();
+    let extra = match (guard, ctx) {
+        (Some(g), Some(x)) => g.after(x, &node_name, resp.status, &resp),
+        _ => Vec::new(),
+    };
+    let switching = resp.status == 101 && head.upgrade;
+    // A refused upgrade ends the connection (the client may already be sending frames).
+    let close = head.close
+        || resp.framing == Framing::UntilClose
+        || (head.upgrade && !switching)
+        || stop.is_cancelled();
+    if let (Some(g), true) = (guard, is_refusal_candidate(&resp)) {
+        // Qlik's own limit page: small, read whole, looked at, then passed on.
+        if let Framing::Length(n) = resp.framing {
+            while (conn.buf.len() as u64) < n {
+                conn.buf.reserve(n as usize - conn.buf.len());
+                match conn.io.read_buf(&mut conn.buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            let user = ctx.and_then(|x| {
+                x.identity
+                    .clone()
+                    .or_else(|| x.session.as_ref().and_then(|s| s.owner()))
+            });
+            g.note_possible_qps_refusal(&conn.buf[..(n as usize).min(conn.buf.len())], user);
+        }
+    }
+    c.out.clear();
+    write_response_head(&mut c.out, &resp, &extra, close, switching);
+    let mut sent: u64 = 0;
+    let mut clean = true;
+    match resp.framing {
+        Framing::None => {
+            c.io.write_all(&c.out)
+                .await
+                .map_err(|_| ProxyError::BadRequest("client gone"))?;
+        }
+        Framing::Length(n) => {
+            let first = (n as usize).min(conn.buf.len());
+            c.out.extend_from_slice(&conn.buf.split_to(first));
+            sent += first as u64;
+            c.io.write_all(&c.out)
+                .await
+                .map_err(|_| ProxyError::BadRequest("client gone"))?;
+            while sent < n {
+                conn.buf.reserve(16 * 1024);
+                match conn.io.read_buf(&mut conn.buf).await {
+                    Ok(0) | Err(_) => {
+                        clean = false;
+                        break;
+                    }
+                    Ok(_) => {}
+                }
+                let part = ((n - sent) as usize).min(conn.buf.len());
+                let bytes = conn.buf.split_to(part);
+                sent += part as u64;
+                if c.io.write_all(&bytes).await.is_err() {
+                    clean = false;
+                    break;
+                }
+            }
+        }
+        Framing::Chunked => {
+            let mut tracker = Chunked::new(256 * 1024);
+            loop {
+                let take = tracker
+                    .feed(&conn.buf)
+                    .map_err(|_| failed("invalid chunked response".into()))?;
+                c.out.extend_from_slice(&conn.buf.split_to(take));
+                sent += take as u64;
+                if tracker.done() {
+                    break;
+                }
+                if c.io.write_all(&c.out).await.is_err() {
+                    clean = false;
+                    break;
+                }
+                c.out.clear();
+                conn.buf.reserve(16 * 1024);
+                match conn.io.read_buf(&mut conn.buf).await {
+                    Ok(0) | Err(_) => {
+                        clean = false;
+                        break;
+                    }
+                    Ok(_) => {}
+                }
+            }
+            if clean && c.io.write_all(&c.out).await.is_err() {
+                clean = false;
+            }
+        }
+        Framing::UntilClose => {
+            c.out.extend_from_slice(&conn.buf.split());
+            let _ = c.io.write_all(&c.out).await;
+            let mut chunk = BytesMut::with_capacity(16 * 1024);
+            loop {
+                chunk.clear();
+                match conn.io.read_buf(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        sent += n as u64;
+                        if c.io.write_all(&chunk).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            clean = false;
+        }
+    }
+    // 7. log, and give the connection back
+    log(proxy, head, resp.status, Some(node), started, sent, c.info);
+    if switching {
+        let engine = match (guard, ctx.and_then(|x| x.session.clone())) {
+            (Some(g), Some(s)) => Some((g.clone(), s, ctx.and_then(|x| x.app.clone()))),
+            _ => None,
+        };
+        return Ok(Next::Tunnel(conn, engine));
+    }
+    if clean && !resp.close {
+        pool.checkin(node, conn);
+    }
+    if close || !clean {
+        Ok(Next::Close)
+    } else {
+        Ok(Next::KeepAlive)
+    }
+}
+
+fn leak_io(_: io::Error) -> &'static str {
+    "the client went away"
+}
+
+/// How many bytes at the front of `buf` belong to the request body, advancing `state`.
+fn take_body(state: &mut BodyState, buf: &[u8]) -> Result<usize, parse::Invalid> {
+    match state {
+        BodyState::Done => Ok(0),
+        BodyState::Length(left) => {
+            let n = (*left).min(buf.len() as u64);
+            *left -= n;
+            if *left == 0 {
+                *state = BodyState::Done;
+            }
+            Ok(n as usize)
+        }
+        BodyState::Chunked(tracker) => {
+            let n = tracker.feed(buf)?;
+            if tracker.done() {
+                *state = BodyState::Done;
+            }
+            Ok(n)
+        }
+    }
+}
+
+async fn read_response_head(
+    conn: &mut Conn,
+    proxy: &Proxy,
+    is_head: bool,
+    node: &Node,
+) -> Result<Head, ProxyError> {
+    let deadline = tokio::time::Instant::now() + proxy.settings.response_timeout;
+    loop {
+        if !conn.buf.is_empty() {
+            match parse::parse_response(&conn.buf, is_head) {
+                Ok(Some((len, mut head))) => {
+                    head.bytes = conn.buf.split_to(len).freeze();
+                    if (100..200).contains(&head.status) && head.status != 101 {
+                        // 100 Continue (answered by the guard already), 103 Early Hints: not
+                        // passed on.
+                        continue;
+                    }
+                    return Ok(head);
+                }
+                Ok(None) => {}
+                Err(_) => {
+                    return Err(ProxyError::UpstreamFailed {
+                        upstream: node.name.clone(),
+                        detail: "the response is not valid HTTP/1.1".into(),
+                    })
+                }
+            }
+        }
+        if conn.buf.capacity() - conn.buf.len() < 1024 {
+            conn.buf.reserve(8192);
+        }
+        match tokio::time::timeout_at(deadline, conn.io.read_buf(&mut conn.buf)).await {
+            Err(_) => {
+                return Err(ProxyError::UpstreamTimeout {
+                    upstream: node.name.clone(),
+                })
+            }
+            Ok(Ok(0)) => {
+                return Err(ProxyError::UpstreamFailed {
+                    upstream: node.name.clone(),
+                    detail: "the connection was closed before an answer".into(),
+                })
+            }
+            Ok(Err(e)) => {
+                return Err(ProxyError::UpstreamFailed {
+                    upstream: node.name.clone(),
+                    detail: e.to_string(),
+                })
+            }
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Fields that belong to one connection only (RFC 9110 7.6.1), plus those the guard writes
+/// itself (Expect, X-Forwarded-*).
+fn request_field_dropped(name: &[u8]) -> bool {
+    const DROP: [&[u8]; 10] = [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"expect",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+    ];
+    DROP.iter().any(|d| d.eq_ignore_ascii_case(name))
+}
+
+fn response_field_dropped(name: &[u8]) -> bool {
+    const DROP: [&[u8]; 7] = [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    ];
+    DROP.iter().any(|d| d.eq_ignore_ascii_case(name))
+}
+
+/// The request head as the node gets it: the browser's fields byte for byte, except the
+/// hop-by-hop ones; the restored cookie put in place; X-Forwarded-* set.
+fn write_request_head(
+    out: &mut BytesMut,
+    head: &Head,
+    proxy: &Proxy,
+    peer: &str,
+    tls: bool,
+    cookie: Option<(&str, &str)>,
+) {
+    out.extend_from_slice(head.method());
+    out.extend_from_slice(b" ");
+    out.extend_from_slice(head.target().as_bytes());
+    out.extend_from_slice(if head.minor == 0 {
+        b" HTTP/1.0\r\n"
+    } else {
+        b" HTTP/1.1\r\n"
+    });
+    let trusted = proxy.settings.trusted.trusts(canonical(peer_ip(peer)));
+    let has_connection = head.values_of(b"connection").next().is_some();
+    let mut cookie_done = cookie.is_none();
+    let mut xff: Option<BytesMut> = None;
+    let mut proto: Option<&[u8]> = None;
+    let mut fwd_host: Option<&[u8]> = None;
+    let mut host: Option<&[u8]> = None;
+    let mut upgrade: Option<&[u8]> = None;
+    for i in 0..head.len() {
+        let (name, value) = head.field(i);
+        if name.eq_ignore_ascii_case(b"x-forwarded-for") {
+            if trusted {
+                let chain = xff.get_or_insert_with(BytesMut::new);
+                if !chain.is_empty() {
+                    chain.extend_from_slice(b", ");
+                }
+                chain.extend_from_slice(value);
+            }
+            continue;
+        }
+        if name.eq_ignore_ascii_case(b"host") {
+            host = Some(value);
+        } else if name.eq_ignore_ascii_case(b"x-forwarded-proto") {
+            proto = Some(value);
+        } else if name.eq_ignore_ascii_case(b"x-forwarded-host") {
+            fwd_host = Some(value);
+        } else if name.eq_ignore_ascii_case(b"upgrade") {
+            upgrade = Some(value);
+        }
+        if request_field_dropped(name)
+            || (has_connection
+                && !name.eq_ignore_ascii_case(b"host")
+                && head.named_in_connection(name))
+        {
+            continue;
+        }
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        if !cookie_done && name.eq_ignore_ascii_case(b"cookie") {
+            if let Some((n, v)) = cookie {
+                if let Some(new) = session::cookies::replace_in_field(value, n, v) {
+                    out.extend_from_slice(&new);
+                    cookie_done = true;
+                } else {
+                    out.extend_from_slice(&session::cookies::append_to_field(Some(value), n, v));
+                    cookie_done = true;
+                }
+            }
+        } else {
+            out.extend_from_slice(value);
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    if let (false, Some((n, v))) = (cookie_done, cookie) {
+        out.extend_from_slice(b"cookie: ");
+        out.extend_from_slice(&session::cookies::append_to_field(None, n, v));
+        out.extend_from_slice(b"\r\n");
+    }
+    if head.framing == Framing::Chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if let (true, Some(u)) = (head.upgrade, upgrade) {
+        out.extend_from_slice(b"connection: upgrade\r\nupgrade: ");
+        out.extend_from_slice(u);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"x-forwarded-for: ");
+    if let Some(chain) = xff {
+        out.extend_from_slice(&chain);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(peer.as_bytes());
+    out.extend_from_slice(b"\r\nx-forwarded-proto: ");
+    match (trusted, proto) {
+        (true, Some(p)) => out.extend_from_slice(p),
+        _ => out.extend_from_slice(if tls { b"https" } else { b"http" }),
+    }
+    out.extend_from_slice(b"\r\n");
+    match (trusted, fwd_host, host) {
+        (true, Some(h), _) | (_, _, Some(h)) => {
+            out.extend_from_slice(b"x-forwarded-host: ");
+            out.extend_from_slice(h);
+            out.extend_from_slice(b"\r\n");
+        }
+        _ => {}
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn peer_ip(text: &str) -> IpAddr {
+    text.parse()
+        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+}
+
+/// The response head as the browser gets it: Qlik's fields byte for byte and in order (every
+/// `Set-Cookie` its own line), minus hop-by-hop ones; the guard's cookies after Qlik's.
+fn write_response_head(
+    out: &mut BytesMut,
+    resp: &Head,
+    extra: &[http::HeaderValue],
+    close: bool,
+    switching: bool,
+) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    let mut code = itoa_status(resp.status);
+    out.extend_from_slice(code.as_mut());
+    out.extend_from_slice(b" ");
+    out.extend_from_slice(resp.reason());
+    out.extend_from_slice(b"\r\n");
+    let has_connection = resp.values_of(b"connection").next().is_some();
+    let mut upgrade: Option<&[u8]> = None;
+    for i in 0..resp.len() {
+        let (name, value) = resp.field(i);
+        if name.eq_ignore_ascii_case(b"upgrade") {
+            upgrade = Some(value);
+        }
+        if response_field_dropped(name)
+            || (resp.framing == Framing::Chunked && name.eq_ignore_ascii_case(b"content-length"))
+            || (has_connection && resp.named_in_connection(name))
+        {
+            continue;
+        }
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    for v in extra {
+        out.extend_from_slice(b"set-cookie: ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if resp.framing == Framing::Chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if switching {
+        out.extend_from_slice(b"connection: upgrade\r\n");
+        if let Some(u) = upgrade {
+            out.extend_from_slice(b"upgrade: ");
+            out.extend_from_slice(u);
+            out.extend_from_slice(b"\r\n");
+        }
+    } else if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn itoa_status(code: u16) -> [u8; 3] {
+    [
+        b'0' + (code / 100 % 10) as u8,
+        b'0' + (code / 10 % 10) as u8,
+        b'0' + (code % 10) as u8,
+    ]
+}
+
+/// A small HTML 4xx from Qlik may be its "too many sessions" page.
+fn is_refusal_candidate(resp: &Head) -> bool {
+    use crate::session::cookies::Headers;
+    (400..500).contains(&resp.status)
+        && matches!(resp.framing, Framing::Length(n) if n <= 64 * 1024)
+        && resp
+            .first("content-type")
+            .is_some_and(|v| v.starts_with(b"text/html"))
+}
+
+/// Writes a response the guard made itself (error pages, the limit page, redirects).
+async fn write_answer<S: AsyncWrite + Unpin>(
+    c: &mut Client<S>,
+    resp: Response<Full<Bytes>>,
+    close: bool,
+) -> io::Result<()> {
+    use http_body_util::BodyExt;
+    let (parts, body) = resp.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    c.out.clear();
+    c.out.extend_from_slice(b"HTTP/1.1 ");
+    c.out.extend_from_slice(&itoa_status(parts.status.as_u16()));
+    c.out.extend_from_slice(b" ");
+    c.out
+        .extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+    c.out.extend_from_slice(b"\r\n");
+    for (name, value) in parts.headers.iter() {
+        if name == http::header::CONNECTION || name == http::header::CONTENT_LENGTH {
+            continue;
+        }
+        c.out.extend_from_slice(name.as_str().as_bytes());
+        c.out.extend_from_slice(b": ");
+        c.out.extend_from_slice(value.as_bytes());
+        c.out.extend_from_slice(b"\r\n");
+    }
+    c.out.extend_from_slice(b"content-length: ");
+    c.out.extend_from_slice(body.len().to_string().as_bytes());
+    c.out.extend_from_slice(b"\r\n");
+    c.out.extend_from_slice(b"date: ");
+    c.out.extend_from_slice(httpdate_now().as_bytes());
+    c.out.extend_from_slice(b"\r\n");
+    if close {
+        c.out.extend_from_slice(b"connection: close\r\n");
+    }
+    c.out.extend_from_slice(b"\r\n");
+    c.out.extend_from_slice(&body);
+    c.io.write_all(&c.out).await?;
+    c.io.flush().await
+}
+
+fn httpdate_now() -> String {
+    httpdate(std::time::SystemTime::now())
+}
+
+/// RFC 9110 IMF-fixdate.
+fn httpdate(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = secs / 86400;
+    let (h, m, s) = ((secs % 86400) / 3600, (secs % 3600) / 60, secs % 60);
+    let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days % 7) as usize];
+    // Civil from days (Howard Hinnant).
+    let z = days as i64 + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if mo <= 2 { y + 1 } else { y };
+    let month = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ][(mo - 1) as usize];
+    format!("{weekday}, {d:02} {month} {y} {h:02}:{m:02}:{s:02} GMT")
+}
+
+/// `POST /__qsguard/end-session` (the limit page's buttons).
+async fn end_session_form<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Client<S>,
+    proxy: &Proxy,
+    guard: &session::SessionGuard,
+    head: &Head,
+) -> Next {
+    let started = Instant::now();
+    let body = match head.framing {
+        Framing::Length(n) if n <= 8 * 1024 => {
+            while (c.buf.len() as u64) < n {
+                match c.io.read_buf(&mut c.buf).await {
+                    Ok(0) | Err(_) => return Next::Close,
+                    Ok(_) => {}
+                }
+            }
+            c.buf.split_to(n as usize).freeze()
+        }
+        Framing::None => Bytes::new(),
+        _ => {
+            let e = ProxyError::BadRequest(
+                "the end-session form is sent with a Content-Length of at most 8 KiB",
+            );
+            let _ = write_answer(c, e.to_response(), true).await;
+            return Next::Close;
+        }
+    };
+    let resp = guard.end_session_form(head.method(), head, &body).await;
+    log(
+        proxy,
+        head,
+        resp.status().as_u16(),
+        None,
+        started,
+        0,
+        c.info,
+    );
+    match write_answer(c, resp, head.close).await {
+        Ok(()) if !head.close => Next::KeepAlive,
+        _ => Next::Close,
+    }
+}
+
+fn log(
+    proxy: &Proxy,
+    head: &Head,
+    status: u16,
+    node: Option<&Arc<Node>>,
+    started: Instant,
+    bytes: u64,
+    info: ConnInfo,
+) {
+    if !proxy.settings.log_requests {
+        return;
+    }
+    let method = http::Method::from_bytes(head.method()).unwrap_or(http::Method::GET);
+    Record {
+        method,
+        path: head.path().to_string(),
+        status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+        upstream: node.map(|n| n.name.clone()),
+        started,
+        bytes,
+        peer: info.peer.ip(),
+    }
+    .emit();
+}
+
+impl Head {
+    /// Values of a field by raw name.
+    fn values_of<'a>(&'a self, name: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
+        (0..self.len()).filter_map(move |i| {
+            let (n, v) = self.field(i);
+            n.eq_ignore_ascii_case(name).then_some(v)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_930_348_800);
+        assert_eq!(httpdate(t), "Tue, 04 Mar 2031 00:00:00 GMT");
+        assert_eq!(
+            httpdate(std::time::UNIX_EPOCH),
+            "Thu, 01 Jan 1970 00:00:00 GMT"
+        );
+    }
+
+    #[test]
+    fn status_digits() {
+        assert_eq!(&itoa_status(101), b"101");
+        assert_eq!(&itoa_status(429), b"429");
+    }
+}
