@@ -21,9 +21,11 @@
 #   ROUNDS     rounds over all (connections, target) pairs; the table shows the median [3]
 #   CONNS      wrk connection counts                             ["16 64 256"]
 #   WARMUP     wrk warm-up per target before the rounds, 0 = none [2s]
-#   WRK_HEADER one extra request header for every wrk request, e.g.
-#              WRK_HEADER="Cookie: qsguard=0123456789abcdef0123456789abcdef" to look like a
-#              browser that keeps the guard's device cookie [none: wrk sends no cookie]
+#   WRK_HEADER one extra request header for every wrk request. The default is what a browser
+#              in a Qlik session sends: a live session cookie (which the script first has
+#              qsguard learn through a /login answer of the upstream that sets it) and the
+#              guard's device cookie. WRK_HEADER=none sends no cookie (every request is then a
+#              new browser to qsguard).
 #   WS_N       idle WebSockets opened through each proxy         [2000]
 #   WS_HOLD    seconds the client keeps them open (it is stopped once measured) [120]
 #   BASE_PORT  first of the 10 consecutive loopback ports used   [18080]
@@ -50,9 +52,11 @@ DURATION="${DURATION:-10s}"
 ROUNDS="${ROUNDS:-3}"
 CONNS="${CONNS:-16 64 256}"
 WARMUP="${WARMUP:-2s}"
-WRK_HEADER="${WRK_HEADER:-}"
+BENCH_DEVICE="0123456789abcdef0123456789abcdef"
+BENCH_SESSION="3f2a9c1e-0d4b-4c8e-9a77-1b2c3d4e5f60"
+WRK_HEADER="${WRK_HEADER:-Cookie: _ga=GA1.2.123456789.1700000000; X-Qlik-Session=$BENCH_SESSION; qsguard=$BENCH_DEVICE}"
 WRK_EXTRA=()
-[[ -n $WRK_HEADER ]] && WRK_EXTRA=(-H "$WRK_HEADER")
+[[ $WRK_HEADER != none ]] && WRK_EXTRA=(-H "$WRK_HEADER")
 WS_N="${WS_N:-2000}"
 WS_HOLD="${WS_HOLD:-120}"
 BASE_PORT="${BASE_PORT:-18080}"
@@ -62,7 +66,7 @@ QUIET_MAX="${QUIET_MAX:-10}"
 QUIET_WAIT="${QUIET_WAIT:-300}"
 FOREIGN_MAX="${FOREIGN_MAX:-10}"
 ATTEMPTS="${ATTEMPTS:-5}"
-TARGETS=(direct nginx haproxy qsguard)
+TARGETS=(direct nginx haproxy qsguard qsguard-noguard)
 
 # Ports, all on 127.0.0.1.
 P_UPSTREAM=$((BASE_PORT + 0))     # static nginx upstream (load phase)
@@ -75,6 +79,8 @@ P_WS_NGINX=$((BASE_PORT + 6))
 P_WS_HAPROXY=$((BASE_PORT + 7))
 P_WS_QSGUARD=$((BASE_PORT + 8))
 P_WS_QSGUARD_ADMIN=$((BASE_PORT + 9))
+P_QSGUARD_OFF=$((BASE_PORT + 10))  # qsguard with the session guard off (load)
+P_QSGUARD_OFF_ADMIN=$((BASE_PORT + 11))
 
 has_phase() { [[ " $PHASES " == *" $1 "* ]]; }
 log() { printf '[load.sh %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
@@ -424,8 +430,8 @@ start_haproxy() {  # start_haproxy NAME CORE PORT UPSTREAM_PORT
     STARTED_PIDS=("$STARTED_PID")
 }
 
-start_qsguard() {  # start_qsguard NAME CORE PORT ADMIN_PORT UPSTREAM_PORT
-    local name="$1" core="$2" port="$3" admin="$4" up="$5" cfg="$WORK/$1.toml"
+start_qsguard() {  # start_qsguard NAME CORE PORT ADMIN_PORT UPSTREAM_PORT [GUARD true|false]
+    local name="$1" core="$2" port="$3" admin="$4" up="$5" guard="${6:-true}" cfg="$WORK/$1.toml"
     cat >"$cfg" <<EOF
 [server]
 listen = "127.0.0.1:$port"
@@ -436,6 +442,8 @@ listen = "127.0.0.1:$admin"
 url = "http://127.0.0.1:$up"
 [log]
 requests = false
+[sessions]
+guard = $guard
 EOF
     "$QSGUARD" check-config "$cfg" >/dev/null || die "qsguard check-config $cfg failed"
     start "$name" "$core" "$QSGUARD" --config "$cfg" --log-level warn
@@ -469,7 +477,7 @@ RAW="$WORK/load.tsv"   # one line per measurement
 
 declare -A URL PIDS_OF
 run_load_phase() {
-    check_ports_free "$P_UPSTREAM" "$P_NGINX" "$P_HAPROXY" "$P_QSGUARD" "$P_QSGUARD_ADMIN"
+    check_ports_free "$P_UPSTREAM" "$P_NGINX" "$P_HAPROXY" "$P_QSGUARD" "$P_QSGUARD_ADMIN" "$P_QSGUARD_OFF" "$P_QSGUARD_OFF_ADMIN"
     LOAD_MARK=${#OURS[@]}
 
     # The static upstream: nginx, one worker, keep-alive without a request cap, fixed 200 "ok\n".
@@ -479,6 +487,12 @@ run_load_phase() {
     server {
         listen 127.0.0.1:$P_UPSTREAM backlog=4096;
         location / { default_type text/plain; return 200 \"ok\\n\"; }
+        # Where the benchmark's session comes from: a Qlik-like session cookie.
+        location = /login {
+            default_type text/plain;
+            add_header Set-Cookie \"X-Qlik-Session=$BENCH_SESSION; Path=/; HttpOnly; SameSite=Lax\";
+            return 200 \"ok\\n\";
+        }
     }"
     start_nginx upstream "$LOAD_CORE" "$P_UPSTREAM"
     UPSTREAM_PIDS=("${STARTED_PIDS[@]}")
@@ -512,11 +526,21 @@ run_load_phase() {
 
     start_qsguard qsguard "$PROXY_CORE" "$P_QSGUARD" "$P_QSGUARD_ADMIN" "$P_UPSTREAM"
     PIDS_OF[qsguard]="${STARTED_PIDS[*]}"
+    # The browser logs in once through the guard: the guard learns the session and its device.
+    (
+        exec 3<>"/dev/tcp/127.0.0.1/$P_QSGUARD" || exit 0
+        printf 'GET /login HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: qsguard=%s\r\nConnection: close\r\n\r\n' "$BENCH_DEVICE" >&3
+        timeout 5 cat <&3 >/dev/null || true
+    )
+
+    start_qsguard qsguard-noguard "$PROXY_CORE" "$P_QSGUARD_OFF" "$P_QSGUARD_OFF_ADMIN" "$P_UPSTREAM" false
+    PIDS_OF[qsguard-noguard]="${STARTED_PIDS[*]}"
 
     URL[direct]="http://127.0.0.1:$P_UPSTREAM/"
     URL[nginx]="http://127.0.0.1:$P_NGINX/"
     URL[haproxy]="http://127.0.0.1:$P_HAPROXY/"
     URL[qsguard]="http://127.0.0.1:$P_QSGUARD/"
+    URL[qsguard-noguard]="http://127.0.0.1:$P_QSGUARD_OFF/"
     PIDS_OF[direct]=""
 
     local t
@@ -584,7 +608,7 @@ run_load_phase() {
         echo
         echo "| proxy | RSS at start KiB | RSS after the load phase KiB | requests measured |"
         echo "|---|---:|---:|---:|"
-        for t in nginx haproxy qsguard; do
+        for t in nginx haproxy qsguard qsguard-noguard; do
             # shellcheck disable=SC2086
             printf '| %s | %s | %s | %s |\n' "$t" "${RSS_START[$t]}" "$(mem_kib ${PIDS_OF[$t]} | cut -d' ' -f1)" \
                 "$(awk -F'\t' -v t="$t" 'NR > 1 && $2 == t {s += $7} END {printf "%.0f", s}' "$RAW")"

@@ -60,6 +60,8 @@ struct Client<S> {
     out: BytesMut,
     info: ConnInfo,
     peer_text: String,
+    /// The client's address as the trust check sees it (IPv4-mapped IPv6 as IPv4).
+    peer: IpAddr,
 }
 
 /// Serves one client connection until it closes, the guard stops, or it becomes a tunnel.
@@ -73,6 +75,7 @@ where
         out: BytesMut::with_capacity(4096),
         info,
         peer_text: canonical(info.peer.ip()).to_string(),
+        peer: canonical(info.peer.ip()),
     };
     loop {
         let head = match read_head(&mut c, &proxy, &stop).await {
@@ -304,7 +307,14 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
         (Some(g), Some(x)) => g.cookie_to_send(x),
         _ => None,
     };
-    write_request_head(&mut req, head, proxy, &c.peer_text, c.info.tls, rewrite);
+    write_request_head(
+        &mut req,
+        head,
+        proxy,
+        (&c.peer_text, c.peer),
+        c.info.tls,
+        rewrite,
+    );
     if head.expect_continue && head.framing != Framing::None && c.buf.is_empty() {
         // The guard answers the client's Expect itself (it removed the field upstream).
         c.io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -636,7 +646,7 @@ fn write_request_head(
     out: &mut BytesMut,
     head: &Head,
     proxy: &Proxy,
-    peer: &str,
+    (peer, peer_ip): (&str, IpAddr),
     tls: bool,
     cookie: Option<(&str, &str)>,
 ) {
@@ -648,8 +658,8 @@ fn write_request_head(
     } else {
         b" HTTP/1.1\r\n"
     });
-    let trusted = proxy.settings.trusted.trusts(canonical(peer_ip(peer)));
-    let has_connection = head.values_of(b"connection").next().is_some();
+    let trusted = proxy.settings.trusted.trusts(peer_ip);
+    let named = head.connection_tokens();
     let mut cookie_done = cookie.is_none();
     let mut xff: Option<BytesMut> = None;
     let mut proto: Option<&[u8]> = None;
@@ -678,9 +688,9 @@ fn write_request_head(
             upgrade = Some(value);
         }
         if request_field_dropped(name)
-            || (has_connection
+            || (!named.is_empty()
                 && !name.eq_ignore_ascii_case(b"host")
-                && head.named_in_connection(name))
+                && named.iter().any(|t| t.eq_ignore_ascii_case(name)))
         {
             continue;
         }
@@ -737,11 +747,6 @@ fn write_request_head(
     out.extend_from_slice(b"\r\n");
 }
 
-fn peer_ip(text: &str) -> IpAddr {
-    text.parse()
-        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
-}
-
 /// The response head as the browser gets it: Qlik's fields byte for byte and in order (every
 /// `Set-Cookie` its own line), minus hop-by-hop ones; the guard's cookies after Qlik's.
 fn write_response_head(
@@ -757,7 +762,7 @@ fn write_response_head(
     out.extend_from_slice(b" ");
     out.extend_from_slice(resp.reason());
     out.extend_from_slice(b"\r\n");
-    let has_connection = resp.values_of(b"connection").next().is_some();
+    let named = resp.connection_tokens();
     let mut upgrade: Option<&[u8]> = None;
     for i in 0..resp.len() {
         let (name, value) = resp.field(i);
@@ -766,7 +771,7 @@ fn write_response_head(
         }
         if response_field_dropped(name)
             || (resp.framing == Framing::Chunked && name.eq_ignore_ascii_case(b"content-length"))
-            || (has_connection && resp.named_in_connection(name))
+            || named.iter().any(|t| t.eq_ignore_ascii_case(name))
         {
             continue;
         }
@@ -954,16 +959,6 @@ fn log(
         peer: info.peer.ip(),
     }
     .emit();
-}
-
-impl Head {
-    /// Values of a field by raw name.
-    fn values_of<'a>(&'a self, name: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
-        (0..self.len()).filter_map(move |i| {
-            let (n, v) = self.field(i);
-            n.eq_ignore_ascii_case(name).then_some(v)
-        })
-    }
 }
 
 #[cfg(test)]

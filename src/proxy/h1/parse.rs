@@ -159,14 +159,25 @@ impl Head {
         self.fields.is_empty()
     }
 
-    /// Is `name` one of the fields the `Connection` header lists (so hop-by-hop)?
-    pub fn named_in_connection(&self, name: &[u8]) -> bool {
-        (0..self.len()).any(|i| {
+    /// The field names the `Connection` header lists (so hop-by-hop), other than the usual
+    /// `keep-alive`, `close` and `upgrade`; usually none.
+    pub fn connection_tokens(&self) -> Vec<&[u8]> {
+        let mut out = Vec::new();
+        for i in 0..self.len() {
             let (n, v) = self.field(i);
-            n.eq_ignore_ascii_case(b"connection")
-                && v.split(|&b| b == b',')
-                    .any(|t| trim_ows(t).eq_ignore_ascii_case(name))
-        })
+            if n.eq_ignore_ascii_case(b"connection") {
+                for t in v.split(|&b| b == b',').map(trim_ows) {
+                    if !t.is_empty()
+                        && !t.eq_ignore_ascii_case(b"keep-alive")
+                        && !t.eq_ignore_ascii_case(b"close")
+                        && !t.eq_ignore_ascii_case(b"upgrade")
+                    {
+                        out.push(t);
+                    }
+                }
+            }
+        }
+        out
     }
 }
 
