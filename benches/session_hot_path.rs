@@ -32,7 +32,8 @@ identity_header = "hdr-usr"
 "#,
     )
     .unwrap();
-    let g = Arc::new(SessionGuard::new(&config).unwrap());
+    let events = Arc::new(qsguard::diagnostics::events::Events::new(100));
+    let g = Arc::new(SessionGuard::new(&config, events).unwrap());
     for i in 0..SESSIONS {
         let user = User::new("BENCH", &format!("user{}", i / 5));
         g.table.insert(

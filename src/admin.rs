@@ -1,9 +1,24 @@
-//! The admin listener: a separate port (loopback by default) for health checks now, and for the
-//! sessions, events and metrics of the later issues. It shares nothing with the main listener
-//! but the proxy's state, so a flood of client traffic never starves the admin's view of it.
+//! The admin listener: health, the session table, ending sessions, events and metrics, on a
+//! port of its own (loopback by default), so a flood of client traffic never starves the
+//! admin's view of it.
+//!
+//! | call | what |
+//! | --- | --- |
+//! | `GET /healthz` | the guard runs |
+//! | `GET /readyz` | a Qlik node accepts connections (503 otherwise) |
+//! | `GET /sessions[?user=DIR%5Cid]` | users and their live sessions (JSON) |
+//! | `DELETE /sessions/<hash>` | end one session in Qlik |
+//! | `DELETE /users/<DIR%5Cid>/sessions` | end all of a user's sessions |
+//! | `GET /events[?kind=&user=&since=&wait=]` | recent cookie and session events (JSON) |
+//! | `GET /metrics` | Prometheus text |
+//!
+//! Authentication: a bearer token read from `admin.token_file`. It is required for every call
+//! when the listener is not on loopback (the guard refuses to start without one then), and for
+//! every call that changes something wherever the listener is.
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -12,15 +27,23 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::diagnostics::events::Kind;
 use crate::proxy::Proxy;
+use crate::session::identity::User;
+use crate::session::table::Session;
 
 /// What the admin handlers can see.
 #[derive(Clone)]
 pub struct State {
     pub proxy: Arc<Proxy>,
+    /// The bearer token (from `admin.token_file`).
+    pub token: Option<Arc<str>>,
+    /// The listener is on a loopback address: reading needs no token.
+    pub loopback: bool,
 }
 
 /// Serves the admin API until `stop` is cancelled.
@@ -31,7 +54,7 @@ pub async fn serve(listener: TcpListener, state: State, stop: CancellationToken)
                 Ok(v) => v,
                 Err(e) => {
                     tracing::warn!("admin accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
@@ -42,11 +65,11 @@ pub async fn serve(listener: TcpListener, state: State, stop: CancellationToken)
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, req)) }
+                async move { Ok::<_, Infallible>(route(&state, req).await) }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
+                .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
             tokio::select! {
@@ -60,24 +83,307 @@ pub async fn serve(listener: TcpListener, state: State, stop: CancellationToken)
     }
 }
 
-fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    match (req.method(), req.uri().path()) {
-        (&Method::GET, "/healthz") => json(
+async fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let mutating = method != Method::GET && method != Method::HEAD;
+    if mutating || !state.loopback {
+        match &state.token {
+            None => {
+                return json(
+                    StatusCode::FORBIDDEN,
+                    json!({"error": "changes need a bearer token: set admin.token_file and send Authorization: Bearer <token>"}),
+                )
+            }
+            Some(t) if !bearer_matches(req.headers(), t) => {
+                let mut r = json(
+                    StatusCode::UNAUTHORIZED,
+                    json!({"error": "a valid Authorization: Bearer <token> (admin.token_file) is needed"}),
+                );
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"qsguard\""),
+                );
+                return r;
+            }
+            Some(_) => {}
+        }
+    }
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (&method, segments.as_slice()) {
+        (&Method::GET, ["healthz"]) => json(
             StatusCode::OK,
-            serde_json::json!({
-                "status": "ok",
-                "websockets_open": state.proxy.open_tunnels(),
-            }),
+            json!({"status": "ok", "websockets_open": state.proxy.open_tunnels()}),
         ),
-        (_, "/healthz") => json(
+        (&Method::GET, ["readyz"]) => readyz(state).await,
+        (&Method::GET, ["sessions"]) => sessions(state, &query),
+        (&Method::DELETE, ["sessions", hash]) => end_one(state, hash).await,
+        (&Method::DELETE, ["users", user, "sessions"]) => end_user(state, user).await,
+        (&Method::GET, ["events"]) => events(state, &query).await,
+        (&Method::GET, ["metrics"]) => metrics(state),
+        (_, ["healthz" | "readyz" | "sessions" | "events" | "metrics"])
+        | (_, ["sessions", _])
+        | (_, ["users", _, "sessions"]) => json(
             StatusCode::METHOD_NOT_ALLOWED,
-            serde_json::json!({"error": "use GET"}),
+            json!({"error": format!("{method} is not allowed on {path}")}),
         ),
         _ => json(
             StatusCode::NOT_FOUND,
-            serde_json::json!({"error": "no such admin endpoint", "endpoints": ["GET /healthz"]}),
+            json!({"error": "no such admin endpoint", "endpoints": [
+                "GET /healthz", "GET /readyz", "GET /sessions?user=DIR%5Cid",
+                "DELETE /sessions/<hash>", "DELETE /users/<DIR%5Cid>/sessions",
+                "GET /events?kind=&user=&since=&wait=", "GET /metrics"]}),
         ),
     }
+}
+
+/// Constant-time comparison of the presented bearer token.
+fn bearer_matches(headers: &http::HeaderMap, token: &str) -> bool {
+    let Some(v) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Some(given) = v.strip_prefix("Bearer ").map(str::trim) else {
+        return false;
+    };
+    let (a, b) = (given.as_bytes(), token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn query_param(query: &str, name: &str) -> Option<String> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| percent_decode(v))
+}
+
+pub(crate) fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            if let Some(v) = b
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn readyz(state: &State) -> Response<Full<Bytes>> {
+    let mut up = Vec::new();
+    for node in state.proxy.upstreams().nodes() {
+        let ok = matches!(
+            tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::net::TcpStream::connect((node.host.as_str(), node.port))
+            )
+            .await,
+            Ok(Ok(_))
+        );
+        up.push(json!({"upstream": node.name, "reachable": ok}));
+    }
+    let any = up.iter().any(|u| u["reachable"] == true);
+    json(
+        if any {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        json!({"ready": any, "upstreams": up}),
+    )
+}
+
+fn session_json(state: &State, s: &Session) -> serde_json::Value {
+    let Some(g) = state.proxy.sessions() else {
+        return json!({});
+    };
+    let t = &g.table;
+    let meta = s.meta();
+    let created = s
+        .created
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let last = t
+        .wall(s.last_active_ms())
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    json!({
+        "virtual_proxy": g.virtual_proxies()[s.vp].prefix,
+        "session": &*s.hash,
+        "user": meta.owner.as_ref().map(|u| u.to_string()),
+        "devices": meta.devices.iter().map(|d| g.device_hash(*d)).collect::<Vec<_>>(),
+        "node": &*s.node,
+        "created": created,
+        "last_active": last,
+        "websockets": s.websockets(),
+        "apps": meta.apps,
+        "state": s.state().as_str(),
+    })
+}
+
+fn sessions(state: &State, query: &str) -> Response<Full<Bytes>> {
+    let Some(g) = state.proxy.sessions() else {
+        return json(
+            StatusCode::NOT_FOUND,
+            json!({"error": "the session guard is off (sessions.guard = false)"}),
+        );
+    };
+    let filter = query_param(query, "user").map(|u| u.to_lowercase());
+    let users: Vec<serde_json::Value> = g
+        .table
+        .users()
+        .into_iter()
+        .filter(|(u, _)| filter.as_deref().is_none_or(|f| *u.key == *f))
+        .map(|(u, list)| {
+            json!({
+                "user": u.to_string(),
+                "live": list.len(),
+                "at_limit": list.len() >= g.max_per_user(),
+                "sessions": list.iter().map(|s| session_json(state, s)).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json(
+        StatusCode::OK,
+        json!({ "limit": g.max_per_user(), "users": users }),
+    )
+}
+
+async fn end_one(state: &State, hash: &str) -> Response<Full<Bytes>> {
+    let Some(g) = state.proxy.sessions() else {
+        return json(
+            StatusCode::NOT_FOUND,
+            json!({"error": "the session guard is off"}),
+        );
+    };
+    let Some(s) = g.table.find_by_hash(hash) else {
+        return json(
+            StatusCode::NOT_FOUND,
+            json!({"error": format!("no session {hash}")}),
+        );
+    };
+    match g.end_by_admin(&s).await {
+        Ok(()) => json(StatusCode::OK, json!({"ended": [&*s.hash]})),
+        Err(e) => json(
+            StatusCode::BAD_GATEWAY,
+            json!({"error": e.to_string(), "session": &*s.hash}),
+        ),
+    }
+}
+
+async fn end_user(state: &State, user: &str) -> Response<Full<Bytes>> {
+    let Some(g) = state.proxy.sessions() else {
+        return json(
+            StatusCode::NOT_FOUND,
+            json!({"error": "the session guard is off"}),
+        );
+    };
+    let name = percent_decode(user);
+    let Ok(u) = User::parse(name.as_bytes()) else {
+        return json(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "the user is DIRECTORY\\userid, URL-encoded (DIR%5Cid)"}),
+        );
+    };
+    let mut ended = Vec::new();
+    let mut failed = Vec::new();
+    for s in g.table.user_sessions(&u.key) {
+        match g.end_by_admin(&s).await {
+            Ok(()) => ended.push(s.hash.to_string()),
+            Err(e) => failed.push(json!({"session": &*s.hash, "error": e.to_string()})),
+        }
+    }
+    let status = if failed.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_GATEWAY
+    };
+    json(
+        status,
+        json!({"user": u.to_string(), "ended": ended, "failed": failed}),
+    )
+}
+
+async fn events(state: &State, query: &str) -> Response<Full<Bytes>> {
+    let ev = &state.proxy.diagnostics.events;
+    let kind = match query_param(query, "kind") {
+        Some(k) => match Kind::parse(&k) {
+            Some(k) => Some(k),
+            None => {
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    json!({"error": format!("unknown kind {k}"),
+                    "kinds": Kind::ALL.iter().map(|k| k.as_str()).collect::<Vec<_>>()}),
+                )
+            }
+        },
+        None => None,
+    };
+    let user = query_param(query, "user");
+    let since: u64 = query_param(query, "since")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let wait: u64 = query_param(query, "wait")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+        .min(60);
+    let mut found = ev.query(since, kind, user.as_deref());
+    if found.is_empty() && wait > 0 {
+        // A long poll: `qsguard events --follow`.
+        let notified = ev.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        found = ev.query(since, kind, user.as_deref());
+        if found.is_empty() {
+            let _ = tokio::time::timeout(Duration::from_secs(wait), notified).await;
+            found = ev.query(since, kind, user.as_deref());
+        }
+    }
+    json(
+        StatusCode::OK,
+        json!({"last": ev.last_id(), "events": found}),
+    )
+}
+
+fn metrics(state: &State) -> Response<Full<Bytes>> {
+    let d = &state.proxy.diagnostics;
+    let (live, at_limit) = match state.proxy.sessions() {
+        Some(g) => {
+            let users = g.table.users();
+            let live: usize = users.iter().map(|(_, s)| s.len()).sum();
+            let at = users
+                .iter()
+                .filter(|(_, s)| s.len() >= g.max_per_user())
+                .count();
+            (live as i64, at as i64)
+        }
+        None => (0, 0),
+    };
+    let text = d
+        .metrics
+        .render(&d.events, live, at_limit, state.proxy.open_tunnels() as i64);
+    let mut r = Response::new(Full::new(Bytes::from(text)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    r
 }
 
 fn json(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
@@ -88,4 +394,36 @@ fn json(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
         HeaderValue::from_static("application/json"),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens() {
+        let mut h = http::HeaderMap::new();
+        assert!(!bearer_matches(&h, "s3cret"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer s3cret"),
+        );
+        assert!(bearer_matches(&h, "s3cret"));
+        assert!(!bearer_matches(&h, "s3cre"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Basic s3cret"),
+        );
+        assert!(!bearer_matches(&h, "s3cret"));
+    }
+
+    #[test]
+    fn query_params() {
+        assert_eq!(
+            query_param("user=CORP%5Cjane&x=1", "user").as_deref(),
+            Some("CORP\\jane")
+        );
+        assert_eq!(query_param("since=5", "since").as_deref(), Some("5"));
+        assert_eq!(query_param("", "user"), None);
+    }
 }

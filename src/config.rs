@@ -32,6 +32,40 @@ pub struct Config {
     pub log: LogConfig,
     /// The QPS REST API (port 4243, mutual TLS); unset: the Personal API is used instead.
     pub qps_api: Option<QpsApiConfig>,
+    #[serde(default)]
+    pub diagnostics: DiagnosticsConfig,
+}
+
+/// Events, and the cookie self-test page.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiagnosticsConfig {
+    /// Recent events kept for the admin API and `qsguard events`.
+    #[serde(default = "default_events_kept")]
+    pub events_kept: usize,
+    /// Serve the cookie self-test page (and the endpoints `qsguard doctor` uses).
+    #[serde(default = "yes")]
+    pub cookie_check: bool,
+    #[serde(default = "default_cookie_check_path")]
+    pub cookie_check_path: String,
+}
+
+impl Default for DiagnosticsConfig {
+    fn default() -> Self {
+        DiagnosticsConfig {
+            events_kept: default_events_kept(),
+            cookie_check: true,
+            cookie_check_path: default_cookie_check_path(),
+        }
+    }
+}
+
+fn default_events_kept() -> usize {
+    1000
+}
+
+fn default_cookie_check_path() -> String {
+    "/__qsguard/cookie-check".into()
 }
 
 /// The QPS REST API client: Qlik's exported client certificate and key, and the CA that
@@ -92,13 +126,40 @@ pub struct ServerConfig {
 pub struct AdminConfig {
     #[serde(default = "default_admin_listen")]
     pub listen: SocketAddr,
+    /// A file holding the bearer token: needed for every call off loopback, and for every
+    /// call that changes something.
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: default_admin_listen(),
+            token_file: None,
         }
+    }
+}
+
+impl AdminConfig {
+    /// The token, read from `token_file`.
+    pub fn token(&self) -> Result<Option<String>, ConfigError> {
+        let Some(path) = &self.token_file else {
+            return Ok(None);
+        };
+        let t = std::fs::read_to_string(path).map_err(|e| {
+            err(
+                "admin.token_file",
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+        let t = t.trim().to_string();
+        if t.len() < 16 {
+            return Err(err(
+                "admin.token_file",
+                "the token must be at least 16 characters",
+            ));
+        }
+        Ok(Some(t))
     }
 }
 
@@ -398,6 +459,25 @@ impl Config {
                     }
                 }
             }
+        }
+        if !self.admin.listen.ip().is_loopback() && self.admin.token_file.is_none() {
+            return Err(err(
+                "admin.token_file",
+                format!(
+                    "admin.listen {} is not a loopback address: set a token file, or listen on 127.0.0.1",
+                    self.admin.listen
+                ),
+            ));
+        }
+        let d = &self.diagnostics;
+        if d.events_kept == 0 {
+            return Err(err("diagnostics.events_kept", "must be at least 1"));
+        }
+        if !d.cookie_check_path.starts_with('/') || d.cookie_check_path.len() < 2 {
+            return Err(err(
+                "diagnostics.cookie_check_path",
+                "must be a path like /__qsguard/cookie-check",
+            ));
         }
         let ss = &self.sessions;
         if ss.max_per_user == 0 {

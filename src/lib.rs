@@ -4,7 +4,9 @@
 
 pub mod admin;
 pub mod config;
+pub mod diagnostics;
 pub mod logging;
+pub mod ops;
 pub mod proxy;
 pub mod qps;
 pub mod server;

@@ -35,6 +35,45 @@ enum Command {
     Run,
     /// Check a configuration file and exit: non-zero, naming the bad key, when it is invalid.
     CheckConfig { file: PathBuf },
+    /// List live sessions (from a running guard's admin listener).
+    Sessions {
+        /// Only this user, as DIRECTORY\\userid.
+        #[arg(long)]
+        user: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// End one session (by the hash `qsguard sessions` shows).
+    EndSession {
+        hash: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// End all sessions of a user (DIRECTORY\\userid).
+    EndUser {
+        user: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Print cookie and session events; --follow keeps printing new ones.
+    Events {
+        #[arg(long)]
+        follow: bool,
+        /// Only this kind (cookie_lost, set_cookie_folded, session_restored, ...).
+        #[arg(long)]
+        kind: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Probe the cookie round trip from this machine through whatever stands in front of the
+    /// guard, and say what arrived intact, dropped, folded or changed.
+    Doctor {
+        /// The address users open, e.g. https://qlik.example.com
+        url: String,
+        /// The guard's cookie-check path (diagnostics.cookie_check_path).
+        #[arg(long, default_value = "/__qsguard/cookie-check")]
+        path: String,
+    },
     /// Run the guard in front of the built-in Qlik Sense simulator on loopback.
     Demo {
         /// Where the guard listens.
@@ -44,6 +83,52 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin: SocketAddr,
     },
+}
+
+/// How the ops commands reach the admin listener.
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The admin listener's URL.
+    #[arg(long = "admin", default_value = "http://127.0.0.1:9090")]
+    url: String,
+    /// A file with the bearer token (else the QSGUARD_ADMIN_TOKEN environment variable).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+impl AdminArgs {
+    fn admin(self) -> Result<qsguard::ops::Admin, String> {
+        let token = match &self.token_file {
+            Some(f) => Some(
+                std::fs::read_to_string(f)
+                    .map_err(|e| format!("cannot read {}: {e}", f.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => std::env::var("QSGUARD_ADMIN_TOKEN").ok(),
+        };
+        Ok(qsguard::ops::Admin {
+            url: self.url,
+            token,
+        })
+    }
+}
+
+/// Runs an ops command: prints its output, or its error with exit code 1.
+fn ops<F>(f: F) -> ExitCode
+where
+    F: std::future::Future<Output = Result<String, String>>,
+{
+    match runtime(1).block_on(f) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("qsguard: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -89,6 +174,39 @@ fn main() -> ExitCode {
             })
         }
         Command::Demo { listen, admin } => runtime(0).block_on(demo(listen, admin)),
+        Command::Sessions { user, admin } => {
+            ops(async move { admin.admin()?.sessions(user.as_deref()).await })
+        }
+        Command::EndSession { hash, admin } => {
+            ops(async move { admin.admin()?.end_session(&hash).await })
+        }
+        Command::EndUser { user, admin } => {
+            ops(async move { admin.admin()?.end_user(&user).await })
+        }
+        Command::Events {
+            follow,
+            kind,
+            admin,
+        } => ops(async move {
+            admin.admin()?.events(follow, kind.as_deref()).await?;
+            Ok(String::new())
+        }),
+        Command::Doctor { url, path } => {
+            match runtime(1).block_on(qsguard::ops::doctor(&url, &path)) {
+                Ok((report, clean)) => {
+                    print!("{report}");
+                    if clean {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(3)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("qsguard doctor: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
     }
 }
 

@@ -52,6 +52,16 @@ impl ProxyError {
             ProxyError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
         }
     }
+    /// A short word for the metrics label.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            ProxyError::NoUpstream => "no_upstream",
+            ProxyError::UpstreamUnreachable { .. } => "unreachable",
+            ProxyError::UpstreamTimeout { .. } => "timeout",
+            ProxyError::UpstreamFailed { .. } => "failed",
+            _ => "client",
+        }
+    }
 
     /// Failures of the upstream (as opposed to of the client's request).
     pub fn is_upstream(&self) -> bool {

@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::diagnostics::Diagnostics;
 use crate::session::{self, page, table::Session, SessionGuard, Verdict};
 use access_log::{Logged, Record};
 pub use error::ProxyError;
@@ -66,6 +67,8 @@ pub(crate) struct Settings {
 /// The proxy: shared by every connection.
 pub struct Proxy {
     pub(crate) settings: Settings,
+    /// Events, metrics, the cookie self-test.
+    pub diagnostics: Diagnostics,
     /// The session guard (`sessions.guard = true`, the default).
     pub(crate) sessions: Option<Arc<SessionGuard>>,
     pub(crate) upstreams: Upstreams,
@@ -76,6 +79,7 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(config: &Config) -> Result<Proxy, String> {
+        let diagnostics = Diagnostics::new(config);
         Ok(Proxy {
             settings: Settings {
                 header_read_timeout: config.server.header_read_timeout,
@@ -88,10 +92,14 @@ impl Proxy {
             },
             upstreams: Upstreams::new(config)?,
             sessions: if config.sessions.guard {
-                Some(Arc::new(SessionGuard::new(config)?))
+                Some(Arc::new(SessionGuard::new(
+                    config,
+                    diagnostics.events.clone(),
+                )?))
             } else {
                 None
             },
+            diagnostics,
             tunnels: TaskTracker::new(),
             close_tunnels: CancellationToken::new(),
         })
@@ -138,6 +146,9 @@ impl Proxy {
         let (resp, node) = match self.forward(req, conn).await {
             Ok((resp, node)) => (resp, node),
             Err((e, node)) => {
+                if let (true, Some(n)) = (e.is_upstream(), &node) {
+                    self.diagnostics.metrics.upstream_error(&n.name, e.cause());
+                }
                 if e.is_upstream() {
                     tracing::warn!(client = %conn.peer, "{e}");
                 } else {
@@ -146,6 +157,9 @@ impl Proxy {
                 (e.to_response().map(Either::Right), node)
             }
         };
+        self.diagnostics
+            .metrics
+            .request(resp.status().as_u16(), started.elapsed().as_secs_f64());
         let record = record.map(|mut r| {
             r.status = resp.status();
             r.upstream = node.map(|n| n.name.clone());
@@ -160,6 +174,12 @@ impl Proxy {
         conn: ConnInfo,
     ) -> Result<(Response<Body>, Option<Arc<Node>>), (ProxyError, Option<Arc<Node>>)> {
         self.admit(&req).map_err(|e| (e, None))?;
+        if let Some(check) = &self.diagnostics.cookie_check {
+            let (path, query) = (req.uri().path(), req.uri().query());
+            if let Some(resp) = check.handle(path, query, req.headers(), conn.tls) {
+                return Ok((resp.map(Either::Right), None));
+            }
+        }
         let Some(guard) = &self.sessions else {
             let node = self.upstreams.pick().map_err(|e| (e, None))?;
             let resp = self.exchange(req, conn, &node, None).await?;

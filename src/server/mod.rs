@@ -71,6 +71,12 @@ impl Guard {
             admin_listener,
             admin::State {
                 proxy: proxy.clone(),
+                token: config
+                    .admin
+                    .token()
+                    .map_err(|e| e.to_string())?
+                    .map(Into::into),
+                loopback: config.admin.listen.ip().is_loopback(),
             },
             stop.clone(),
         ));

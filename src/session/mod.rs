@@ -34,6 +34,7 @@ use http::{Response, StatusCode, Uri};
 use http_body_util::Full;
 
 use crate::config::{Config, OnLimit};
+use crate::diagnostics::events::{self, Events, Kind};
 use crate::qps::{Owner, PersonalApi, QpsApi, QpsError};
 use cookies::Headers;
 use flight::{Flight, Flights, Outcome};
@@ -86,8 +87,9 @@ pub struct Context {
     pub tls: bool,
     /// A slot in the user's count held by this request (when no flight holds it).
     reservation: Option<(User, u64)>,
-    /// The browser's User-Agent and address, noted when a session is made for it.
-    client: Option<(Option<String>, IpAddr)>,
+    /// Where the request came from (for events, and noted when a session is made for it).
+    client: Option<events::Client>,
+    pub peer: IpAddr,
 }
 
 /// A request as the guard reads it (no copy of the head is made).
@@ -130,10 +132,11 @@ pub struct SessionGuard {
     api: Option<QpsApi>,
     pub counters: Counters,
     csrf_key: [u8; 32],
+    events: Arc<Events>,
 }
 
 impl SessionGuard {
-    pub fn new(config: &Config) -> Result<SessionGuard, String> {
+    pub fn new(config: &Config, events: Arc<Events>) -> Result<SessionGuard, String> {
         let vps: Vec<VirtualProxy> = config
             .virtual_proxies_or_default()
             .into_iter()
@@ -183,6 +186,7 @@ impl SessionGuard {
             api: config.qps_api.as_ref().map(QpsApi::new).transpose()?,
             counters: Counters::default(),
             csrf_key: rand::random(),
+            events,
         })
     }
 
@@ -264,6 +268,7 @@ impl SessionGuard {
             }
         };
         let found = cookies::find(req.headers, &info.cookie);
+        let client_of = || client_info(req.headers, peer);
         let mut ctx = Context {
             vp,
             device,
@@ -286,6 +291,7 @@ impl SessionGuard {
             tls,
             reservation: None,
             client: None,
+            peer,
         };
 
         // The hot path: a cookie the guard knows is live.
@@ -297,6 +303,13 @@ impl SessionGuard {
                         _ => false,
                     };
                     if !owner_differs {
+                        if new_device && found.count == 1 {
+                            self.check_folded(&s, &ctx, client_of);
+                        }
+                        if found.count > 1 {
+                            ctx.client = Some(client_of());
+                            self.emit(Kind::CookieDuplicated, format!("the cookie {} was sent {} times in one request (path-scoped duplicates, or a device on the way appending one)", info.cookie, found.count), Some(&ctx), Some(&s), None);
+                        }
                         self.table.touch(&s);
                         if !new_device && !s.meta().devices.contains(&device) {
                             self.table.link_device(&s, device);
@@ -319,7 +332,10 @@ impl SessionGuard {
             .first("user-agent")
             .and_then(|v| std::str::from_utf8(v).ok());
         self.table.seen_device(device, ua, peer, false);
-        ctx.client = Some((ua.map(|u| u.chars().take(200).collect()), peer));
+        ctx.client = Some(client_of());
+        if found.count > 1 {
+            self.emit(Kind::CookieDuplicated, format!("the cookie {} was sent {} times in one request (path-scoped duplicates, or a device on the way appending one)", info.cookie, found.count), Some(&ctx), None, None);
+        }
         if let Some(i) = &ctx.identity {
             self.table.set_device_user(device, i);
         }
@@ -341,6 +357,7 @@ impl SessionGuard {
                     // A second login of the same burst: hold it, then send it back to the page
                     // it asked for, with the session the first one got.
                     self.counters.bursts_held.fetch_add(1, Ordering::Relaxed);
+                    self.emit(Kind::BurstHeld, "a second login of the same browser held until the first one has its session", Some(&ctx), None, None);
                     let back = target.and_then(|t| f.dance().targets.get(&t).cloned());
                     if let Outcome::Session(s) = f.wait(self.burst_wait).await {
                         return Verdict::Answer(self.redirect_with(
@@ -358,6 +375,22 @@ impl SessionGuard {
         if !new_device {
             if let Some(s) = self.table.device_session(device, vp, ctx.identity.as_ref()) {
                 self.counters.restored.fetch_add(1, Ordering::Relaxed);
+                match (found.first, &ctx.unknown) {
+                    (None, _) => {
+                        let why = lost_cause(&s.meta().cookie_attributes, tls, req.headers);
+                        self.emit(Kind::CookieLost, why, Some(&ctx), Some(&s), None);
+                    }
+                    (Some(_), Some(value)) => {
+                        let cause = format!(
+                            "the browser sent a value of {} (#{}) the guard never issued for this device: changed on the way",
+                            info.cookie,
+                            self.table.hash(value)
+                        );
+                        self.emit(Kind::CookieModified, cause, Some(&ctx), Some(&s), None);
+                    }
+                    _ => {}
+                }
+                self.emit(Kind::SessionRestored, "the browser's own session was put back on the request and set again in the browser", Some(&ctx), Some(&s), None);
                 tracing::info!(session = %s.hash, user = %owner_text(&s), vp = %info.prefix, "session restored for a browser that lost its cookie");
                 return Verdict::Forward(Box::new(self.attach(ctx, s)));
             }
@@ -370,6 +403,13 @@ impl SessionGuard {
                     }
                     Err(open) => {
                         self.counters.bursts_held.fetch_add(1, Ordering::Relaxed);
+                        self.emit(
+                            Kind::BurstHeld,
+                            "request held while the browser's session is being (re)created",
+                            Some(&ctx),
+                            None,
+                            None,
+                        );
                         tracing::debug!(vp = %info.prefix, "request held while the browser's session is being created");
                         if let Outcome::Session(s) = open.wait(self.burst_wait).await {
                             if self.table.is_restorable(&s, self.table.now_ms()) {
@@ -406,6 +446,7 @@ impl SessionGuard {
             }
             Limit::Reuse(s) => {
                 self.counters.reused.fetch_add(1, Ordering::Relaxed);
+                self.emit(Kind::SessionReused, format!("{user} is at the limit of {}: the request was attached to their most recently active session", self.max), Some(&ctx), Some(&s), Some(&user));
                 tracing::info!(session = %s.hash, user = %user, vp = %info.prefix, "user at the session limit: request attached to their most recent session");
                 self.finish_flight(&ctx, Outcome::Session(s.clone()));
                 let mut ctx = self.attach(ctx, s);
@@ -414,6 +455,7 @@ impl SessionGuard {
             }
             Limit::Evict(victim, reservation) => {
                 self.counters.evicted.fetch_add(1, Ordering::Relaxed);
+                self.emit(Kind::SessionEvicted, format!("{user} reached the limit of {} (headroom {}): the least recently active session without an open app was ended", self.max, self.headroom), Some(&ctx), Some(&victim), Some(&user));
                 tracing::info!(session = %victim.hash, user = %user, vp = %self.vps[victim.vp].prefix, "user at the session limit: least recently active session evicted");
                 if let Err(e) = self.end_in_qlik(&victim).await {
                     tracing::warn!(session = %victim.hash, user = %user, "eviction failed: {e}");
@@ -425,6 +467,16 @@ impl SessionGuard {
                 self.counters
                     .refused_at_limit
                     .fetch_add(1, Ordering::Relaxed);
+                self.emit(
+                    Kind::RefusedAtLimit,
+                    format!(
+                        "{user} is at the limit of {}: the limit page was shown",
+                        self.max
+                    ),
+                    Some(&ctx),
+                    None,
+                    Some(&user),
+                );
                 tracing::warn!(user = %user, vp = %info.prefix, limit = self.max, "user at the session limit: limit page shown");
                 self.finish_flight(&ctx, Outcome::Failed);
                 Verdict::Answer(self.limit_page(&user, &ctx))
@@ -582,6 +634,8 @@ impl SessionGuard {
             // Qlik sends this request to log in: whatever session it carried is dead in Qlik.
             if let Some(s) = &ctx.session {
                 if self.table.end(s, State::Ended) {
+                    self.counters.replaced.fetch_add(1, Ordering::Relaxed);
+                    self.emit(Kind::SessionReplaced, "Qlik sent the browser to log in again although its session cookie was live: Qlik no longer knew the session, or did not receive the cookie intact", Some(ctx), Some(s), None);
                     tracing::info!(session = %s.hash, user = %owner_text(s), "Qlik no longer knows the session: the browser is sent to log in again");
                 }
             }
@@ -661,6 +715,7 @@ impl SessionGuard {
         if let Some(old) = &ctx.session {
             if self.table.end(old, State::Replaced) {
                 self.counters.replaced.fetch_add(1, Ordering::Relaxed);
+                self.emit(Kind::SessionReplaced, "Qlik answered a live session cookie with a new one: it no longer knew the session (timeout, restart, deletion), or did not receive the cookie intact", Some(ctx), Some(old), None);
                 tracing::info!(session = %old.hash, user = %owner_text(old), "Qlik replaced a session cookie (it no longer knew the session)");
             }
         }
@@ -682,9 +737,14 @@ impl SessionGuard {
         if let Some(h) = &ctx.host {
             s.meta().host = Some(h.clone());
         }
-        if let Some((ua, addr)) = &ctx.client {
+        if let Some(c) = &ctx.client {
             self.table
-                .seen_device(ctx.device, ua.as_deref(), *addr, true);
+                .seen_device(ctx.device, c.user_agent.as_deref(), ctx.peer, true);
+        }
+        if ctx.new_device {
+            // The device cookie goes out in the same response: if only this cookie comes
+            // back, a device on the way folded the Set-Cookie headers.
+            s.meta().set_with_device = true;
         }
         tracing::info!(session = %s.hash, user = %ctx.identity.as_ref().map(|u| u.to_string()).unwrap_or_else(|| "(resolving)".into()), vp = %self.vps[ctx.vp].prefix, node = %node, "session created");
         if let Some(f) = self
@@ -766,6 +826,7 @@ impl SessionGuard {
             self.counters
                 .qps_limit_refusals
                 .fetch_add(1, Ordering::Relaxed);
+            self.emit(Kind::QpsLimitRefusal, "Qlik refused a session: too many sessions active in parallel (sessions made without the guard, or a user the guard did not know yet)", None, None, user.as_ref());
             tracing::error!(
                 user = %user.map(|u| u.to_string()).unwrap_or_else(|| "(unknown)".into()),
                 "Qlik refused a session: too many sessions active in parallel"
@@ -791,6 +852,13 @@ impl SessionGuard {
                 self.counters
                     .qps_limit_refusals
                     .fetch_add(1, Ordering::Relaxed);
+                self.emit(
+                    Kind::QpsLimitRefusal,
+                    "Qlik refused an engine session: OnMaxParallelSessionsExceeded",
+                    None,
+                    Some(s),
+                    None,
+                );
                 tracing::error!(user = %owner_text(s), session = %s.hash, "Qlik refused an engine session: OnMaxParallelSessionsExceeded");
                 return;
             }
@@ -798,6 +866,81 @@ impl SessionGuard {
         if self.table.end(s, state) {
             tracing::info!(session = %s.hash, user = %owner_text(s), "session ended by Qlik ({n:?})");
         }
+    }
+    /// Records an event with what is known of the request.
+    fn emit(
+        &self,
+        kind: Kind,
+        cause: impl Into<String>,
+        ctx: Option<&Context>,
+        session: Option<&Session>,
+        user: Option<&User>,
+    ) {
+        let mut e = events::NewEvent::new(kind, cause);
+        if let Some(c) = ctx {
+            e.virtual_proxy = Some(self.vps[c.vp].prefix.clone());
+            e.device = (!c.new_device).then(|| self.device_hash(c.device));
+            e.client = c.client.clone().unwrap_or_else(|| events::Client {
+                peer: Some(c.peer),
+                ..Default::default()
+            });
+        }
+        e.user = user
+            .cloned()
+            .or_else(|| session.and_then(|s| s.owner()))
+            .or_else(|| ctx.and_then(|c| c.identity.clone()))
+            .map(|u| u.to_string());
+        if let Some(s) = session {
+            e.cookies.push(events::CookieRef {
+                name: self.vps[s.vp].cookie.clone(),
+                hash: s.hash.to_string(),
+            });
+            if e.virtual_proxy.is_none() {
+                e.virtual_proxy = Some(self.vps[s.vp].prefix.clone());
+            }
+        }
+        self.events.emit(e);
+    }
+
+    /// A session cookie came back without the device cookie that was set with it.
+    fn check_folded(&self, s: &Session, ctx: &Context, client: impl FnOnce() -> events::Client) {
+        let report = {
+            let mut m = s.meta();
+            let fold = m.set_with_device && !m.fold_reported;
+            m.fold_reported |= fold;
+            fold
+        };
+        if report {
+            let mut c = Context::shallow(ctx);
+            c.client = Some(client());
+            self.emit(
+                Kind::SetCookieFolded,
+                format!(
+                    "the session cookie came back but the {} cookie set in the same response did not: a device on the way folded the Set-Cookie headers into one (the browser kept only the first)",
+                    self.device_cookie
+                ),
+                Some(&c),
+                Some(s),
+                None,
+            );
+        }
+    }
+
+    /// The keyed hash of a device id (device cookies are credentials too).
+    pub fn device_hash(&self, device: DeviceId) -> String {
+        self.table.hash(&format!("{device:032x}"))
+    }
+
+    /// Ends a session from the admin API.
+    pub async fn end_by_admin(&self, s: &Session) -> Result<(), QpsError> {
+        self.table.end(s, State::EndedByAdmin);
+        let r = self.end_in_qlik(s).await;
+        tracing::info!(session = %s.hash, user = %owner_text(s), ok = r.is_ok(), "session ended by an admin");
+        r
+    }
+
+    pub fn events(&self) -> &Arc<Events> {
+        &self.events
     }
 
     /// A 302 to `location` that also sets `s`'s cookie.
@@ -857,6 +1000,76 @@ impl SessionGuard {
             .map(|ms| ms.div_ceil(1000).max(1))
             .unwrap_or_else(|| self.table.timeout_ms(0) / 1000)
     }
+}
+
+impl Context {
+    /// A copy for an event (no flight, no reservation).
+    fn shallow(c: &Context) -> Context {
+        Context {
+            vp: c.vp,
+            device: c.device,
+            new_device: c.new_device,
+            identity: c.identity.clone(),
+            session: None,
+            set_back: false,
+            unknown: None,
+            lead: None,
+            logout: false,
+            host: None,
+            path: String::new(),
+            app: None,
+            tls: c.tls,
+            reservation: None,
+            client: c.client.clone(),
+            peer: c.peer,
+        }
+    }
+}
+
+/// The address chain and User-Agent of a request.
+fn client_info<H: Headers>(headers: &H, peer: IpAddr) -> events::Client {
+    let joined = |name: &'static str| -> Option<String> {
+        let v: Vec<String> = headers
+            .values(name)
+            .map(|v| String::from_utf8_lossy(v).chars().take(300).collect())
+            .collect();
+        (!v.is_empty()).then(|| v.join(", "))
+    };
+    events::Client {
+        peer: Some(peer),
+        forwarded_for: joined("x-forwarded-for"),
+        via: joined("via"),
+        user_agent: headers
+            .first("user-agent")
+            .map(|v| String::from_utf8_lossy(v).chars().take(200).collect()),
+    }
+}
+
+/// Why a browser may not have sent a cookie the guard set on it.
+fn lost_cause<H: Headers>(attributes: &str, tls: bool, headers: &H) -> String {
+    let lower = attributes.to_ascii_lowercase();
+    let mut why = String::from(
+        "the browser sent no session cookie although the guard had set one on this device: lost between guard and browser",
+    );
+    let mut hint = false;
+    if lower.contains("secure") && !tls {
+        hint = true;
+        why.push_str("; the cookie is Secure and this request came over plain http, so the browser does not send it");
+    }
+    let iframe = headers
+        .first("sec-fetch-dest")
+        .is_some_and(|v| v.eq_ignore_ascii_case(b"iframe"));
+    let cross = headers
+        .first("sec-fetch-site")
+        .is_some_and(|v| v.eq_ignore_ascii_case(b"cross-site"));
+    if (iframe || cross) && !lower.contains("samesite=none") {
+        hint = true;
+        why.push_str("; the page is framed or reached cross-site and the cookie is not SameSite=None, so the browser holds it back");
+    }
+    if !hint {
+        why.push_str(" (a restarted browser drops session cookies; a device on the way may strip Set-Cookie or Cookie)");
+    }
+    why
 }
 
 fn owner_text(s: &Session) -> String {

@@ -83,6 +83,10 @@ pub struct Meta {
     /// The Host the browser used (Qlik's host allow list checks it on the guard's own calls).
     pub host: Option<http::HeaderValue>,
     pub ended_ms: u64,
+    /// Its cookie was set in the same response as a new device cookie.
+    pub set_with_device: bool,
+    /// A folded Set-Cookie was reported for it already.
+    pub fold_reported: bool,
 }
 
 /// One Qlik session.

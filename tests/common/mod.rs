@@ -177,3 +177,136 @@ pub async fn browse(
     }
     panic!("too many redirects");
 }
+
+/// What a cookie-mangling middlebox does (for the "lost on the way" tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mangle {
+    /// Passes everything, but says hello with `Via`.
+    Clean,
+    /// Removes this cookie from every request.
+    StripCookie(&'static str),
+    /// Changes this cookie's value in every request.
+    ModifyCookie(&'static str),
+    /// Folds all `Set-Cookie` headers of a response into one (comma-joined).
+    FoldSetCookie,
+    /// Keeps only the first `Set-Cookie` header of a response.
+    DropSetCookies,
+}
+
+/// A tiny HTTP/1.1 middlebox in front of `target`: one request per connection, mangled as told.
+pub async fn mangler(target: SocketAddr, mode: Mangle) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let Some((head, body)) = read_message(&mut client, true).await else {
+                    return;
+                };
+                let mut lines: Vec<String> = head.split("\r\n").map(str::to_string).collect();
+                lines.retain(|l| !l.to_ascii_lowercase().starts_with("connection:"));
+                for l in lines.iter_mut() {
+                    let lower = l.to_ascii_lowercase();
+                    if let Some(rest) = lower.strip_prefix("cookie:") {
+                        let _ = rest;
+                        let value = l[7..].trim().to_string();
+                        let pairs: Vec<String> = value
+                            .split(';')
+                            .map(|p| p.trim().to_string())
+                            .filter_map(|p| match mode {
+                                Mangle::StripCookie(n) if p.starts_with(&format!("{n}=")) => None,
+                                Mangle::ModifyCookie(n) if p.starts_with(&format!("{n}=")) => {
+                                    Some(format!("{p}x"))
+                                }
+                                _ => Some(p),
+                            })
+                            .collect();
+                        *l = format!("Cookie: {}", pairs.join("; "));
+                    }
+                }
+                lines.retain(|l| l != "Cookie: ");
+                let mut req = lines[..lines.len().saturating_sub(0)].join("\r\n");
+                req = req.trim_end().to_string();
+                req.push_str("\r\nVia: 1.1 mangler\r\nConnection: close\r\n\r\n");
+                let Ok(mut up) = TcpStream::connect(target).await else {
+                    return;
+                };
+                if up.write_all(req.as_bytes()).await.is_err() || up.write_all(&body).await.is_err()
+                {
+                    return;
+                }
+                let mut resp = Vec::new();
+                let _ = up.read_to_end(&mut resp).await;
+                let split = resp
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .map(|i| i + 4)
+                    .unwrap_or(resp.len());
+                let (rhead, rbody) = resp.split_at(split);
+                let rhead = String::from_utf8_lossy(rhead).to_string();
+                let mut out: Vec<String> = Vec::new();
+                let mut cookies: Vec<String> = Vec::new();
+                for l in rhead.trim_end().split("\r\n") {
+                    if l.to_ascii_lowercase().starts_with("set-cookie:") {
+                        cookies.push(l[11..].trim().to_string());
+                    } else if !l.to_ascii_lowercase().starts_with("connection:") {
+                        out.push(l.to_string());
+                    }
+                }
+                match mode {
+                    Mangle::FoldSetCookie if !cookies.is_empty() => {
+                        out.push(format!("Set-Cookie: {}", cookies.join(", ")))
+                    }
+                    Mangle::DropSetCookies if !cookies.is_empty() => {
+                        out.push(format!("Set-Cookie: {}", cookies[0]))
+                    }
+                    _ => out.extend(cookies.iter().map(|c| format!("Set-Cookie: {c}"))),
+                }
+                out.push("Via: 1.1 mangler".into());
+                out.push("Connection: close".into());
+                let mut bytes = out.join("\r\n").into_bytes();
+                bytes.extend_from_slice(b"\r\n\r\n");
+                bytes.extend_from_slice(rbody);
+                let _ = client.write_all(&bytes).await;
+                let _ = client.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Reads one request (head and Content-Length body) from a raw socket.
+async fn read_message(s: &mut TcpStream, _request: bool) -> Option<(String, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..i]).to_string();
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            let mut body = buf[i + 4..].to_vec();
+            while body.len() < len {
+                let n = s.read(&mut chunk).await.ok()?;
+                if n == 0 {
+                    break;
+                }
+                body.extend_from_slice(&chunk[..n]);
+            }
+            return Some((head, body));
+        }
+        let n = s.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}

@@ -164,6 +164,24 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         let _ = write_answer(c, e.to_response(), true).await;
         return Next::Close;
     }
+    if let Some(check) = &proxy.diagnostics.cookie_check {
+        if let Some(resp) = check.handle(head.path(), head.query(), &head, c.info.tls) {
+            log(
+                proxy,
+                &head,
+                resp.status().as_u16(),
+                None,
+                started,
+                0,
+                c.info,
+            );
+            let close = has_body || head.close;
+            return match write_answer(c, resp, close).await {
+                Ok(()) if !close => Next::KeepAlive,
+                _ => Next::Close,
+            };
+        }
+    }
     // 3. guard
     let mut ctx = None;
     if let Some(guard) = &proxy.sessions {
@@ -228,6 +246,9 @@ async fn fail<S: AsyncRead + AsyncWrite + Unpin>(
         g.abandon(x);
     }
     if e.is_upstream() {
+        if let Some(n) = node {
+            proxy.diagnostics.metrics.upstream_error(&n.name, e.cause());
+        }
         tracing::warn!(client = %c.info.peer, "{e}");
     } else {
         tracing::info!(client = %c.info.peer, "refused: {e}");
@@ -945,6 +966,10 @@ fn log(
     bytes: u64,
     info: ConnInfo,
 ) {
+    proxy
+        .diagnostics
+        .metrics
+        .request(status, started.elapsed().as_secs_f64());
     if !proxy.settings.log_requests {
         return;
     }
