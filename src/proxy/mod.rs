@@ -437,7 +437,7 @@ impl Proxy {
             run_tunnel(
                 TokioIo::new(client),
                 TokioIo::new(upstream),
-                &[],
+                None,
                 engine,
                 idle,
                 stop,
@@ -474,7 +474,7 @@ impl Proxy {
             if !from_qlik.is_empty() && client.write_all(&from_qlik).await.is_err() {
                 return;
             }
-            run_tunnel(client, up, &from_qlik, engine, idle, stop).await;
+            run_tunnel(client, up, Some(from_qlik), engine, idle, stop).await;
         });
     }
 }
@@ -486,7 +486,7 @@ pub(crate) type Engine = (Arc<SessionGuard>, Arc<Session>, Option<String>);
 async fn run_tunnel<C, U>(
     client: C,
     upstream: U,
-    already_sent: &[u8],
+    already_sent: Option<BytesMut>,
     engine: Option<Engine>,
     idle: Option<Duration>,
     stop: CancellationToken,
@@ -499,11 +499,13 @@ async fn run_tunnel<C, U>(
     let observer = engine.as_ref().map(|(guard, s, app)| {
         guard.table.websocket_opened(s, app.clone());
         let mut o = guard.engine_observer(s.clone());
-        if !already_sent.is_empty() {
-            o(already_sent);
+        if let Some(bytes) = &already_sent {
+            o(bytes);
         }
         o
     });
+    // An idle tunnel keeps no buffer.
+    drop(already_sent);
     let (ending, moved) = tunnel::run(client, upstream, idle, stop, observer).await;
     if let Some((guard, s, app)) = &engine {
         guard.table.websocket_closed(s, app.as_deref());

@@ -239,7 +239,6 @@ impl SessionGuard {
         let Some((vp, rest)) = self.route(req.path) else {
             return Verdict::Pass;
         };
-        let rest = rest.to_string();
         let info = &self.vps[vp];
         let (device, new_device) = match cookies::find(req.headers, &self.device_cookie).first {
             Some(v) => match u128::from_str_radix(v, 16) {
