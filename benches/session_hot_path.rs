@@ -99,7 +99,7 @@ fn bench(c: &mut Criterion) {
                 panic!("not forwarded")
             };
             assert!(ctx.session.is_some());
-            black_box(g.after(&ctx, &node, 200, &empty));
+            black_box(g.after(&ctx, &node, req.path, 200, &empty));
         })
     });
 }

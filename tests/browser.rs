@@ -120,6 +120,31 @@ async fn a_real_browser_keeps_its_qlik_session_across_a_restart() {
     assert!(page.contains("Result: clean"), "{page}");
     assert!(page.contains("qsguard_check_long"), "{page}");
 
+    // The same page behind a device that folds Set-Cookie headers, and one that strips a
+    // cookie: the page tells this browser what went wrong.
+    let folding = mangler(guard.addr, Mangle::FoldSetCookie).await;
+    let page = chromium_dom(
+        &bin,
+        &profile,
+        &format!("http://{folding}/__qsguard/cookie-check"),
+        5000,
+    )
+    .await;
+    assert!(page.contains("Result: folded"), "{page}");
+    let stripping = mangler(guard.addr, Mangle::StripCookie("qsguard_check_lax")).await;
+    let page = chromium_dom(
+        &bin,
+        &profile,
+        &format!("http://{stripping}/__qsguard/cookie-check"),
+        5000,
+    )
+    .await;
+    assert!(page.contains("Result: dropped"), "{page}");
+    assert!(
+        page.contains("Via: 1.1 mangler"),
+        "the middlebox is named: {page}"
+    );
+
     guard.shutdown().await;
     let _ = std::fs::remove_dir_all(&profile);
 }

@@ -12,15 +12,6 @@ use bytes::Bytes;
 use common::*;
 use http_body_util::Full;
 
-type Jar = Vec<(String, String)>;
-
-fn cookie_header(jar: &Jar) -> String {
-    jar.iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join("; ")
-}
-
 fn events(guard: &qsguard::Guard, kind: &str) -> Vec<serde_json::Value> {
     guard
         .proxy()
@@ -30,16 +21,6 @@ fn events(guard: &qsguard::Guard, kind: &str) -> Vec<serde_json::Value> {
         .into_iter()
         .map(|e| serde_json::to_value(e).unwrap())
         .collect()
-}
-
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..200 {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("timed out waiting for: {what}");
 }
 
 #[tokio::test]

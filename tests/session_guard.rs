@@ -9,8 +9,6 @@ use std::time::Duration;
 use common::*;
 use qsguard::sim::{SimConfig, Simulator};
 
-type Jar = Vec<(String, String)>;
-
 fn sessions_cfg(extra: &str) -> String {
     format!("[sessions]\n{extra}\n")
 }
@@ -26,16 +24,6 @@ async fn hdr_visit(addr: std::net::SocketAddr, path: &str, user: &str, jar: &mut
 
 fn without(jar: &Jar, name: &str) -> Jar {
     jar.iter().filter(|(n, _)| n != name).cloned().collect()
-}
-
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..200 {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("timed out waiting for: {what}");
 }
 
 #[tokio::test]
@@ -135,11 +123,7 @@ async fn sixth_browser_with_error_policy_gets_the_limit_page() {
     // The page's button ends one of the user's own sessions; then the sixth browser gets in.
     let csrf = between(&text, "name=\"csrf\" value=\"", "\"");
     let hash = between(&text, "name=\"session\" value=\"", "\"");
-    let cookie = sixth
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join("; ");
+    let cookie = cookie_header(&sixth);
     let forged = post_form(
         guard.addr,
         &cookie,
@@ -272,13 +256,6 @@ async fn reuse_is_not_given_on_a_device_cookie_alone() {
         "no other browser's session was handed over"
     );
     guard.shutdown().await;
-}
-
-fn cookie_header(jar: &Jar) -> String {
-    jar.iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join("; ")
 }
 
 fn api_cfg(sim: &Simulator) -> qsguard::config::QpsApiConfig {
@@ -514,11 +491,7 @@ async fn dead_cookie_burst_makes_one_session_header_auth() {
     let mut jar = Jar::new();
     hdr_visit(guard.addr, "/hdr/hub/", "CORP\\hb", &mut jar).await;
     // The user logs out through the guard; the browser keeps the now dead cookie.
-    let cookie = jar
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join("; ");
+    let cookie = cookie_header(&jar);
     send(
         guard.addr,
         http::Request::delete("/hdr/qps/user")
@@ -610,11 +583,7 @@ async fn engine_notifications_and_qps_refusals_are_seen() {
     let guard = guard(sim.addr()).await;
     let mut jar = Jar::new();
     hdr_visit(guard.addr, "/hdr/hub/", "CORP\\ws", &mut jar).await;
-    let cookie = jar
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join("; ");
+    let cookie = cookie_header(&jar);
     let mut req = format!("ws://{}/hdr/app/myapp", guard.addr)
         .into_client_request()
         .unwrap();

@@ -119,7 +119,7 @@ pub fn set_forwarded(
 ) {
     let peer = canonical(peer);
     let trust = trusted.trusts(peer);
-    let mut peer_text = itoa_ip(peer);
+    let mut peer_text = peer.to_string();
     if trust && headers.contains_key(&X_FORWARDED_FOR) {
         let mut chain = BytesMut::new();
         for v in headers.get_all(&X_FORWARDED_FOR).iter() {
@@ -153,21 +153,7 @@ pub fn set_forwarded(
     }
 }
 
-fn itoa_ip(ip: IpAddr) -> String {
-    ip.to_string()
-}
-
-fn trim(v: &[u8]) -> &[u8] {
-    let start = v
-        .iter()
-        .position(|&b| b != b' ' && b != b'\t')
-        .unwrap_or(v.len());
-    let end = v
-        .iter()
-        .rposition(|&b| b != b' ' && b != b'\t')
-        .map_or(start, |e| e + 1);
-    &v[start..end]
-}
+use crate::proxy::h1::parse::trim_ows as trim;
 
 #[cfg(test)]
 mod tests {

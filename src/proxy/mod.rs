@@ -197,6 +197,11 @@ impl Proxy {
             return Ok((resp.map(Either::Right), None));
         }
         let (mut parts, body) = req.into_parts();
+        let target = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
         let view = session::Request {
             method: parts.method.as_str().as_bytes(),
             path: parts.uri.path(),
@@ -242,7 +247,7 @@ impl Proxy {
         });
         if let Some(c) = &ctx {
             let status = resp.status().as_u16();
-            for v in guard.after(c, &node.name_arc(), status, resp.headers()) {
+            for v in guard.after(c, &node.name_arc(), &target, status, resp.headers()) {
                 resp.headers_mut().append(header::SET_COOKIE, v);
             }
         }

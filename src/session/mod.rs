@@ -81,7 +81,6 @@ pub struct Context {
     pub lead: Option<Arc<Flight>>,
     pub logout: bool,
     pub host: Option<HeaderValue>,
-    pub path: String,
     /// `/app/<id>` of an engine WebSocket upgrade.
     pub app: Option<String>,
     pub tls: bool,
@@ -240,7 +239,8 @@ impl SessionGuard {
             return Verdict::Pass;
         };
         let info = &self.vps[vp];
-        let (device, new_device) = match cookies::find(req.headers, &self.device_cookie).first {
+        let (found, found_device) = cookies::find2(req.headers, &info.cookie, &self.device_cookie);
+        let (device, new_device) = match found_device.first {
             Some(v) => match u128::from_str_radix(v, 16) {
                 Ok(d) if v.len() == 32 => (d, false),
                 _ => (rand::random(), true),
@@ -266,7 +266,6 @@ impl SessionGuard {
                 }
             }
         };
-        let found = cookies::find(req.headers, &info.cookie);
         let client_of = || client_info(req.headers, peer);
         let mut ctx = Context {
             vp,
@@ -277,16 +276,9 @@ impl SessionGuard {
             set_back: false,
             unknown: None,
             lead: None,
-            logout: req.method == b"DELETE" && is_personal_api(&rest),
-            host: req
-                .headers
-                .first("host")
-                .and_then(|h| HeaderValue::from_bytes(h).ok()),
-            path: match req.query {
-                Some(q) => format!("{}?{q}", req.path),
-                None => req.path.to_string(),
-            },
-            app: app_of(&rest),
+            logout: req.method == b"DELETE" && is_personal_api(rest),
+            host: None,
+            app: app_of(rest),
             tls,
             reservation: None,
             client: None,
@@ -294,12 +286,13 @@ impl SessionGuard {
         };
 
         // The hot path: a cookie the guard knows is live.
+        let now = self.table.now_ms();
         if let Some(value) = found.first {
             match self.table.get(vp, value) {
-                Some(s) if self.table.is_live(&s, self.table.now_ms()) => {
-                    let owner_differs = match (&ctx.identity, s.owner()) {
-                        (Some(i), Some(o)) => i.key != o.key,
-                        _ => false,
+                Some(s) if self.table.is_live(&s, now) => {
+                    let owner_differs = match &ctx.identity {
+                        Some(i) => s.owner().is_some_and(|o| i.key != o.key),
+                        None => false,
                     };
                     if !owner_differs {
                         if new_device && found.count == 1 {
@@ -309,7 +302,7 @@ impl SessionGuard {
                             ctx.client = Some(client_of());
                             self.emit(Kind::CookieDuplicated, format!("the cookie {} was sent {} times in one request (path-scoped duplicates, or a device on the way appending one)", info.cookie, found.count), Some(&ctx), Some(&s), None);
                         }
-                        self.table.touch(&s);
+                        self.table.touch_at(&s, now);
                         if !new_device && !s.meta().devices.contains(&device) {
                             self.table.link_device(&s, device);
                         }
@@ -326,6 +319,10 @@ impl SessionGuard {
                 None => ctx.unknown = Some(value.into()),
             }
         }
+        ctx.host = req
+            .headers
+            .first("host")
+            .and_then(|h| HeaderValue::from_bytes(h).ok());
         let ua = req
             .headers
             .first("user-agent")
@@ -340,13 +337,13 @@ impl SessionGuard {
         }
 
         // The Personal API never creates a session: nothing to guard.
-        if is_personal_api(&rest) {
+        if is_personal_api(rest) {
             return Verdict::Forward(Box::new(ctx));
         }
         // A step of a login dance.
         let ticket =
             has_param(req.query, "qlikTicket") || req.headers.first("x-qlik-ticket").is_some();
-        if is_auth_module(&rest) || ticket {
+        if is_auth_module(rest) || ticket {
             if let (false, Some(f)) = (new_device, self.flights.get(device, vp)) {
                 let target = param(req.query, "targetId");
                 let leads = ticket
@@ -478,7 +475,11 @@ impl SessionGuard {
                 );
                 tracing::warn!(user = %user, vp = %info.prefix, limit = self.max, "user at the session limit: limit page shown");
                 self.finish_flight(&ctx, Outcome::Failed);
-                Verdict::Answer(self.limit_page(&user, &ctx))
+                let path = match req.query {
+                    Some(q) => format!("{}?{q}", req.path),
+                    None => req.path.to_string(),
+                };
+                Verdict::Answer(self.limit_page(&user, &ctx, &path))
             }
         }
     }
@@ -617,6 +618,7 @@ impl SessionGuard {
         self: &Arc<Self>,
         ctx: &Context,
         node: &Arc<str>,
+        target: &str,
         status: u16,
         headers: &H,
     ) -> Vec<HeaderValue> {
@@ -629,7 +631,7 @@ impl SessionGuard {
             if ctx.session.as_deref().map(|s| &*s.id) != Some(c.value.as_str()) {
                 new_session = Some(self.record_new(ctx, node, c));
             }
-        } else if let Some(target) = auth_redirect_target(status, headers) {
+        } else if let Some(target_id) = auth_redirect_target(status, headers) {
             // Qlik sends this request to log in: whatever session it carried is dead in Qlik.
             if let Some(s) = &ctx.session {
                 if self.table.end(s, State::Ended) {
@@ -649,9 +651,9 @@ impl SessionGuard {
             if let Some(f) = flight {
                 let mut d = f.dance();
                 if d.leader_target.is_none() {
-                    d.leader_target = Some(target.clone());
+                    d.leader_target = Some(target_id.clone());
                 }
-                d.targets.insert(target, ctx.path.clone());
+                d.targets.insert(target_id, target.to_string());
             }
         } else if let (Some(value), true) = (&ctx.unknown, status < 400) {
             // Qlik took the cookie: a live session the guard had not seen (made before a
@@ -1015,7 +1017,6 @@ impl Context {
             lead: None,
             logout: false,
             host: None,
-            path: String::new(),
             app: None,
             tls: c.tls,
             reservation: None,

@@ -21,8 +21,8 @@ use crate::proxy::error::escape;
 pub const END_SESSION_PATH: &str = "/__qsguard/end-session";
 
 impl SessionGuard {
-    /// The limit page for `user`, who asked for `ctx.path`.
-    pub fn limit_page(&self, user: &User, ctx: &Context) -> Response<Full<Bytes>> {
+    /// The limit page for `user`, who asked for `path` (with its query).
+    pub fn limit_page(&self, user: &User, ctx: &Context, path: &str) -> Response<Full<Bytes>> {
         let now_ms = self.table.now_ms();
         let sessions = self.table.user_sessions(&user.key);
         let token = self.csrf_token(ctx.device, user);
@@ -61,7 +61,7 @@ impl SessionGuard {
                 apps = if apps.is_empty() { "-".to_string() } else { escape(&apps) },
                 hash = s.hash,
                 token = token,
-                back = escape(&ctx.path),
+                back = escape(path),
             ));
         }
         let retry = self.retry_after(user);
@@ -85,7 +85,7 @@ sessions.on_limit = {policy}. Answered by qsguard, the proxy in front of Qlik Se
             n = sessions.len(),
             max = self.max_per_user(),
             rows = rows,
-            back = escape(&ctx.path),
+            back = escape(path),
             wait = ago(retry).replace(" ago", ""),
             user = escape(&user.to_string()),
             policy = self.on_limit_name(),

@@ -239,7 +239,11 @@ impl Table {
     }
 
     pub fn touch(&self, s: &Session) {
-        s.last_active_ms.store(self.now_ms(), Ordering::Relaxed);
+        self.touch_at(s, self.now_ms());
+    }
+
+    pub fn touch_at(&self, s: &Session, now_ms: u64) {
+        s.last_active_ms.store(now_ms, Ordering::Relaxed);
     }
 
     /// Records a session Qlik created (or one the guard adopts). Returns the existing entry
@@ -611,6 +615,20 @@ mod tests {
         assert_eq!(t.live_count(&jane.key), 0);
         assert_ne!(&*s.hash, "abc");
         assert_eq!(s.hash.len(), 12);
+    }
+
+    #[test]
+    fn each_virtual_proxy_has_its_own_timeout() {
+        let t = Table::new(
+            vec![Duration::from_millis(10), Duration::from_secs(3600)],
+            Duration::from_secs(60),
+        );
+        let short = t.insert(0, "a", "n1".into(), None, None, String::new());
+        let long = t.insert(1, "b", "n1".into(), None, None, String::new());
+        std::thread::sleep(Duration::from_millis(CLOCK_SLACK_MS + 30));
+        let now = t.now_ms();
+        assert!(!t.is_live(&short, now));
+        assert!(t.is_live(&long, now));
     }
 
     #[test]

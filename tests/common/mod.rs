@@ -310,3 +310,25 @@ async fn read_message(s: &mut TcpStream, _request: bool) -> Option<(String, Vec<
         buf.extend_from_slice(&chunk[..n]);
     }
 }
+
+/// A browser's cookie jar, as `browse` keeps it.
+pub type Jar = Vec<(String, String)>;
+
+/// The `Cookie` header a browser with this jar sends.
+pub fn cookie_header(jar: &Jar) -> String {
+    jar.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Waits (up to 5 s) until `f` holds.
+pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}

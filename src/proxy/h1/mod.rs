@@ -166,20 +166,8 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     }
     if let Some(check) = &proxy.diagnostics.cookie_check {
         if let Some(resp) = check.handle(head.path(), head.query(), &head, c.info.tls) {
-            log(
-                proxy,
-                &head,
-                resp.status().as_u16(),
-                None,
-                started,
-                0,
-                c.info,
-            );
             let close = has_body || head.close;
-            return match write_answer(c, resp, close).await {
-                Ok(()) if !close => Next::KeepAlive,
-                _ => Next::Close,
-            };
+            return answer(c, proxy, &head, resp, None, started, close).await;
         }
     }
     // 3. guard
@@ -198,21 +186,9 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
             Verdict::Pass => {}
             Verdict::Forward(x) => ctx = Some(x),
             Verdict::Answer(resp) => {
-                log(
-                    proxy,
-                    &head,
-                    resp.status().as_u16(),
-                    None,
-                    started,
-                    0,
-                    c.info,
-                );
                 // An unread body would be read as the next request: close instead.
                 let close = has_body || head.close;
-                return match write_answer(c, resp, close).await {
-                    Ok(()) if !close => Next::KeepAlive,
-                    _ => Next::Close,
-                };
+                return answer(c, proxy, &head, resp, None, started, close).await;
             }
         }
     }
@@ -254,6 +230,20 @@ async fn fail<S: AsyncRead + AsyncWrite + Unpin>(
         tracing::info!(client = %c.info.peer, "refused: {e}");
     }
     let resp: Response<Full<Bytes>> = e.to_response();
+    let close = head.framing != Framing::None || head.close || !e.is_upstream();
+    answer(c, proxy, head, resp, node, started, close).await
+}
+
+/// Logs and writes an answer the guard made itself; the connection goes on unless `close`.
+async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Client<S>,
+    proxy: &Proxy,
+    head: &Head,
+    resp: Response<Full<Bytes>>,
+    node: Option<&Arc<Node>>,
+    started: Instant,
+    close: bool,
+) -> Next {
     log(
         proxy,
         head,
@@ -263,7 +253,6 @@ async fn fail<S: AsyncRead + AsyncWrite + Unpin>(
         0,
         c.info,
     );
-    let close = head.framing != Framing::None || head.close || !e.is_upstream();
     match write_answer(c, resp, close).await {
         Ok(()) if !close => Next::KeepAlive,
         _ => Next::Close,
@@ -421,7 +410,7 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
     // 6. respond
     let node_name = node.name_arc();
     let extra = match (guard, ctx) {
-        (Some(g), Some(x)) => g.after(x, &node_name, resp.status, &resp),
+        (Some(g), Some(x)) => g.after(x, &node_name, head.target(), resp.status, &resp),
         _ => Vec::new(),
     };
     let switching = resp.status == 101 && head.upgrade;
@@ -942,19 +931,7 @@ async fn end_session_form<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     let resp = guard.end_session_form(head.method(), head, &body).await;
-    log(
-        proxy,
-        head,
-        resp.status().as_u16(),
-        None,
-        started,
-        0,
-        c.info,
-    );
-    match write_answer(c, resp, head.close).await {
-        Ok(()) if !head.close => Next::KeepAlive,
-        _ => Next::Close,
-    }
+    answer(c, proxy, head, resp, None, started, head.close).await
 }
 
 fn log(

@@ -478,7 +478,8 @@ fn parse_content_length(v: &[u8]) -> Option<u64> {
     std::str::from_utf8(v).ok()?.parse().ok()
 }
 
-fn trim_ows(v: &[u8]) -> &[u8] {
+/// `v` without surrounding spaces and tabs (RFC 9110's OWS).
+pub(crate) fn trim_ows(v: &[u8]) -> &[u8] {
     let start = v
         .iter()
         .position(|&b| b != b' ' && b != b'\t')
