@@ -529,6 +529,8 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
         };
         return Ok(Next::Tunnel(conn, engine));
     }
+    // A 101 nobody asked for leaves the connection in another protocol: not reusable.
+    let clean = clean && resp.status != 101;
     if clean && !resp.close {
         pool.checkin(node, conn);
     }
