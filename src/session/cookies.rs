@@ -42,25 +42,7 @@ pub struct Found<'a> {
 
 /// Finds `name` in every `Cookie` field of the request; no allocation.
 pub fn find<'a, H: Headers>(headers: &'a H, name: &str) -> Found<'a> {
-    let mut found = Found::default();
-    for field in headers.values("cookie") {
-        let Ok(text) = std::str::from_utf8(field) else {
-            continue;
-        };
-        for pair in text.split(';') {
-            let pair = pair.trim_start_matches([' ', '\t']);
-            let Some((n, v)) = pair.split_once('=') else {
-                continue;
-            };
-            if n.trim_end() == name {
-                found.count += 1;
-                if found.first.is_none() {
-                    found.first = Some(v.trim_end_matches([' ', '\t']));
-                }
-            }
-        }
-    }
-    found
+    find2(headers, name, name).0
 }
 
 /// One `Cookie` field value with the first pair named `name` given `value`; `None` when the

@@ -319,19 +319,11 @@ impl Table {
             m.owner = Some(user.clone());
             m.devices.clone()
         };
-        {
-            let mut u = self
-                .users
-                .entry(user.key.clone())
-                .or_insert_with(|| UserEntry {
-                    user: user.clone(),
-                    sessions: Vec::new(),
-                    reservations: Vec::new(),
-                });
+        self.with_user(&user, |u, _, _| {
             if !u.sessions.iter().any(|s| Arc::ptr_eq(s, session)) {
                 u.sessions.push(session.clone());
             }
-        }
+        });
         for d in devices {
             if let Some(mut e) = self.devices.get_mut(&d) {
                 e.last_user = Some(user.clone());
