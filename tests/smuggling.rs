@@ -182,3 +182,37 @@ async fn slowloris_is_cut_off_after_the_header_timeout() {
     assert_eq!(get(guard.addr, "/__sim/echo", &[]).await.status, 200);
     guard.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_stalled_request_body_is_cut_off() {
+    let sim = sim().await;
+    let guard = guard_with(&config_text(
+        &[sim.addr()],
+        "header_read_timeout = \"1s\"",
+        "",
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(guard.addr).await.unwrap();
+    s.write_all(b"POST /__sim/echo HTTP/1.1\r\nHost: q\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the stalled upload was not cut off");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        get(guard.addr, "/__sim/echo", &[]).await.status,
+        200,
+        "the guard still serves"
+    );
+    guard.shutdown().await;
+}

@@ -361,13 +361,19 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
             .await
             .map_err(|e| failed(e.to_string()))?;
     }
-    // The rest of the body, as it comes.
+    // The rest of the body, as it comes; a client that stalls for the header read timeout
+    // between two reads is cut off (slowloris on the body), and Qlik's half request with it.
     while !matches!(body, BodyState::Done) {
         if c.buf.is_empty() {
             c.buf.reserve(16 * 1024);
-            match c.io.read_buf(&mut c.buf).await {
-                Ok(0) | Err(_) => return Ok(Next::Close),
-                Ok(_) => {}
+            let read = c.io.read_buf(&mut c.buf);
+            match tokio::time::timeout(proxy.settings.header_read_timeout, read).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return Ok(Next::Close),
+                Ok(Ok(_)) => {}
+                Err(_) => {
+                    tracing::info!(client = %c.info.peer, "request body stalled for server.header_read_timeout: connection closed");
+                    return Ok(Next::Close);
+                }
             }
         }
         let take = match take_body(&mut body, &c.buf) {
