@@ -212,3 +212,70 @@ async fn https_upstream_with_a_configured_ca() {
     b.shutdown().await;
     let _ = std::fs::remove_dir_all(&tls.dir);
 }
+
+#[tokio::test]
+async fn the_session_guard_works_over_http2_too() {
+    let sim = sim().await;
+    let tls = make_cert();
+    let guard = guard_with(&tls_config(sim.addr(), &tls)).await;
+    let h2 = |cookie: Option<String>| {
+        let connector = connector(&tls, &[b"h2"]);
+        let addr = guard.addr;
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let stream = connector
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await
+                .unwrap();
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            let mut b = http::Request::get("https://qlik.example.com/hdr/hub/")
+                .header("hdr-usr", "CORP\\h2");
+            if let Some(c) = cookie {
+                b = b.header("cookie", c);
+            }
+            let resp = sender
+                .send_request(b.body(Full::new(Bytes::new())).unwrap())
+                .await
+                .unwrap();
+            let status = resp.status();
+            let cookies: Vec<String> = resp
+                .headers()
+                .get_all("set-cookie")
+                .iter()
+                .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_string())
+                .collect();
+            let _ = resp.into_body().collect().await;
+            (status, cookies)
+        }
+    };
+    let (status, cookies) = h2(None).await;
+    assert_eq!(status, 200);
+    let device = cookies
+        .iter()
+        .find(|c| c.starts_with("qsguard="))
+        .expect("device cookie")
+        .clone();
+    assert!(cookies
+        .iter()
+        .any(|c| c.starts_with("X-Qlik-Session-hdr-HTTP=")));
+    // A restarted browser: only the device cookie. The guard restores the session over HTTP/2.
+    let (status, cookies) = h2(Some(device)).await;
+    assert_eq!(status, 200);
+    assert!(
+        cookies
+            .iter()
+            .any(|c| c.starts_with("X-Qlik-Session-hdr-HTTP=")),
+        "set back: {cookies:?}"
+    );
+    assert_eq!(
+        sim.counters().sessions_created,
+        1,
+        "restored, not recreated"
+    );
+    guard.shutdown().await;
+    let _ = std::fs::remove_dir_all(&tls.dir);
+}
