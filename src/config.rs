@@ -108,6 +108,10 @@ pub struct ServerConfig {
     /// Largest request body; larger gets 413. Qlik app uploads through the QMC can be large.
     #[serde(default = "default_max_body_size", deserialize_with = "byte_size")]
     pub max_body_size: u64,
+    /// How long one write to a client may take before the client counts as gone (one that
+    /// stopped reading would otherwise hold a Qlik connection forever).
+    #[serde(default = "default_send_timeout", with = "duration")]
+    pub send_timeout: Duration,
     /// On shutdown, how long in-flight requests get to finish before tunnels are closed.
     #[serde(default = "default_grace_period", with = "duration")]
     pub grace_period: Duration,
@@ -559,6 +563,9 @@ fn default_max_header_size() -> u64 {
 }
 fn default_max_body_size() -> u64 {
     4 * 1024 * 1024 * 1024
+}
+fn default_send_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 fn default_grace_period() -> Duration {
     Duration::from_secs(30)

@@ -502,6 +502,20 @@ async fn sim_endpoint(parts: &Parts, rest: &str, body: &Bytes) -> Response<Body>
             tokio::time::sleep(Duration::from_millis(ms)).await;
             response(StatusCode::OK, "text/plain", format!("slept {ms} ms\n"))
         }
+        "__sim/bytes" => {
+            // A large answer (a QMC export, an app download): `n` bytes.
+            let n = query_param(parts.uri.query(), "n")
+                .and_then(|v| String::from_utf8(v).ok())
+                .and_then(|v| v.parse::<usize>().ok());
+            let Some(n) = n.filter(|n| *n <= 256 << 20) else {
+                return html_page(
+                    StatusCode::BAD_REQUEST,
+                    "Bad request",
+                    "n must be 0..=268435456",
+                );
+            };
+            response(StatusCode::OK, "application/octet-stream", vec![b'q'; n])
+        }
         _ => html_page(
             StatusCode::NOT_FOUND,
             "Not Found",

@@ -447,19 +447,20 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
     write_response_head(&mut c.out, &resp, &extra, close, switching);
     let mut sent: u64 = 0;
     let mut clean = true;
+    let st = proxy.settings.send_timeout;
     match resp.framing {
         Framing::None => {
-            c.io.write_all(&c.out)
-                .await
-                .map_err(|_| ProxyError::BadRequest("client gone"))?;
+            if !send(&mut c.io, &c.out, st).await {
+                return Err(ProxyError::BadRequest("client gone"));
+            }
         }
         Framing::Length(n) => {
             let first = (n as usize).min(conn.buf.len());
             c.out.extend_from_slice(&conn.buf.split_to(first));
             sent += first as u64;
-            c.io.write_all(&c.out)
-                .await
-                .map_err(|_| ProxyError::BadRequest("client gone"))?;
+            if !send(&mut c.io, &c.out, st).await {
+                return Err(ProxyError::BadRequest("client gone"));
+            }
             while sent < n {
                 conn.buf.reserve(16 * 1024);
                 match conn.io.read_buf(&mut conn.buf).await {
@@ -472,7 +473,7 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
                 let part = ((n - sent) as usize).min(conn.buf.len());
                 let bytes = conn.buf.split_to(part);
                 sent += part as u64;
-                if c.io.write_all(&bytes).await.is_err() {
+                if !send(&mut c.io, &bytes, st).await {
                     clean = false;
                     break;
                 }
@@ -489,7 +490,7 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
                 if tracker.done() {
                     break;
                 }
-                if c.io.write_all(&c.out).await.is_err() {
+                if !send(&mut c.io, &c.out, st).await {
                     clean = false;
                     break;
                 }
@@ -503,13 +504,13 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
                     Ok(_) => {}
                 }
             }
-            if clean && c.io.write_all(&c.out).await.is_err() {
+            if clean && !send(&mut c.io, &c.out, st).await {
                 clean = false;
             }
         }
         Framing::UntilClose => {
             c.out.extend_from_slice(&conn.buf.split());
-            let _ = c.io.write_all(&c.out).await;
+            let _ = send(&mut c.io, &c.out, st).await;
             let mut chunk = BytesMut::with_capacity(16 * 1024);
             loop {
                 chunk.clear();
@@ -517,7 +518,7 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
                         sent += n as u64;
-                        if c.io.write_all(&chunk).await.is_err() {
+                        if !send(&mut c.io, &chunk, st).await {
                             break;
                         }
                     }
@@ -545,6 +546,15 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
     } else {
         Ok(Next::KeepAlive)
     }
+}
+
+/// Writes to the client, giving up after `server.send_timeout` without completing: a client
+/// that stopped reading must not hold a Qlik connection forever.
+async fn send<S: AsyncWrite + Unpin>(io: &mut S, bytes: &[u8], limit: std::time::Duration) -> bool {
+    matches!(
+        tokio::time::timeout(limit, io.write_all(bytes)).await,
+        Ok(Ok(()))
+    )
 }
 
 fn leak_io(_: io::Error) -> &'static str {
