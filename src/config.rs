@@ -267,6 +267,12 @@ pub struct SessionsConfig {
     /// How long the guard remembers a browser (and its last user) after its last session.
     #[serde(default = "default_device_memory", with = "duration")]
     pub device_memory: Duration,
+    /// Where the session table is kept across restarts (mode 0600: it holds cookie values).
+    /// Unset: a restart forgets every session.
+    pub snapshot_file: Option<PathBuf>,
+    /// How often the snapshot is written while running (and always at shutdown).
+    #[serde(default = "default_snapshot_interval", with = "duration")]
+    pub snapshot_interval: Duration,
 }
 
 impl Default for SessionsConfig {
@@ -280,6 +286,8 @@ impl Default for SessionsConfig {
             device_cookie: default_device_cookie(),
             burst_wait: default_burst_wait(),
             device_memory: default_device_memory(),
+            snapshot_file: None,
+            snapshot_interval: default_snapshot_interval(),
         }
     }
 }
@@ -506,6 +514,9 @@ impl Config {
                 "must differ from every virtual proxy's session_cookie",
             ));
         }
+        if ss.snapshot_interval.is_zero() {
+            return Err(err("sessions.snapshot_interval", "must be more than 0s"));
+        }
         if ss.inactivity_timeout.is_zero() {
             return Err(err("sessions.inactivity_timeout", "must be more than 0s"));
         }
@@ -599,6 +610,9 @@ fn default_device_cookie() -> String {
 }
 fn default_burst_wait() -> Duration {
     Duration::from_secs(10)
+}
+fn default_snapshot_interval() -> Duration {
+    Duration::from_secs(60)
 }
 fn default_device_memory() -> Duration {
     Duration::from_secs(7 * 24 * 3600)

@@ -80,7 +80,25 @@ impl Guard {
             },
             stop.clone(),
         ));
+        let snapshot = config.sessions.snapshot_file.clone();
         if let Some(sessions) = proxy.sessions() {
+            if let Some(path) = &snapshot {
+                if path.exists() {
+                    match sessions.load_snapshot(path) {
+                        Ok((loaded, dropped)) => tracing::info!(
+                            file = %path.display(), loaded, dropped,
+                            "sessions restored from the snapshot (dropped: expired meanwhile or of a removed virtual proxy)"
+                        ),
+                        Err(e) => tracing::warn!("the session snapshot was not loaded: {e}"),
+                    }
+                }
+                tokio::spawn(save_periodically(
+                    sessions.clone(),
+                    path.clone(),
+                    config.sessions.snapshot_interval,
+                    stop.clone(),
+                ));
+            }
             tokio::spawn(sessions.clone().sweep_forever(stop.clone()));
         }
         tokio::spawn(proxy.upstreams().pool.clone().reap(stop.clone()));
@@ -107,6 +125,16 @@ impl Guard {
                 );
             }
             proxy_for_end.close_tunnels(Duration::from_secs(2)).await;
+            if let (Some(g), Some(path)) = (proxy_for_end.sessions(), &snapshot) {
+                match g.save_snapshot(path) {
+                    Ok(n) => {
+                        tracing::info!(file = %path.display(), sessions = n, "session snapshot written")
+                    }
+                    Err(e) => {
+                        tracing::error!(file = %path.display(), "cannot write the session snapshot: {e}")
+                    }
+                }
+            }
             let _ = admin_task.await;
             tracing::info!("stopped");
         });
@@ -138,6 +166,30 @@ impl Guard {
     /// Waits until the guard has stopped (after the stopper was cancelled).
     pub async fn wait(self) {
         let _ = self.done.await;
+    }
+}
+
+/// Writes the session snapshot every `every` until the guard stops (the final one is written
+/// at shutdown).
+async fn save_periodically(
+    sessions: Arc<crate::session::SessionGuard>,
+    path: std::path::PathBuf,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return,
+        }
+        let (s, p) = (sessions.clone(), path.clone());
+        match tokio::task::spawn_blocking(move || s.save_snapshot(&p)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::error!(file = %path.display(), "cannot write the session snapshot: {e}")
+            }
+            Err(e) => tracing::error!("the snapshot writer failed: {e}"),
+        }
     }
 }
 

@@ -20,6 +20,7 @@ pub mod engine;
 pub mod flight;
 pub mod identity;
 pub mod page;
+pub mod snapshot;
 pub mod table;
 
 use std::collections::HashMap;

@@ -23,6 +23,9 @@ use super::identity::User;
 /// A browser, known by the guard's device cookie (random 128 bits).
 pub type DeviceId = u128;
 
+/// Where the table's millisecond clock starts (about 34 years: any idle time fits below it).
+const CLOCK_BASE_MS: u64 = 1 << 40;
+
 /// How long an ended session is remembered as dead, at most (and at most the longest
 /// inactivity timeout: a browser holding a dead cookie longer than that is a new visit).
 const TOMBSTONE: Duration = Duration::from_secs(300);
@@ -190,8 +193,10 @@ impl Table {
         }
     }
 
+    /// Milliseconds on the table's clock. It starts far from zero so that a session restored
+    /// from a snapshot can have been active before the table existed.
     pub fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+        CLOCK_BASE_MS + self.epoch.elapsed().as_millis() as u64
     }
 
     /// Milliseconds since the table started, as wall-clock time.

@@ -1,0 +1,148 @@
+//! A restart of the guard does not forget sessions: the snapshot keeps counts exact (a user at
+//! the limit before the restart is still at the limit after it) and restores still work.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use qsguard::sim::SimConfig;
+
+fn snapshot_config(sim: std::net::SocketAddr, file: &std::path::Path, extra: &str) -> String {
+    config_text(
+        &[sim],
+        "",
+        &format!(
+            "[sessions]\non_limit = \"error\"\nsnapshot_file = \"{}\"\n{extra}",
+            file.display()
+        ),
+    )
+}
+
+fn temp_file(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "qsguard-{tag}-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join("sessions.json")
+}
+
+#[tokio::test]
+async fn a_user_at_the_limit_is_still_at_the_limit_after_a_restart() {
+    let sim = sim().await;
+    let file = temp_file("snap");
+    let first = guard_with(&snapshot_config(sim.addr(), &file, "")).await;
+    for _ in 0..5 {
+        let r = browse(
+            first.addr,
+            "/hdr/hub/",
+            &mut Jar::new(),
+            &[("hdr-usr", "CORP\\full")],
+        )
+        .await;
+        assert_eq!(r.status, 200);
+    }
+    // And a Windows-auth browser, for a restore after the restart.
+    let mut jar = Jar::new();
+    browse(
+        first.addr,
+        "/hub/",
+        &mut jar,
+        &[("x-sim-user", "CORP\\win")],
+    )
+    .await;
+    let g = first.proxy().sessions().unwrap().clone();
+    eventually("owner learnt", || g.table.live_count("corp\\win") == 1).await;
+    first.shutdown().await;
+
+    let meta = std::fs::metadata(&file).expect("the snapshot was written at shutdown");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            meta.permissions().mode() & 0o777,
+            0o600,
+            "it holds cookie values"
+        );
+    }
+
+    let second = guard_with(&snapshot_config(sim.addr(), &file, "")).await;
+    let g = second.proxy().sessions().unwrap().clone();
+    assert_eq!(g.table.live_count("corp\\full"), 5);
+    let sixth = browse(
+        second.addr,
+        "/hdr/hub/",
+        &mut Jar::new(),
+        &[("hdr-usr", "CORP\\full")],
+    )
+    .await;
+    assert_eq!(sixth.status, 429, "still at the limit after the restart");
+    assert_eq!(sim.counters().limit_refusals, 0, "Qlik never had to refuse");
+    // The Windows browser restarts too: its device cookie still finds its session.
+    let created = sim.counters().sessions_created;
+    let mut restarted: Jar = jar
+        .into_iter()
+        .filter(|(n, _)| n != "X-Qlik-Session-HTTP")
+        .collect();
+    let r = browse(
+        second.addr,
+        "/hub/",
+        &mut restarted,
+        &[("x-sim-user", "CORP\\win")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        sim.counters().sessions_created,
+        created,
+        "restored, not recreated"
+    );
+    second.shutdown().await;
+    let _ = std::fs::remove_dir_all(file.parent().unwrap());
+}
+
+#[tokio::test]
+async fn sessions_that_expired_while_the_guard_was_down_are_dropped() {
+    let sim = sim_with(SimConfig {
+        inactivity_timeout: Duration::from_millis(700),
+        ..SimConfig::default()
+    })
+    .await;
+    let file = temp_file("snap-exp");
+    let first = guard_with(&snapshot_config(
+        sim.addr(),
+        &file,
+        "inactivity_timeout = \"700ms\"",
+    ))
+    .await;
+    browse(
+        first.addr,
+        "/hdr/hub/",
+        &mut Jar::new(),
+        &[("hdr-usr", "CORP\\gone")],
+    )
+    .await;
+    first.shutdown().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let second = guard_with(&snapshot_config(
+        sim.addr(),
+        &file,
+        "inactivity_timeout = \"700ms\"",
+    ))
+    .await;
+    assert_eq!(second.proxy().sessions().unwrap().table.sizes().0, 0);
+    second.shutdown().await;
+
+    // A file that is not a snapshot is refused with a warning; the guard starts anyway.
+    std::fs::write(
+        &file,
+        "{\"version\": 99, \"written_at\": 0, \"sessions\": []}",
+    )
+    .unwrap();
+    let third = guard_with(&snapshot_config(sim.addr(), &file, "")).await;
+    assert_eq!(get(third.addr, "/__sim/echo", &[]).await.status, 200);
+    third.shutdown().await;
+    let _ = std::fs::remove_dir_all(file.parent().unwrap());
+}
