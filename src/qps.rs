@@ -253,6 +253,11 @@ impl QpsApi {
         })
     }
 
+    /// The API's host name (to tell which node it belongs to).
+    pub fn host(&self) -> &str {
+        self.base.host().unwrap_or("")
+    }
+
     fn uri(&self, path: &str, key: &str) -> String {
         format!(
             "{}://{}{}?Xrfkey={key}",

@@ -146,3 +146,35 @@ async fn sessions_that_expired_while_the_guard_was_down_are_dropped() {
     third.shutdown().await;
     let _ = std::fs::remove_dir_all(file.parent().unwrap());
 }
+
+#[tokio::test]
+async fn sessions_made_behind_the_guards_back_are_counted_at_start() {
+    let sim = sim().await;
+    // Five sessions of one user made directly on Qlik, while no guard was running.
+    for _ in 0..5 {
+        browse(
+            sim.addr(),
+            "/hdr/hub/",
+            &mut Jar::new(),
+            &[("hdr-usr", "CORP\\behind")],
+        )
+        .await;
+    }
+    let extra = format!(
+        "[sessions]\non_limit = \"error\"\n[qps_api]\nurl = \"http://{}\"\n",
+        sim.api_addr()
+    );
+    let guard = guard_with(&config_text(&[sim.addr()], "", &extra)).await;
+    let g = guard.proxy().sessions().unwrap().clone();
+    eventually("reconciled", || g.table.live_count("corp\\behind") == 5).await;
+    let r = browse(
+        guard.addr,
+        "/hdr/hub/",
+        &mut Jar::new(),
+        &[("hdr-usr", "CORP\\behind")],
+    )
+    .await;
+    assert_eq!(r.status, 429, "the guard knows the user is at the limit");
+    assert_eq!(sim.counters().limit_refusals, 0);
+    guard.shutdown().await;
+}

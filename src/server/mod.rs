@@ -99,6 +99,20 @@ impl Guard {
                     stop.clone(),
                 ));
             }
+            // Off the start path: an unreachable QPS API must not delay serving.
+            let g = sessions.clone();
+            tokio::spawn(async move {
+                match g.reconcile().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(
+                        sessions = n,
+                        "sessions learnt from the QPS REST API at start"
+                    ),
+                    Err(e) => {
+                        tracing::warn!("cannot reconcile with the QPS REST API at start: {e}")
+                    }
+                }
+            });
             tokio::spawn(sessions.clone().sweep_forever(stop.clone()));
         }
         tokio::spawn(proxy.upstreams().pool.clone().reap(stop.clone()));

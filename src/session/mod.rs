@@ -1079,7 +1079,7 @@ fn owner_text(s: &Session) -> String {
         .unwrap_or_else(|| "(unknown)".into())
 }
 
-fn default_attributes(tls: bool) -> String {
+pub(crate) fn default_attributes(tls: bool) -> String {
     if tls {
         "Path=/; HttpOnly; Secure".into()
     } else {

@@ -51,6 +51,47 @@ fn unix_ms() -> u64 {
 }
 
 impl SessionGuard {
+    /// Learns the sessions Qlik has that the guard does not know (made while it was down, or
+    /// around it) from the QPS REST API: `GET /qps/<vp/>session` for every virtual proxy.
+    /// Returns how many were added.
+    pub async fn reconcile(&self) -> Result<usize, String> {
+        let Some(api) = &self.api else {
+            return Ok(0);
+        };
+        // The node the API belongs to: the upstream on the same host, else the first.
+        let api_host = api.host().to_string();
+        let node: Arc<str> = self
+            .nodes
+            .iter()
+            .find(|(_, uri)| uri.host() == Some(api_host.as_str()))
+            .or_else(|| self.nodes.iter().next())
+            .map(|(n, _)| n.clone())
+            .ok_or("no upstream is configured")?;
+        let mut added = 0;
+        for (vp, info) in self.virtual_proxies().iter().enumerate() {
+            let sessions = api
+                .sessions(&info.prefix)
+                .await
+                .map_err(|e| e.to_string())?;
+            for s in sessions {
+                if s.session_id.is_empty() || self.table.get(vp, &s.session_id).is_some() {
+                    continue;
+                }
+                let owner = User::new(&s.user_directory, &s.user_id);
+                self.table.insert(
+                    vp,
+                    &s.session_id,
+                    node.clone(),
+                    None,
+                    Some(owner),
+                    super::default_attributes(false),
+                );
+                added += 1;
+            }
+        }
+        Ok(added)
+    }
+
     /// Writes the live sessions to `path`; returns how many.
     pub fn save_snapshot(&self, path: &Path) -> std::io::Result<usize> {
         let now = self.table.now_ms();
