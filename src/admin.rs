@@ -122,7 +122,11 @@ async fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
         (&Method::DELETE, ["users", user, "sessions"]) => end_user(state, user).await,
         (&Method::GET, ["events"]) => events(state, &query).await,
         (&Method::GET, ["metrics"]) => metrics(state),
-        (_, ["healthz" | "readyz" | "sessions" | "events" | "metrics"])
+        (&Method::GET, ["upstreams"]) => upstreams(state),
+        (&Method::POST, ["upstreams", name, action @ ("drain" | "undrain")]) => {
+            drain(state, name, *action == "drain")
+        }
+        (_, ["healthz" | "readyz" | "sessions" | "events" | "metrics" | "upstreams"])
         | (_, ["sessions", _])
         | (_, ["users", _, "sessions"]) => json(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -384,6 +388,49 @@ fn metrics(state: &State) -> Response<Full<Bytes>> {
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
     );
     r
+}
+
+fn upstreams(state: &State) -> Response<Full<Bytes>> {
+    let nodes: Vec<serde_json::Value> = state
+        .proxy
+        .upstreams()
+        .nodes()
+        .iter()
+        .map(|n| {
+            let check = n.last_check().map(|(t, what)| {
+                json!({
+                    "at": t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+                    "result": what,
+                })
+            });
+            json!({
+                "name": n.name,
+                "state": if !n.is_up() { "down" } else if n.is_draining() { "draining" } else { "up" },
+                "weight": n.weight,
+                "live_sessions": state.proxy.sessions().map(|g| g.node_load(&n.name)).unwrap_or(0),
+                "idle_connections": state.proxy.upstreams().pool.idle_count(n),
+                "last_check": check,
+            })
+        })
+        .collect();
+    json(StatusCode::OK, json!({ "upstreams": nodes }))
+}
+
+/// Draining a node: no new sessions; its existing sessions stay until they end (for patching
+/// a Qlik node without kicking users out).
+fn drain(state: &State, name: &str, on: bool) -> Response<Full<Bytes>> {
+    let name = percent_decode(name);
+    match state.proxy.upstreams().by_name(&name) {
+        Some(n) => {
+            n.set_draining(on);
+            tracing::warn!(upstream = %name, draining = on, "upstream drain changed by an admin");
+            json(StatusCode::OK, json!({"upstream": name, "draining": on}))
+        }
+        None => json(
+            StatusCode::NOT_FOUND,
+            json!({"error": format!("no upstream named {name}")}),
+        ),
+    }
 }
 
 fn json(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {

@@ -34,6 +34,59 @@ pub struct Config {
     pub qps_api: Option<QpsApiConfig>,
     #[serde(default)]
     pub diagnostics: DiagnosticsConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
+}
+
+/// Active health checks of the Qlik nodes, with hysteresis.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    #[serde(default = "default_health_interval", with = "duration")]
+    pub interval: Duration,
+    #[serde(default = "default_health_timeout", with = "duration")]
+    pub timeout: Duration,
+    /// The path asked; any answer below 500 counts as up (a QPS answers `/` with a login
+    /// redirect).
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    /// Failures in a row (checks or connection errors) before a node is down.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+    /// Successful checks in a row before a down node is up again.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            interval: default_health_interval(),
+            timeout: default_health_timeout(),
+            path: default_health_path(),
+            fall: default_fall(),
+            rise: default_rise(),
+        }
+    }
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_health_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_health_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_health_path() -> String {
+    "/".into()
+}
+fn default_fall() -> u32 {
+    3
+}
+fn default_rise() -> u32 {
+    2
 }
 
 /// Events, and the cookie self-test page.
@@ -175,6 +228,9 @@ pub struct UpstreamConfig {
     pub url: http::Uri,
     /// A short name for logs; defaults to the URL's authority.
     pub name: Option<String>,
+    /// Share of new sessions, relative to the other nodes (default 1).
+    #[serde(default = "one")]
+    pub weight: u32,
 }
 
 impl UpstreamConfig {
@@ -513,6 +569,19 @@ impl Config {
                 "sessions.device_cookie",
                 "must differ from every virtual proxy's session_cookie",
             ));
+        }
+        let h = &self.health;
+        if h.interval.is_zero() || h.timeout.is_zero() || h.fall == 0 || h.rise == 0 {
+            return Err(err(
+                "health",
+                "interval and timeout must be more than 0s, fall and rise at least 1",
+            ));
+        }
+        if !h.path.starts_with('/') {
+            return Err(err("health.path", "must start with /"));
+        }
+        if self.upstreams.iter().any(|u| u.weight == 0) {
+            return Err(err("upstream.weight", "must be at least 1"));
         }
         if ss.snapshot_interval.is_zero() {
             return Err(err("sessions.snapshot_interval", "must be more than 0s"));

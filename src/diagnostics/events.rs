@@ -36,10 +36,12 @@ pub enum Kind {
     QpsLimitRefusal,
     /// Requests of a browser held while its session was being (re)created.
     BurstHeld,
+    /// A Qlik node went down: its sessions are gone (Qlik cannot move them).
+    SessionLost,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 12] = [
         Kind::CookieLost,
         Kind::CookieModified,
         Kind::CookieDuplicated,
@@ -51,6 +53,7 @@ impl Kind {
         Kind::RefusedAtLimit,
         Kind::QpsLimitRefusal,
         Kind::BurstHeld,
+        Kind::SessionLost,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -66,6 +69,7 @@ impl Kind {
             Kind::RefusedAtLimit => "refused_at_limit",
             Kind::QpsLimitRefusal => "qps_limit_refusal",
             Kind::BurstHeld => "burst_held",
+            Kind::SessionLost => "session_lost",
         }
     }
 
@@ -141,7 +145,7 @@ pub struct Events {
     ring: Mutex<VecDeque<Event>>,
     capacity: usize,
     next: AtomicU64,
-    counts: [AtomicU64; 11],
+    counts: [AtomicU64; 12],
     /// Wakes `qsguard events --follow` long-polls.
     pub notify: Notify,
 }

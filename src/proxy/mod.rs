@@ -59,6 +59,7 @@ pub(crate) struct Settings {
     pub(crate) max_header_size: usize,
     pub(crate) response_timeout: Duration,
     pub(crate) send_timeout: Duration,
+    pub(crate) health: crate::config::HealthConfig,
     pub(crate) max_body_size: u64,
     websocket_idle_timeout: Option<Duration>,
     log_requests: bool,
@@ -72,7 +73,7 @@ pub struct Proxy {
     pub diagnostics: Diagnostics,
     /// The session guard (`sessions.guard = true`, the default).
     pub(crate) sessions: Option<Arc<SessionGuard>>,
-    pub(crate) upstreams: Upstreams,
+    pub(crate) upstreams: Arc<Upstreams>,
     /// Open WebSocket tunnels, closed on shutdown after in-flight requests.
     tunnels: TaskTracker,
     close_tunnels: CancellationToken,
@@ -87,12 +88,13 @@ impl Proxy {
                 max_header_size: config.server.max_header_size as usize,
                 response_timeout: config.proxy.response_timeout,
                 send_timeout: config.server.send_timeout,
+                health: config.health.clone(),
                 max_body_size: config.server.max_body_size,
                 websocket_idle_timeout: config.server.websocket_idle_timeout,
                 log_requests: config.log.requests,
                 trusted: TrustedProxies::new(config.server.trusted_proxies.clone()),
             },
-            upstreams: Upstreams::new(config)?,
+            upstreams: Arc::new(Upstreams::new(config)?),
             sessions: if config.sessions.guard {
                 Some(Arc::new(SessionGuard::new(
                     config,
@@ -111,8 +113,48 @@ impl Proxy {
         &self.upstreams
     }
 
+    pub fn upstreams_arc(&self) -> Arc<Upstreams> {
+        self.upstreams.clone()
+    }
+
     pub fn sessions(&self) -> Option<&Arc<SessionGuard>> {
         self.sessions.as_ref()
+    }
+
+    /// The node for a request: a Qlik session lives in the memory of the node that made it,
+    /// and a login dance exists only on the node that started it; anything else goes to the
+    /// node with the fewest live sessions (for its weight) that is up and not draining.
+    pub(crate) fn node_for(&self, ctx: Option<&session::Context>) -> Result<Arc<Node>, ProxyError> {
+        let wanted = ctx.and_then(|c| {
+            c.session
+                .as_ref()
+                .map(|s| s.node.clone())
+                .or_else(|| c.node_hint.clone())
+        });
+        if let Some(n) = wanted.and_then(|name| self.upstreams.by_name(&name)) {
+            if n.is_up() {
+                return Ok(n);
+            }
+        }
+        match &self.sessions {
+            Some(g) => self.upstreams.pick_by(|n| g.node_load(&n.name)),
+            None => self.upstreams.pick(),
+        }
+    }
+
+    /// A connection to `node` failed: passive failure detection (the health settings' `fall`).
+    pub(crate) fn node_failed(&self, node: &Node, why: &str) {
+        if let Some(false) = node.record(
+            false,
+            why.to_string(),
+            self.settings.health.fall,
+            self.settings.health.rise,
+        ) {
+            tracing::error!(upstream = %node.name, "Qlik node is down: {why}");
+            if let Some(g) = &self.sessions {
+                g.node_lost(&node.name);
+            }
+        }
     }
 
     /// Closes every tunnel and waits (bounded) for them to go.
@@ -150,6 +192,9 @@ impl Proxy {
             Err((e, node)) => {
                 if let (true, Some(n)) = (e.is_upstream(), &node) {
                     self.diagnostics.metrics.upstream_error(&n.name, e.cause());
+                    if matches!(e, ProxyError::UpstreamUnreachable { .. }) {
+                        self.node_failed(n, &e.to_string());
+                    }
                 }
                 if e.is_upstream() {
                     tracing::warn!(client = %conn.peer, "{e}");
@@ -218,20 +263,12 @@ impl Proxy {
         if let Some((name, value)) = ctx.as_deref().and_then(|c| guard.cookie_to_send(c)) {
             session::cookies::set_request_cookie(&mut parts.headers, name, value);
         }
-        // A Qlik session lives in the memory of the node that made it.
-        let node = match ctx.as_ref().and_then(|c| c.session.as_ref()) {
-            Some(s) => self.upstreams.by_name(&s.node),
-            None => None,
-        };
-        let node = match node {
-            Some(n) => n,
-            None => self.upstreams.pick().map_err(|e| {
-                if let Some(c) = &ctx {
-                    guard.abandon(c);
-                }
-                (e, None)
-            })?,
-        };
+        let node = self.node_for(ctx.as_deref()).map_err(|e| {
+            if let Some(c) = &ctx {
+                guard.abandon(c);
+            }
+            (e, None)
+        })?;
         let req = Request::from_parts(parts, body);
         let mut resp = match self.exchange(req, conn, &node, ctx.as_deref()).await {
             Ok(r) => r,

@@ -6,9 +6,11 @@
 //! closing), plain http or https with the system roots or a configured CA.
 
 use std::error::Error as StdError;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
+use std::time::SystemTime;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
@@ -38,11 +40,61 @@ pub struct Node {
     pub host: String,
     pub port: u16,
     pub tls: bool,
+    pub weight: u32,
+    up: AtomicBool,
+    draining: AtomicBool,
+    fails: AtomicU32,
+    oks: AtomicU32,
+    last_check: Mutex<Option<(SystemTime, String)>>,
 }
 
 impl Node {
     pub fn name_arc(&self) -> Arc<str> {
         self.name_arc.clone()
+    }
+
+    /// Takes requests (health checks pass, or not enough failures yet).
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// Gets no new sessions; existing ones stay until they end.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn set_draining(&self, on: bool) {
+        self.draining.store(on, Ordering::Release);
+    }
+
+    /// The last health check: when, and what it found.
+    pub fn last_check(&self) -> Option<(SystemTime, String)> {
+        self.last_check
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Notes a check or connection result; returns `Some(now_up)` when the state changes.
+    pub fn record(&self, ok: bool, what: String, fall: u32, rise: u32) -> Option<bool> {
+        *self.last_check.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((SystemTime::now(), what));
+        if ok {
+            self.fails.store(0, Ordering::Release);
+            let oks = self.oks.fetch_add(1, Ordering::AcqRel) + 1;
+            if !self.is_up() && oks >= rise {
+                self.up.store(true, Ordering::Release);
+                return Some(true);
+            }
+        } else {
+            self.oks.store(0, Ordering::Release);
+            let fails = self.fails.fetch_add(1, Ordering::AcqRel) + 1;
+            if self.is_up() && fails >= fall {
+                self.up.store(false, Ordering::Release);
+                return Some(false);
+            }
+        }
+        None
     }
 
     /// The absolute URI of `path_and_query` on this node.
@@ -120,6 +172,12 @@ impl Upstreams {
                     port: authority.port_u16().unwrap_or(if tls { 443 } else { 80 }),
                     tls,
                     authority,
+                    weight: u.weight,
+                    up: AtomicBool::new(true),
+                    draining: AtomicBool::new(false),
+                    fails: AtomicU32::new(0),
+                    oks: AtomicU32::new(0),
+                    last_check: Mutex::new(None),
                 })
             })
             .collect();
@@ -141,18 +199,98 @@ impl Upstreams {
         self.nodes.iter().find(|n| n.name == name).cloned()
     }
 
-    /// The node for the next request (round robin until the balancing issue makes sessions
-    /// sticky to the node that created them).
+    /// The node for a request that carries no session (it may create one): of the nodes that
+    /// are up and not draining, the one with the fewest live sessions for its weight.
     pub fn pick(&self) -> Result<Arc<Node>, ProxyError> {
-        if self.nodes.is_empty() {
-            return Err(ProxyError::NoUpstream);
+        self.pick_by(|_| 0)
+    }
+
+    /// [`Upstreams::pick`] with `load` telling each node's live sessions.
+    pub fn pick_by(&self, load: impl Fn(&Node) -> usize) -> Result<Arc<Node>, ProxyError> {
+        let n = self.nodes.len();
+        if n == 1 && self.nodes[0].is_up() && !self.nodes[0].is_draining() {
+            return Ok(self.nodes[0].clone());
         }
-        let i = if self.nodes.len() == 1 {
-            0
-        } else {
-            self.next.fetch_add(1, Ordering::Relaxed) % self.nodes.len()
+        // Ties go round robin: start the scan at a moving offset.
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|k| &self.nodes[(start + k) % n])
+            .filter(|node| node.is_up() && !node.is_draining())
+            .min_by(|a, b| {
+                let la = load(a) as u64 * b.weight as u64;
+                let lb = load(b) as u64 * a.weight as u64;
+                la.cmp(&lb)
+            })
+            .cloned()
+            .ok_or(ProxyError::NoUpstream)
+    }
+
+    /// Checks every node every `health.interval` until `stop`; `changed(node, up)` hears of
+    /// every change of state.
+    pub async fn health_forever(
+        self: Arc<Self>,
+        cfg: crate::config::HealthConfig,
+        changed: impl Fn(&Node, bool) + Send + Sync + 'static,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(cfg.interval) => {}
+                _ = stop.cancelled() => return,
+            }
+            for node in &self.nodes {
+                let (ok, what) = self.check(node, &cfg).await;
+                if let Some(up) = node.record(ok, what.clone(), cfg.fall, cfg.rise) {
+                    if up {
+                        tracing::warn!(upstream = %node.name, "Qlik node is up again: {what}");
+                    } else {
+                        tracing::error!(upstream = %node.name, "Qlik node is down: {what}");
+                    }
+                    changed(node, up);
+                }
+            }
+        }
+    }
+
+    /// One health check: `GET <path>`; any answer below 500 within the timeout is up.
+    async fn check(&self, node: &Node, cfg: &crate::config::HealthConfig) -> (bool, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let attempt = async {
+            let mut conn = self.pool.connect(node).await.map_err(|e| e.to_string())?;
+            let req = format!(
+                "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: qsguard-health\r\nConnection: close\r\n\r\n",
+                cfg.path, node.authority
+            );
+            conn.io
+                .write_all(req.as_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 64];
+            let mut got = 0;
+            while got < 12 {
+                let n = conn
+                    .io
+                    .read(&mut buf[got..])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if n == 0 {
+                    break;
+                }
+                got += n;
+            }
+            let line = String::from_utf8_lossy(&buf[..got]).to_string();
+            let status: u16 = line
+                .get(9..12)
+                .and_then(|s| s.parse().ok())
+                .ok_or("not an HTTP answer")?;
+            Ok::<u16, String>(status)
         };
-        Ok(self.nodes[i].clone())
+        match tokio::time::timeout(cfg.timeout, attempt).await {
+            Ok(Ok(status)) if status < 500 => (true, format!("answered {status}")),
+            Ok(Ok(status)) => (false, format!("answered {status}")),
+            Ok(Err(e)) => (false, e),
+            Err(_) => (false, format!("no answer within {:?}", cfg.timeout)),
+        }
     }
 
     /// Sends the request and waits (up to `proxy.response_timeout`) for the response head.

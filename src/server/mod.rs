@@ -116,6 +116,20 @@ impl Guard {
             tokio::spawn(sessions.clone().sweep_forever(stop.clone()));
         }
         tokio::spawn(proxy.upstreams().pool.clone().reap(stop.clone()));
+        {
+            let on_change = proxy.clone();
+            tokio::spawn(proxy.upstreams_arc().health_forever(
+                config.health.clone(),
+                move |node, up| {
+                    if !up {
+                        if let Some(g) = on_change.sessions() {
+                            g.node_lost(&node.name);
+                        }
+                    }
+                },
+                stop.clone(),
+            ));
+        }
         let grace = config.server.grace_period;
         let accept = accept_loop(
             listener,

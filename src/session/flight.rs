@@ -40,6 +40,8 @@ pub struct Dance {
     pub targets: HashMap<String, String>,
     /// The slot this flight holds in its user's count, when the user is known.
     pub reservation: Option<(User, u64)>,
+    /// The node the login dance runs on: its `targetId` and ticket exist only there.
+    pub node: Option<std::sync::Arc<str>>,
 }
 
 #[derive(Debug)]

@@ -89,6 +89,8 @@ pub struct Context {
     reservation: Option<(User, u64)>,
     /// Where the request came from (for events, and noted when a session is made for it).
     client: Option<events::Client>,
+    /// The node of the browser's login dance in progress, for a request without a session.
+    pub node_hint: Option<Arc<str>>,
     pub peer: IpAddr,
 }
 
@@ -283,6 +285,7 @@ impl SessionGuard {
             tls,
             reservation: None,
             client: None,
+            node_hint: None,
             peer,
         };
 
@@ -319,6 +322,12 @@ impl SessionGuard {
                 Some(_) => {}
                 None => ctx.unknown = Some(value.into()),
             }
+        }
+        if !new_device {
+            ctx.node_hint = self
+                .flights
+                .get(device, vp)
+                .and_then(|f| f.dance().node.clone());
         }
         ctx.host = req
             .headers
@@ -642,15 +651,18 @@ impl SessionGuard {
                 }
             }
             // The login dance is this browser's flight: the rest of its burst waits for it.
-            let flight = match (&ctx.lead, ctx.new_device) {
-                (Some(f), _) => Some(f.clone()),
-                (None, false) => Some(match self.flights.lead(ctx.device, ctx.vp) {
+            // (A new browser gets its device cookie with this answer: its flight is keyed by it.)
+            let flight = match &ctx.lead {
+                Some(f) => f.clone(),
+                None => match self.flights.lead(ctx.device, ctx.vp) {
                     Ok(f) | Err(f) => f,
-                }),
-                (None, true) => None,
+                },
             };
-            if let Some(f) = flight {
-                let mut d = f.dance();
+            {
+                let mut d = flight.dance();
+                if d.node.is_none() {
+                    d.node = Some(node.clone());
+                }
                 if d.leader_target.is_none() {
                     d.leader_target = Some(target_id.clone());
                 }
@@ -928,6 +940,27 @@ impl SessionGuard {
         }
     }
 
+    /// A node went down: its sessions are gone (Qlik keeps sessions in the node's memory).
+    pub fn node_lost(&self, node: &str) {
+        let now = self.table.now_ms();
+        for s in self.table.all() {
+            if &*s.node == node && self.table.is_live(&s, now) && self.table.end(&s, State::Ended) {
+                self.emit(
+                    Kind::SessionLost,
+                    format!("the Qlik node {node} is down: the session is gone with it"),
+                    None,
+                    Some(&s),
+                    None,
+                );
+            }
+        }
+    }
+
+    /// Live sessions on a node (for balancing).
+    pub fn node_load(&self, node: &str) -> usize {
+        self.table.node_sessions(node)
+    }
+
     /// The keyed hash of a device id (device cookies are credentials too).
     pub fn device_hash(&self, device: DeviceId) -> String {
         self.table.hash(&format!("{device:032x}"))
@@ -1022,6 +1055,7 @@ impl Context {
             tls: c.tls,
             reservation: None,
             client: c.client.clone(),
+            node_hint: None,
             peer: c.peer,
         }
     }

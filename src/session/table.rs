@@ -169,6 +169,8 @@ pub struct Table {
     device_memory_ms: u64,
     tombstone_ms: u64,
     next_reservation: AtomicU64,
+    /// Live sessions per node (for balancing new sessions).
+    per_node: DashMap<Arc<str>, i64>,
 }
 
 impl Table {
@@ -190,6 +192,7 @@ impl Table {
                 .min(TOMBSTONE)
                 .as_millis() as u64,
             next_reservation: AtomicU64::new(1),
+            per_node: DashMap::new(),
         }
     }
 
@@ -282,6 +285,7 @@ impl Table {
                     }),
                 });
                 e.insert(s.clone());
+                *self.per_node.entry(s.node.clone()).or_insert(0) += 1;
                 s
             }
         };
@@ -349,6 +353,9 @@ impl Table {
             .is_ok();
         if ended {
             s.meta().ended_ms = self.now_ms();
+            if let Some(mut n) = self.per_node.get_mut(&s.node) {
+                *n -= 1;
+            }
         }
         ended
     }
@@ -514,6 +521,15 @@ impl Table {
             .iter()
             .flat_map(|m| m.iter().map(|e| e.value().clone()).collect::<Vec<_>>())
             .collect()
+    }
+
+    /// Sessions created on `node` and not ended (those that timed out count until the sweeper
+    /// has seen them).
+    pub fn node_sessions(&self, node: &str) -> usize {
+        self.per_node
+            .get(node)
+            .map(|n| (*n).max(0) as usize)
+            .unwrap_or(0)
     }
 
     pub fn find_by_hash(&self, hash: &str) -> Option<Arc<Session>> {

@@ -193,11 +193,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     // 4. the node: a session lives in the memory of the node that made it.
-    let node = match ctx.as_ref().and_then(|x| x.session.as_ref()) {
-        Some(s) => proxy.upstreams.by_name(&s.node),
-        None => None,
-    };
-    let node = match node.map(Ok).unwrap_or_else(|| proxy.upstreams.pick()) {
+    let node = match proxy.node_for(ctx.as_deref()) {
         Ok(n) => n,
         Err(e) => return fail(c, proxy, &head, ctx.as_deref(), None, e, started).await,
     };
@@ -224,6 +220,9 @@ async fn fail<S: AsyncRead + AsyncWrite + Unpin>(
     if e.is_upstream() {
         if let Some(n) = node {
             proxy.diagnostics.metrics.upstream_error(&n.name, e.cause());
+            if matches!(e, ProxyError::UpstreamUnreachable { .. }) {
+                proxy.node_failed(n, &e.to_string());
+            }
         }
         tracing::warn!(client = %c.info.peer, "{e}");
     } else {

@@ -1,0 +1,255 @@
+//! Several Qlik nodes behind the guard: new sessions balanced, every session and every login
+//! dance kept on its node, a node that goes down and comes back, and draining.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::Full;
+
+fn two_nodes(a: std::net::SocketAddr, b: std::net::SocketAddr, extra: &str) -> String {
+    config_text(
+        &[a, b],
+        "",
+        &format!(
+            "[health]\ninterval = \"200ms\"\ntimeout = \"500ms\"\nfall = 2\nrise = 1\n{extra}"
+        ),
+    )
+}
+
+async fn restart(addr: std::net::SocketAddr) -> qsguard::sim::Simulator {
+    for _ in 0..50 {
+        if let Ok(s) = qsguard::sim::Simulator::start(Default::default(), addr).await {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("cannot restart the simulator on {addr}");
+}
+
+#[tokio::test]
+async fn new_sessions_are_balanced_and_every_session_stays_on_its_node() {
+    let (a, b) = (sim().await, sim().await);
+    let guard = guard_with(&two_nodes(a.addr(), b.addr(), "")).await;
+    let mut jars = Vec::new();
+    for i in 0..6 {
+        let mut jar = Jar::new();
+        let r = browse(
+            guard.addr,
+            "/hdr/hub/",
+            &mut jar,
+            &[("hdr-usr", &format!("CORP\\u{i}"))],
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        jars.push((i, jar));
+    }
+    assert_eq!(
+        a.counters().sessions_created,
+        3,
+        "balanced by live sessions"
+    );
+    assert_eq!(b.counters().sessions_created, 3);
+    for (i, jar) in jars.iter_mut() {
+        for _ in 0..3 {
+            let r = browse(
+                guard.addr,
+                "/hdr/hub/x",
+                jar,
+                &[("hdr-usr", &format!("CORP\\u{i}"))],
+            )
+            .await;
+            assert_eq!(r.status, 200);
+        }
+    }
+    // A cookie sent to the wrong node would be unknown there (and make a new session).
+    assert_eq!(
+        a.counters().unknown_cookie_requests + b.counters().unknown_cookie_requests,
+        0
+    );
+    assert_eq!(
+        a.counters().sessions_created + b.counters().sessions_created,
+        6
+    );
+    guard.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_windows_login_dance_stays_on_the_node_that_started_it() {
+    let (a, b) = (sim().await, sim().await);
+    let guard = guard_with(&two_nodes(a.addr(), b.addr(), "")).await;
+    for i in 0..6 {
+        let mut jar = Jar::new();
+        let r = browse(
+            guard.addr,
+            "/hub/",
+            &mut jar,
+            &[("x-sim-user", &format!("CORP\\w{i}"))],
+        )
+        .await;
+        assert_eq!(r.status, 200, "login {i} crossed nodes: {}", r.text());
+    }
+    let (ca, cb) = (a.counters(), b.counters());
+    assert_eq!(ca.sessions_created + cb.sessions_created, 6);
+    assert!(
+        ca.sessions_created > 0 && cb.sessions_created > 0,
+        "both nodes take logins"
+    );
+    assert_eq!(ca.tickets_redeemed + cb.tickets_redeemed, 6);
+    guard.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_node_down_loses_its_sessions_and_comes_back() {
+    let (a, b) = (sim().await, sim().await);
+    let b_addr = b.addr();
+    let guard = guard_with(&two_nodes(a.addr(), b_addr, "")).await;
+    let mut jars = Vec::new();
+    for i in 0..4 {
+        let mut jar = Jar::new();
+        browse(
+            guard.addr,
+            "/hdr/hub/",
+            &mut jar,
+            &[("hdr-usr", &format!("CORP\\d{i}"))],
+        )
+        .await;
+        jars.push(jar);
+    }
+    let on_a = a.counters().sessions_created;
+    b.stop().await;
+    let g = guard.proxy().clone();
+    eventually("node b marked down", || {
+        g.upstreams().nodes().iter().any(|n| !n.is_up())
+    })
+    .await;
+    let lost = g.diagnostics.events.query(
+        0,
+        qsguard::diagnostics::events::Kind::parse("session_lost"),
+        None,
+    );
+    assert_eq!(lost.len(), 2, "node b's sessions are reported lost");
+    // Everyone still gets in: node a's users on their sessions, node b's on new ones on a.
+    for (i, jar) in jars.iter_mut().enumerate() {
+        let r = browse(
+            guard.addr,
+            "/hdr/hub/",
+            jar,
+            &[("hdr-usr", &format!("CORP\\d{i}"))],
+        )
+        .await;
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(a.counters().sessions_created, on_a + 2);
+    let up = get(guard.admin_addr, "/upstreams", &[]).await.json();
+    assert!(
+        up["upstreams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["state"] == "down"),
+        "{up}"
+    );
+    // The node comes back: it takes new sessions again.
+    let b = restart(b_addr).await;
+    eventually("node b up again", || {
+        g.upstreams().nodes().iter().all(|n| n.is_up())
+    })
+    .await;
+    for i in 10..14 {
+        browse(
+            guard.addr,
+            "/hdr/hub/",
+            &mut Jar::new(),
+            &[("hdr-usr", &format!("CORP\\d{i}"))],
+        )
+        .await;
+    }
+    assert!(
+        b.counters().sessions_created >= 2,
+        "new sessions go to the node that came back"
+    );
+    guard.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_drained_node_gets_no_new_sessions_and_keeps_its_own() {
+    let (a, b) = (sim().await, sim().await);
+    let dir = std::env::temp_dir().join(format!(
+        "qsguard-drain-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, "drain-token-of-some-length").unwrap();
+    let text = two_nodes(a.addr(), b.addr(), "").replace(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n",
+        &format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
+            token.display()
+        ),
+    );
+    let guard = guard_with(&text).await;
+    let mut on_b = Jar::new();
+    // Two users: one lands on each node.
+    browse(
+        guard.addr,
+        "/hdr/hub/",
+        &mut Jar::new(),
+        &[("hdr-usr", "CORP\\x0")],
+    )
+    .await;
+    browse(
+        guard.addr,
+        "/hdr/hub/",
+        &mut on_b,
+        &[("hdr-usr", "CORP\\x1")],
+    )
+    .await;
+    let b_name = format!("127.0.0.1:{}", b.addr().port());
+    let b_before = b.counters().sessions_created;
+    let drain = send(
+        guard.admin_addr,
+        http::Request::post(format!("/upstreams/{b_name}/drain"))
+            .header("host", "admin")
+            .header("authorization", "Bearer drain-token-of-some-length")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(drain.status, 200, "{}", drain.text());
+    for i in 2..8 {
+        browse(
+            guard.addr,
+            "/hdr/hub/",
+            &mut Jar::new(),
+            &[("hdr-usr", &format!("CORP\\x{i}"))],
+        )
+        .await;
+    }
+    assert_eq!(
+        b.counters().sessions_created,
+        b_before,
+        "no new sessions on the drained node"
+    );
+    let before = b.counters().requests;
+    let r = browse(
+        guard.addr,
+        "/hdr/hub/",
+        &mut on_b,
+        &[("hdr-usr", "CORP\\x1")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(
+        b.counters().requests > before,
+        "the drained node keeps serving its sessions"
+    );
+    assert_eq!(b.counters().sessions_created, b_before);
+    guard.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
