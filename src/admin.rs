@@ -379,9 +379,29 @@ fn metrics(state: &State) -> Response<Full<Bytes>> {
         }
         None => (0, 0),
     };
-    let text = d
-        .metrics
-        .render(&d.events, live, at_limit, state.proxy.open_tunnels() as i64);
+    let nodes: Vec<crate::diagnostics::metrics::NodeView> = state
+        .proxy
+        .upstreams()
+        .nodes()
+        .iter()
+        .map(|n| crate::diagnostics::metrics::NodeView {
+            name: n.name.clone(),
+            up: n.is_up(),
+            live_sessions: state
+                .proxy
+                .sessions()
+                .map(|g| g.node_load(&n.name))
+                .unwrap_or(0) as i64,
+            in_flight: n.in_flight(),
+        })
+        .collect();
+    let text = d.metrics.render(
+        &d.events,
+        live,
+        at_limit,
+        state.proxy.open_tunnels() as i64,
+        &nodes,
+    );
     let mut r = Response::new(Full::new(Bytes::from(text)));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -408,6 +428,7 @@ fn upstreams(state: &State) -> Response<Full<Bytes>> {
                 "state": if !n.is_up() { "down" } else if n.is_draining() { "draining" } else { "up" },
                 "weight": n.weight,
                 "live_sessions": state.proxy.sessions().map(|g| g.node_load(&n.name)).unwrap_or(0),
+                "in_flight": n.in_flight(),
                 "idle_connections": state.proxy.upstreams().pool.idle_count(n),
                 "last_check": check,
             })

@@ -152,6 +152,20 @@ async fn a_node_down_loses_its_sessions_and_comes_back() {
             .any(|n| n["state"] == "down"),
         "{up}"
     );
+    assert!(
+        up["upstreams"][0]["last_check"]["result"].is_string(),
+        "{up}"
+    );
+    assert_eq!(up["upstreams"][0]["in_flight"], 0);
+    let metrics = get(guard.admin_addr, "/metrics", &[]).await.text();
+    assert!(
+        metrics.contains("qsguard_upstream_up{upstream="),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("qsguard_upstream_live_sessions{upstream="),
+        "{metrics}"
+    );
     // The node comes back: it takes new sessions again.
     let b = restart(b_addr).await;
     eventually("node b up again", || {

@@ -24,6 +24,19 @@ struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabel {
+    upstream: String,
+}
+
+/// What the metrics show of one Qlik node, read at scrape time.
+pub struct NodeView {
+    pub name: String,
+    pub up: bool,
+    pub live_sessions: i64,
+    pub in_flight: i64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpstreamLabel {
     upstream: String,
     cause: String,
@@ -39,6 +52,9 @@ pub struct Metrics {
     sessions_live: Gauge,
     users_at_limit: Gauge,
     websockets_open: Gauge,
+    node_up: Family<NodeLabel, Gauge>,
+    node_sessions: Family<NodeLabel, Gauge>,
+    node_in_flight: Family<NodeLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -97,7 +113,28 @@ impl Metrics {
             "Open WebSocket tunnels",
             websockets_open.clone(),
         );
+        let node_up: Family<NodeLabel, Gauge> = Family::default();
+        registry.register(
+            "qsguard_upstream_up",
+            "1 when the Qlik node is up",
+            node_up.clone(),
+        );
+        let node_sessions: Family<NodeLabel, Gauge> = Family::default();
+        registry.register(
+            "qsguard_upstream_live_sessions",
+            "Live sessions on the Qlik node",
+            node_sessions.clone(),
+        );
+        let node_in_flight: Family<NodeLabel, Gauge> = Family::default();
+        registry.register(
+            "qsguard_upstream_in_flight",
+            "Requests on their way to the Qlik node",
+            node_in_flight.clone(),
+        );
         Metrics {
+            node_up,
+            node_sessions,
+            node_in_flight,
             registry,
             by_class,
             duration,
@@ -132,7 +169,16 @@ impl Metrics {
         sessions_live: i64,
         users_at_limit: i64,
         websockets_open: i64,
+        nodes: &[NodeView],
     ) -> String {
+        for n in nodes {
+            let l = NodeLabel {
+                upstream: n.name.clone(),
+            };
+            self.node_up.get_or_create(&l).set(n.up as i64);
+            self.node_sessions.get_or_create(&l).set(n.live_sessions);
+            self.node_in_flight.get_or_create(&l).set(n.in_flight);
+        }
         for k in Kind::ALL {
             let c = self.events.get_or_create(&KindLabel {
                 kind: k.as_str().into(),
@@ -164,7 +210,13 @@ mod tests {
         m.upstream_error("qlik1", "unreachable");
         let ev = Events::new(10);
         ev.emit(super::super::events::NewEvent::new(Kind::CookieLost, "x"));
-        let text = m.render(&ev, 7, 1, 2);
+        let nodes = [NodeView {
+            name: "qlik1".into(),
+            up: true,
+            live_sessions: 3,
+            in_flight: 1,
+        }];
+        let text = m.render(&ev, 7, 1, 2, &nodes);
         assert!(
             text.contains("qsguard_requests_total{class=\"2xx\"} 1"),
             "{text}"
@@ -177,5 +229,11 @@ mod tests {
         assert!(text.contains("qsguard_users_at_limit 1"));
         assert!(text.contains("qsguard_websockets_open 2"));
         assert!(text.contains("qsguard_request_duration_seconds_bucket"));
+        assert!(
+            text.contains("qsguard_upstream_up{upstream=\"qlik1\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("qsguard_upstream_live_sessions{upstream=\"qlik1\"} 3"));
+        assert!(text.contains("qsguard_upstream_in_flight{upstream=\"qlik1\"} 1"));
     }
 }

@@ -302,6 +302,8 @@ impl Proxy {
         node: &Arc<Node>,
         ctx: Option<&session::Context>,
     ) -> Result<Response<Incoming>, (ProxyError, Option<Arc<Node>>)> {
+        // Counted until the response head (the body then streams on its own).
+        let _busy = node.busy();
         let client_upgrade = headers::upgrade_requested(req.headers())
             .map(|proto| (proto, hyper::upgrade::on(&mut req)));
         let upstream_req = self

@@ -6,7 +6,7 @@
 //! closing), plain http or https with the system roots or a configured CA.
 
 use std::error::Error as StdError;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -46,11 +46,32 @@ pub struct Node {
     fails: AtomicU32,
     oks: AtomicU32,
     last_check: Mutex<Option<(SystemTime, String)>>,
+    in_flight: AtomicI64,
+}
+
+/// A request on its way to a node (counted while it lives).
+pub struct Busy<'a>(&'a Node);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Node {
     pub fn name_arc(&self) -> Arc<str> {
         self.name_arc.clone()
+    }
+
+    /// Counts a request to this node until the returned guard is dropped.
+    pub fn busy(&self) -> Busy<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Busy(self)
+    }
+
+    /// Requests on their way to this node now.
+    pub fn in_flight(&self) -> i64 {
+        self.in_flight.load(Ordering::Relaxed)
     }
 
     /// Takes requests (health checks pass, or not enough failures yet).
@@ -178,6 +199,7 @@ impl Upstreams {
                     fails: AtomicU32::new(0),
                     oks: AtomicU32::new(0),
                     last_check: Mutex::new(None),
+                    in_flight: AtomicI64::new(0),
                 })
             })
             .collect();

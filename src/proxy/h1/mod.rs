@@ -197,7 +197,10 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(n) => n,
         Err(e) => return fail(c, proxy, &head, ctx.as_deref(), None, e, started).await,
     };
-    match forward(c, proxy, &head, &node, ctx.as_deref(), stop, started).await {
+    let busy = node.busy();
+    let result = forward(c, proxy, &head, &node, ctx.as_deref(), stop, started).await;
+    drop(busy);
+    match result {
         Ok(next) => next,
         Err(e) => fail(c, proxy, &head, ctx.as_deref(), Some(&node), e, started).await,
     }
