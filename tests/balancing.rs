@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
@@ -17,16 +16,6 @@ fn two_nodes(a: std::net::SocketAddr, b: std::net::SocketAddr, extra: &str) -> S
             "[health]\ninterval = \"200ms\"\ntimeout = \"500ms\"\nfall = 2\nrise = 1\n{extra}"
         ),
     )
-}
-
-async fn restart(addr: std::net::SocketAddr) -> qsguard::sim::Simulator {
-    for _ in 0..50 {
-        if let Ok(s) = qsguard::sim::Simulator::start(Default::default(), addr).await {
-            return s;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("cannot restart the simulator on {addr}");
 }
 
 #[tokio::test]
@@ -167,7 +156,7 @@ async fn a_node_down_loses_its_sessions_and_comes_back() {
         "{metrics}"
     );
     // The node comes back: it takes new sessions again.
-    let b = restart(b_addr).await;
+    let b = restart_sim(b_addr).await;
     eventually("node b up again", || {
         g.upstreams().nodes().iter().all(|n| n.is_up())
     })

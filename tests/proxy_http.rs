@@ -275,7 +275,7 @@ async fn upstream_down_then_back() {
     );
     assert!(page.contains("cannot connect"), "{page}");
     // The guard recovers by itself once the node is back on the same address.
-    let sim = sim_with_addr(addr).await;
+    let sim = restart_sim(addr).await;
     let mut ok = false;
     for _ in 0..50 {
         if get(guard.addr, "/__sim/echo", &[]).await.status == 200 {
@@ -287,16 +287,6 @@ async fn upstream_down_then_back() {
     assert!(ok, "the guard did not recover when the upstream came back");
     assert!(sim.counters().requests >= 1);
     guard.shutdown().await;
-}
-
-async fn sim_with_addr(addr: std::net::SocketAddr) -> qsguard::sim::Simulator {
-    for _ in 0..50 {
-        if let Ok(s) = qsguard::sim::Simulator::start(Default::default(), addr).await {
-            return s;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("cannot restart the simulator on {addr}");
 }
 
 #[tokio::test]

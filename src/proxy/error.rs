@@ -11,7 +11,7 @@ use crate::proxy::h1::parse::Rejection;
 
 #[derive(Debug, Clone)]
 pub enum ProxyError {
-    /// The framing check refused the request; it never reached Qlik.
+    /// The strict HTTP/1 parser refused the request; it never reached Qlik.
     Rejected(Rejection),
     /// A request the guard will not forward (no Host, CONNECT, ...).
     BadRequest(&'static str),

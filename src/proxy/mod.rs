@@ -1,7 +1,9 @@
-//! One request through the guard, as a short sequence of named phases:
+//! The proxy's shared state (settings, nodes, session guard, diagnostics, tunnels), and the
+//! HTTP/2 path (hyper), one request as a short sequence of named phases (HTTP/1 has the same
+//! phases in [`h1`]):
 //!
-//! 1. **admit**: refuse what must not reach Qlik (a verdict of the framing check, CONNECT, a
-//!    missing Host, a body over the limit);
+//! 1. **admit**: refuse what must not reach Qlik (CONNECT, a missing Host, a body over the
+//!    limit);
 //! 2. **prepare**: choose the node and build the upstream request: hop-by-hop fields out,
 //!    X-Forwarded-* set, HTTP/2 cookies joined, Host and every cookie byte kept;
 //! 3. **send**: to the node's keep-alive pool, with the response timeout;
@@ -454,8 +456,8 @@ impl Proxy {
                 self.spawn_tunnel(client_side, upstream_side, engine);
             }
             (Some(_), false) => {
-                // The upgrade was refused: end the connection after this answer, since the
-                // framing check stopped reading it as HTTP when the upgrade was asked for.
+                // The upgrade was refused: end the connection after this answer (the client
+                // may already be sending frames).
                 resp.headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }

@@ -332,3 +332,14 @@ pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     }
     panic!("timed out waiting for: {what}");
 }
+
+/// Starts the simulator again on `addr` (after `stop`), retrying while the port is released.
+pub async fn restart_sim(addr: SocketAddr) -> Simulator {
+    for _ in 0..50 {
+        if let Ok(s) = Simulator::start(SimConfig::default(), addr).await {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("cannot restart the simulator on {addr}");
+}

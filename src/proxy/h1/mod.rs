@@ -639,35 +639,25 @@ async fn read_response_head(
     }
 }
 
-/// Fields that belong to one connection only (RFC 9110 7.6.1), plus those the guard writes
-/// itself (Expect, X-Forwarded-*).
-fn request_field_dropped(name: &[u8]) -> bool {
-    const DROP: [&[u8]; 10] = [
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"expect",
-        b"x-forwarded-proto",
-        b"x-forwarded-host",
-    ];
-    DROP.iter().any(|d| d.eq_ignore_ascii_case(name))
-}
+/// Fields that belong to one connection only (RFC 9110 7.6.1).
+const HOP_BY_HOP: [&[u8]; 7] = [
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"te",
+    b"trailer",
+    b"transfer-encoding",
+    b"upgrade",
+];
 
 fn response_field_dropped(name: &[u8]) -> bool {
-    const DROP: [&[u8]; 7] = [
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    ];
-    DROP.iter().any(|d| d.eq_ignore_ascii_case(name))
+    HOP_BY_HOP.iter().any(|d| d.eq_ignore_ascii_case(name))
+}
+
+/// Hop-by-hop fields, plus those the guard writes itself (Expect, X-Forwarded-*).
+fn request_field_dropped(name: &[u8]) -> bool {
+    const OWN: [&[u8]; 3] = [b"expect", b"x-forwarded-proto", b"x-forwarded-host"];
+    response_field_dropped(name) || OWN.iter().any(|d| d.eq_ignore_ascii_case(name))
 }
 
 /// The request head as the node gets it: the browser's fields byte for byte, except the
