@@ -40,14 +40,16 @@ use crate::session::table::Session;
 #[derive(Clone)]
 pub struct State {
     pub proxy: Arc<Proxy>,
-    /// The bearer token (from `admin.token_file`).
-    pub token: Option<Arc<str>>,
+    /// The bearer token (from `admin.token_file`; a reload reads it again).
+    pub token: Arc<std::sync::RwLock<Option<Arc<str>>>>,
     /// The listener is on a loopback address: reading needs no token.
     pub loopback: bool,
+    /// For `POST /reload` (weak: the admin API must not keep a stopped guard alive).
+    pub control: std::sync::Weak<crate::server::Control>,
 }
 
 /// Serves the admin API until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, state: State, stop: CancellationToken) {
+pub async fn serve(listener: Arc<TcpListener>, state: State, stop: CancellationToken) {
     loop {
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {
@@ -89,7 +91,12 @@ async fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let query = req.uri().query().unwrap_or("").to_string();
     let mutating = method != Method::GET && method != Method::HEAD;
     if mutating || !state.loopback {
-        match &state.token {
+        let token = state
+            .token
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match &token {
             None => {
                 return json(
                     StatusCode::FORBIDDEN,
@@ -114,8 +121,9 @@ async fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match (&method, segments.as_slice()) {
         (&Method::GET, ["healthz"]) => json(
             StatusCode::OK,
-            json!({"status": "ok", "websockets_open": state.proxy.open_tunnels()}),
+            json!({"status": "ok", "pid": std::process::id(), "websockets_open": state.proxy.open_tunnels()}),
         ),
+        (&Method::POST, ["reload"]) => reload(state).await,
         (&Method::GET, ["readyz"]) => readyz(state).await,
         (&Method::GET, ["sessions"]) => sessions(state, &query),
         (&Method::DELETE, ["sessions", hash]) => end_one(state, hash).await,
@@ -126,7 +134,10 @@ async fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
         (&Method::POST, ["upstreams", name, action @ ("drain" | "undrain")]) => {
             drain(state, name, *action == "drain")
         }
-        (_, ["healthz" | "readyz" | "sessions" | "events" | "metrics" | "upstreams"])
+        (
+            _,
+            ["healthz" | "readyz" | "sessions" | "events" | "metrics" | "upstreams" | "reload"],
+        )
         | (_, ["sessions", _])
         | (_, ["users", _, "sessions"]) => json(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -137,7 +148,8 @@ async fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
             json!({"error": "no such admin endpoint", "endpoints": [
                 "GET /healthz", "GET /readyz", "GET /sessions?user=DIR%5Cid",
                 "DELETE /sessions/<hash>", "DELETE /users/<DIR%5Cid>/sessions",
-                "GET /events?kind=&user=&since=&wait=", "GET /metrics"]}),
+                "GET /events?kind=&user=&since=&wait=", "GET /metrics", "GET /upstreams",
+                "POST /upstreams/<name>/drain", "POST /upstreams/<name>/undrain", "POST /reload"]}),
         ),
     }
 }
@@ -425,8 +437,8 @@ fn upstreams(state: &State) -> Response<Full<Bytes>> {
             });
             json!({
                 "name": n.name,
-                "state": if !n.is_up() { "down" } else if n.is_draining() { "draining" } else { "up" },
-                "weight": n.weight,
+                "state": if !n.is_up() { "down" } else if n.is_retired() { "retired" } else if n.is_draining() { "draining" } else { "up" },
+                "weight": n.weight(),
                 "live_sessions": state.proxy.sessions().map(|g| g.node_load(&n.name)).unwrap_or(0),
                 "in_flight": n.in_flight(),
                 "idle_connections": state.proxy.upstreams().pool.idle_count(n),
@@ -462,6 +474,38 @@ fn json(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
         HeaderValue::from_static("application/json"),
     );
     resp
+}
+
+/// `POST /reload`: what SIGHUP does, with the outcome in the answer. A refused config is a
+/// 422 naming the key and the reason; the running config stays.
+async fn reload(state: &State) -> Response<Full<Bytes>> {
+    let Some(control) = state.control.upgrade() else {
+        return json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": "the guard is stopping"}),
+        );
+    };
+    // Reading files and binding: off the async workers.
+    match tokio::task::spawn_blocking(move || control.reload()).await {
+        Ok(Ok(changes)) => {
+            tracing::info!("config reloaded (admin API): {changes}");
+            json(
+                StatusCode::OK,
+                json!({"reloaded": true, "changes": changes}),
+            )
+        }
+        Ok(Err(e)) => {
+            tracing::error!("reload refused, the running config stays: {e}");
+            json(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({"reloaded": false, "error": e}),
+            )
+        }
+        Err(e) => json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"reloaded": false, "error": e.to_string()}),
+        ),
+    }
 }
 
 #[cfg(test)]

@@ -36,6 +36,9 @@ pub struct Config {
     pub diagnostics: DiagnosticsConfig,
     #[serde(default)]
     pub health: HealthConfig,
+    /// The file this was read from (a reload reads it again).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// Active health checks of the Qlik nodes, with hysteresis.
@@ -175,6 +178,25 @@ pub struct ServerConfig {
     /// Peers whose X-Forwarded-* headers are trusted and appended to; others are replaced.
     #[serde(default)]
     pub trusted_proxies: Vec<IpNet>,
+    /// More certificates, each for the names a browser may ask for by SNI; `tls_cert` serves
+    /// every other name.
+    #[serde(default, rename = "certificate")]
+    pub certificates: Vec<CertificateConfig>,
+    /// `SO_REUSEPORT` on the listeners, so that a new qsguard can bind the same ports while
+    /// the old one still serves (see "Upgrades" in README.md).
+    #[serde(default)]
+    pub reuse_port: bool,
+}
+
+/// A certificate chosen by SNI (`[[server.certificate]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    /// Host names it serves: exact (`qlik.example.com`) or one wildcard label
+    /// (`*.example.com`).
+    pub names: Vec<String>,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
 }
 
 /// The admin listener (health, and later sessions, events and metrics).
@@ -231,6 +253,10 @@ pub struct UpstreamConfig {
     /// Share of new sessions, relative to the other nodes (default 1).
     #[serde(default = "one")]
     pub weight: u32,
+    /// This node's QPS REST API (e.g. `https://qlik2.example.com:4243`), with the client
+    /// certificate of `[qps_api]`; without it, the node uses `[qps_api].url`.
+    #[serde(default, deserialize_with = "opt_uri")]
+    pub qps_api: Option<http::Uri>,
 }
 
 impl UpstreamConfig {
@@ -392,7 +418,77 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| err("", format!("cannot read {}: {e}", path.display())))?;
-        Config::parse(&text)
+        let mut config = Config::parse(&text)?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
+    }
+
+    /// The keys that differ from `new` and that only a restart applies (a reload says so in
+    /// the log and goes on with the rest).
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        let mut check = |key: &'static str, a: String, b: String| {
+            if a != b {
+                changed.push(key);
+            }
+        };
+        let (a, b) = (self, new);
+        check(
+            "server.workers",
+            format!("{:?}", a.server.workers),
+            format!("{:?}", b.server.workers),
+        );
+        check(
+            "server.max_connections",
+            format!("{:?}", a.server.max_connections),
+            format!("{:?}", b.server.max_connections),
+        );
+        check(
+            "server.grace_period",
+            format!("{:?}", a.server.grace_period),
+            format!("{:?}", b.server.grace_period),
+        );
+        check(
+            "admin",
+            format!("{:?}", a.admin.listen),
+            format!("{:?}", b.admin.listen),
+        );
+        check(
+            "virtual_proxy",
+            format!("{:?}", a.virtual_proxies),
+            format!("{:?}", b.virtual_proxies),
+        );
+        check(
+            "sessions.guard",
+            format!("{:?}", a.sessions.guard),
+            format!("{:?}", b.sessions.guard),
+        );
+        check(
+            "sessions.device_cookie",
+            format!("{:?}", a.sessions.device_cookie),
+            format!("{:?}", b.sessions.device_cookie),
+        );
+        check(
+            "sessions.device_memory",
+            format!("{:?}", a.sessions.device_memory),
+            format!("{:?}", b.sessions.device_memory),
+        );
+        check(
+            "sessions.snapshot_file",
+            format!("{:?}", a.sessions.snapshot_file),
+            format!("{:?}", b.sessions.snapshot_file),
+        );
+        check(
+            "sessions.snapshot_interval",
+            format!("{:?}", a.sessions.snapshot_interval),
+            format!("{:?}", b.sessions.snapshot_interval),
+        );
+        check(
+            "diagnostics",
+            format!("{:?}", a.diagnostics),
+            format!("{:?}", b.diagnostics),
+        );
+        changed
     }
 
     /// Parses and validates; the error names the key (TOML errors carry line and column).
@@ -428,6 +524,34 @@ impl Config {
             }
             _ => {}
         }
+        if !s.certificates.is_empty() && s.tls_cert.is_none() {
+            return Err(err(
+                "server.certificate",
+                "needs server.tls_cert and server.tls_key: the certificate for every other name",
+            ));
+        }
+        for (i, c) in s.certificates.iter().enumerate() {
+            if c.names.is_empty() {
+                return Err(err(
+                    format!("server.certificate[{i}].names"),
+                    "must name at least one host",
+                ));
+            }
+            for n in &c.names {
+                let bare = n.strip_prefix("*.").unwrap_or(n);
+                if bare.is_empty()
+                    || bare.contains('*')
+                    || !bare
+                        .chars()
+                        .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '.')
+                {
+                    return Err(err(
+                        format!("server.certificate[{i}].names"),
+                        format!("`{n}` is not a host name (or `*.` and a host name)"),
+                    ));
+                }
+            }
+        }
         if s.max_connections == 0 {
             return Err(err("server.max_connections", "must be at least 1"));
         }
@@ -457,6 +581,20 @@ impl Config {
                     key,
                     "must not have a path or query: name the node only",
                 ));
+            }
+            if let Some(api) = &u.qps_api {
+                let key = format!("upstream[{i}].qps_api");
+                if self.qps_api.is_none() {
+                    return Err(err(
+                        key,
+                        "needs a [qps_api] section (the client certificate for the QPS REST API)",
+                    ));
+                }
+                if !matches!(api.scheme_str(), Some("http") | Some("https"))
+                    || api.authority().is_none()
+                {
+                    return Err(err(key, "must be an http:// or https:// URL with a host"));
+                }
             }
         }
         let mut names = std::collections::HashSet::new();
@@ -705,6 +843,10 @@ mod opt_duration {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         super::duration::deserialize(d).map(Some)
     }
+}
+
+fn opt_uri<'de, D: Deserializer<'de>>(d: D) -> Result<Option<http::Uri>, D::Error> {
+    uri(d).map(Some)
 }
 
 fn uri<'de, D: Deserializer<'de>>(d: D) -> Result<http::Uri, D::Error> {

@@ -227,11 +227,36 @@ fn runtime(workers: usize) -> tokio::runtime::Runtime {
 }
 
 /// Serves until SIGTERM or ctrl-c, then shuts down gracefully; a second signal exits at once.
+/// SIGHUP reloads the config file; SIGUSR2 hands the listeners to a new binary (see
+/// `server::handover`).
 async fn run_until_signal(guard: Guard) {
+    use qsguard::server::handover;
+    use tokio::signal::unix::{signal, SignalKind};
+    handover::announce_ready();
     let stopper = guard.stopper();
-    let waiter = tokio::spawn(guard.wait());
-    wait_for_signal().await;
+    let control = guard.control().clone();
+    let mut waiter = tokio::spawn(guard.wait());
+    let mut hup = signal(SignalKind::hangup()).expect("cannot listen for SIGHUP");
+    let mut usr2 = signal(SignalKind::user_defined2()).expect("cannot listen for SIGUSR2");
+    loop {
+        tokio::select! {
+            _ = wait_for_signal() => break,
+            _ = &mut waiter => return,
+            _ = hup.recv() => {
+                handover::sd_notify("RELOADING=1");
+                let c = control.clone();
+                match tokio::task::spawn_blocking(move || c.reload()).await {
+                    Ok(Ok(changes)) => tracing::info!("config reloaded (SIGHUP): {changes}"),
+                    Ok(Err(e)) => tracing::error!("reload refused, the running config stays: {e}"),
+                    Err(e) => tracing::error!("reload failed: {e}"),
+                }
+                handover::sd_notify("READY=1");
+            }
+            _ = usr2.recv() => handover::upgrade_and_stop(&control).await,
+        }
+    }
     tracing::info!("shutting down: finishing in-flight requests (a second signal exits now)");
+    handover::sd_notify("STOPPING=1");
     stopper.cancel();
     tokio::select! {
         _ = waiter => {}
@@ -240,18 +265,11 @@ async fn run_until_signal(guard: Guard) {
 }
 
 async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).expect("cannot listen for SIGTERM");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("cannot listen for SIGTERM");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
 }
 

@@ -253,6 +253,19 @@ impl QpsApi {
         })
     }
 
+    /// The same client (certificate, CA) for the API at `base`: another node's.
+    pub fn at(&self, base: Uri) -> QpsApi {
+        QpsApi {
+            base,
+            client: self.client.clone(),
+        }
+    }
+
+    /// Where the API is.
+    pub fn base(&self) -> &Uri {
+        &self.base
+    }
+
     /// The API's host name (to tell which node it belongs to).
     pub fn host(&self) -> &str {
         self.base.host().unwrap_or("")

@@ -26,6 +26,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full, Limited};
@@ -55,7 +56,7 @@ pub struct ConnInfo {
     pub tls: bool,
 }
 
-/// The settings the hot path reads, copied out of the config once.
+/// The settings the hot path reads, copied out of the config at start and at each reload.
 pub(crate) struct Settings {
     pub(crate) header_read_timeout: Duration,
     pub(crate) max_header_size: usize,
@@ -68,14 +69,32 @@ pub(crate) struct Settings {
     trusted: TrustedProxies,
 }
 
-/// The proxy: shared by every connection.
+impl Settings {
+    fn new(config: &Config) -> Settings {
+        Settings {
+            header_read_timeout: config.server.header_read_timeout,
+            max_header_size: config.server.max_header_size as usize,
+            response_timeout: config.proxy.response_timeout,
+            send_timeout: config.server.send_timeout,
+            health: config.health.clone(),
+            max_body_size: config.server.max_body_size,
+            websocket_idle_timeout: config.server.websocket_idle_timeout,
+            log_requests: config.log.requests,
+            trusted: TrustedProxies::new(config.server.trusted_proxies.clone()),
+        }
+    }
+}
+
+/// The proxy: shared by every connection. What a reload may change (the settings, the nodes)
+/// sits behind an [`ArcSwap`]: a request takes the current value when it starts and keeps it
+/// to its end, so a reload never changes the rules under a request in flight.
 pub struct Proxy {
-    pub(crate) settings: Settings,
+    settings: ArcSwap<Settings>,
     /// Events, metrics, the cookie self-test.
     pub diagnostics: Diagnostics,
     /// The session guard (`sessions.guard = true`, the default).
     pub(crate) sessions: Option<Arc<SessionGuard>>,
-    pub(crate) upstreams: Arc<Upstreams>,
+    upstreams: ArcSwap<Upstreams>,
     /// Open WebSocket tunnels, closed on shutdown after in-flight requests.
     tunnels: TaskTracker,
     close_tunnels: CancellationToken,
@@ -85,18 +104,8 @@ impl Proxy {
     pub fn new(config: &Config) -> Result<Proxy, String> {
         let diagnostics = Diagnostics::new(config);
         Ok(Proxy {
-            settings: Settings {
-                header_read_timeout: config.server.header_read_timeout,
-                max_header_size: config.server.max_header_size as usize,
-                response_timeout: config.proxy.response_timeout,
-                send_timeout: config.server.send_timeout,
-                health: config.health.clone(),
-                max_body_size: config.server.max_body_size,
-                websocket_idle_timeout: config.server.websocket_idle_timeout,
-                log_requests: config.log.requests,
-                trusted: TrustedProxies::new(config.server.trusted_proxies.clone()),
-            },
-            upstreams: Arc::new(Upstreams::new(config)?),
+            settings: ArcSwap::from_pointee(Settings::new(config)),
+            upstreams: ArcSwap::from_pointee(Upstreams::new(config)?),
             sessions: if config.sessions.guard {
                 Some(Arc::new(SessionGuard::new(
                     config,
@@ -111,12 +120,91 @@ impl Proxy {
         })
     }
 
-    pub fn upstreams(&self) -> &Upstreams {
-        &self.upstreams
+    /// The nodes as they are now (a reload may replace them; this value stays whole).
+    pub fn upstreams(&self) -> Arc<Upstreams> {
+        self.upstreams.load_full()
     }
 
-    pub fn upstreams_arc(&self) -> Arc<Upstreams> {
-        self.upstreams.clone()
+    pub(crate) fn settings(&self) -> arc_swap::Guard<Arc<Settings>> {
+        self.settings.load()
+    }
+
+    /// Applies a reloaded config: the settings the hot path reads, the nodes (see
+    /// [`Upstreams::reloaded`]) and the session guard's policy. Requests in flight finish
+    /// under the values they started with; connections and WebSockets stay open.
+    pub fn reload(&self, config: &Config) -> Result<(), String> {
+        let current = self.upstreams();
+        let next = current.reloaded(config, |n| {
+            self.sessions
+                .as_ref()
+                .is_some_and(|g| g.node_load(&n.name) > 0)
+        })?;
+        if let Some(g) = &self.sessions {
+            g.reload(config)?;
+        }
+        for n in next.nodes() {
+            if n.is_retired() {
+                tracing::warn!(
+                    upstream = %n.name,
+                    sessions = self.sessions.as_ref().map_or(0, |g| g.node_load(&n.name)),
+                    "node removed from the config: it keeps serving its live sessions and goes when they have ended"
+                );
+            }
+        }
+        self.settings.store(Arc::new(Settings::new(config)));
+        self.upstreams.store(Arc::new(next));
+        Ok(())
+    }
+
+    /// Checks every node every `health.interval` (read anew each round, so a reload applies)
+    /// until `stop`; a node going down marks its sessions lost. Retired nodes whose last
+    /// session has ended are dropped here.
+    pub async fn health_forever(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            let cfg = self.settings().health.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(cfg.interval) => {}
+                _ = stop.cancelled() => return,
+            }
+            let ups = self.upstreams();
+            for node in ups.nodes() {
+                let (ok, what) = ups.check(node, &cfg).await;
+                if let Some(up) = node.record(ok, what.clone(), cfg.fall, cfg.rise) {
+                    if up {
+                        tracing::warn!(upstream = %node.name, "Qlik node is up again: {what}");
+                    } else {
+                        tracing::error!(upstream = %node.name, "Qlik node is down: {what}");
+                        if let Some(g) = &self.sessions {
+                            g.node_lost(&node.name);
+                        }
+                    }
+                }
+            }
+            let sessions = self.sessions.clone();
+            let unused = |n: &Node| sessions.as_ref().is_none_or(|g| g.node_load(&n.name) == 0);
+            if let Some(fewer) = ups.without_retired(unused) {
+                // Only if no reload replaced the list meanwhile.
+                let prev = self.upstreams.compare_and_swap(&ups, Arc::new(fewer));
+                if Arc::ptr_eq(&prev, &ups) {
+                    tracing::info!("a removed node's last session has ended: the node is gone");
+                }
+            }
+        }
+    }
+
+    /// Closes idle upstream connections past `proxy.pool_idle_timeout` until `stop`.
+    pub async fn reap_forever(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            let every = self.upstreams().pool.reap_every();
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.cancelled() => return,
+            }
+            let ups = self.upstreams();
+            for node in ups.nodes() {
+                ups.pool.reap(node);
+            }
+        }
     }
 
     pub fn sessions(&self) -> Option<&Arc<SessionGuard>> {
@@ -133,25 +221,22 @@ impl Proxy {
                 .map(|s| s.node.clone())
                 .or_else(|| c.node_hint.clone())
         });
-        if let Some(n) = wanted.and_then(|name| self.upstreams.by_name(&name)) {
+        let ups = self.upstreams.load();
+        if let Some(n) = wanted.and_then(|name| ups.by_name(&name)) {
             if n.is_up() {
                 return Ok(n);
             }
         }
         match &self.sessions {
-            Some(g) => self.upstreams.pick_by(|n| g.node_load(&n.name)),
-            None => self.upstreams.pick(),
+            Some(g) => ups.pick_by(|n| g.node_load(&n.name)),
+            None => ups.pick(),
         }
     }
 
     /// A connection to `node` failed: passive failure detection (the health settings' `fall`).
     pub(crate) fn node_failed(&self, node: &Node, why: &str) {
-        if let Some(false) = node.record(
-            false,
-            why.to_string(),
-            self.settings.health.fall,
-            self.settings.health.rise,
-        ) {
+        let s = self.settings();
+        if let Some(false) = node.record(false, why.to_string(), s.health.fall, s.health.rise) {
             tracing::error!(upstream = %node.name, "Qlik node is down: {why}");
             if let Some(g) = &self.sessions {
                 g.node_lost(&node.name);
@@ -178,7 +263,7 @@ impl Proxy {
         conn: ConnInfo,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let started = Instant::now();
-        let record = self.settings.log_requests.then(|| {
+        let record = self.settings().log_requests.then(|| {
             Box::new(Record {
                 method: req.method().clone(),
                 path: req.uri().path().to_string(),
@@ -230,7 +315,7 @@ impl Proxy {
             }
         }
         let Some(guard) = &self.sessions else {
-            let node = self.upstreams.pick().map_err(|e| (e, None))?;
+            let node = self.upstreams.load().pick().map_err(|e| (e, None))?;
             let resp = self.exchange(req, conn, &node, None).await?;
             return Ok((resp.map(Either::Left), Some(node)));
         };
@@ -316,9 +401,10 @@ impl Proxy {
                 client_upgrade.as_ref().map(|(p, _)| p.clone()),
             )
             .map_err(|e| (e, Some(node.clone())))?;
+        let max_body = self.settings().max_body_size;
         let resp = self
-            .upstreams
-            .send(node, upstream_req, self.settings.max_body_size)
+            .upstreams()
+            .send(node, upstream_req, max_body)
             .await
             .map_err(|e| (e, Some(node.clone())))?;
         Ok(self.respond(resp, client_upgrade, ctx))
@@ -377,10 +463,9 @@ impl Proxy {
                 .ok()
                 .and_then(|s| s.trim().parse().ok())
                 .ok_or(ProxyError::BadRequest("invalid Content-Length"))?;
-            if len > self.settings.max_body_size {
-                return Err(ProxyError::PayloadTooLarge {
-                    limit: self.settings.max_body_size,
-                });
+            let limit = self.settings().max_body_size;
+            if len > limit {
+                return Err(ProxyError::PayloadTooLarge { limit });
             }
         }
         if req.version() == Version::HTTP_2 && req.headers().contains_key(header::TRANSFER_ENCODING)
@@ -421,14 +506,15 @@ impl Proxy {
             headers::restore_upgrade(&mut parts.headers, proto);
         }
         let host = parts.headers.get(header::HOST).cloned();
+        let settings = self.settings();
         headers::set_forwarded(
             &mut parts.headers,
             conn.peer.ip(),
-            &self.settings.trusted,
+            &settings.trusted,
             conn.tls,
             host.as_ref(),
         );
-        let body = Limited::new(body, self.settings.max_body_size as usize);
+        let body = Limited::new(body, settings.max_body_size as usize);
         Ok(Request::from_parts(parts, body))
     }
 
@@ -472,7 +558,7 @@ impl Proxy {
         upstream: hyper::upgrade::OnUpgrade,
         engine: Option<Engine>,
     ) {
-        let idle = self.settings.websocket_idle_timeout;
+        let idle = self.settings().websocket_idle_timeout;
         let stop = self.close_tunnels.clone();
         self.tunnels.spawn(async move {
             let (client, upstream) = match tokio::try_join!(client, upstream) {
@@ -505,7 +591,7 @@ impl Proxy {
     ) where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let idle = self.settings.websocket_idle_timeout;
+        let idle = self.settings().websocket_idle_timeout;
         let stop = self.close_tunnels.clone();
         self.tunnels.spawn(async move {
             use tokio::io::AsyncWriteExt;

@@ -8,7 +8,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -87,9 +87,9 @@ pub struct Conn {
     idle_since: Instant,
 }
 
-/// The idle connections of every node.
+/// How connections to the nodes are made and kept. The idle connections themselves live on
+/// each [`Node`], so that a reload (which builds a new pool from the new settings) keeps them.
 pub struct Pool {
-    idle: Vec<Mutex<Vec<Conn>>>,
     tls: TlsConnector,
     connect_timeout: Duration,
     idle_timeout: Duration,
@@ -98,14 +98,12 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(
-        nodes: usize,
         tls: rustls::ClientConfig,
         connect_timeout: Duration,
         idle_timeout: Duration,
         max_idle: usize,
     ) -> Pool {
         Pool {
-            idle: (0..nodes).map(|_| Mutex::new(Vec::new())).collect(),
             tls: TlsConnector::from(Arc::new(tls)),
             connect_timeout,
             idle_timeout,
@@ -113,10 +111,8 @@ impl Pool {
         }
     }
 
-    fn idle(&self, node: &Node) -> std::sync::MutexGuard<'_, Vec<Conn>> {
-        self.idle[node.index]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+    fn idle<'n>(&self, node: &'n Node) -> MutexGuard<'n, Vec<Conn>> {
+        node.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A connection to `node`: the most recently used idle one that is still open, else new.
@@ -187,19 +183,15 @@ impl Pool {
         }
     }
 
-    /// Closes idle connections older than the idle timeout; runs until `stop`.
-    pub async fn reap(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
-        let every = (self.idle_timeout / 2).max(Duration::from_millis(100));
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = stop.cancelled() => return,
-            }
-            for list in &self.idle {
-                let mut l = list.lock().unwrap_or_else(|e| e.into_inner());
-                l.retain(|c| c.idle_since.elapsed() < self.idle_timeout);
-            }
-        }
+    /// How often [`Pool::reap`] should run.
+    pub fn reap_every(&self) -> Duration {
+        (self.idle_timeout / 2).max(Duration::from_millis(100))
+    }
+
+    /// Closes the node's idle connections older than the idle timeout.
+    pub fn reap(&self, node: &Node) {
+        self.idle(node)
+            .retain(|c| c.idle_since.elapsed() < self.idle_timeout);
     }
 
     /// Idle connections per node (for tests and the admin API).

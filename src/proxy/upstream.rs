@@ -29,24 +29,40 @@ use crate::proxy::pool::Pool;
 pub type UpstreamBody = Limited<Incoming>;
 
 /// One Qlik Sense proxy node.
-#[derive(Debug)]
 pub struct Node {
     pub name: String,
     name_arc: Arc<str>,
     scheme: Scheme,
     authority: Authority,
-    /// Position in the list (the pool's index).
-    pub index: usize,
+    /// The configured URL: a reload keeps a node (its state, its idle connections) when its
+    /// name and URL stay the same.
+    url: Uri,
     pub host: String,
     pub port: u16,
     pub tls: bool,
-    pub weight: u32,
+    weight: AtomicU32,
+    /// Taken out of the config by a reload while it still had live sessions: it serves them
+    /// (like a draining node) and goes when the last one has ended.
+    retired: AtomicBool,
     up: AtomicBool,
     draining: AtomicBool,
     fails: AtomicU32,
     oks: AtomicU32,
     last_check: Mutex<Option<(SystemTime, String)>>,
     in_flight: AtomicI64,
+    /// Keep-alive connections to this node, most recently used last (see [`Pool`]).
+    pub(crate) idle: Mutex<Vec<crate::proxy::pool::Conn>>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .field("up", &self.is_up())
+            .field("draining", &self.is_draining())
+            .finish()
+    }
 }
 
 /// A request on its way to a node (counted while it lives).
@@ -59,6 +75,43 @@ impl Drop for Busy<'_> {
 }
 
 impl Node {
+    fn new(u: &crate::config::UpstreamConfig) -> Node {
+        let tls = u.url.scheme_str() == Some("https");
+        let authority = u.url.authority().cloned().expect("validated in config");
+        Node {
+            name: u.display_name(),
+            name_arc: u.display_name().into(),
+            scheme: u.url.scheme().cloned().unwrap_or(Scheme::HTTP),
+            url: u.url.clone(),
+            host: authority
+                .host()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            port: authority.port_u16().unwrap_or(if tls { 443 } else { 80 }),
+            tls,
+            authority,
+            weight: AtomicU32::new(u.weight),
+            retired: AtomicBool::new(false),
+            up: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
+            fails: AtomicU32::new(0),
+            oks: AtomicU32::new(0),
+            last_check: Mutex::new(None),
+            in_flight: AtomicI64::new(0),
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// Removed from the config, kept for the sessions it still holds.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
     pub fn name_arc(&self) -> Arc<str> {
         self.name_arc.clone()
     }
@@ -81,7 +134,7 @@ impl Node {
 
     /// Gets no new sessions; existing ones stay until they end.
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
+        self.draining.load(Ordering::Acquire) || self.is_retired()
     }
 
     pub fn set_draining(&self, on: bool) {
@@ -154,7 +207,6 @@ impl Upstreams {
         let mut engine_tls = tls.clone();
         engine_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let pool = Arc::new(Pool::new(
-            config.upstreams.len(),
             engine_tls,
             p.connect_timeout,
             p.pool_idle_timeout,
@@ -176,32 +228,7 @@ impl Upstreams {
         let nodes = config
             .upstreams
             .iter()
-            .enumerate()
-            .map(|(index, u)| {
-                let tls = u.url.scheme_str() == Some("https");
-                let authority = u.url.authority().cloned().expect("validated in config");
-                Arc::new(Node {
-                    name: u.display_name(),
-                    name_arc: u.display_name().into(),
-                    scheme: u.url.scheme().cloned().unwrap_or(Scheme::HTTP),
-                    index,
-                    host: authority
-                        .host()
-                        .trim_start_matches('[')
-                        .trim_end_matches(']')
-                        .to_string(),
-                    port: authority.port_u16().unwrap_or(if tls { 443 } else { 80 }),
-                    tls,
-                    authority,
-                    weight: u.weight,
-                    up: AtomicBool::new(true),
-                    draining: AtomicBool::new(false),
-                    fails: AtomicU32::new(0),
-                    oks: AtomicU32::new(0),
-                    last_check: Mutex::new(None),
-                    in_flight: AtomicI64::new(0),
-                })
-            })
+            .map(|u| Arc::new(Node::new(u)))
             .collect();
         Ok(Upstreams {
             nodes,
@@ -214,6 +241,56 @@ impl Upstreams {
 
     pub fn nodes(&self) -> &[Arc<Node>] {
         &self.nodes
+    }
+
+    /// The nodes and pool for a reloaded `config`. A node whose name and URL stay keeps its
+    /// state (up or down, draining, idle connections) and takes the new weight. A node taken
+    /// out of the config is kept, retired, while `has_sessions` says it still holds live
+    /// sessions: Qlik cannot move a session, so removing a node must not end them.
+    pub fn reloaded(
+        &self,
+        config: &Config,
+        has_sessions: impl Fn(&Node) -> bool,
+    ) -> Result<Upstreams, String> {
+        let mut next = Upstreams::new(config)?;
+        for (slot, u) in next.nodes.iter_mut().zip(&config.upstreams) {
+            if let Some(old) = self
+                .nodes
+                .iter()
+                .find(|n| n.name == slot.name && n.url == u.url)
+            {
+                old.weight.store(u.weight, Ordering::Relaxed);
+                old.retired.store(false, Ordering::Release);
+                *slot = old.clone();
+            }
+        }
+        for old in &self.nodes {
+            if !next.nodes.iter().any(|n| n.name == old.name) && has_sessions(old) {
+                old.retired.store(true, Ordering::Release);
+                next.nodes.push(old.clone());
+            }
+        }
+        Ok(next)
+    }
+
+    /// The same upstreams without the retired nodes for which `gone` says yes; `None` when
+    /// there is none to drop.
+    pub fn without_retired(&self, gone: impl Fn(&Node) -> bool) -> Option<Upstreams> {
+        if !self.nodes.iter().any(|n| n.is_retired() && gone(n)) {
+            return None;
+        }
+        Some(Upstreams {
+            nodes: self
+                .nodes
+                .iter()
+                .filter(|n| !(n.is_retired() && gone(n)))
+                .cloned()
+                .collect(),
+            next: AtomicUsize::new(0),
+            client: self.client.clone(),
+            response_timeout: self.response_timeout,
+            pool: self.pool.clone(),
+        })
     }
 
     /// The node called `name`, if it is still configured.
@@ -239,43 +316,16 @@ impl Upstreams {
             .map(|k| &self.nodes[(start + k) % n])
             .filter(|node| node.is_up() && !node.is_draining())
             .min_by(|a, b| {
-                let la = load(a) as u64 * b.weight as u64;
-                let lb = load(b) as u64 * a.weight as u64;
+                let la = load(a) as u64 * b.weight() as u64;
+                let lb = load(b) as u64 * a.weight() as u64;
                 la.cmp(&lb)
             })
             .cloned()
             .ok_or(ProxyError::NoUpstream)
     }
 
-    /// Checks every node every `health.interval` until `stop`; `changed(node, up)` hears of
-    /// every change of state.
-    pub async fn health_forever(
-        self: Arc<Self>,
-        cfg: crate::config::HealthConfig,
-        changed: impl Fn(&Node, bool) + Send + Sync + 'static,
-        stop: tokio_util::sync::CancellationToken,
-    ) {
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(cfg.interval) => {}
-                _ = stop.cancelled() => return,
-            }
-            for node in &self.nodes {
-                let (ok, what) = self.check(node, &cfg).await;
-                if let Some(up) = node.record(ok, what.clone(), cfg.fall, cfg.rise) {
-                    if up {
-                        tracing::warn!(upstream = %node.name, "Qlik node is up again: {what}");
-                    } else {
-                        tracing::error!(upstream = %node.name, "Qlik node is down: {what}");
-                    }
-                    changed(node, up);
-                }
-            }
-        }
-    }
-
     /// One health check: `GET <path>`; any answer below 500 within the timeout is up.
-    async fn check(&self, node: &Node, cfg: &crate::config::HealthConfig) -> (bool, String) {
+    pub async fn check(&self, node: &Node, cfg: &crate::config::HealthConfig) -> (bool, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let attempt = async {
             let mut conn = self.pool.connect(node).await.map_err(|e| e.to_string())?;

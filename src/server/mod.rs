@@ -1,18 +1,28 @@
-//! The listeners and the life of a connection, from accept to graceful shutdown.
+//! The listeners and the life of a connection, from accept to graceful shutdown, and the
+//! reload that changes them while the guard serves.
 //!
 //! [`Guard::start`] binds everything first (so a bad address fails before anything serves),
 //! then runs one accept loop per listener. Each client connection is served by the HTTP/1.1
 //! engine (`proxy::h1`), or by hyper's HTTP/2 server when TLS ALPN picked `h2`.
 //!
+//! A reload ([`Control::reload`]: SIGHUP or `POST /reload`) reads the config file again and
+//! applies it in an order that cannot half-fail: everything that can fail (parsing,
+//! certificates, the token, binding a new address, the nodes' APIs) is done first, and any
+//! failure leaves the running config in place. Then the new values are swapped in; open
+//! connections and WebSockets are not touched. See [`handover`] for a new binary taking over.
+//!
 //! Shutdown, in order: stop accepting; tell every connection to finish its in-flight request
 //! and close; wait for them up to `server.grace_period`; then close the WebSocket tunnels.
 
+pub mod handover;
 pub mod tls;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -27,56 +37,248 @@ use crate::admin;
 use crate::config::Config;
 use crate::proxy::{ConnInfo, Proxy};
 
-/// Per-connection settings, copied out of the config once.
-#[derive(Clone)]
+/// Per-connection settings, copied out of the config at start and at each reload.
 struct ConnSettings {
     header_read_timeout: Duration,
     max_header_size: usize,
     tls: Option<TlsAcceptor>,
 }
 
+impl ConnSettings {
+    fn new(config: &Config) -> Result<ConnSettings, String> {
+        Ok(ConnSettings {
+            header_read_timeout: config.server.header_read_timeout,
+            max_header_size: config.server.max_header_size as usize,
+            tls: tls::server_config(&config.server)?.map(TlsAcceptor::from),
+        })
+    }
+}
+
+/// The main listener and the token that stops its accept loop (a reload that moves the
+/// listener stops the old loop; the connections it accepted go on).
+struct Listening {
+    listen: SocketAddr,
+    addr: SocketAddr,
+    /// Dropped at shutdown, so that the port is closed while the connections finish.
+    socket: Option<Arc<TcpListener>>,
+    stop: CancellationToken,
+}
+
+/// What a running guard can be told to do while it serves: reload, hand over to a new binary.
+pub struct Control {
+    proxy: Arc<Proxy>,
+    conn: Arc<ArcSwap<ConnSettings>>,
+    listening: Mutex<Listening>,
+    admin_socket: Mutex<Option<Arc<TcpListener>>>,
+    admin_token: Arc<RwLock<Option<Arc<str>>>>,
+    config: Mutex<Config>,
+    slots: Arc<Semaphore>,
+    connections: TaskTracker,
+    stop: CancellationToken,
+    /// A successor process took the listeners over: it owns the snapshot file now.
+    handed_over: AtomicBool,
+}
+
+impl Control {
+    /// Reads the config file again and applies it (see the module doc). `Ok` says what
+    /// changed; `Err` says why the new config was refused, and the old one keeps running.
+    pub fn reload(&self) -> Result<String, String> {
+        let path = self
+            .config
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .source
+            .clone()
+            .ok_or("the guard was started without a config file: there is nothing to reload")?;
+        let new = Config::load(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        self.apply(new)
+    }
+
+    /// Applies `new` in place of the running config.
+    pub fn apply(&self, new: Config) -> Result<String, String> {
+        let mut current = self.config.lock().unwrap_or_else(|e| e.into_inner());
+        // 1. Everything that can fail, before anything changes.
+        let conn = ConnSettings::new(&new)?;
+        let token = new.admin.token().map_err(|e| e.to_string())?;
+        if token.is_none() && !new.admin.listen.ip().is_loopback() {
+            return Err(
+                "admin.token_file: the admin listener is off loopback and needs a token".into(),
+            );
+        }
+        let mut listening = self.listening.lock().unwrap_or_else(|e| e.into_inner());
+        let moved = if new.server.listen != listening.listen {
+            Some(bind(
+                new.server.listen,
+                "server.listen",
+                new.server.reuse_port,
+            )?)
+        } else {
+            None
+        };
+        self.proxy.reload(&new)?;
+        // 2. Nothing below fails.
+        self.conn.store(Arc::new(conn));
+        *self.admin_token.write().unwrap_or_else(|e| e.into_inner()) = token.map(Into::into);
+        let mut notes = Vec::new();
+        if let Some(socket) = moved {
+            let socket = Arc::new(socket);
+            let addr = socket.local_addr().map_err(|e| e.to_string())?;
+            let stop = self.stop.child_token();
+            tokio::spawn(accept_loop(
+                socket.clone(),
+                self.proxy.clone(),
+                self.conn.clone(),
+                self.slots.clone(),
+                self.connections.clone(),
+                stop.clone(),
+                self.stop.clone(),
+            ));
+            let old = std::mem::replace(
+                &mut *listening,
+                Listening {
+                    listen: new.server.listen,
+                    addr,
+                    socket: Some(socket),
+                    stop,
+                },
+            );
+            old.stop.cancel();
+            notes.push(format!("listening on {addr} instead of {}", old.addr));
+        }
+        let restart = current.restart_only_changes(&new);
+        if !restart.is_empty() {
+            tracing::warn!(keys = ?restart, "changed in the config file, applied only by a restart");
+            notes.push(format!("needs a restart to apply: {}", restart.join(", ")));
+        }
+        let nodes: Vec<String> = self
+            .proxy
+            .upstreams()
+            .nodes()
+            .iter()
+            .map(|n| n.name.clone())
+            .collect();
+        notes.push(format!("nodes: {}", nodes.join(", ")));
+        *current = new;
+        Ok(notes.join("; "))
+    }
+
+    /// The main listener's address now (a reload may move it).
+    pub fn addr(&self) -> SocketAddr {
+        self.listening
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .addr
+    }
+
+    /// The listening sockets, for a successor process to inherit.
+    pub(crate) fn sockets(&self) -> Vec<(&'static str, Arc<TcpListener>)> {
+        let server = self
+            .listening
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .socket
+            .clone();
+        let admin = self
+            .admin_socket
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        [("server", server), ("admin", admin)]
+            .into_iter()
+            .filter_map(|(k, s)| Some((k, s?)))
+            .collect()
+    }
+
+    /// Lets go of the listening sockets (the accept loops hold the last references).
+    fn close_listeners(&self) {
+        self.listening
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .socket = None;
+        *self.admin_socket.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// The session snapshot file, if any.
+    pub(crate) fn snapshot_file(&self) -> Option<std::path::PathBuf> {
+        self.config
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .sessions
+            .snapshot_file
+            .clone()
+    }
+
+    pub fn proxy(&self) -> &Arc<Proxy> {
+        &self.proxy
+    }
+
+    /// A successor serves now: stop, and leave the snapshot file to it.
+    pub(crate) fn hand_over(&self) {
+        self.handed_over.store(true, Ordering::Release);
+        self.stop.cancel();
+    }
+}
+
 /// A running guard: its bound addresses and the handle to stop it.
 pub struct Guard {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    proxy: Arc<Proxy>,
+    control: Arc<Control>,
     stop: CancellationToken,
     done: tokio::task::JoinHandle<()>,
 }
 
 impl Guard {
-    /// Binds the listeners and starts serving on the current tokio runtime.
+    /// Binds the listeners (or takes them over from the process this one replaces, see
+    /// [`handover`]) and starts serving on the current tokio runtime.
     pub async fn start(config: Config) -> Result<Guard, String> {
-        let tls = match (&config.server.tls_cert, &config.server.tls_key) {
-            (Some(c), Some(k)) => Some(TlsAcceptor::from(tls::server_config(
-                c,
-                k,
-                config.server.http2,
-            )?)),
-            _ => None,
-        };
-        let listener = bind(config.server.listen, "server.listen")?;
-        let admin_listener = bind(config.admin.listen, "admin.listen")?;
+        let conn = Arc::new(ArcSwap::from_pointee(ConnSettings::new(&config)?));
+        let reuse = config.server.reuse_port;
+        let listener = Arc::new(match handover::inherited("server", config.server.listen) {
+            Some(l) => l,
+            None => bind(config.server.listen, "server.listen", reuse)?,
+        });
+        let admin_listener = Arc::new(match handover::inherited("admin", config.admin.listen) {
+            Some(l) => l,
+            None => bind(config.admin.listen, "admin.listen", reuse)?,
+        });
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let admin_addr = admin_listener.local_addr().map_err(|e| e.to_string())?;
         let proxy = Arc::new(Proxy::new(&config)?);
-        let settings = ConnSettings {
-            header_read_timeout: config.server.header_read_timeout,
-            max_header_size: config.server.max_header_size as usize,
-            tls,
-        };
         let stop = CancellationToken::new();
         let connections = TaskTracker::new();
+        let admin_token = Arc::new(RwLock::new(
+            config
+                .admin
+                .token()
+                .map_err(|e| e.to_string())?
+                .map(Into::into),
+        ));
+        let accept_stop = stop.child_token();
+        let control = Arc::new(Control {
+            proxy: proxy.clone(),
+            conn: conn.clone(),
+            listening: Mutex::new(Listening {
+                listen: config.server.listen,
+                addr,
+                socket: Some(listener.clone()),
+                stop: accept_stop.clone(),
+            }),
+            admin_socket: Mutex::new(Some(admin_listener.clone())),
+            admin_token: admin_token.clone(),
+            config: Mutex::new(config.clone()),
+            slots: Arc::new(Semaphore::new(config.server.max_connections)),
+            connections: connections.clone(),
+            stop: stop.clone(),
+            handed_over: AtomicBool::new(false),
+        });
         let admin_task = tokio::spawn(admin::serve(
             admin_listener,
             admin::State {
                 proxy: proxy.clone(),
-                token: config
-                    .admin
-                    .token()
-                    .map_err(|e| e.to_string())?
-                    .map(Into::into),
+                token: admin_token,
                 loopback: config.admin.listen.ip().is_loopback(),
+                control: Arc::downgrade(&control),
             },
             stop.clone(),
         ));
@@ -115,33 +317,23 @@ impl Guard {
             });
             tokio::spawn(sessions.clone().sweep_forever(stop.clone()));
         }
-        tokio::spawn(proxy.upstreams().pool.clone().reap(stop.clone()));
-        {
-            let on_change = proxy.clone();
-            tokio::spawn(proxy.upstreams_arc().health_forever(
-                config.health.clone(),
-                move |node, up| {
-                    if !up {
-                        if let Some(g) = on_change.sessions() {
-                            g.node_lost(&node.name);
-                        }
-                    }
-                },
-                stop.clone(),
-            ));
-        }
-        let grace = config.server.grace_period;
-        let accept = accept_loop(
+        tokio::spawn(proxy.clone().reap_forever(stop.clone()));
+        tokio::spawn(proxy.clone().health_forever(stop.clone()));
+        tokio::spawn(accept_loop(
             listener,
             proxy.clone(),
-            settings,
-            Arc::new(Semaphore::new(config.server.max_connections)),
+            conn,
+            control.slots.clone(),
             connections.clone(),
+            accept_stop,
             stop.clone(),
-        );
-        let proxy_for_end = proxy.clone();
+        ));
+        let grace = config.server.grace_period;
+        let end = control.clone();
+        let stopped = stop.clone();
         let done = tokio::spawn(async move {
-            accept.await;
+            stopped.cancelled().await;
+            end.close_listeners();
             connections.close();
             if tokio::time::timeout(grace, connections.wait())
                 .await
@@ -152,32 +344,42 @@ impl Guard {
                     "grace period over: closing the connections still open"
                 );
             }
-            proxy_for_end.close_tunnels(Duration::from_secs(2)).await;
-            if let (Some(g), Some(path)) = (proxy_for_end.sessions(), &snapshot) {
-                match g.save_snapshot(path) {
+            end.proxy.close_tunnels(Duration::from_secs(2)).await;
+            let path = end.snapshot_file();
+            match (end.proxy.sessions(), &path) {
+                _ if end.handed_over.load(Ordering::Acquire) => tracing::info!(
+                    "the new process owns the session snapshot now: not written here"
+                ),
+                (Some(g), Some(path)) => match g.save_snapshot(path) {
                     Ok(n) => {
                         tracing::info!(file = %path.display(), sessions = n, "session snapshot written")
                     }
                     Err(e) => {
                         tracing::error!(file = %path.display(), "cannot write the session snapshot: {e}")
                     }
-                }
+                },
+                _ => {}
             }
             let _ = admin_task.await;
             tracing::info!("stopped");
         });
-        tracing::info!(%addr, %admin_addr, tls = config.server.tls_cert.is_some(), "qsguard listening");
+        tracing::info!(%addr, %admin_addr, tls = config.server.tls_cert.is_some(), pid = std::process::id(), "qsguard listening");
         Ok(Guard {
             addr,
             admin_addr,
-            proxy,
+            control,
             stop,
             done,
         })
     }
 
     pub fn proxy(&self) -> &Arc<Proxy> {
-        &self.proxy
+        &self.control.proxy
+    }
+
+    /// Reload, listener handover: what can be done to the guard while it serves.
+    pub fn control(&self) -> &Arc<Control> {
+        &self.control
     }
 
     /// A token that starts the graceful shutdown when cancelled.
@@ -221,7 +423,7 @@ async fn save_periodically(
     }
 }
 
-fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, String> {
+fn bind(addr: SocketAddr, key: &str, reuse_port: bool) -> Result<TcpListener, String> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -229,6 +431,11 @@ fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, String> {
     )
     .map_err(|e| format!("{key}: {e}"))?;
     let _ = socket.set_reuse_address(true);
+    if reuse_port {
+        socket
+            .set_reuse_port(true)
+            .map_err(|e| format!("server.reuse_port: {e}"))?;
+    }
     socket
         .set_nonblocking(true)
         .map_err(|e| format!("{key}: {e}"))?;
@@ -241,19 +448,22 @@ fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, String> {
     TcpListener::from_std(socket.into()).map_err(|e| format!("{key}: {e}"))
 }
 
+/// Accepts until `own` (a reload moved the listener) or `stop` (shutdown); the connections
+/// hear of `stop` only.
 async fn accept_loop(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     proxy: Arc<Proxy>,
-    settings: ConnSettings,
+    settings: Arc<ArcSwap<ConnSettings>>,
     slots: Arc<Semaphore>,
     connections: TaskTracker,
+    own: CancellationToken,
     stop: CancellationToken,
 ) {
     loop {
         // At max_connections, stop accepting: new clients wait in the backlog.
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = stop.cancelled() => return,
+            _ = own.cancelled() => return,
         };
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -265,11 +475,11 @@ async fn accept_loop(
                     continue;
                 }
             },
-            _ = stop.cancelled() => return,
+            _ = own.cancelled() => return,
         };
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
-        let settings = settings.clone();
+        let settings = settings.load_full();
         let stop = stop.clone();
         connections.spawn(async move {
             serve_connection(stream, peer, proxy, settings, stop).await;
@@ -282,7 +492,7 @@ async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     proxy: Arc<Proxy>,
-    settings: ConnSettings,
+    settings: Arc<ConnSettings>,
     stop: CancellationToken,
 ) {
     let Some(acceptor) = settings.tls.clone() else {

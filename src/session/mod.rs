@@ -37,6 +37,7 @@ use http_body_util::Full;
 use crate::config::{Config, OnLimit};
 use crate::diagnostics::events::{self, Events, Kind};
 use crate::qps::{Owner, PersonalApi, QpsApi, QpsError};
+use arc_swap::ArcSwap;
 use cookies::Headers;
 use flight::{Flight, Flights, Outcome};
 use identity::User;
@@ -124,17 +125,64 @@ pub struct SessionGuard {
     pub table: Table,
     flights: Flights,
     vps: Vec<VirtualProxy>,
-    max: usize,
-    headroom: usize,
-    on_limit: OnLimit,
-    burst_wait: Duration,
+    /// The limit and what to do at it; a reload replaces it.
+    policy: ArcSwap<Policy>,
     device_cookie: String,
-    nodes: HashMap<Arc<str>, Uri>,
+    /// How to reach each node's APIs; a reload replaces it.
+    nodes: ArcSwap<HashMap<Arc<str>, NodeApis>>,
     personal: PersonalApi,
-    api: Option<QpsApi>,
     pub counters: Counters,
     csrf_key: [u8; 32],
     events: Arc<Events>,
+}
+
+/// The part of `[sessions]` a reload may change.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Policy {
+    pub(crate) max: usize,
+    pub(crate) headroom: usize,
+    pub(crate) on_limit: OnLimit,
+    pub(crate) burst_wait: Duration,
+}
+
+impl Policy {
+    fn new(s: &crate::config::SessionsConfig) -> Policy {
+        Policy {
+            max: s.max_per_user,
+            headroom: s.evict_headroom,
+            on_limit: s.on_limit,
+            burst_wait: s.burst_wait,
+        }
+    }
+}
+
+/// A node's address for the Personal API, and its QPS REST API when `[qps_api]` is set.
+pub(crate) struct NodeApis {
+    pub(crate) uri: Uri,
+    pub(crate) qps: Option<QpsApi>,
+}
+
+/// Each configured node's APIs: the QPS REST API is the node's own `qps_api`, else
+/// `[qps_api].url`. The client certificate is read here, so a reload picks up a renewed one.
+fn node_apis(config: &Config) -> Result<HashMap<Arc<str>, NodeApis>, String> {
+    let shared = config.qps_api.as_ref().map(QpsApi::new).transpose()?;
+    Ok(config
+        .upstreams
+        .iter()
+        .map(|u| {
+            let qps = shared.as_ref().map(|api| match &u.qps_api {
+                Some(url) => api.at(url.clone()),
+                None => api.clone(),
+            });
+            (
+                Arc::<str>::from(u.display_name()),
+                NodeApis {
+                    uri: u.url.clone(),
+                    qps,
+                },
+            )
+        })
+        .collect())
 }
 
 impl SessionGuard {
@@ -159,11 +207,6 @@ impl SessionGuard {
             })
             .collect();
         let s = &config.sessions;
-        let nodes = config
-            .upstreams
-            .iter()
-            .map(|u| (Arc::<str>::from(u.display_name()), u.url.clone()))
-            .collect();
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -178,18 +221,40 @@ impl SessionGuard {
             // A login dance may take a while (a password prompt): give it a minute.
             flights: Flights::new(Duration::from_secs(60).max(s.burst_wait)),
             vps,
-            max: s.max_per_user,
-            headroom: s.evict_headroom,
-            on_limit: s.on_limit,
-            burst_wait: s.burst_wait,
+            policy: ArcSwap::from_pointee(Policy::new(s)),
             device_cookie: s.device_cookie.clone(),
-            nodes,
+            nodes: ArcSwap::from_pointee(node_apis(config)?),
             personal: PersonalApi::new(tls),
-            api: config.qps_api.as_ref().map(QpsApi::new).transpose()?,
             counters: Counters::default(),
             csrf_key: rand::random(),
             events,
         })
+    }
+
+    /// Applies a reloaded config: the limit policy, the inactivity timeouts and the nodes'
+    /// APIs. The virtual proxies and the device cookie stay as they were at start (the table
+    /// is indexed by them); the caller says so in the log.
+    pub fn reload(&self, config: &Config) -> Result<(), String> {
+        let nodes = node_apis(config)?;
+        let vps = config.virtual_proxies_or_default();
+        if vps.len() == self.vps.len() {
+            self.table.set_timeouts(
+                vps.iter()
+                    .map(|v| {
+                        v.inactivity_timeout
+                            .unwrap_or(config.sessions.inactivity_timeout)
+                    })
+                    .collect(),
+            );
+        }
+        self.nodes.store(Arc::new(nodes));
+        self.policy.store(Arc::new(Policy::new(&config.sessions)));
+        Ok(())
+    }
+
+    /// The limit policy now.
+    pub(crate) fn policy(&self) -> Policy {
+        **self.policy.load()
     }
 
     pub fn virtual_proxies(&self) -> &[VirtualProxy] {
@@ -365,7 +430,7 @@ impl SessionGuard {
                     self.counters.bursts_held.fetch_add(1, Ordering::Relaxed);
                     self.emit(Kind::BurstHeld, "a second login of the same browser held until the first one has its session", Some(&ctx), None, None);
                     let back = target.and_then(|t| f.dance().targets.get(&t).cloned());
-                    if let Outcome::Session(s) = f.wait(self.burst_wait).await {
+                    if let Outcome::Session(s) = f.wait(self.policy().burst_wait).await {
                         return Verdict::Answer(self.redirect_with(
                             &s,
                             back.as_deref().unwrap_or(&hub_of(&info.prefix)),
@@ -417,7 +482,7 @@ impl SessionGuard {
                             None,
                         );
                         tracing::debug!(vp = %info.prefix, "request held while the browser's session is being created");
-                        if let Outcome::Session(s) = open.wait(self.burst_wait).await {
+                        if let Outcome::Session(s) = open.wait(self.policy().burst_wait).await {
                             if self.table.is_restorable(&s, self.table.now_ms()) {
                                 return Verdict::Forward(Box::new(self.attach(ctx, s)));
                             }
@@ -452,7 +517,7 @@ impl SessionGuard {
             }
             Limit::Reuse(s) => {
                 self.counters.reused.fetch_add(1, Ordering::Relaxed);
-                self.emit(Kind::SessionReused, format!("{user} is at the limit of {}: the request was attached to their most recently active session", self.max), Some(&ctx), Some(&s), Some(&user));
+                self.emit(Kind::SessionReused, format!("{user} is at the limit of {}: the request was attached to their most recently active session", self.policy().max), Some(&ctx), Some(&s), Some(&user));
                 tracing::info!(session = %s.hash, user = %user, vp = %info.prefix, "user at the session limit: request attached to their most recent session");
                 self.finish_flight(&ctx, Outcome::Session(s.clone()));
                 let mut ctx = self.attach(ctx, s);
@@ -461,7 +526,7 @@ impl SessionGuard {
             }
             Limit::Evict(victim, reservation) => {
                 self.counters.evicted.fetch_add(1, Ordering::Relaxed);
-                self.emit(Kind::SessionEvicted, format!("{user} reached the limit of {} (headroom {}): the least recently active session without an open app was ended", self.max, self.headroom), Some(&ctx), Some(&victim), Some(&user));
+                self.emit(Kind::SessionEvicted, format!("{user} reached the limit of {} (headroom {}): the least recently active session without an open app was ended", self.policy().max, self.policy().headroom), Some(&ctx), Some(&victim), Some(&user));
                 tracing::info!(session = %victim.hash, user = %user, vp = %self.vps[victim.vp].prefix, "user at the session limit: least recently active session evicted");
                 if let Err(e) = self.end_in_qlik(&victim).await {
                     tracing::warn!(session = %victim.hash, user = %user, "eviction failed: {e}");
@@ -477,13 +542,13 @@ impl SessionGuard {
                     Kind::RefusedAtLimit,
                     format!(
                         "{user} is at the limit of {}: the limit page was shown",
-                        self.max
+                        self.policy().max
                     ),
                     Some(&ctx),
                     None,
                     Some(&user),
                 );
-                tracing::warn!(user = %user, vp = %info.prefix, limit = self.max, "user at the session limit: limit page shown");
+                tracing::warn!(user = %user, vp = %info.prefix, limit = self.policy().max, "user at the session limit: limit page shown");
                 self.finish_flight(&ctx, Outcome::Failed);
                 let path = match req.query {
                     Some(q) => format!("{}?{q}", req.path),
@@ -538,10 +603,14 @@ impl SessionGuard {
 
     /// The limit decision, under the user's entry lock.
     fn limit(&self, user: &User, vp: usize, trusted: bool) -> Limit {
-        let max = self.max;
-        let on_limit = self.on_limit;
+        let Policy {
+            max,
+            on_limit,
+            headroom,
+            ..
+        } = self.policy();
         let threshold = match on_limit {
-            OnLimit::Evict => max - self.headroom,
+            OnLimit::Evict => max - headroom,
             _ => max,
         };
         let lifetime = 60_000;
@@ -593,7 +662,7 @@ impl SessionGuard {
     /// Reuse when the user's sessions on this virtual proxy are all still being created: wait
     /// (bounded) for one to exist.
     async fn wait_for_pending(&self, user: &User, vp: usize) -> Limit {
-        let until = tokio::time::Instant::now() + self.burst_wait;
+        let until = tokio::time::Instant::now() + self.policy().burst_wait;
         while tokio::time::Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(20)).await;
             let now = self.table.now_ms();
@@ -794,35 +863,37 @@ impl SessionGuard {
 
     async fn ask_owner(&self, s: &Session, host: Option<&HeaderValue>) -> Result<Owner, QpsError> {
         let info = &self.vps[s.vp];
-        match &self.api {
+        let (uri, qps) = self.node_apis(&s.node)?;
+        match qps {
             Some(api) => api.owner(&info.prefix, &s.id).await,
             None => {
-                let node = self.node_uri(&s.node)?;
                 self.personal
-                    .owner(&node, &info.prefix, host, &info.cookie, &s.id)
+                    .owner(&uri, &info.prefix, host, &info.cookie, &s.id)
                     .await
             }
         }
     }
 
-    fn node_uri(&self, node: &str) -> Result<Uri, QpsError> {
+    /// The session's node: its address, and its QPS REST API if any.
+    fn node_apis(&self, node: &str) -> Result<(Uri, Option<QpsApi>), QpsError> {
         self.nodes
+            .load()
             .get(node)
-            .cloned()
+            .map(|n| (n.uri.clone(), n.qps.clone()))
             .ok_or_else(|| QpsError(format!("the node {node} is no longer configured")))
     }
 
-    /// Ends a session in Qlik: the QPS REST API when configured, else a logout through the
-    /// Personal API with the session's own cookie.
+    /// Ends a session in Qlik, on its node: the node's QPS REST API when configured, else a
+    /// logout through the Personal API with the session's own cookie.
     pub async fn end_in_qlik(&self, s: &Session) -> Result<(), QpsError> {
         let info = &self.vps[s.vp];
-        match &self.api {
+        let (uri, qps) = self.node_apis(&s.node)?;
+        match qps {
             Some(api) => api.end(&info.prefix, &s.id).await,
             None => {
-                let node = self.node_uri(&s.node)?;
                 let host = s.meta().host.clone();
                 self.personal
-                    .logout(&node, &info.prefix, host.as_ref(), &info.cookie, &s.id)
+                    .logout(&uri, &info.prefix, host.as_ref(), &info.cookie, &s.id)
                     .await
             }
         }

@@ -175,11 +175,11 @@ sessions.on_limit = {policy}. Answered by qsguard, the proxy in front of Qlik Se
     }
 
     pub fn max_per_user(&self) -> usize {
-        self.max
+        self.policy().max
     }
 
     fn on_limit_name(&self) -> &'static str {
-        match self.on_limit {
+        match self.policy().on_limit {
             crate::config::OnLimit::Reuse => "reuse",
             crate::config::OnLimit::Evict => "evict",
             crate::config::OnLimit::Error => "error",

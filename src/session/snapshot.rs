@@ -52,44 +52,65 @@ fn unix_ms() -> u64 {
 
 impl SessionGuard {
     /// Learns the sessions Qlik has that the guard does not know (made while it was down, or
-    /// around it) from the QPS REST API: `GET /qps/<vp/>session` for every virtual proxy.
-    /// Returns how many were added.
+    /// around it) from the QPS REST API of every node: `GET /qps/<vp/>session` for every
+    /// virtual proxy. Returns how many were added; a node whose API fails is named in the
+    /// error after the others were asked.
     pub async fn reconcile(&self) -> Result<usize, String> {
-        let Some(api) = &self.api else {
-            return Ok(0);
-        };
-        // The node the API belongs to: the upstream on the same host, else the first.
-        let api_host = api.host().to_string();
-        let node: Arc<str> = self
-            .nodes
-            .iter()
-            .find(|(_, uri)| uri.host() == Some(api_host.as_str()))
-            .or_else(|| self.nodes.iter().next())
-            .map(|(n, _)| n.clone())
-            .ok_or("no upstream is configured")?;
-        let mut added = 0;
-        for (vp, info) in self.virtual_proxies().iter().enumerate() {
-            let sessions = api
-                .sessions(&info.prefix)
-                .await
-                .map_err(|e| e.to_string())?;
-            for s in sessions {
-                if s.session_id.is_empty() || self.table.get(vp, &s.session_id).is_some() {
-                    continue;
-                }
-                let owner = User::new(&s.user_directory, &s.user_id);
-                self.table.insert(
-                    vp,
-                    &s.session_id,
-                    node.clone(),
-                    None,
-                    Some(owner),
-                    super::default_attributes(false),
-                );
-                added += 1;
+        let nodes = self.nodes.load_full();
+        // Nodes that share one API (`[qps_api].url` without a `qps_api` per node) are asked
+        // once; its sessions go to the node on the API's host, else to the first of them.
+        let mut asked: Vec<(String, Arc<str>)> = Vec::new();
+        let mut names: Vec<&Arc<str>> = nodes.keys().collect();
+        names.sort();
+        for name in names {
+            let Some(api) = &nodes[name].qps else {
+                continue;
+            };
+            let base = api.base().to_string();
+            let on_host = nodes[name].uri.host() == Some(api.host());
+            match asked.iter_mut().find(|(b, _)| *b == base) {
+                Some(entry) if on_host => entry.1 = name.clone(),
+                Some(_) => {}
+                None => asked.push((base, name.clone())),
             }
         }
-        Ok(added)
+        let mut added = 0;
+        let mut failed = Vec::new();
+        for (base, node) in asked {
+            let api = nodes[&node].qps.as_ref().expect("chosen for its API");
+            for (vp, info) in self.virtual_proxies().iter().enumerate() {
+                let sessions = match api.sessions(&info.prefix).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        failed.push(format!("{node} ({base}): {e}"));
+                        break;
+                    }
+                };
+                for s in sessions {
+                    if s.session_id.is_empty() || self.table.get(vp, &s.session_id).is_some() {
+                        continue;
+                    }
+                    let owner = User::new(&s.user_directory, &s.user_id);
+                    self.table.insert(
+                        vp,
+                        &s.session_id,
+                        node.clone(),
+                        None,
+                        Some(owner),
+                        super::default_attributes(false),
+                    );
+                    added += 1;
+                }
+            }
+        }
+        if failed.is_empty() {
+            Ok(added)
+        } else {
+            Err(format!(
+                "{added} sessions learnt, but these nodes could not be asked: {}",
+                failed.join("; ")
+            ))
+        }
     }
 
     /// Writes the live sessions to `path`; returns how many.

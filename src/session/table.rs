@@ -161,7 +161,8 @@ pub struct DeviceEntry {
 /// The table.
 pub struct Table {
     epoch: Instant,
-    timeouts_ms: Vec<u64>,
+    /// Per virtual proxy; atomics so that a reload can change them.
+    timeouts_ms: Vec<AtomicU64>,
     by_id: Vec<DashMap<Box<str>, Arc<Session>>>,
     users: DashMap<Arc<str>, UserEntry>,
     devices: DashMap<DeviceId, DeviceEntry>,
@@ -179,7 +180,10 @@ impl Table {
         Table {
             epoch: Instant::now(),
             by_id: timeouts.iter().map(|_| DashMap::new()).collect(),
-            timeouts_ms: timeouts.iter().map(|t| t.as_millis() as u64).collect(),
+            timeouts_ms: timeouts
+                .iter()
+                .map(|t| AtomicU64::new(t.as_millis() as u64))
+                .collect(),
             users: DashMap::new(),
             devices: DashMap::new(),
             hash_key: rand::random(),
@@ -209,7 +213,16 @@ impl Table {
     }
 
     pub fn timeout_ms(&self, vp: usize) -> u64 {
-        self.timeouts_ms.get(vp).copied().unwrap_or(30 * 60_000)
+        self.timeouts_ms
+            .get(vp)
+            .map_or(30 * 60_000, |t| t.load(Ordering::Relaxed))
+    }
+
+    /// New inactivity timeouts (a reload), by virtual proxy index.
+    pub fn set_timeouts(&self, timeouts: Vec<Duration>) {
+        for (slot, t) in self.timeouts_ms.iter().zip(timeouts) {
+            slot.store(t.as_millis() as u64, Ordering::Relaxed);
+        }
     }
 
     /// The short keyed hash shown wherever a cookie value would be.

@@ -117,10 +117,13 @@ async fn read_head<S: AsyncRead + Unpin>(
     proxy: &Proxy,
     stop: &CancellationToken,
 ) -> ReadHead {
-    let deadline = tokio::time::Instant::now() + proxy.settings.header_read_timeout;
+    let settings = proxy.settings();
+    let deadline = tokio::time::Instant::now() + settings.header_read_timeout;
+    let max_header_size = settings.max_header_size;
+    drop(settings);
     loop {
         if !c.buf.is_empty() {
-            match parse::parse_request(&c.buf, proxy.settings.max_header_size) {
+            match parse::parse_request(&c.buf, max_header_size) {
                 Ok(Some((len, mut head))) => {
                     head.bytes = c.buf.split_to(len).freeze();
                     return ReadHead::Head(head);
@@ -279,10 +282,9 @@ fn admit(proxy: &Proxy, head: &Head) -> Result<(), ProxyError> {
         return Err(ProxyError::BadRequest("the request target is not a path"));
     }
     if let Framing::Length(n) = head.framing {
-        if n > proxy.settings.max_body_size {
-            return Err(ProxyError::PayloadTooLarge {
-                limit: proxy.settings.max_body_size,
-            });
+        let limit = proxy.settings().max_body_size;
+        if n > limit {
+            return Err(ProxyError::PayloadTooLarge { limit });
         }
     }
     Ok(())
@@ -307,7 +309,10 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
     started: Instant,
 ) -> Result<Next, ProxyError> {
     let guard = proxy.sessions.as_ref();
-    let pool = &proxy.upstreams.pool;
+    // This request's settings and pool, whatever a reload does meanwhile.
+    let settings = proxy.settings.load_full();
+    let upstreams = proxy.upstreams();
+    let pool = &upstreams.pool;
     let failed = |detail: String| ProxyError::UpstreamFailed {
         upstream: node.name.clone(),
         detail,
@@ -335,7 +340,7 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let mut body = match head.framing {
         Framing::Length(n) => BodyState::Length(n),
-        Framing::Chunked => BodyState::Chunked(Chunked::new(proxy.settings.max_header_size)),
+        Framing::Chunked => BodyState::Chunked(Chunked::new(settings.max_header_size)),
         _ => BodyState::Done,
     };
     let mut sent_body: u64 = 0;
@@ -343,9 +348,9 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
         take_body(&mut body, &c.buf).map_err(|_| ProxyError::Rejected(Rejection::BadChunk))?;
     req.extend_from_slice(&c.buf.split_to(take));
     sent_body += take as u64;
-    if sent_body > proxy.settings.max_body_size {
+    if sent_body > settings.max_body_size {
         return Err(ProxyError::PayloadTooLarge {
-            limit: proxy.settings.max_body_size,
+            limit: settings.max_body_size,
         });
     }
     let whole = matches!(body, BodyState::Done);
@@ -369,7 +374,7 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
         if c.buf.is_empty() {
             c.buf.reserve(16 * 1024);
             let read = c.io.read_buf(&mut c.buf);
-            match tokio::time::timeout(proxy.settings.header_read_timeout, read).await {
+            match tokio::time::timeout(settings.header_read_timeout, read).await {
                 Ok(Ok(0)) | Ok(Err(_)) => return Ok(Next::Close),
                 Ok(Ok(_)) => {}
                 Err(_) => {
@@ -386,9 +391,9 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
             }
         };
         sent_body += take as u64;
-        if sent_body > proxy.settings.max_body_size {
+        if sent_body > settings.max_body_size {
             return Err(ProxyError::PayloadTooLarge {
-                limit: proxy.settings.max_body_size,
+                limit: settings.max_body_size,
             });
         }
         let chunk = c.buf.split_to(take);
@@ -449,7 +454,7 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
     write_response_head(&mut c.out, &resp, &extra, close, switching);
     let mut sent: u64 = 0;
     let mut clean = true;
-    let st = proxy.settings.send_timeout;
+    let st = settings.send_timeout;
     match resp.framing {
         Framing::None => {
             if !send(&mut c.io, &c.out, st).await {
@@ -591,7 +596,7 @@ async fn read_response_head(
     is_head: bool,
     node: &Node,
 ) -> Result<Head, ProxyError> {
-    let deadline = tokio::time::Instant::now() + proxy.settings.response_timeout;
+    let deadline = tokio::time::Instant::now() + proxy.settings().response_timeout;
     loop {
         if !conn.buf.is_empty() {
             match parse::parse_response(&conn.buf, is_head) {
@@ -678,7 +683,7 @@ fn write_request_head(
     } else {
         b" HTTP/1.1\r\n"
     });
-    let trusted = proxy.settings.trusted.trusts(peer_ip);
+    let trusted = proxy.settings().trusted.trusts(peer_ip);
     let named = head.connection_tokens();
     let mut cookie_done = cookie.is_none();
     let mut xff: Option<BytesMut> = None;
@@ -957,7 +962,7 @@ fn log(
         .diagnostics
         .metrics
         .request(status, started.elapsed().as_secs_f64());
-    if !proxy.settings.log_requests {
+    if !proxy.settings().log_requests {
         return;
     }
     let method = http::Method::from_bytes(head.method()).unwrap_or(http::Method::GET);

@@ -1,0 +1,444 @@
+//! Reloading the config while the guard serves (`POST /reload`, what SIGHUP does): nodes
+//! added and removed under load with no failed request, a removed node kept for its live
+//! sessions, the listener moved with open connections and WebSockets untouched, and an
+//! invalid config refused while the old one keeps serving.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::Full;
+use qsguard::{Config, Guard};
+
+const TOKEN: &str = "reload-token-of-some-length";
+
+struct Files {
+    dir: PathBuf,
+    config: PathBuf,
+}
+
+impl Files {
+    fn new(tag: &str) -> Files {
+        let dir = std::env::temp_dir().join(format!(
+            "qsguard-{tag}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("token"), TOKEN).unwrap();
+        let config = dir.join("qsguard.toml");
+        Files { dir, config }
+    }
+
+    /// Writes the config for `nodes` (plus `server_extra` in `[server]`, `extra` at the end).
+    fn write(&self, nodes: &[std::net::SocketAddr], server_extra: &str, extra: &str) {
+        let text = config_text(
+            nodes,
+            server_extra,
+            &format!("[health]\ninterval = \"200ms\"\nfall = 2\nrise = 1\n{extra}"),
+        )
+        .replace(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n",
+            &format!(
+                "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
+                self.dir.join("token").display()
+            ),
+        );
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    async fn start(&self) -> Guard {
+        Guard::start(Config::load(&self.config).unwrap())
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Files {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn reload(guard: &Guard) -> Resp {
+    send(
+        guard.admin_addr,
+        http::Request::post("/reload")
+            .header("host", "admin")
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await
+    .unwrap()
+}
+
+/// Users who keep browsing (each on their own session) until `stop`; every answer that is not
+/// a 200 from Qlik, and every request that fails, is counted in `failed`.
+fn load(
+    addr: std::net::SocketAddr,
+    users: usize,
+    tag: &'static str,
+    stop: Arc<AtomicBool>,
+    failed: Arc<AtomicUsize>,
+    done: Arc<AtomicUsize>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..users)
+        .map(|i| {
+            let (stop, failed, done) = (stop.clone(), failed.clone(), done.clone());
+            tokio::spawn(async move {
+                let user = format!("CORP\\{tag}{i}");
+                let mut jar = Jar::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let r = tokio::spawn({
+                        let mut j = jar.clone();
+                        let user = user.clone();
+                        async move {
+                            let r = browse(addr, "/hdr/hub/x", &mut j, &[("hdr-usr", &user)]).await;
+                            (r.status, j)
+                        }
+                    })
+                    .await;
+                    match r {
+                        Ok((s, j)) if s == 200 => jar = j,
+                        Ok((s, _)) => {
+                            eprintln!("{user}: answered {s}");
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            eprintln!("{user}: {e}");
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_added_and_removed_by_reload_under_load_with_no_failed_request() {
+    let (a, b) = (sim().await, sim().await);
+    let files = Files::new("reload-nodes");
+    files.write(&[a.addr()], "", "");
+    let guard = files.start().await;
+    let (stop, failed, done) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let first = load(
+        guard.addr,
+        6,
+        "a",
+        stop.clone(),
+        failed.clone(),
+        done.clone(),
+    );
+    eventually("load running", || done.load(Ordering::Relaxed) >= 30).await;
+
+    // Add node b: new sessions now go to it (it has none), the running ones stay on a.
+    files.write(&[a.addr(), b.addr()], "", "");
+    let r = reload(&guard).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.json()["changes"].as_str().unwrap().contains("nodes:"),
+        "{}",
+        r.text()
+    );
+    let second = load(
+        guard.addr,
+        4,
+        "b",
+        stop.clone(),
+        failed.clone(),
+        done.clone(),
+    );
+    let mark = done.load(Ordering::Relaxed);
+    eventually("more load", || done.load(Ordering::Relaxed) >= mark + 40).await;
+    assert!(
+        b.counters().sessions_created >= 3,
+        "new sessions went to the added node"
+    );
+
+    // Take node a out of the config while it holds live sessions: it is retired, not cut.
+    files.write(&[b.addr()], "", "");
+    let r = reload(&guard).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let up = get(guard.admin_addr, "/upstreams", &[]).await.json();
+    let a_name = format!("127.0.0.1:{}", a.addr().port());
+    let a_entry = up["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == a_name.as_str())
+        .cloned()
+        .unwrap_or_else(|| panic!("a is kept while it has sessions: {up}"));
+    assert_eq!(a_entry["state"], "retired", "{up}");
+    let a_requests = a.counters().requests;
+    let mark = done.load(Ordering::Relaxed);
+    eventually("load after removing a", || {
+        done.load(Ordering::Relaxed) >= mark + 40
+    })
+    .await;
+    assert!(
+        a.counters().requests > a_requests,
+        "the removed node keeps serving its sessions"
+    );
+    let a_created = a.counters().sessions_created;
+    for i in 0..4 {
+        browse(
+            guard.addr,
+            "/hdr/hub/",
+            &mut Jar::new(),
+            &[("hdr-usr", &format!("CORP\\n{i}"))],
+        )
+        .await;
+    }
+    assert_eq!(
+        a.counters().sessions_created,
+        a_created,
+        "no new session on a removed node"
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    for t in first.into_iter().chain(second) {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "no request failed across the reloads"
+    );
+    assert_eq!(
+        a.counters().unknown_cookie_requests + b.counters().unknown_cookie_requests,
+        0,
+        "no session cookie was ever sent to a node that does not hold it"
+    );
+
+    // Once a's users have logged out, the retired node goes.
+    let g = guard.proxy().clone();
+    let sessions = g.sessions().unwrap().clone();
+    for s in sessions.table.all() {
+        if s.node.as_ref() == a_name {
+            sessions
+                .table
+                .end(&s, qsguard::session::table::State::Ended);
+        }
+    }
+    eventually("retired node dropped", || g.upstreams().nodes().len() == 1).await;
+    guard.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_invalid_config_is_refused_and_the_running_one_stays() {
+    let a = sim().await;
+    let files = Files::new("reload-bad");
+    files.write(&[a.addr()], "", "");
+    let guard = files.start().await;
+    let mut jar = Jar::new();
+    assert_eq!(
+        browse(guard.addr, "/hdr/hub/", &mut jar, &[("hdr-usr", "CORP\\k")])
+            .await
+            .status,
+        200
+    );
+
+    // An unknown key: refused, naming it.
+    let good = std::fs::read_to_string(&files.config).unwrap();
+    std::fs::write(
+        &files.config,
+        good.replace("[health]\n", "[health]\nintervall = \"1s\"\n"),
+    )
+    .unwrap();
+    let r = reload(&guard).await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(
+        r.json()["error"].as_str().unwrap().contains("intervall"),
+        "{}",
+        r.text()
+    );
+
+    // A certificate file that is not there: refused, naming the key.
+    files.write(
+        &[a.addr()],
+        "tls_cert = \"/nonexistent/cert.pem\"\ntls_key = \"/nonexistent/key.pem\"",
+        "",
+    );
+    let r = reload(&guard).await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("server.tls_cert"),
+        "{}",
+        r.text()
+    );
+
+    // An address already taken: refused, and nothing half-applied.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = sim().await;
+    files.write(&[b.addr()], "", "");
+    let text = std::fs::read_to_string(&files.config).unwrap().replacen(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"{}\"", taken.local_addr().unwrap()),
+        1,
+    );
+    std::fs::write(&files.config, text).unwrap();
+    let r = reload(&guard).await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("server.listen"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(
+        guard.proxy().upstreams().nodes().len(),
+        1,
+        "the nodes did not change"
+    );
+    assert_eq!(b.counters().requests, 0);
+
+    // Still serving the same session, with the old config.
+    let before = a.counters().sessions_created;
+    assert_eq!(
+        browse(guard.addr, "/hdr/hub/", &mut jar, &[("hdr-usr", "CORP\\k")])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(a.counters().sessions_created, before);
+
+    // Without the token a reload is refused.
+    let r = send(
+        guard.admin_addr,
+        http::Request::post("/reload")
+            .header("host", "admin")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 401);
+    guard.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_reload_moves_the_listener_and_open_connections_and_websockets_go_on() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let a = sim().await;
+    let files = Files::new("reload-listen");
+    files.write(&[a.addr()], "", "[sessions]\nmax_per_user = 5\n");
+    let guard = files.start().await;
+    let old = guard.addr;
+
+    // A WebSocket and a kept-alive connection, open across the reload.
+    let mut jar = Jar::new();
+    browse(old, "/hdr/hub/", &mut jar, &[("hdr-usr", "CORP\\ws")]).await;
+    let req = http::Request::get(format!("ws://{old}/hdr/app/x"))
+        .header("host", "qlik.example.com")
+        .header("cookie", cookie_header(&jar))
+        .header("hdr-usr", "CORP\\ws")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header("sec-websocket-version", "13")
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .body(())
+        .unwrap();
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let stream = tokio::net::TcpStream::connect(old).await.unwrap();
+    let (mut kept, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let ask = |path: &str| {
+        http::Request::get(path)
+            .header("host", "qlik.example.com")
+            .header("hdr-usr", "CORP\\kept")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    assert_eq!(
+        kept.send_request(ask("/hdr/hub/")).await.unwrap().status(),
+        200
+    );
+
+    // Move the listener to a free port, and change a limit on the way.
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let text = std::fs::read_to_string(&files.config)
+        .unwrap()
+        .replacen(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"{free}\""),
+            1,
+        )
+        .replace("max_per_user = 5", "max_per_user = 3");
+    std::fs::write(&files.config, text).unwrap();
+    let r = reload(&guard).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains(&free.to_string()), "{}", r.text());
+    assert_eq!(guard.control().addr(), free);
+    assert_eq!(guard.proxy().sessions().unwrap().max_per_user(), 3);
+
+    // The new address serves; the old one takes no new connection.
+    assert_eq!(
+        browse(
+            free,
+            "/hdr/hub/",
+            &mut Jar::new(),
+            &[("hdr-usr", "CORP\\new")]
+        )
+        .await
+        .status,
+        200
+    );
+    eventually("old listener closed", || {
+        std::net::TcpStream::connect(old).is_err()
+    })
+    .await;
+    // What was open goes on.
+    assert_eq!(
+        kept.send_request(ask("/hdr/hub/y")).await.unwrap().status(),
+        200
+    );
+    ws.send(Message::text("still here")).await.unwrap();
+    // Qlik's greeting (OnConnected) may come first; then the echo.
+    let mut echoed = false;
+    for _ in 0..3 {
+        let m = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if m.into_text().unwrap().as_str() == "still here" {
+            echoed = true;
+            break;
+        }
+    }
+    assert!(echoed, "the WebSocket opened before the reload still carries frames");
+    guard.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_config_without_a_file_says_there_is_nothing_to_reload() {
+    let a = sim().await;
+    let guard = guard(a.addr()).await;
+    let e = guard.control().reload().unwrap_err();
+    assert!(e.contains("without a config file"), "{e}");
+    guard.shutdown().await;
+}
