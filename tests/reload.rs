@@ -430,7 +430,10 @@ async fn a_reload_moves_the_listener_and_open_connections_and_websockets_go_on()
             break;
         }
     }
-    assert!(echoed, "the WebSocket opened before the reload still carries frames");
+    assert!(
+        echoed,
+        "the WebSocket opened before the reload still carries frames"
+    );
     guard.shutdown().await;
 }
 
@@ -441,4 +444,30 @@ async fn a_config_without_a_file_says_there_is_nothing_to_reload() {
     let e = guard.control().reload().unwrap_err();
     assert!(e.contains("without a config file"), "{e}");
     guard.shutdown().await;
+}
+
+#[tokio::test]
+async fn reuse_port_lets_a_second_guard_bind_the_same_port() {
+    let a = sim().await;
+    let first = guard_with(&config_text(&[a.addr()], "reuse_port = true", "")).await;
+    let port = first.addr.port();
+    let same = |reuse: bool| {
+        config_text(&[a.addr()], &format!("reuse_port = {reuse}"), "").replacen(
+            "127.0.0.1:0",
+            &format!("127.0.0.1:{port}"),
+            1,
+        )
+    };
+    let e = Guard::start(Config::parse(&same(false)).unwrap())
+        .await
+        .err()
+        .expect("the port is taken without reuse_port");
+    assert!(e.contains("server.listen"), "{e}");
+    let second = Guard::start(Config::parse(&same(true)).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(second.addr, first.addr);
+    first.shutdown().await;
+    assert_eq!(get(second.addr, "/__sim/echo", &[]).await.status, 200);
+    second.shutdown().await;
 }

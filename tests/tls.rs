@@ -279,3 +279,132 @@ async fn the_session_guard_works_over_http2_too() {
     guard.shutdown().await;
     let _ = std::fs::remove_dir_all(&tls.dir);
 }
+
+/// A test CA and leaf certificates it signs.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl Ca {
+    fn new() -> Ca {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        Ca {
+            cert: params.self_signed(&key).unwrap(),
+            key,
+        }
+    }
+
+    /// A leaf for `names`, written to `<dir>/<file>.pem` and `<dir>/<file>.key`; returns its DER.
+    fn leaf(&self, dir: &std::path::Path, file: &str, names: &[&str]) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        std::fs::write(dir.join(format!("{file}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{file}.key")), key.serialize_pem()).unwrap();
+        cert.der().to_vec()
+    }
+
+    /// The certificate the guard shows to a client asking for `name` (SNI; none for an IP).
+    async fn served(&self, addr: std::net::SocketAddr, name: &str) -> Vec<u8> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.cert.der().clone()).unwrap();
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let stream = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(ServerName::try_from(name.to_string()).unwrap(), tcp)
+            .await
+            .unwrap_or_else(|e| panic!("TLS to {name}: {e}"));
+        stream.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+    }
+}
+
+#[tokio::test]
+async fn certificates_by_sni_and_a_renewed_certificate_served_after_a_reload() {
+    let sim = sim().await;
+    let ca = Ca::new();
+    let dir = std::env::temp_dir().join(format!(
+        "qsguard-sni-{}-{}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let default = ca.leaf(&dir, "default", &["localhost", "127.0.0.1"]);
+    let apps = ca.leaf(&dir, "apps", &["qlik.test", "*.apps.test"]);
+    std::fs::write(dir.join("token"), "sni-reload-token-0123456789").unwrap();
+    let text = config_text(
+        &[sim.addr()],
+        &format!(
+            "tls_cert = \"{d}/default.pem\"\ntls_key = \"{d}/default.key\"\n\
+             [[server.certificate]]\nnames = [\"qlik.test\", \"*.apps.test\"]\n\
+             tls_cert = \"{d}/apps.pem\"\ntls_key = \"{d}/apps.key\"\n",
+            d = dir.display()
+        ),
+        "",
+    )
+    .replace(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n",
+        &format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}/token\"\n",
+            dir.display()
+        ),
+    );
+    std::fs::write(dir.join("qsguard.toml"), text).unwrap();
+    let guard = qsguard::Guard::start(qsguard::Config::load(&dir.join("qsguard.toml")).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(ca.served(guard.addr, "localhost").await, default);
+    assert_eq!(ca.served(guard.addr, "127.0.0.1").await, default, "no SNI");
+    assert_eq!(ca.served(guard.addr, "qlik.test").await, apps);
+    assert_eq!(ca.served(guard.addr, "hub.apps.test").await, apps);
+
+    // The default certificate is renewed in place; the reload serves the new one.
+    let renewed = ca.leaf(&dir, "default", &["localhost", "127.0.0.1"]);
+    assert_ne!(renewed, default);
+    assert_eq!(
+        ca.served(guard.addr, "localhost").await,
+        default,
+        "not before the reload"
+    );
+    let r = send(
+        guard.admin_addr,
+        http::Request::post("/reload")
+            .header("host", "admin")
+            .header("authorization", "Bearer sni-reload-token-0123456789")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(ca.served(guard.addr, "localhost").await, renewed);
+    assert_eq!(ca.served(guard.addr, "qlik.test").await, apps);
+
+    // A key that does not fit its certificate: refused, and the renewed one stays.
+    std::fs::copy(dir.join("apps.key"), dir.join("default.key")).unwrap();
+    let r = send(
+        guard.admin_addr,
+        http::Request::post("/reload")
+            .header("host", "admin")
+            .header("authorization", "Bearer sni-reload-token-0123456789")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(r.text().contains("server.tls_cert"), "{}", r.text());
+    assert_eq!(ca.served(guard.addr, "localhost").await, renewed);
+    guard.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -62,6 +62,8 @@ struct Client<S> {
     peer_text: String,
     /// The client's address as the trust check sees it (IPv4-mapped IPv6 as IPv4).
     peer: IpAddr,
+    /// Requests answered on this connection so far.
+    served: u64,
 }
 
 /// Serves one client connection until it closes, the guard stops, or it becomes a tunnel.
@@ -76,6 +78,7 @@ where
         info,
         peer_text: canonical(info.peer.ip()).to_string(),
         peer: canonical(info.peer.ip()),
+        served: 0,
     };
     loop {
         let head = match read_head(&mut c, &proxy, &stop).await {
@@ -88,7 +91,9 @@ where
                 return;
             }
         };
-        match exchange(&mut c, &proxy, head, &stop).await {
+        let next = exchange(&mut c, &proxy, head, &stop).await;
+        c.served += 1;
+        match next {
             Next::KeepAlive => continue,
             Next::Close => {
                 let _ = c.io.shutdown().await;
@@ -147,7 +152,12 @@ async fn read_head<S: AsyncRead + Unpin>(
                     return ReadHead::Closed;
                 }
             },
-            _ = stop.cancelled(), if idle => return ReadHead::Closed,
+            // Shutting down, an idle kept-alive connection is closed (a client retries a
+            // request on a kept-alive connection that closes before answering). A new one is
+            // not: its client opened it to send a request now, and closing it unanswered
+            // would fail that request (a handover under load would show it). Its first
+            // request is served, with `Connection: close`, within the head deadline.
+            _ = stop.cancelled(), if idle && c.served > 0 => return ReadHead::Closed,
         }
     }
 }
