@@ -287,6 +287,10 @@ pub struct ProxyConfig {
     pub pool_max_idle_per_upstream: usize,
     /// PEM CA bundle for https upstreams; unset: the system's roots.
     pub upstream_ca: Option<PathBuf>,
+    /// With several nodes: a cookie naming the node a browser was sent to, used only for a
+    /// session the guard has not seen created (made before a restart without a snapshot, or
+    /// with `sessions.guard = false`). Unset (the default): no such cookie is set.
+    pub sticky_cookie: Option<String>,
 }
 
 impl Default for ProxyConfig {
@@ -297,6 +301,7 @@ impl Default for ProxyConfig {
             pool_idle_timeout: default_pool_idle_timeout(),
             pool_max_idle_per_upstream: default_pool_max_idle(),
             upstream_ca: None,
+            sticky_cookie: None,
         }
     }
 }
@@ -694,6 +699,22 @@ impl Config {
                 "sessions.evict_headroom",
                 "must be less than sessions.max_per_user",
             ));
+        }
+        if let Some(name) = &self.proxy.sticky_cookie {
+            if name.is_empty() || !name.bytes().all(is_token_byte) {
+                return Err(err("proxy.sticky_cookie", "must be a cookie name"));
+            }
+            if name.eq_ignore_ascii_case(&ss.device_cookie)
+                || self
+                    .virtual_proxies_or_default()
+                    .iter()
+                    .any(|vp| vp.session_cookie.eq_ignore_ascii_case(name))
+            {
+                return Err(err(
+                    "proxy.sticky_cookie",
+                    "must differ from the session and device cookies",
+                ));
+            }
         }
         if ss.device_cookie.is_empty() || !ss.device_cookie.bytes().all(is_token_byte) {
             return Err(err("sessions.device_cookie", "must be a cookie name"));

@@ -255,3 +255,95 @@ async fn a_drained_node_gets_no_new_sessions_and_keeps_its_own() {
     guard.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn the_sticky_cookie_finds_the_node_of_a_session_the_guard_has_not_seen_created() {
+    let (a, b) = (sim().await, sim().await);
+    let text = two_nodes(
+        a.addr(),
+        b.addr(),
+        "[proxy]\nsticky_cookie = \"qsguard_node\"\n",
+    );
+    let first = guard_with(&text).await;
+    let mut jars = Vec::new();
+    for i in 0..6 {
+        let mut jar = Jar::new();
+        let r = browse(
+            first.addr,
+            "/hdr/hub/",
+            &mut jar,
+            &[("hdr-usr", &format!("CORP\\s{i}"))],
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        assert!(
+            jar.iter().any(|(k, _)| k == "qsguard_node"),
+            "the node is named in a cookie: {jar:?}"
+        );
+        jars.push(jar);
+    }
+    let values: std::collections::HashSet<_> = jars
+        .iter()
+        .map(|j| {
+            j.iter()
+                .find(|(k, _)| k == "qsguard_node")
+                .unwrap()
+                .1
+                .clone()
+        })
+        .collect();
+    assert_eq!(values.len(), 2, "one value per node");
+    for v in &values {
+        assert!(
+            !v.contains("127.0.0.1"),
+            "the value does not show the node's address"
+        );
+    }
+    // A new guard without a snapshot has seen none of these sessions made: the sticky cookie
+    // sends each to its node, where Qlik knows it. (In reverse order: balancing alone would
+    // then send some to the other node.)
+    first.shutdown().await;
+    let second = guard_with(&text).await;
+    let created = a.counters().sessions_created + b.counters().sessions_created;
+    for (i, jar) in jars.iter_mut().enumerate().rev() {
+        for _ in 0..2 {
+            let r = browse(
+                second.addr,
+                "/hdr/hub/x",
+                jar,
+                &[("hdr-usr", &format!("CORP\\s{i}"))],
+            )
+            .await;
+            assert_eq!(r.status, 200);
+        }
+    }
+    assert_eq!(
+        a.counters().unknown_cookie_requests + b.counters().unknown_cookie_requests,
+        0,
+        "every session cookie reached the node that holds it"
+    );
+    assert_eq!(
+        a.counters().sessions_created + b.counters().sessions_created,
+        created,
+        "nobody got a new session"
+    );
+    second.shutdown().await;
+
+    // With the session guard off, the sticky cookie is all the affinity there is.
+    let off = guard_with(&format!("{text}[sessions]\nguard = false\n")).await;
+    for (i, jar) in jars.iter_mut().enumerate().rev() {
+        let r = browse(
+            off.addr,
+            "/hdr/hub/x",
+            jar,
+            &[("hdr-usr", &format!("CORP\\s{i}"))],
+        )
+        .await;
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(
+        a.counters().unknown_cookie_requests + b.counters().unknown_cookie_requests,
+        0
+    );
+    off.shutdown().await;
+}

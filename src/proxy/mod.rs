@@ -67,6 +67,7 @@ pub(crate) struct Settings {
     websocket_idle_timeout: Option<Duration>,
     log_requests: bool,
     trusted: TrustedProxies,
+    sticky_cookie: Option<String>,
 }
 
 impl Settings {
@@ -81,6 +82,7 @@ impl Settings {
             websocket_idle_timeout: config.server.websocket_idle_timeout,
             log_requests: config.log.requests,
             trusted: TrustedProxies::new(config.server.trusted_proxies.clone()),
+            sticky_cookie: config.proxy.sticky_cookie.clone(),
         }
     }
 }
@@ -214,7 +216,11 @@ impl Proxy {
     /// The node for a request: a Qlik session lives in the memory of the node that made it,
     /// and a login dance exists only on the node that started it; anything else goes to the
     /// node with the fewest live sessions (for its weight) that is up and not draining.
-    pub(crate) fn node_for(&self, ctx: Option<&session::Context>) -> Result<Arc<Node>, ProxyError> {
+    pub(crate) fn node_for(
+        &self,
+        ctx: Option<&session::Context>,
+        sticky: Option<&str>,
+    ) -> Result<Arc<Node>, ProxyError> {
         let wanted = ctx.and_then(|c| {
             c.session
                 .as_ref()
@@ -227,10 +233,48 @@ impl Proxy {
                 return Ok(n);
             }
         }
+        // A session the guard has not seen created: the sticky cookie says where it lives.
+        let unseen = ctx.is_none_or(|c| c.session.is_none() && c.node_hint.is_none());
+        if let (true, Some(n)) = (unseen, sticky.and_then(|v| ups.by_sticky(v))) {
+            if n.is_up() {
+                return Ok(n);
+            }
+        }
         match &self.sessions {
             Some(g) => ups.pick_by(|n| g.node_load(&n.name)),
             None => ups.pick(),
         }
+    }
+
+    /// The sticky cookie's value in a request (when `proxy.sticky_cookie` is set).
+    pub(crate) fn sticky_in<H: session::cookies::Headers>(&self, headers: &H) -> Option<String> {
+        let settings = self.settings();
+        let name = settings.sticky_cookie.as_deref()?;
+        session::cookies::find(headers, name)
+            .first
+            .map(str::to_string)
+    }
+
+    /// The sticky cookie to set on a response from `node`, when the request did not carry it
+    /// (with several nodes only: with one there is nothing to stick to).
+    pub(crate) fn sticky_set_cookie(
+        &self,
+        sent: Option<&str>,
+        node: &Node,
+        tls: bool,
+    ) -> Option<HeaderValue> {
+        let settings = self.settings();
+        let name = settings.sticky_cookie.as_deref()?;
+        if sent == Some(&*node.sticky) || self.upstreams.load().nodes().len() < 2 {
+            return None;
+        }
+        let c = cookie::Cookie::build((name, &*node.sticky))
+            .path("/")
+            .http_only(true)
+            .same_site(cookie::SameSite::Lax)
+            .secure(tls)
+            .build();
+        HeaderValue::from_str(&c.to_string()).ok()
     }
 
     /// A connection to `node` failed: passive failure detection (the health settings' `fall`).
@@ -314,9 +358,15 @@ impl Proxy {
                 return Ok((resp.map(Either::Right), None));
             }
         }
+        let sticky = self.sticky_in(req.headers());
         let Some(guard) = &self.sessions else {
-            let node = self.upstreams.load().pick().map_err(|e| (e, None))?;
-            let resp = self.exchange(req, conn, &node, None).await?;
+            let node = self
+                .node_for(None, sticky.as_deref())
+                .map_err(|e| (e, None))?;
+            let mut resp = self.exchange(req, conn, &node, None).await?;
+            if let Some(v) = self.sticky_set_cookie(sticky.as_deref(), &node, conn.tls) {
+                resp.headers_mut().append(header::SET_COOKIE, v);
+            }
             return Ok((resp.map(Either::Left), Some(node)));
         };
         if req.uri().path() == page::END_SESSION_PATH {
@@ -350,12 +400,14 @@ impl Proxy {
         if let Some((name, value)) = ctx.as_deref().and_then(|c| guard.cookie_to_send(c)) {
             session::cookies::set_request_cookie(&mut parts.headers, name, value);
         }
-        let node = self.node_for(ctx.as_deref()).map_err(|e| {
-            if let Some(c) = &ctx {
-                guard.abandon(c);
-            }
-            (e, None)
-        })?;
+        let node = self
+            .node_for(ctx.as_deref(), sticky.as_deref())
+            .map_err(|e| {
+                if let Some(c) = &ctx {
+                    guard.abandon(c);
+                }
+                (e, None)
+            })?;
         let req = Request::from_parts(parts, body);
         let mut resp = match self.exchange(req, conn, &node, ctx.as_deref()).await {
             Ok(r) => r,
@@ -376,6 +428,9 @@ impl Proxy {
             for v in guard.after(c, &node.name_arc(), &target, status, resp.headers()) {
                 resp.headers_mut().append(header::SET_COOKIE, v);
             }
+        }
+        if let Some(v) = self.sticky_set_cookie(sticky.as_deref(), &node, conn.tls) {
+            resp.headers_mut().append(header::SET_COOKIE, v);
         }
         let resp = self.watch_for_qps_refusal(guard, resp, user).await;
         Ok((resp, Some(node)))

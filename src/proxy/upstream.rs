@@ -50,6 +50,9 @@ pub struct Node {
     oks: AtomicU32,
     last_check: Mutex<Option<(SystemTime, String)>>,
     in_flight: AtomicI64,
+    /// The sticky cookie's value for this node: a hash of its name (stable across restarts,
+    /// and it does not show the node's host name to browsers).
+    pub sticky: Box<str>,
     /// Keep-alive connections to this node, most recently used last (see [`Pool`]).
     pub(crate) idle: Mutex<Vec<crate::proxy::pool::Conn>>,
 }
@@ -99,6 +102,7 @@ impl Node {
             oks: AtomicU32::new(0),
             last_check: Mutex::new(None),
             in_flight: AtomicI64::new(0),
+            sticky: blake3::hash(u.display_name().as_bytes()).to_hex()[..12].into(),
             idle: Mutex::new(Vec::new()),
         }
     }
@@ -296,6 +300,11 @@ impl Upstreams {
     /// The node called `name`, if it is still configured.
     pub fn by_name(&self, name: &str) -> Option<Arc<Node>> {
         self.nodes.iter().find(|n| n.name == name).cloned()
+    }
+
+    /// The node a sticky cookie value names.
+    pub fn by_sticky(&self, value: &str) -> Option<Arc<Node>> {
+        self.nodes.iter().find(|n| &*n.sticky == value).cloned()
     }
 
     /// The node for a request that carries no session (it may create one): of the nodes that

@@ -206,7 +206,8 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     // 4. the node: a session lives in the memory of the node that made it.
-    let node = match proxy.node_for(ctx.as_deref()) {
+    let sticky = proxy.sticky_in(&head);
+    let node = match proxy.node_for(ctx.as_deref(), sticky.as_deref()) {
         Ok(n) => n,
         Err(e) => return fail(c, proxy, &head, ctx.as_deref(), None, e, started).await,
     };
@@ -432,10 +433,14 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
 
     // 6. respond
     let node_name = node.name_arc();
-    let extra = match (guard, ctx) {
+    let mut extra = match (guard, ctx) {
         (Some(g), Some(x)) => g.after(x, &node_name, head.target(), resp.status, &resp),
         _ => Vec::new(),
     };
+    if settings.sticky_cookie.is_some() {
+        let sent = proxy.sticky_in(head);
+        extra.extend(proxy.sticky_set_cookie(sent.as_deref(), node, c.info.tls));
+    }
     let switching = resp.status == 101 && head.upgrade;
     // A refused upgrade ends the connection (the client may already be sending frames).
     let close = head.close
