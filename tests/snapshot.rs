@@ -178,3 +178,71 @@ async fn sessions_made_behind_the_guards_back_are_counted_at_start() {
     assert_eq!(sim.counters().limit_refusals, 0);
     guard.shutdown().await;
 }
+
+#[tokio::test]
+async fn reconciliation_asks_every_node_and_keeps_each_session_on_its_node() {
+    let (a, b) = (sim().await, sim().await);
+    // Three sessions made on node a and two on node b, all behind the guard's back.
+    for (node, n) in [(&a, 3), (&b, 2)] {
+        for _ in 0..n {
+            browse(
+                node.addr(),
+                "/hdr/hub/",
+                &mut Jar::new(),
+                &[("hdr-usr", "CORP\\twonodes")],
+            )
+            .await;
+        }
+    }
+    // Node a's API from [qps_api].url, node b's from its own qps_api.
+    let text = config_text(
+        &[a.addr(), b.addr()],
+        "",
+        &format!(
+            "[sessions]\non_limit = \"error\"\n[qps_api]\nurl = \"http://{}\"\n",
+            a.api_addr()
+        ),
+    )
+    .replace(
+        &format!("url = \"http://{}\"\n", b.addr()),
+        &format!(
+            "url = \"http://{}\"\nqps_api = \"http://{}\"\n",
+            b.addr(),
+            b.api_addr()
+        ),
+    );
+    let guard = guard_with(&text).await;
+    let g = guard.proxy().sessions().unwrap().clone();
+    eventually("both nodes reconciled", || {
+        g.table.live_count("corp\\twonodes") == 5
+    })
+    .await;
+    let per_node = |port: u16| {
+        g.table
+            .all()
+            .iter()
+            .filter(|s| s.node.as_ref() == format!("127.0.0.1:{port}"))
+            .count()
+    };
+    assert_eq!(per_node(a.addr().port()), 3);
+    assert_eq!(per_node(b.addr().port()), 2);
+    let r = browse(
+        guard.addr,
+        "/hdr/hub/",
+        &mut Jar::new(),
+        &[("hdr-usr", "CORP\\twonodes")],
+    )
+    .await;
+    assert_eq!(r.status, 429, "the user is at the limit across both nodes");
+    // Ending one of node b's sessions goes to node b's API.
+    let on_b = g
+        .table
+        .all()
+        .into_iter()
+        .find(|s| s.node.as_ref() == format!("127.0.0.1:{}", b.addr().port()))
+        .unwrap();
+    g.end_in_qlik(&on_b).await.unwrap();
+    assert_eq!(b.live_sessions("CORP\\twonodes"), 1, "ended on node b");
+    assert_eq!(a.live_sessions("CORP\\twonodes"), 3);
+    guard.shutdown().await;
+}
