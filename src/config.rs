@@ -319,6 +319,18 @@ pub struct VirtualProxyConfig {
     pub inactivity_timeout: Option<Duration>,
 }
 
+/// What happens to the sessions of a node that goes down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnNodeDown {
+    /// The sessions are marked lost; their users go on to a healthy node, where Qlik makes a
+    /// new session (a QPS that crashed took its sessions with it).
+    NewSession,
+    /// The sessions are kept; their users see the error page until the node is back (an
+    /// unreachable node may still hold them: a network outage, a false health check).
+    Error,
+}
+
 /// What to do when a user is about to pass Qlik's session limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -347,6 +359,9 @@ pub struct SessionsConfig {
     /// The guard's own cookie that recognises a browser across restarts.
     #[serde(default = "default_device_cookie")]
     pub device_cookie: String,
+    /// `new_session` (the default) or `error`: see [`OnNodeDown`].
+    #[serde(default = "default_on_node_down")]
+    pub on_node_down: OnNodeDown,
     /// How long requests of a browser wait while another of its requests is (re)creating its
     /// session, before they go on their own.
     #[serde(default = "default_burst_wait", with = "duration")]
@@ -371,6 +386,7 @@ impl Default for SessionsConfig {
             guard: true,
             evict_headroom: 0,
             device_cookie: default_device_cookie(),
+            on_node_down: default_on_node_down(),
             burst_wait: default_burst_wait(),
             device_memory: default_device_memory(),
             snapshot_file: None,
@@ -864,6 +880,10 @@ mod opt_duration {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         super::duration::deserialize(d).map(Some)
     }
+}
+
+fn default_on_node_down() -> OnNodeDown {
+    OnNodeDown::NewSession
 }
 
 fn opt_uri<'de, D: Deserializer<'de>>(d: D) -> Result<Option<http::Uri>, D::Error> {

@@ -35,6 +35,11 @@ pub enum ProxyError {
         upstream: String,
         detail: String,
     },
+    /// The node that holds the request's session is down, and `sessions.on_node_down =
+    /// "error"` keeps the session there rather than starting a new one elsewhere.
+    SessionNodeDown {
+        upstream: String,
+    },
 }
 
 impl ProxyError {
@@ -50,6 +55,7 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::SessionNodeDown { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
     /// A short word for the metrics label.
@@ -59,6 +65,7 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable { .. } => "unreachable",
             ProxyError::UpstreamTimeout { .. } => "timeout",
             ProxyError::UpstreamFailed { .. } => "failed",
+            ProxyError::SessionNodeDown { .. } => "session_node_down",
             _ => "client",
         }
     }
@@ -71,6 +78,7 @@ impl ProxyError {
                 | ProxyError::UpstreamUnreachable { .. }
                 | ProxyError::UpstreamTimeout { .. }
                 | ProxyError::UpstreamFailed { .. }
+                | ProxyError::SessionNodeDown { .. }
         )
     }
 
@@ -81,7 +89,8 @@ impl ProxyError {
             ProxyError::PayloadTooLarge { .. } => "The upload is too large",
             ProxyError::NoUpstream
             | ProxyError::UpstreamUnreachable { .. }
-            | ProxyError::UpstreamFailed { .. } => "Qlik Sense is not reachable right now",
+            | ProxyError::UpstreamFailed { .. }
+            | ProxyError::SessionNodeDown { .. } => "Qlik Sense is not reachable right now",
             ProxyError::UpstreamTimeout { .. } => "Qlik Sense did not answer in time",
         }
     }
@@ -97,7 +106,8 @@ impl ProxyError {
             }
             ProxyError::NoUpstream
             | ProxyError::UpstreamUnreachable { .. }
-            | ProxyError::UpstreamFailed { .. } => {
+            | ProxyError::UpstreamFailed { .. }
+            | ProxyError::SessionNodeDown { .. } => {
                 "Your work is not lost: Qlik keeps your session while it is away. Wait a minute and \
                  reload the page. If this stays, tell your Qlik administrator."
             }
@@ -128,6 +138,10 @@ impl ProxyError {
             ProxyError::UpstreamFailed { upstream, detail } => {
                 format!("the connection to Qlik Sense proxy node {upstream} failed: {detail}")
             }
+            ProxyError::SessionNodeDown { upstream } => format!(
+                "Qlik Sense proxy node {upstream}, which holds this session, is down \
+                 (sessions.on_node_down = \"error\": the session waits for its node)"
+            ),
         }
     }
 

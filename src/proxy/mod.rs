@@ -232,6 +232,15 @@ impl Proxy {
             if n.is_up() {
                 return Ok(n);
             }
+            let keep = self
+                .sessions
+                .as_ref()
+                .is_some_and(|g| g.policy().on_node_down == crate::config::OnNodeDown::Error);
+            if keep && ctx.is_some_and(|c| c.session.is_some()) {
+                return Err(ProxyError::SessionNodeDown {
+                    upstream: n.name.clone(),
+                });
+            }
         }
         // A session the guard has not seen created: the sticky cookie says where it lives.
         let unseen = ctx.is_none_or(|c| c.session.is_none() && c.node_hint.is_none());

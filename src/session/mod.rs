@@ -143,6 +143,7 @@ pub(crate) struct Policy {
     pub(crate) headroom: usize,
     pub(crate) on_limit: OnLimit,
     pub(crate) burst_wait: Duration,
+    pub(crate) on_node_down: crate::config::OnNodeDown,
 }
 
 impl Policy {
@@ -152,6 +153,7 @@ impl Policy {
             headroom: s.evict_headroom,
             on_limit: s.on_limit,
             burst_wait: s.burst_wait,
+            on_node_down: s.on_node_down,
         }
     }
 }
@@ -1013,6 +1015,10 @@ impl SessionGuard {
 
     /// A node went down: its sessions are gone (Qlik keeps sessions in the node's memory).
     pub fn node_lost(&self, node: &str) {
+        if self.policy().on_node_down == crate::config::OnNodeDown::Error {
+            tracing::warn!(upstream = %node, sessions = self.node_load(node), "the node's sessions are kept for when it is back (sessions.on_node_down = \"error\"): their users see the error page meanwhile");
+            return;
+        }
         let now = self.table.now_ms();
         for s in self.table.all() {
             if &*s.node == node && self.table.is_live(&s, now) && self.table.end(&s, State::Ended) {
