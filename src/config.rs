@@ -1008,6 +1008,76 @@ url = "http://127.0.0.1:4280"
     }
 
     #[test]
+    fn multi_node_and_reload_keys_are_checked() {
+        let base = "[server]\nlisten = \"127.0.0.1:1\"\ntls_cert = \"/c\"\ntls_key = \"/k\"\n";
+        let cases = [
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[server.certificate]]\nnames = [\"a.example\"]\ntls_cert = \"/c\"\ntls_key = \"/k\"\n[[upstream]]\nurl=\"http://a\"".to_string(),
+                "server.certificate",
+            ),
+            (
+                format!("{base}[[server.certificate]]\nnames = []\ntls_cert = \"/c\"\ntls_key = \"/k\"\n[[upstream]]\nurl=\"http://a\""),
+                "server.certificate[0].names",
+            ),
+            (
+                format!("{base}[[server.certificate]]\nnames = [\"a.*.example\"]\ntls_cert = \"/c\"\ntls_key = \"/k\"\n[[upstream]]\nurl=\"http://a\""),
+                "server.certificate[0].names",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[upstream]]\nurl=\"http://a\"\nqps_api=\"https://a:4243\"".to_string(),
+                "upstream[0].qps_api",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[upstream]]\nurl=\"http://a\"\nqps_api=\"a:4243\"\n[qps_api]\nurl=\"http://a:4243\"".to_string(),
+                "upstream[0].qps_api",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[upstream]]\nurl=\"http://a\"\n[proxy]\nsticky_cookie=\"a b\"".to_string(),
+                "proxy.sticky_cookie",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[upstream]]\nurl=\"http://a\"\n[proxy]\nsticky_cookie=\"qsguard\"".to_string(),
+                "proxy.sticky_cookie",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[upstream]]\nurl=\"http://a\"\n[sessions]\non_node_down=\"wait\"".to_string(),
+                "on_node_down",
+            ),
+        ];
+        for (text, key) in cases {
+            let e = Config::parse(&text).unwrap_err().to_string();
+            assert!(e.contains(key), "error `{e}` should name `{key}`");
+        }
+        let ok = format!(
+            "{base}[[server.certificate]]\nnames = [\"qlik.example.com\", \"*.apps.example.com\"]\n\
+             tls_cert = \"/c2\"\ntls_key = \"/k2\"\n[[upstream]]\nurl=\"http://a\"\nqps_api=\"https://a:4243\"\n\
+             [qps_api]\nurl=\"https://b:4243\"\nclient_cert=\"/c\"\nclient_key=\"/k\"\n[sessions]\non_node_down=\"error\""
+        );
+        let c = Config::parse(&ok).unwrap();
+        assert_eq!(c.server.certificates[0].names.len(), 2);
+        assert_eq!(c.sessions.on_node_down, OnNodeDown::Error);
+        assert_eq!(
+            c.upstreams[0].qps_api.as_ref().unwrap().port_u16(),
+            Some(4243)
+        );
+    }
+
+    #[test]
+    fn restart_only_keys_are_named() {
+        let a = Config::parse(MIN).unwrap();
+        let b = Config::parse(&format!(
+            "{MIN}[sessions]\nmax_per_user = 3\ndevice_cookie = \"dev\"\n[[virtual_proxy]]\nprefix = \"x\"\nsession_cookie = \"X-Qlik-Session-x\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            a.restart_only_changes(&b),
+            vec!["virtual_proxy", "sessions.device_cookie"],
+            "max_per_user is applied by a reload"
+        );
+        assert!(a.restart_only_changes(&a).is_empty());
+    }
+
+    #[test]
     fn byte_sizes() {
         assert_eq!(parse_byte_size("16KiB"), Some(16384));
         assert_eq!(parse_byte_size("100"), Some(100));

@@ -55,6 +55,28 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Re-read the config file (what SIGHUP does); a bad config is refused and named.
+    Reload {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List the Qlik nodes: state, weight, live sessions, in-flight requests, last check.
+    Upstreams {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Send no new sessions to a node; its sessions stay until they end (for patching).
+    Drain {
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Let a drained node take new sessions again.
+    Undrain {
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Print cookie and session events; --follow keeps printing new ones.
     Events {
         #[arg(long)]
@@ -182,6 +204,14 @@ fn main() -> ExitCode {
         }
         Command::EndUser { user, admin } => {
             ops(async move { admin.admin()?.end_user(&user).await })
+        }
+        Command::Reload { admin } => ops(async move { admin.admin()?.reload().await }),
+        Command::Upstreams { admin } => ops(async move { admin.admin()?.upstreams().await }),
+        Command::Drain { name, admin } => {
+            ops(async move { admin.admin()?.drain(&name, true).await })
+        }
+        Command::Undrain { name, admin } => {
+            ops(async move { admin.admin()?.drain(&name, false).await })
         }
         Command::Events {
             follow,

@@ -123,6 +123,49 @@ impl Admin {
         ))
     }
 
+    /// `qsguard reload`: what SIGHUP does, with the outcome.
+    pub async fn reload(&self) -> Result<String, String> {
+        let (_, v) = self.call(Method::POST, "/reload").await?;
+        Ok(format!(
+            "reloaded: {}\n",
+            v["changes"].as_str().unwrap_or("(nothing said)")
+        ))
+    }
+
+    /// `qsguard upstreams`: the nodes, one line each.
+    pub async fn upstreams(&self) -> Result<String, String> {
+        let (_, v) = self.call(Method::GET, "/upstreams").await?;
+        let mut out = String::new();
+        for n in v["upstreams"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "{:<24} {:<9} weight {:<3} live sessions {:<5} in flight {:<4} last check: {}",
+                n["name"].as_str().unwrap_or("?"),
+                n["state"].as_str().unwrap_or("?"),
+                n["weight"],
+                n["live_sessions"],
+                n["in_flight"],
+                n["last_check"]["result"].as_str().unwrap_or("none yet"),
+            );
+        }
+        Ok(out)
+    }
+
+    /// `qsguard drain NAME` / `undrain NAME`.
+    pub async fn drain(&self, name: &str, on: bool) -> Result<String, String> {
+        let action = if on { "drain" } else { "undrain" };
+        self.call(
+            Method::POST,
+            &format!("/upstreams/{}/{action}", encode(name)),
+        )
+        .await?;
+        Ok(if on {
+            format!("{name}: draining (no new sessions; its sessions stay until they end)\n")
+        } else {
+            format!("{name}: takes new sessions again\n")
+        })
+    }
+
     /// `qsguard events [--follow]`: prints events, one line each.
     pub async fn events(&self, follow: bool, kind: Option<&str>) -> Result<(), String> {
         let mut since = 0u64;

@@ -471,3 +471,66 @@ async fn reuse_port_lets_a_second_guard_bind_the_same_port() {
     assert_eq!(get(second.addr, "/__sim/echo", &[]).await.status, 200);
     second.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_reload_upstreams_and_drain_commands() {
+    let (a, b) = (sim().await, sim().await);
+    let files = Files::new("reload-cli");
+    files.write(&[a.addr()], "", "");
+    let guard = files.start().await;
+    let admin = format!("http://{}", guard.admin_addr);
+    let token = files.dir.join("token").display().to_string();
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_qsguard"))
+                .args(args)
+                .output()
+                .unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).to_string()
+                    + &String::from_utf8_lossy(&out.stderr),
+            )
+        })
+    };
+    let with = |cmd: &[&str]| {
+        let mut v: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();
+        v.extend([
+            "--admin".into(),
+            admin.clone(),
+            "--token-file".into(),
+            token.clone(),
+        ]);
+        v
+    };
+    files.write(&[a.addr(), b.addr()], "", "");
+    let (ok, out) = run(with(&["reload"])).await.unwrap();
+    assert!(ok && out.starts_with("reloaded:"), "{out}");
+    let b_name = format!("127.0.0.1:{}", b.addr().port());
+    let (ok, out) = run(with(&["upstreams"])).await.unwrap();
+    assert!(
+        ok && out.lines().count() == 2 && out.contains(&b_name),
+        "{out}"
+    );
+    let (ok, out) = run(with(&["drain", &b_name])).await.unwrap();
+    assert!(ok && out.contains("draining"), "{out}");
+    let (_, out) = run(with(&["upstreams"])).await.unwrap();
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(&b_name) && l.contains("draining")),
+        "{out}"
+    );
+    let (ok, _) = run(with(&["undrain", &b_name])).await.unwrap();
+    assert!(ok);
+    // A bad config: the command fails and says why.
+    std::fs::write(&files.config, "[server]\nlisten = \"127.0.0.1:0\"\n").unwrap();
+    let (ok, out) = run(with(&["reload"])).await.unwrap();
+    assert!(!ok, "{out}");
+    assert!(out.contains("422") && out.contains("upstream"), "{out}");
+    assert_eq!(
+        guard.proxy().upstreams().nodes().len(),
+        2,
+        "the running config stays"
+    );
+    guard.shutdown().await;
+}
