@@ -282,6 +282,23 @@ async fn an_invalid_config_is_refused_and_the_running_one_stays() {
         r.text()
     );
 
+    // A QPS API certificate that cannot be read, with a new weight on the way: refused, and
+    // the weight is not half-applied.
+    files.write(
+        &[a.addr()],
+        "",
+        "[qps_api]\nurl = \"https://127.0.0.1:4243\"\nclient_cert = \"/nonexistent/client.pem\"\nclient_key = \"/nonexistent/client_key.pem\"\n",
+    );
+    let text = std::fs::read_to_string(&files.config).unwrap().replace(
+        &format!("url = \"http://{}\"\n", a.addr()),
+        &format!("url = \"http://{}\"\nweight = 7\n", a.addr()),
+    );
+    std::fs::write(&files.config, text).unwrap();
+    let r = reload(&guard).await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(r.text().contains("qps_api.client_cert"), "{}", r.text());
+    assert_eq!(guard.proxy().upstreams().nodes()[0].weight(), 1);
+
     // An address already taken: refused, and nothing half-applied.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let b = sim().await;

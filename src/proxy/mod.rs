@@ -135,14 +135,20 @@ impl Proxy {
     /// [`Upstreams::reloaded`]) and the session guard's policy. Requests in flight finish
     /// under the values they started with; connections and WebSockets stay open.
     pub fn reload(&self, config: &Config) -> Result<(), String> {
+        // What can fail, first: nothing has changed if it does.
+        let apis = match &self.sessions {
+            Some(g) => Some(g.prepare_reload(config)?),
+            None => None,
+        };
+        let mut next = Upstreams::new(config)?;
         let current = self.upstreams();
-        let next = current.reloaded(config, |n| {
+        next.take_over(&current, config, |n| {
             self.sessions
                 .as_ref()
                 .is_some_and(|g| g.node_load(&n.name) > 0)
-        })?;
-        if let Some(g) = &self.sessions {
-            g.reload(config)?;
+        });
+        if let (Some(g), Some(apis)) = (&self.sessions, apis) {
+            g.reload(config, apis);
         }
         for n in next.nodes() {
             if n.is_retired() {

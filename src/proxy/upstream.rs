@@ -247,18 +247,20 @@ impl Upstreams {
         &self.nodes
     }
 
-    /// The nodes and pool for a reloaded `config`. A node whose name and URL stay keeps its
-    /// state (up or down, draining, idle connections) and takes the new weight. A node taken
-    /// out of the config is kept, retired, while `has_sessions` says it still holds live
-    /// sessions: Qlik cannot move a session, so removing a node must not end them.
-    pub fn reloaded(
-        &self,
+    /// Makes `self` (built from a reloaded `config` with [`Upstreams::new`]) take over from
+    /// `current`. A node whose name and URL stay keeps its state (up or down, draining, idle
+    /// connections) and takes the new weight. A node taken out of the config is kept, retired,
+    /// while `has_sessions` says it still holds live sessions: Qlik cannot move a session, so
+    /// removing a node must not end them. Cannot fail: call it once the reload cannot fail.
+    pub fn take_over(
+        &mut self,
+        current: &Upstreams,
         config: &Config,
         has_sessions: impl Fn(&Node) -> bool,
-    ) -> Result<Upstreams, String> {
-        let mut next = Upstreams::new(config)?;
+    ) {
+        let next = self;
         for (slot, u) in next.nodes.iter_mut().zip(&config.upstreams) {
-            if let Some(old) = self
+            if let Some(old) = current
                 .nodes
                 .iter()
                 .find(|n| n.name == slot.name && n.url == u.url)
@@ -268,13 +270,12 @@ impl Upstreams {
                 *slot = old.clone();
             }
         }
-        for old in &self.nodes {
+        for old in &current.nodes {
             if !next.nodes.iter().any(|n| n.name == old.name) && has_sessions(old) {
                 old.retired.store(true, Ordering::Release);
                 next.nodes.push(old.clone());
             }
         }
-        Ok(next)
     }
 
     /// The same upstreams without the retired nodes for which `gone` says yes; `None` when

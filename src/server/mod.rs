@@ -107,11 +107,9 @@ impl Control {
         }
         let mut listening = self.listening.lock().unwrap_or_else(|e| e.into_inner());
         let moved = if new.server.listen != listening.listen {
-            Some(bind(
-                new.server.listen,
-                "server.listen",
-                new.server.reuse_port,
-            )?)
+            let socket = bind(new.server.listen, "server.listen", new.server.reuse_port)?;
+            let addr = socket.local_addr().map_err(|e| e.to_string())?;
+            Some((socket, addr))
         } else {
             None
         };
@@ -120,9 +118,8 @@ impl Control {
         self.conn.store(Arc::new(conn));
         *self.admin_token.write().unwrap_or_else(|e| e.into_inner()) = token.map(Into::into);
         let mut notes = Vec::new();
-        if let Some(socket) = moved {
+        if let Some((socket, addr)) = moved {
             let socket = Arc::new(socket);
-            let addr = socket.local_addr().map_err(|e| e.to_string())?;
             let stop = self.stop.child_token();
             tokio::spawn(accept_loop(
                 socket.clone(),

@@ -164,6 +164,9 @@ pub(crate) struct NodeApis {
     pub(crate) qps: Option<QpsApi>,
 }
 
+/// The nodes' APIs for a reload, built before it is applied.
+pub struct ReloadedApis(HashMap<Arc<str>, NodeApis>);
+
 /// Each configured node's APIs: the QPS REST API is the node's own `qps_api`, else
 /// `[qps_api].url`. The client certificate is read here, so a reload picks up a renewed one.
 fn node_apis(config: &Config) -> Result<HashMap<Arc<str>, NodeApis>, String> {
@@ -236,8 +239,8 @@ impl SessionGuard {
     /// Applies a reloaded config: the limit policy, the inactivity timeouts and the nodes'
     /// APIs. The virtual proxies and the device cookie stay as they were at start (the table
     /// is indexed by them); the caller says so in the log.
-    pub fn reload(&self, config: &Config) -> Result<(), String> {
-        let nodes = node_apis(config)?;
+    pub fn reload(&self, config: &Config, nodes: ReloadedApis) {
+        let nodes = nodes.0;
         let vps = config.virtual_proxies_or_default();
         if vps.len() == self.vps.len() {
             self.table.set_timeouts(
@@ -251,7 +254,12 @@ impl SessionGuard {
         }
         self.nodes.store(Arc::new(nodes));
         self.policy.store(Arc::new(Policy::new(&config.sessions)));
-        Ok(())
+    }
+
+    /// The part of a reload that can fail (reading the QPS API's certificates), done before
+    /// anything changes.
+    pub fn prepare_reload(&self, config: &Config) -> Result<ReloadedApis, String> {
+        node_apis(config).map(ReloadedApis)
     }
 
     /// The limit policy now.
