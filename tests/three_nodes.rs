@@ -365,3 +365,68 @@ async fn with_on_node_down_error_the_users_of_an_unreachable_node_wait_and_keep_
     assert_eq!(b.counters().unknown_cookie_requests, 0);
     guard.shutdown().await;
 }
+
+#[tokio::test]
+async fn when_every_node_is_down_everyone_gets_the_error_page_until_one_is_back() {
+    let (a, b) = (sim().await, sim().await);
+    let b_addr = b.addr();
+    let guard = guard_with(&nodes_config(&[a.addr(), b_addr], "")).await;
+    let mut jar = Jar::new();
+    assert_eq!(
+        browse(
+            guard.addr,
+            "/hdr/hub/",
+            &mut jar,
+            &[("hdr-usr", "CORP\\all")]
+        )
+        .await
+        .status,
+        200
+    );
+    a.stop().await;
+    b.stop().await;
+    let g = guard.proxy().clone();
+    eventually("both nodes down", || {
+        g.upstreams().nodes().iter().all(|n| !n.is_up())
+    })
+    .await;
+    let r = browse(
+        guard.addr,
+        "/hdr/hub/",
+        &mut jar,
+        &[("hdr-usr", "CORP\\all")],
+    )
+    .await;
+    assert_eq!(r.status, 503);
+    assert!(
+        r.text().contains("Qlik Sense is not reachable right now"),
+        "{}",
+        r.text()
+    );
+    let r = browse(
+        guard.addr,
+        "/hdr/hub/",
+        &mut Jar::new(),
+        &[("hdr-usr", "CORP\\new")],
+    )
+    .await;
+    assert_eq!(r.status, 503, "a new user too");
+    // One node comes back: everyone gets in again.
+    let _b = restart_sim(b_addr).await;
+    eventually("node b up again", || {
+        g.upstreams().nodes().iter().any(|n| n.is_up())
+    })
+    .await;
+    assert_eq!(
+        browse(
+            guard.addr,
+            "/hdr/hub/",
+            &mut jar,
+            &[("hdr-usr", "CORP\\all")]
+        )
+        .await
+        .status,
+        200
+    );
+    guard.shutdown().await;
+}

@@ -253,3 +253,70 @@ async fn an_upgrade_to_a_binary_that_cannot_start_leaves_the_old_one_serving() {
     assert!(exited.success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_config_file_and_a_bad_one_is_refused() {
+    let (a, b) = (sim().await, sim().await);
+    let dir = std::env::temp_dir().join(format!(
+        "qsguard-sighup-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("qsguard.toml");
+    std::fs::write(&config, config_text(&[a.addr()], "", "")).unwrap();
+    let mut guard = Command::new(env!("CARGO_BIN_EXE_qsguard"))
+        .args(["--config", config.to_str().unwrap(), "--log-format", "json"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = u64::from(guard.id());
+    let _reap = Reap(vec![pid]);
+    let log = Log::default();
+    log.follow(guard.stderr.take().unwrap());
+    let up = log
+        .wait_for("listening", |v| v["message"] == "qsguard listening")
+        .await;
+    let admin: std::net::SocketAddr = up["admin_addr"].as_str().unwrap().parse().unwrap();
+    let nodes = |v: serde_json::Value| v["upstreams"].as_array().unwrap().len();
+    assert_eq!(nodes(get(admin, "/upstreams", &[]).await.json()), 1);
+
+    std::fs::write(&config, config_text(&[a.addr(), b.addr()], "", "")).unwrap();
+    kill("-HUP", pid);
+    log.wait_for("the reload", |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("config reloaded (SIGHUP)"))
+    })
+    .await;
+    assert_eq!(nodes(get(admin, "/upstreams", &[]).await.json()), 2);
+
+    std::fs::write(
+        &config,
+        "[server]\nlisten = \"127.0.0.1:0\"\nworkers = \"many\"\n",
+    )
+    .unwrap();
+    kill("-HUP", pid);
+    let refused = log
+        .wait_for("the refusal", |v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("reload refused"))
+        })
+        .await;
+    assert!(
+        refused["message"].as_str().unwrap().contains("workers"),
+        "{refused}"
+    );
+    assert_eq!(
+        nodes(get(admin, "/upstreams", &[]).await.json()),
+        2,
+        "still serving as before"
+    );
+    kill("-TERM", pid);
+    let exited = tokio::task::spawn_blocking(move || guard.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(exited.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}

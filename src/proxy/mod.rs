@@ -88,8 +88,9 @@ impl Settings {
 }
 
 /// The proxy: shared by every connection. What a reload may change (the settings, the nodes)
-/// sits behind an [`ArcSwap`]: a request takes the current value when it starts and keeps it
-/// to its end, so a reload never changes the rules under a request in flight.
+/// sits behind an [`ArcSwap`]: each phase of a request loads the current value, and the send
+/// phase keeps what it loaded to the end of the response, so a reload never changes the
+/// rules under an exchange with Qlik in flight.
 pub struct Proxy {
     settings: ArcSwap<Settings>,
     /// Events, metrics, the cookie self-test.

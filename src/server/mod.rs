@@ -95,12 +95,17 @@ impl Control {
     }
 
     /// Applies `new` in place of the running config.
-    pub fn apply(&self, new: Config) -> Result<String, String> {
+    pub fn apply(&self, mut new: Config) -> Result<String, String> {
         let mut current = self.config.lock().unwrap_or_else(|e| e.into_inner());
+        if new.source.is_none() {
+            new.source = current.source.clone();
+        }
         // 1. Everything that can fail, before anything changes.
         let conn = ConnSettings::new(&new)?;
         let token = new.admin.token().map_err(|e| e.to_string())?;
-        if token.is_none() && !new.admin.listen.ip().is_loopback() {
+        // The admin listener that serves is the one bound at start (admin.listen needs a
+        // restart): it decides whether a token is needed.
+        if token.is_none() && !current.admin.listen.ip().is_loopback() {
             return Err(
                 "admin.token_file: the admin listener is off loopback and needs a token".into(),
             );
