@@ -49,10 +49,13 @@ pub struct HealthConfig {
     pub interval: Duration,
     #[serde(default = "default_health_timeout", with = "duration")]
     pub timeout: Duration,
-    /// The path asked; any answer below 500 counts as up (a QPS answers `/` with a login
-    /// redirect).
+    /// The path asked.
     #[serde(default = "default_health_path")]
     pub path: String,
+    /// The answers that count as up: status codes (`200`) or classes (`"2xx"`). Empty (the
+    /// default): any answer below 500, since a QPS answers `/` with a login redirect or 401.
+    #[serde(default)]
+    pub expect_status: Vec<StatusMatch>,
     /// Failures in a row (checks or connection errors) before a node is down.
     #[serde(default = "default_fall")]
     pub fall: u32,
@@ -61,12 +64,72 @@ pub struct HealthConfig {
     pub rise: u32,
 }
 
+/// One entry of `health.expect_status`: a status code, or a class like `"3xx"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusMatch {
+    Code(u16),
+    Class(u16),
+}
+
+impl StatusMatch {
+    pub fn matches(self, status: u16) -> bool {
+        match self {
+            StatusMatch::Code(c) => status == c,
+            StatusMatch::Class(c) => status / 100 == c,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for StatusMatch {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u16),
+            Str(String),
+        }
+        let bad = |s: &str| {
+            serde::de::Error::custom(format!(
+                "`{s}` is not a status code (100-599) or class (\"2xx\" to \"5xx\")"
+            ))
+        };
+        match Raw::deserialize(d)? {
+            Raw::Int(n) if (100..600).contains(&n) => Ok(StatusMatch::Code(n)),
+            Raw::Int(n) => Err(bad(&n.to_string())),
+            Raw::Str(s) => {
+                let t = s.trim().to_ascii_lowercase();
+                match t.as_bytes() {
+                    [c @ b'1'..=b'5', b'x', b'x'] => Ok(StatusMatch::Class(u16::from(c - b'0'))),
+                    _ => t
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|n| (100..600).contains(n))
+                        .map(StatusMatch::Code)
+                        .ok_or_else(|| bad(&s)),
+                }
+            }
+        }
+    }
+}
+
+impl HealthConfig {
+    /// Whether a health check's answer counts as up.
+    pub fn is_up(&self, status: u16) -> bool {
+        if self.expect_status.is_empty() {
+            status < 500
+        } else {
+            self.expect_status.iter().any(|m| m.matches(status))
+        }
+    }
+}
+
 impl Default for HealthConfig {
     fn default() -> Self {
         HealthConfig {
             interval: default_health_interval(),
             timeout: default_health_timeout(),
             path: default_health_path(),
+            expect_status: Vec::new(),
             fall: default_fall(),
             rise: default_rise(),
         }
@@ -1060,6 +1123,21 @@ url = "http://127.0.0.1:4280"
             c.upstreams[0].qps_api.as_ref().unwrap().port_u16(),
             Some(4243)
         );
+    }
+
+    #[test]
+    fn health_expect_status() {
+        let c = Config::parse(MIN).unwrap();
+        assert!(c.health.is_up(302) && c.health.is_up(401) && !c.health.is_up(503));
+        let c = Config::parse(&format!("{MIN}[health]\nexpect_status = [200, \"3xx\"]\n")).unwrap();
+        assert!(c.health.is_up(200) && c.health.is_up(302));
+        assert!(!c.health.is_up(204) && !c.health.is_up(401));
+        for bad in ["[99]", "[\"6xx\"]", "[\"ok\"]"] {
+            let e = Config::parse(&format!("{MIN}[health]\nexpect_status = {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("expect_status"), "{e}");
+        }
     }
 
     #[test]

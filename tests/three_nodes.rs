@@ -430,3 +430,43 @@ async fn when_every_node_is_down_everyone_gets_the_error_page_until_one_is_back(
     );
     guard.shutdown().await;
 }
+
+#[tokio::test]
+async fn health_checks_count_only_the_expected_answers() {
+    let a = sim().await;
+    // Qlik answers / with a login redirect: not the 200 this config expects.
+    let guard = guard_with(&config_text(
+        &[a.addr()],
+        "",
+        "[health]\ninterval = \"100ms\"\nfall = 2\nrise = 1\nexpect_status = [200]\n",
+    ))
+    .await;
+    let g = guard.proxy().clone();
+    eventually("node down on an unexpected answer", || {
+        !g.upstreams().nodes()[0].is_up()
+    })
+    .await;
+    let (_, what) = g.upstreams().nodes()[0].last_check().unwrap();
+    assert!(what.starts_with("answered "), "{what}");
+    guard.shutdown().await;
+    // A path that answers 200, or the class of the login redirect: up.
+    for health in [
+        "path = \"/__sim/echo\"\nexpect_status = [200]",
+        "expect_status = [\"3xx\", 401]",
+    ] {
+        let guard = guard_with(&config_text(
+            &[a.addr()],
+            "",
+            &format!("[health]\ninterval = \"100ms\"\nfall = 1\nrise = 1\n{health}\n"),
+        ))
+        .await;
+        let g = guard.proxy().clone();
+        eventually("a check ran", || {
+            g.upstreams().nodes()[0].last_check().is_some()
+        })
+        .await;
+        let (_, what) = g.upstreams().nodes()[0].last_check().unwrap();
+        assert!(g.upstreams().nodes()[0].is_up(), "{health}: {what}");
+        guard.shutdown().await;
+    }
+}

@@ -334,7 +334,8 @@ impl Upstreams {
             .ok_or(ProxyError::NoUpstream)
     }
 
-    /// One health check: `GET <path>`; any answer below 500 within the timeout is up.
+    /// One health check: `GET <path>`; an answer within the timeout that `health.expect_status`
+    /// accepts (by default, any below 500) is up.
     pub async fn check(&self, node: &Node, cfg: &crate::config::HealthConfig) -> (bool, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let attempt = async {
@@ -368,7 +369,7 @@ impl Upstreams {
             Ok::<u16, String>(status)
         };
         match tokio::time::timeout(cfg.timeout, attempt).await {
-            Ok(Ok(status)) if status < 500 => (true, format!("answered {status}")),
+            Ok(Ok(status)) if cfg.is_up(status) => (true, format!("answered {status}")),
             Ok(Ok(status)) => (false, format!("answered {status}")),
             Ok(Err(e)) => (false, e),
             Err(_) => (false, format!("no answer within {:?}", cfg.timeout)),
