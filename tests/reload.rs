@@ -551,3 +551,45 @@ async fn the_reload_upstreams_and_drain_commands() {
     );
     guard.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_reload_reads_a_new_admin_token() {
+    let a = sim().await;
+    let files = Files::new("reload-token");
+    files.write(&[a.addr()], "", "");
+    let guard = files.start().await;
+    let drain = |token: &'static str| {
+        let admin = guard.admin_addr;
+        let name = format!("127.0.0.1:{}", a.addr().port());
+        async move {
+            send(
+                admin,
+                http::Request::post(format!("/upstreams/{name}/undrain"))
+                    .header("host", "admin")
+                    .header("authorization", format!("Bearer {token}"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap()
+            .status
+        }
+    };
+    assert_eq!(drain(TOKEN).await, 200);
+    std::fs::write(files.dir.join("token"), "the-rotated-token-0123456789").unwrap();
+    assert_eq!(
+        drain(TOKEN).await,
+        200,
+        "the old token rules until the reload"
+    );
+    // The reload itself is authorised by the token in force: the old one.
+    let r = reload(&guard).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        drain(TOKEN).await,
+        401,
+        "the old token is refused after the reload"
+    );
+    assert_eq!(drain("the-rotated-token-0123456789").await, 200);
+    guard.shutdown().await;
+}
