@@ -282,7 +282,11 @@ async fn run_until_signal(guard: Guard) {
                 }
                 handover::sd_notify("READY=1");
             }
-            _ = usr2.recv() => handover::upgrade_and_stop(&control).await,
+            // In a task: the signals (a SIGTERM meanwhile) are still heard while it waits.
+            _ = usr2.recv() => {
+                let c = control.clone();
+                tokio::spawn(async move { handover::upgrade_and_stop(&c).await });
+            }
         }
     }
     tracing::info!("shutting down: finishing in-flight requests (a second signal exits now)");

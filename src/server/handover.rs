@@ -159,6 +159,17 @@ pub async fn upgrade(control: &Control) -> Result<u32, String> {
 /// Runs an upgrade and, once the new process serves, stops this one; on failure this one
 /// goes on serving. What SIGUSR2 does.
 pub async fn upgrade_and_stop(control: &Control) {
+    static UPGRADING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    use std::sync::atomic::Ordering;
+    if UPGRADING.swap(true, Ordering::AcqRel) {
+        tracing::warn!("an upgrade is already under way: this SIGUSR2 is ignored");
+        return;
+    }
+    upgrade_once(control).await;
+    UPGRADING.store(false, Ordering::Release);
+}
+
+async fn upgrade_once(control: &Control) {
     tracing::info!("upgrade: starting the new binary on the listening sockets");
     sd_notify("RELOADING=1");
     match upgrade(control).await {
