@@ -537,11 +537,16 @@ impl Config {
             format!("{:?}", a.admin.listen),
             format!("{:?}", b.admin.listen),
         );
-        check(
-            "virtual_proxy",
-            format!("{:?}", a.virtual_proxies),
-            format!("{:?}", b.virtual_proxies),
-        );
+        // Each virtual proxy's own inactivity_timeout is applied by a reload.
+        let vps = |c: &Config| {
+            let list: Vec<_> = c
+                .virtual_proxies_or_default()
+                .into_iter()
+                .map(|v| (v.prefix, v.session_cookie, v.identity_header))
+                .collect();
+            format!("{list:?}")
+        };
+        check("virtual_proxy", vps(a), vps(b));
         check(
             "sessions.guard",
             format!("{:?}", a.sessions.guard),

@@ -262,15 +262,25 @@ fn runtime(workers: usize) -> tokio::runtime::Runtime {
 async fn run_until_signal(guard: Guard) {
     use qsguard::server::handover;
     use tokio::signal::unix::{signal, SignalKind};
+    // Every handler first, each listened to for the whole run (a signal that comes while a
+    // reload is applied is not lost): once systemd, or the process this one replaces, hears
+    // that this one serves, a SIGHUP or SIGTERM may come at once, and its default action
+    // would kill the process.
+    let listen = |kind: SignalKind, name: &str| {
+        signal(kind).unwrap_or_else(|e| panic!("cannot listen for {name}: {e}"))
+    };
+    let mut term = listen(SignalKind::terminate(), "SIGTERM");
+    let mut int = listen(SignalKind::interrupt(), "SIGINT");
+    let mut hup = listen(SignalKind::hangup(), "SIGHUP");
+    let mut usr2 = listen(SignalKind::user_defined2(), "SIGUSR2");
     handover::announce_ready();
     let stopper = guard.stopper();
     let control = guard.control().clone();
     let mut waiter = tokio::spawn(guard.wait());
-    let mut hup = signal(SignalKind::hangup()).expect("cannot listen for SIGHUP");
-    let mut usr2 = signal(SignalKind::user_defined2()).expect("cannot listen for SIGUSR2");
     loop {
         tokio::select! {
-            _ = wait_for_signal() => break,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
             _ = &mut waiter => return,
             _ = hup.recv() => {
                 handover::sd_notify("RELOADING=1");
@@ -294,16 +304,8 @@ async fn run_until_signal(guard: Guard) {
     stopper.cancel();
     tokio::select! {
         _ = waiter => {}
-        _ = wait_for_signal() => tracing::warn!("second signal: exiting now"),
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("cannot listen for SIGTERM");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => tracing::warn!("second signal: exiting now"),
+        _ = int.recv() => tracing::warn!("second signal: exiting now"),
     }
 }
 

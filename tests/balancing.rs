@@ -347,3 +347,102 @@ async fn the_sticky_cookie_finds_the_node_of_a_session_the_guard_has_not_seen_cr
     );
     off.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_sticky_cookie_without_a_session_does_not_send_a_new_login_to_a_draining_node() {
+    let (a, b) = (sim().await, sim().await);
+    let dir = std::env::temp_dir().join(format!(
+        "qsguard-sticky-drain-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("token"), "sticky-drain-token-0123").unwrap();
+    let text = two_nodes(
+        a.addr(),
+        b.addr(),
+        "[proxy]\nsticky_cookie = \"qsguard_node\"\n",
+    )
+    .replace(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n",
+        &format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
+            dir.join("token").display()
+        ),
+    );
+    let guard = guard_with(&text).await;
+    let mut jar = Jar::new();
+    browse(
+        guard.addr,
+        "/hdr/hub/",
+        &mut jar,
+        &[("hdr-usr", "CORP\\d0")],
+    )
+    .await;
+    let sticky = jar
+        .iter()
+        .find(|(k, _)| k == "qsguard_node")
+        .unwrap()
+        .1
+        .clone();
+    let g = guard.proxy().clone();
+    let node = g
+        .upstreams()
+        .nodes()
+        .iter()
+        .find(|n| *n.sticky == *sticky)
+        .unwrap()
+        .clone();
+    let (on, other) = if node.name == format!("127.0.0.1:{}", a.addr().port()) {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    let r = send(
+        guard.admin_addr,
+        http::Request::post(format!("/upstreams/{}/drain", node.name))
+            .header("host", "admin")
+            .header("authorization", "Bearer sticky-drain-token-0123")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    // Logins that carry only the sticky cookie (the user logged out; the cookie lives on) are
+    // new sessions: they go to the node that is not draining.
+    let created = on.counters().sessions_created;
+    for i in 1..4 {
+        let mut j: Jar = vec![("qsguard_node".to_string(), sticky.clone())];
+        let r = browse(
+            guard.addr,
+            "/hdr/hub/",
+            &mut j,
+            &[("hdr-usr", &format!("CORP\\d{i}"))],
+        )
+        .await;
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(
+        on.counters().sessions_created,
+        created,
+        "none on the draining node"
+    );
+    assert!(other.counters().sessions_created >= 3);
+    // The drained node's own session goes on there.
+    let before = on.counters().requests;
+    assert_eq!(
+        browse(
+            guard.addr,
+            "/hdr/hub/x",
+            &mut jar,
+            &[("hdr-usr", "CORP\\d0")]
+        )
+        .await
+        .status,
+        200
+    );
+    assert!(on.counters().requests > before);
+    guard.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -593,3 +593,74 @@ async fn a_reload_reads_a_new_admin_token() {
     assert_eq!(drain("the-rotated-token-0123456789").await, 200);
     guard.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_retired_node_keeps_its_api_and_a_named_node_cannot_move_under_its_sessions() {
+    let (a, b) = (sim().await, sim().await);
+    let files = Files::new("reload-retired-api");
+    files.write(&[a.addr(), b.addr()], "", "");
+    let guard = files.start().await;
+    for i in 0..4 {
+        browse(
+            guard.addr,
+            "/hdr/hub/",
+            &mut Jar::new(),
+            &[("hdr-usr", &format!("CORP\\r{i}"))],
+        )
+        .await;
+    }
+    let b_name = format!("127.0.0.1:{}", b.addr().port());
+    let g = guard.proxy().sessions().unwrap().clone();
+    let on_b = g
+        .table
+        .all()
+        .into_iter()
+        .find(|s| *s.node == *b_name)
+        .unwrap();
+    // b leaves the config while it holds sessions: retired, and its sessions can still be
+    // ended in Qlik through its API.
+    files.write(&[a.addr()], "", "");
+    assert_eq!(reload(&guard).await.status, 200);
+    let r = send(
+        guard.admin_addr,
+        http::Request::delete(format!("/sessions/{}", on_b.hash))
+            .header("host", "admin")
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(b.counters().logouts, 1, "ended on node b itself");
+
+    // A node with a name of its own cannot change its URL while it holds sessions.
+    let named = |url: std::net::SocketAddr| {
+        let text = std::fs::read_to_string(&files.config).unwrap();
+        let start = text.find("[[upstream]]").unwrap();
+        let end = text.find("[[virtual_proxy]]").unwrap();
+        format!(
+            "{}[[upstream]]\nurl = \"http://{url}\"\nname = \"qlik1\"\n{}",
+            &text[..start],
+            &text[end..]
+        )
+    };
+    std::fs::write(&files.config, named(a.addr())).unwrap();
+    assert_eq!(reload(&guard).await.status, 200);
+    browse(
+        guard.addr,
+        "/hdr/hub/",
+        &mut Jar::new(),
+        &[("hdr-usr", "CORP\\named")],
+    )
+    .await;
+    std::fs::write(&files.config, named(b.addr())).unwrap();
+    let r = reload(&guard).await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(
+        r.text().contains("upstream[0].url") && r.text().contains("qlik1"),
+        "{}",
+        r.text()
+    );
+    guard.shutdown().await;
+}

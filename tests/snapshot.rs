@@ -246,3 +246,66 @@ async fn reconciliation_asks_every_node_and_keeps_each_session_on_its_node() {
     assert_eq!(a.live_sessions("CORP\\twonodes"), 3);
     guard.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_predecessors_last_snapshot_is_merged_not_replacing_what_the_table_knows() {
+    let sim = sim().await;
+    let dir = std::env::temp_dir().join(format!(
+        "qsguard-merge-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let side = dir.join("sessions.handover");
+    // The old process: two users, one of whom the new process also knows.
+    let old = guard(sim.addr()).await;
+    let mut shared = Jar::new();
+    browse(
+        old.addr,
+        "/hdr/hub/",
+        &mut shared,
+        &[("hdr-usr", "CORP\\both")],
+    )
+    .await;
+    browse(
+        old.addr,
+        "/hdr/hub/",
+        &mut Jar::new(),
+        &[("hdr-usr", "CORP\\late")],
+    )
+    .await;
+    let new = guard(sim.addr()).await;
+    // The new process learnt the shared session (adopted from its cookie) and one of its own.
+    browse(
+        new.addr,
+        "/hdr/hub/x",
+        &mut shared,
+        &[("hdr-usr", "CORP\\both")],
+    )
+    .await;
+    browse(
+        new.addr,
+        "/hdr/hub/",
+        &mut Jar::new(),
+        &[("hdr-usr", "CORP\\mine")],
+    )
+    .await;
+    old.proxy()
+        .sessions()
+        .unwrap()
+        .save_snapshot(&side)
+        .unwrap();
+    let g = new.proxy().sessions().unwrap().clone();
+    let (merged, dropped) = g.merge_snapshot(&side).unwrap();
+    assert_eq!(
+        (merged, dropped),
+        (1, 0),
+        "the late session added; the shared one known"
+    );
+    for user in ["corp\\both", "corp\\late", "corp\\mine"] {
+        assert_eq!(g.table.live_count(user), 1, "{user}");
+    }
+    old.shutdown().await;
+    new.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -192,6 +192,15 @@ async fn a_new_binary_takes_over_the_listeners_with_no_refused_connection() {
         "no request failed or was refused during the switch"
     );
 
+    // The old process's last word (its final snapshot, written to the side file) is merged
+    // by the new one once the old one is gone, and the side file removed.
+    log.wait_for("the merge", |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("after the handover merged"))
+    })
+    .await;
+    assert!(!dir.join("sessions.handover").exists());
     // The new process serves on the same ports and knows every session.
     let health = get(admin, "/healthz", &[]).await.json();
     assert_eq!(health["pid"].as_u64(), Some(new_pid), "{health}");

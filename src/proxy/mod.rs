@@ -68,6 +68,8 @@ pub(crate) struct Settings {
     log_requests: bool,
     trusted: TrustedProxies,
     sticky_cookie: Option<String>,
+    /// Every virtual proxy's session cookie name (the sticky cookie counts only next to one).
+    session_cookies: Vec<String>,
 }
 
 impl Settings {
@@ -83,6 +85,11 @@ impl Settings {
             log_requests: config.log.requests,
             trusted: TrustedProxies::new(config.server.trusted_proxies.clone()),
             sticky_cookie: config.proxy.sticky_cookie.clone(),
+            session_cookies: config
+                .virtual_proxies_or_default()
+                .into_iter()
+                .map(|v| v.session_cookie)
+                .collect(),
         }
     }
 }
@@ -133,10 +140,24 @@ impl Proxy {
     }
 
     /// Applies a reloaded config: the settings the hot path reads, the nodes (see
-    /// [`Upstreams::reloaded`]) and the session guard's policy. Requests in flight finish
+    /// [`Upstreams::take_over`]) and the session guard's policy. Requests in flight finish
     /// under the values they started with; connections and WebSockets stay open.
     pub fn reload(&self, config: &Config) -> Result<(), String> {
         // What can fail, first: nothing has changed if it does.
+        if let Some(g) = &self.sessions {
+            let current = self.upstreams();
+            for (i, u) in config.upstreams.iter().enumerate() {
+                let name = u.display_name();
+                let moved = current.by_name(&name).filter(|n| !n.has_url(&u.url));
+                let live = moved.map_or(0, |_| g.node_load(&name));
+                if live > 0 {
+                    return Err(format!(
+                        "upstream[{i}].url: the node {name} holds {live} live sessions at its old URL, \
+                         which Qlik cannot move: drain it until they have ended, or give the new URL a new name"
+                    ));
+                }
+            }
+        }
         let apis = match &self.sessions {
             Some(g) => Some(g.prepare_reload(config)?),
             None => None,
@@ -149,7 +170,8 @@ impl Proxy {
                 .is_some_and(|g| g.node_load(&n.name) > 0)
         });
         if let (Some(g), Some(apis)) = (&self.sessions, apis) {
-            g.reload(config, apis);
+            let kept: Vec<&str> = next.nodes().iter().map(|n| n.name.as_str()).collect();
+            g.reload(config, apis, &kept);
         }
         for n in next.nodes() {
             if n.is_retired() {
@@ -249,8 +271,10 @@ impl Proxy {
                 });
             }
         }
-        // A session the guard has not seen created: the sticky cookie says where it lives.
-        let unseen = ctx.is_none_or(|c| c.session.is_none() && c.node_hint.is_none());
+        // A session the guard has not seen created: the sticky cookie says where it lives
+        // (`sticky` is only given when the request carries a session cookie; a login without
+        // one is a new session, balanced like any other, never sent to a draining node).
+        let unseen = ctx.is_none_or(|c| c.unknown.is_some());
         if let (true, Some(n)) = (unseen, sticky.and_then(|v| ups.by_sticky(v))) {
             if n.is_up() {
                 return Ok(n);
@@ -262,13 +286,18 @@ impl Proxy {
         }
     }
 
-    /// The sticky cookie's value in a request (when `proxy.sticky_cookie` is set).
+    /// The sticky cookie's value in a request (when `proxy.sticky_cookie` is set), if the
+    /// request also carries a virtual proxy's session cookie: without one there is no session
+    /// to stick to.
     pub(crate) fn sticky_in<H: session::cookies::Headers>(&self, headers: &H) -> Option<String> {
         let settings = self.settings();
         let name = settings.sticky_cookie.as_deref()?;
-        session::cookies::find(headers, name)
-            .first
-            .map(str::to_string)
+        let value = session::cookies::find(headers, name).first?;
+        settings
+            .session_cookies
+            .iter()
+            .any(|c| session::cookies::find(headers, c).count > 0)
+            .then(|| value.to_string())
     }
 
     /// The sticky cookie to set on a response from `node`, when the request did not carry it

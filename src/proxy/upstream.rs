@@ -107,6 +107,11 @@ impl Node {
         }
     }
 
+    /// Whether the node is at `url` (a reload keeps it only then).
+    pub fn has_url(&self, url: &Uri) -> bool {
+        self.url == *url
+    }
+
     pub fn weight(&self) -> u32 {
         self.weight.load(Ordering::Relaxed)
     }

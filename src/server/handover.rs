@@ -14,7 +14,9 @@
 //! 2. the new process loads the config and the snapshot, serves on the inherited sockets, and
 //!    writes `ready` on the pair (and tells systemd its PID, see [`sd_notify`]);
 //! 3. the old process stops accepting, finishes its in-flight requests and WebSockets within
-//!    the grace period, and exits without writing the snapshot (the new process owns it now).
+//!    the grace period, and exits; its last snapshot goes to a side file (the new process
+//!    owns the snapshot file now), which the new process merges once the old one is gone, so
+//!    sessions made or used in the old process after step 1 are not lost.
 //!
 //! If the new process fails to start, or is not ready within [`READY_WAIT`], the old one
 //! kills it, closes its copies of the sockets and goes on serving: an upgrade never leaves
@@ -36,6 +38,56 @@ pub const READY_WAIT: Duration = Duration::from_secs(60);
 
 const LISTEN_FDS: &str = "QSGUARD_LISTEN_FDS";
 const READY_FD: &str = "QSGUARD_READY_FD";
+const PARENT_PID: &str = "QSGUARD_PARENT_PID";
+
+/// The process this one replaces, if it was started by an upgrade.
+pub fn predecessor() -> Option<u32> {
+    std::env::var(PARENT_PID).ok()?.parse().ok()
+}
+
+/// Where a process that handed over writes its last snapshot: next to the snapshot file.
+pub fn side_file(snapshot: &std::path::Path) -> std::path::PathBuf {
+    snapshot.with_extension("handover")
+}
+
+/// Whether process `pid` still runs (a zombie does not).
+fn running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
+        Err(_) => false,
+    }
+}
+
+/// Waits (polling) until the process this one replaced has exited, then merges its last
+/// snapshot (`side`) into the table and removes the file.
+pub async fn merge_when_gone(
+    sessions: std::sync::Arc<crate::session::SessionGuard>,
+    pid: u32,
+    side: std::path::PathBuf,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    while running(pid) {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+    if !side.exists() {
+        return;
+    }
+    match sessions.merge_snapshot(&side) {
+        Ok((merged, dropped)) => tracing::info!(
+            merged,
+            dropped,
+            "sessions the previous process made or used after the handover merged"
+        ),
+        Err(e) => tracing::warn!("the previous process's last snapshot was not merged: {e}"),
+    }
+    let _ = std::fs::remove_file(&side);
+}
 
 /// The sockets handed to this process, by name, taken once each.
 fn handed() -> &'static Mutex<HashMap<String, RawFd>> {
@@ -128,19 +180,25 @@ pub async fn upgrade(control: &Control) -> Result<u32, String> {
         .map(|(k, l)| format!("{k}={}", l.as_raw_fd()))
         .collect();
     inherit(true);
+    // Ready to listen on our end before there is a child that could be left behind.
+    ours.set_nonblocking(true)
+        .map_err(|e| format!("socket pair: {e}"))?;
+    let mut ours =
+        tokio::net::UnixStream::from_std(ours).map_err(|e| format!("socket pair: {e}"))?;
+    // A side file left by an earlier upgrade is stale: the new process must not merge it.
+    if let Some(path) = control.snapshot_file() {
+        let _ = std::fs::remove_file(side_file(&path));
+    }
     let spawned = std::process::Command::new(&exe)
         .args(std::env::args_os().skip(1))
         .env(LISTEN_FDS, fds.join(","))
         .env(READY_FD, theirs.as_raw_fd().to_string())
+        .env(PARENT_PID, std::process::id().to_string())
         .spawn();
     inherit(false);
     drop(theirs);
     let mut child = spawned.map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
     let pid = child.id();
-    ours.set_nonblocking(true)
-        .map_err(|e| format!("socket pair: {e}"))?;
-    let mut ours =
-        tokio::net::UnixStream::from_std(ours).map_err(|e| format!("socket pair: {e}"))?;
     let mut said = Vec::new();
     let ready = tokio::time::timeout(READY_WAIT, ours.read_to_end(&mut said)).await;
     if matches!(ready, Ok(Ok(_))) && said.starts_with(b"ready") {
@@ -162,14 +220,17 @@ pub async fn upgrade_and_stop(control: &Control) {
     static UPGRADING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     use std::sync::atomic::Ordering;
     if UPGRADING.swap(true, Ordering::AcqRel) {
-        tracing::warn!("an upgrade is already under way: this SIGUSR2 is ignored");
+        tracing::warn!("an upgrade is under way or done: this SIGUSR2 is ignored");
         return;
     }
-    upgrade_once(control).await;
-    UPGRADING.store(false, Ordering::Release);
+    // After a handover this process only finishes its work: never a second successor.
+    if !upgrade_once(control).await {
+        UPGRADING.store(false, Ordering::Release);
+    }
 }
 
-async fn upgrade_once(control: &Control) {
+/// Returns whether the new process took over.
+async fn upgrade_once(control: &Control) -> bool {
     tracing::info!("upgrade: starting the new binary on the listening sockets");
     sd_notify("RELOADING=1");
     match upgrade(control).await {
@@ -179,10 +240,12 @@ async fn upgrade_once(control: &Control) {
                 "upgrade: the new process serves; this one finishes its requests and stops"
             );
             control.hand_over();
+            true
         }
         Err(e) => {
             tracing::error!("upgrade failed, this process goes on serving: {e}");
             sd_notify("READY=1");
+            false
         }
     }
 }

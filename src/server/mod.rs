@@ -318,6 +318,14 @@ impl Guard {
                 }
             });
             tokio::spawn(sessions.clone().sweep_forever(stop.clone()));
+            if let (Some(path), Some(pid)) = (&snapshot, handover::predecessor()) {
+                tokio::spawn(handover::merge_when_gone(
+                    sessions.clone(),
+                    pid,
+                    handover::side_file(path),
+                    stop.clone(),
+                ));
+            }
         }
         tokio::spawn(proxy.clone().reap_forever(stop.clone()));
         tokio::spawn(proxy.clone().health_forever(stop.clone()));
@@ -347,20 +355,25 @@ impl Guard {
                 );
             }
             end.proxy.close_tunnels(Duration::from_secs(2)).await;
-            let path = end.snapshot_file();
-            match (end.proxy.sessions(), &path) {
-                _ if end.handed_over.load(Ordering::Acquire) => tracing::info!(
-                    "the new process owns the session snapshot now: not written here"
-                ),
-                (Some(g), Some(path)) => match g.save_snapshot(path) {
+            let handed_over = end.handed_over.load(Ordering::Acquire);
+            // After a handover the new process owns the snapshot file: this one's last word
+            // goes to the side file the new process merges once this one is gone.
+            let path = end.snapshot_file().map(|p| {
+                if handed_over {
+                    handover::side_file(&p)
+                } else {
+                    p
+                }
+            });
+            if let (Some(g), Some(path)) = (end.proxy.sessions(), &path) {
+                match g.save_snapshot(path) {
                     Ok(n) => {
                         tracing::info!(file = %path.display(), sessions = n, "session snapshot written")
                     }
                     Err(e) => {
                         tracing::error!(file = %path.display(), "cannot write the session snapshot: {e}")
                     }
-                },
-                _ => {}
+                }
             }
             let _ = admin_task.await;
             tracing::info!("stopped");

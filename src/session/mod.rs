@@ -133,6 +133,8 @@ pub struct SessionGuard {
     personal: PersonalApi,
     pub counters: Counters,
     csrf_key: [u8; 32],
+    /// One snapshot writer at a time (the periodic one, shutdown, an upgrade).
+    pub(crate) snapshot_lock: std::sync::Mutex<()>,
     events: Arc<Events>,
 }
 
@@ -159,6 +161,7 @@ impl Policy {
 }
 
 /// A node's address for the Personal API, and its QPS REST API when `[qps_api]` is set.
+#[derive(Clone)]
 pub(crate) struct NodeApis {
     pub(crate) uri: Uri,
     pub(crate) qps: Option<QpsApi>,
@@ -232,6 +235,7 @@ impl SessionGuard {
             personal: PersonalApi::new(tls),
             counters: Counters::default(),
             csrf_key: rand::random(),
+            snapshot_lock: std::sync::Mutex::new(()),
             events,
         })
     }
@@ -239,19 +243,33 @@ impl SessionGuard {
     /// Applies a reloaded config: the limit policy, the inactivity timeouts and the nodes'
     /// APIs. The virtual proxies and the device cookie stay as they were at start (the table
     /// is indexed by them); the caller says so in the log.
-    pub fn reload(&self, config: &Config, nodes: ReloadedApis) {
-        let nodes = nodes.0;
-        let vps = config.virtual_proxies_or_default();
-        if vps.len() == self.vps.len() {
-            self.table.set_timeouts(
-                vps.iter()
-                    .map(|v| {
-                        v.inactivity_timeout
-                            .unwrap_or(config.sessions.inactivity_timeout)
-                    })
-                    .collect(),
-            );
+    pub fn reload(&self, config: &Config, nodes: ReloadedApis, kept: &[&str]) {
+        let mut nodes = nodes.0;
+        // A node removed from the config but kept for its live sessions (retired) keeps its
+        // APIs: its sessions are still owned, evicted and ended through them.
+        let old = self.nodes.load();
+        for name in kept {
+            if let (false, Some(apis)) = (nodes.contains_key(*name), old.get(*name)) {
+                nodes.insert(Arc::from(*name), apis.clone());
+            }
         }
+        // Timeouts by prefix: the virtual proxies themselves stay as they were at start.
+        let vps = config.virtual_proxies_or_default();
+        self.table.set_timeouts(
+            self.vps
+                .iter()
+                .enumerate()
+                .map(|(i, running)| {
+                    vps.iter()
+                        .find(|v| v.prefix == running.prefix)
+                        .map(|v| {
+                            v.inactivity_timeout
+                                .unwrap_or(config.sessions.inactivity_timeout)
+                        })
+                        .unwrap_or_else(|| Duration::from_millis(self.table.timeout_ms(i)))
+                })
+                .collect(),
+        );
         self.nodes.store(Arc::new(nodes));
         self.policy.store(Arc::new(Policy::new(&config.sessions)));
     }

@@ -153,7 +153,10 @@ impl SessionGuard {
             sessions,
         })
         .map_err(std::io::Error::other)?;
-        let tmp = path.with_extension("tmp");
+        // A temporary name of this process's own (another qsguard may be writing during an
+        // upgrade), one writer at a time within it.
+        let _one = self.snapshot_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
         {
             let mut opts = std::fs::OpenOptions::new();
             opts.write(true).create(true).truncate(true);
@@ -172,6 +175,17 @@ impl SessionGuard {
 
     /// Loads a snapshot: returns (sessions restored, sessions dropped as expired or unknown).
     pub fn load_snapshot(&self, path: &Path) -> Result<(usize, usize), String> {
+        self.read_snapshot(path, false)
+    }
+
+    /// Adds the sessions of a snapshot that the table does not know, and takes the later
+    /// activity of those it does: what the process this one replaced did after its handover
+    /// snapshot. Returns (added or refreshed, dropped as expired).
+    pub fn merge_snapshot(&self, path: &Path) -> Result<(usize, usize), String> {
+        self.read_snapshot(path, true)
+    }
+
+    fn read_snapshot(&self, path: &Path, merge: bool) -> Result<(usize, usize), String> {
         let text =
             std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let snap: Snapshot = serde_json::from_slice(&text)
@@ -205,6 +219,16 @@ impl SessionGuard {
                 .iter()
                 .filter_map(|d| u128::from_str_radix(d, 16).ok())
                 .collect();
+            if merge {
+                if let Some(known) = self.table.get(vp, &s.cookie) {
+                    let at = now.saturating_sub(idle);
+                    if self.table.is_live(&known, now) && known.last_active_ms() < at {
+                        self.table.touch_at(&known, at);
+                        loaded += 1;
+                    }
+                    continue;
+                }
+            }
             let owner = s.owner.map(|(dir, id)| User::new(&dir, &id));
             let session = self.table.insert(
                 vp,
