@@ -13,6 +13,10 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
+/// What a restart-only key compares between two configs (see
+/// [`Config::restart_only_changes`]).
+type Compared = fn(&Config) -> String;
+
 /// The whole configuration, as read from the file with defaults filled in.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -510,74 +514,44 @@ impl Config {
     /// The keys that differ from `new` and that only a restart applies (a reload says so in
     /// the log and goes on with the rest).
     pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
-        let mut changed = Vec::new();
-        let mut check = |key: &'static str, a: String, b: String| {
-            if a != b {
-                changed.push(key);
-            }
-        };
-        let (a, b) = (self, new);
-        check(
-            "server.workers",
-            format!("{:?}", a.server.workers),
-            format!("{:?}", b.server.workers),
-        );
-        check(
-            "server.max_connections",
-            format!("{:?}", a.server.max_connections),
-            format!("{:?}", b.server.max_connections),
-        );
-        check(
-            "server.grace_period",
-            format!("{:?}", a.server.grace_period),
-            format!("{:?}", b.server.grace_period),
-        );
-        check(
-            "admin",
-            format!("{:?}", a.admin.listen),
-            format!("{:?}", b.admin.listen),
-        );
-        // Each virtual proxy's own inactivity_timeout is applied by a reload.
-        let vps = |c: &Config| {
-            let list: Vec<_> = c
-                .virtual_proxies_or_default()
-                .into_iter()
-                .map(|v| (v.prefix, v.session_cookie, v.identity_header))
-                .collect();
-            format!("{list:?}")
-        };
-        check("virtual_proxy", vps(a), vps(b));
-        check(
-            "sessions.guard",
-            format!("{:?}", a.sessions.guard),
-            format!("{:?}", b.sessions.guard),
-        );
-        check(
-            "sessions.device_cookie",
-            format!("{:?}", a.sessions.device_cookie),
-            format!("{:?}", b.sessions.device_cookie),
-        );
-        check(
-            "sessions.device_memory",
-            format!("{:?}", a.sessions.device_memory),
-            format!("{:?}", b.sessions.device_memory),
-        );
-        check(
-            "sessions.snapshot_file",
-            format!("{:?}", a.sessions.snapshot_file),
-            format!("{:?}", b.sessions.snapshot_file),
-        );
-        check(
-            "sessions.snapshot_interval",
-            format!("{:?}", a.sessions.snapshot_interval),
-            format!("{:?}", b.sessions.snapshot_interval),
-        );
-        check(
-            "diagnostics",
-            format!("{:?}", a.diagnostics),
-            format!("{:?}", b.diagnostics),
-        );
-        changed
+        // Each key with what is compared, as Debug text (every config type has it). Each
+        // virtual proxy's own inactivity_timeout is left out: a reload applies it.
+        let keys: [(&'static str, Compared); 11] = [
+            ("server.workers", |c| format!("{:?}", c.server.workers)),
+            ("server.max_connections", |c| {
+                format!("{:?}", c.server.max_connections)
+            }),
+            ("server.grace_period", |c| {
+                format!("{:?}", c.server.grace_period)
+            }),
+            ("admin", |c| format!("{:?}", c.admin.listen)),
+            ("virtual_proxy", |c| {
+                let vps: Vec<_> = c
+                    .virtual_proxies_or_default()
+                    .into_iter()
+                    .map(|v| (v.prefix, v.session_cookie, v.identity_header))
+                    .collect();
+                format!("{vps:?}")
+            }),
+            ("sessions.guard", |c| format!("{:?}", c.sessions.guard)),
+            ("sessions.device_cookie", |c| {
+                format!("{:?}", c.sessions.device_cookie)
+            }),
+            ("sessions.device_memory", |c| {
+                format!("{:?}", c.sessions.device_memory)
+            }),
+            ("sessions.snapshot_file", |c| {
+                format!("{:?}", c.sessions.snapshot_file)
+            }),
+            ("sessions.snapshot_interval", |c| {
+                format!("{:?}", c.sessions.snapshot_interval)
+            }),
+            ("diagnostics", |c| format!("{:?}", c.diagnostics)),
+        ];
+        keys.into_iter()
+            .filter(|(_, of)| of(self) != of(new))
+            .map(|(key, _)| key)
+            .collect()
     }
 
     /// Parses and validates; the error names the key (TOML errors carry line and column).

@@ -398,16 +398,13 @@ async fn a_sticky_cookie_without_a_session_does_not_send_a_new_login_to_a_draini
     } else {
         (&b, &a)
     };
-    let r = send(
+    let r = admin_call(
         guard.admin_addr,
-        http::Request::post(format!("/upstreams/{}/drain", node.name))
-            .header("host", "admin")
-            .header("authorization", "Bearer sticky-drain-token-0123")
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
+        http::Method::POST,
+        &format!("/upstreams/{}/drain", node.name),
+        Some("sticky-drain-token-0123"),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(r.status, 200);
     // Logins that carry only the sticky cookie (the user logged out; the cookie lives on) are
     // new sessions: they go to the node that is not draining.

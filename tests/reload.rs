@@ -66,16 +66,7 @@ impl Drop for Files {
 }
 
 async fn reload(guard: &Guard) -> Resp {
-    send(
-        guard.admin_addr,
-        http::Request::post("/reload")
-            .header("host", "admin")
-            .header("authorization", format!("Bearer {TOKEN}"))
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
-    )
-    .await
-    .unwrap()
+    admin_call(guard.admin_addr, http::Method::POST, "/reload", Some(TOKEN)).await
 }
 
 /// Users who keep browsing (each on their own session) until `stop`; every answer that is not
@@ -337,15 +328,7 @@ async fn an_invalid_config_is_refused_and_the_running_one_stays() {
     assert_eq!(a.counters().sessions_created, before);
 
     // Without the token a reload is refused.
-    let r = send(
-        guard.admin_addr,
-        http::Request::post("/reload")
-            .header("host", "admin")
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    let r = admin_call(guard.admin_addr, http::Method::POST, "/reload", None).await;
     assert_eq!(r.status, 401);
     guard.shutdown().await;
 }
@@ -558,21 +541,14 @@ async fn a_reload_reads_a_new_admin_token() {
     let files = Files::new("reload-token");
     files.write(&[a.addr()], "", "");
     let guard = files.start().await;
+    let name = format!("127.0.0.1:{}", a.addr().port());
+    let undrain = format!("/upstreams/{name}/undrain");
     let drain = |token: &'static str| {
-        let admin = guard.admin_addr;
-        let name = format!("127.0.0.1:{}", a.addr().port());
+        let (admin, path) = (guard.admin_addr, undrain.clone());
         async move {
-            send(
-                admin,
-                http::Request::post(format!("/upstreams/{name}/undrain"))
-                    .header("host", "admin")
-                    .header("authorization", format!("Bearer {token}"))
-                    .body(Full::new(Bytes::new()))
-                    .unwrap(),
-            )
-            .await
-            .unwrap()
-            .status
+            admin_call(admin, http::Method::POST, &path, Some(token))
+                .await
+                .status
         }
     };
     assert_eq!(drain(TOKEN).await, 200);
@@ -621,16 +597,13 @@ async fn a_retired_node_keeps_its_api_and_a_named_node_cannot_move_under_its_ses
     // ended in Qlik through its API.
     files.write(&[a.addr()], "", "");
     assert_eq!(reload(&guard).await.status, 200);
-    let r = send(
+    let r = admin_call(
         guard.admin_addr,
-        http::Request::delete(format!("/sessions/{}", on_b.hash))
-            .header("host", "admin")
-            .header("authorization", format!("Bearer {TOKEN}"))
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
+        http::Method::DELETE,
+        &format!("/sessions/{}", on_b.hash),
+        Some(TOKEN),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(b.counters().logouts, 1, "ended on node b itself");
 

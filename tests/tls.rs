@@ -376,32 +376,26 @@ async fn certificates_by_sni_and_a_renewed_certificate_served_after_a_reload() {
         default,
         "not before the reload"
     );
-    let r = send(
+    let r = admin_call(
         guard.admin_addr,
-        http::Request::post("/reload")
-            .header("host", "admin")
-            .header("authorization", "Bearer sni-reload-token-0123456789")
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
+        http::Method::POST,
+        "/reload",
+        Some("sni-reload-token-0123456789"),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(ca.served(guard.addr, "localhost").await, renewed);
     assert_eq!(ca.served(guard.addr, "qlik.test").await, apps);
 
     // A key that does not fit its certificate: refused, and the renewed one stays.
     std::fs::copy(dir.join("apps.key"), dir.join("default.key")).unwrap();
-    let r = send(
+    let r = admin_call(
         guard.admin_addr,
-        http::Request::post("/reload")
-            .header("host", "admin")
-            .header("authorization", "Bearer sni-reload-token-0123456789")
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
+        http::Method::POST,
+        "/reload",
+        Some("sni-reload-token-0123456789"),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(r.status, 422, "{}", r.text());
     assert!(r.text().contains("server.tls_cert"), "{}", r.text());
     assert_eq!(ca.served(guard.addr, "localhost").await, renewed);

@@ -73,9 +73,53 @@ impl Drop for Reap {
         for pid in &self.0 {
             let _ = Command::new("kill")
                 .args(["-KILL", &pid.to_string()])
+                .stderr(Stdio::null())
                 .status();
         }
     }
+}
+
+/// A directory of its own with the config `config(dir)` in it as qsguard.toml; returns the
+/// directory and the file.
+fn config_dir(
+    tag: &str,
+    config: impl FnOnce(&std::path::Path) -> String,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!(
+        "qsguard-{tag}-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("qsguard.toml");
+    std::fs::write(&file, config(&dir)).unwrap();
+    (dir, file)
+}
+
+/// A qsguard process started on `config`, once it listens: the process, its log, its PID
+/// and its main and admin addresses.
+async fn start(
+    config: &std::path::Path,
+) -> (
+    std::process::Child,
+    Log,
+    u64,
+    std::net::SocketAddr,
+    std::net::SocketAddr,
+) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qsguard"))
+        .args(["--config", config.to_str().unwrap(), "--log-format", "json"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = Log::default();
+    log.follow(child.stderr.take().unwrap());
+    let up = log
+        .wait_for("listening", |v| v["message"] == "qsguard listening")
+        .await;
+    let addr = |key: &str| up[key].as_str().unwrap().parse().unwrap();
+    let pid = u64::from(child.id());
+    (child, log, pid, addr("addr"), addr("admin_addr"))
 }
 
 fn kill(signal: &str, pid: u64) {
@@ -90,15 +134,7 @@ fn kill(signal: &str, pid: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_binary_takes_over_the_listeners_with_no_refused_connection() {
     let sim = sim().await;
-    let dir = std::env::temp_dir().join(format!(
-        "qsguard-upgrade-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("qsguard.toml");
-    std::fs::write(
-        &config,
+    let (dir, config) = config_dir("upgrade", |dir| {
         config_text(
             &[sim.addr()],
             "",
@@ -106,22 +142,9 @@ async fn a_new_binary_takes_over_the_listeners_with_no_refused_connection() {
                 "[sessions]\nsnapshot_file = \"{}\"\n",
                 dir.join("sessions.json").display()
             ),
-        ),
-    )
-    .unwrap();
-    let mut old = Command::new(env!("CARGO_BIN_EXE_qsguard"))
-        .args(["--config", config.to_str().unwrap(), "--log-format", "json"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let log = Log::default();
-    log.follow(old.stderr.take().unwrap());
-    let up = log
-        .wait_for("listening", |v| v["message"] == "qsguard listening")
-        .await;
-    let addr: std::net::SocketAddr = up["addr"].as_str().unwrap().parse().unwrap();
-    let admin: std::net::SocketAddr = up["admin_addr"].as_str().unwrap().parse().unwrap();
-    let old_pid = u64::from(old.id());
+        )
+    });
+    let (mut old, log, old_pid, addr, admin) = start(&config).await;
     let mut reap = Reap(vec![old_pid]);
 
     // Users with sessions, browsing on fresh connections all through the switch.
@@ -224,29 +247,12 @@ async fn a_new_binary_takes_over_the_listeners_with_no_refused_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_to_a_binary_that_cannot_start_leaves_the_old_one_serving() {
     let sim = sim().await;
-    let dir = std::env::temp_dir().join(format!(
-        "qsguard-upgrade-bad-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("qsguard.toml");
-    std::fs::write(&config, config_text(&[sim.addr()], "", "")).unwrap();
-    let mut old = Command::new(env!("CARGO_BIN_EXE_qsguard"))
-        .args(["--config", config.to_str().unwrap(), "--log-format", "json"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let _reap = Reap(vec![u64::from(old.id())]);
-    let log = Log::default();
-    log.follow(old.stderr.take().unwrap());
-    let up = log
-        .wait_for("listening", |v| v["message"] == "qsguard listening")
-        .await;
-    let addr: std::net::SocketAddr = up["addr"].as_str().unwrap().parse().unwrap();
+    let (dir, config) = config_dir("upgrade-bad", |_| config_text(&[sim.addr()], "", ""));
+    let (mut old, log, pid, addr, _) = start(&config).await;
+    let _reap = Reap(vec![pid]);
     // The new process reads the config file again: broken, it cannot start.
     std::fs::write(&config, "[server]\nlisten = 7\n").unwrap();
-    kill("-USR2", u64::from(old.id()));
+    kill("-USR2", pid);
     log.wait_for("the failed upgrade", |v| {
         v["message"]
             .as_str()
@@ -255,7 +261,7 @@ async fn an_upgrade_to_a_binary_that_cannot_start_leaves_the_old_one_serving() {
     .await;
     let r = get(addr, "/__sim/echo", &[]).await;
     assert_eq!(r.status, 200, "the old process still serves");
-    kill("-TERM", u64::from(old.id()));
+    kill("-TERM", pid);
     let exited = tokio::task::spawn_blocking(move || old.wait().unwrap())
         .await
         .unwrap();
@@ -266,27 +272,9 @@ async fn an_upgrade_to_a_binary_that_cannot_start_leaves_the_old_one_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_config_file_and_a_bad_one_is_refused() {
     let (a, b) = (sim().await, sim().await);
-    let dir = std::env::temp_dir().join(format!(
-        "qsguard-sighup-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("qsguard.toml");
-    std::fs::write(&config, config_text(&[a.addr()], "", "")).unwrap();
-    let mut guard = Command::new(env!("CARGO_BIN_EXE_qsguard"))
-        .args(["--config", config.to_str().unwrap(), "--log-format", "json"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = u64::from(guard.id());
+    let (dir, config) = config_dir("sighup", |_| config_text(&[a.addr()], "", ""));
+    let (mut guard, log, pid, _, admin) = start(&config).await;
     let _reap = Reap(vec![pid]);
-    let log = Log::default();
-    log.follow(guard.stderr.take().unwrap());
-    let up = log
-        .wait_for("listening", |v| v["message"] == "qsguard listening")
-        .await;
-    let admin: std::net::SocketAddr = up["admin_addr"].as_str().unwrap().parse().unwrap();
     let nodes = |v: serde_json::Value| v["upstreams"].as_array().unwrap().len();
     assert_eq!(nodes(get(admin, "/upstreams", &[]).await.json()), 1);
 

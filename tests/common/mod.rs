@@ -343,3 +343,22 @@ pub async fn restart_sim(addr: SocketAddr) -> Simulator {
     }
     panic!("cannot restart the simulator on {addr}");
 }
+
+/// A call to the admin API, with a bearer token when given.
+pub async fn admin_call(
+    admin: SocketAddr,
+    method: http::Method,
+    path: &str,
+    token: Option<&str>,
+) -> Resp {
+    let mut b = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "admin");
+    if let Some(t) = token {
+        b = b.header("authorization", format!("Bearer {t}"));
+    }
+    send(admin, b.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap_or_else(|e| panic!("admin {path}: {e}"))
+}
