@@ -179,7 +179,6 @@ pub async fn upgrade(control: &Control) -> Result<u32, String> {
         .iter()
         .map(|(k, l)| format!("{k}={}", l.as_raw_fd()))
         .collect();
-    inherit(true);
     // Ready to listen on our end before there is a child that could be left behind.
     ours.set_nonblocking(true)
         .map_err(|e| format!("socket pair: {e}"))?;
@@ -189,6 +188,8 @@ pub async fn upgrade(control: &Control) -> Result<u32, String> {
     if let Some(path) = control.snapshot_file() {
         let _ = std::fs::remove_file(side_file(&path));
     }
+    // Inheritable only for the spawn.
+    inherit(true);
     let spawned = std::process::Command::new(&exe)
         .args(std::env::args_os().skip(1))
         .env(LISTEN_FDS, fds.join(","))
