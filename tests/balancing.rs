@@ -24,13 +24,7 @@ async fn new_sessions_are_balanced_and_every_session_stays_on_its_node() {
     let mut jars = Vec::new();
     for i in 0..6 {
         let mut jar = Jar::new();
-        let r = browse(
-            guard.addr,
-            "/hdr/hub/",
-            &mut jar,
-            &[("hdr-usr", &format!("CORP\\u{i}"))],
-        )
-        .await;
+        let r = browse_as(guard.addr, "/hdr/hub/", &mut jar, &format!("CORP\\u{i}")).await;
         assert_eq!(r.status, 200);
         jars.push((i, jar));
     }
@@ -42,13 +36,7 @@ async fn new_sessions_are_balanced_and_every_session_stays_on_its_node() {
     assert_eq!(b.counters().sessions_created, 3);
     for (i, jar) in jars.iter_mut() {
         for _ in 0..3 {
-            let r = browse(
-                guard.addr,
-                "/hdr/hub/x",
-                jar,
-                &[("hdr-usr", &format!("CORP\\u{i}"))],
-            )
-            .await;
+            let r = browse_as(guard.addr, "/hdr/hub/x", jar, &format!("CORP\\u{i}")).await;
             assert_eq!(r.status, 200);
         }
     }
@@ -97,13 +85,7 @@ async fn a_node_down_loses_its_sessions_and_comes_back() {
     let mut jars = Vec::new();
     for i in 0..4 {
         let mut jar = Jar::new();
-        browse(
-            guard.addr,
-            "/hdr/hub/",
-            &mut jar,
-            &[("hdr-usr", &format!("CORP\\d{i}"))],
-        )
-        .await;
+        browse_as(guard.addr, "/hdr/hub/", &mut jar, &format!("CORP\\d{i}")).await;
         jars.push(jar);
     }
     let on_a = a.counters().sessions_created;
@@ -121,13 +103,7 @@ async fn a_node_down_loses_its_sessions_and_comes_back() {
     assert_eq!(lost.len(), 2, "node b's sessions are reported lost");
     // Everyone still gets in: node a's users on their sessions, node b's on new ones on a.
     for (i, jar) in jars.iter_mut().enumerate() {
-        let r = browse(
-            guard.addr,
-            "/hdr/hub/",
-            jar,
-            &[("hdr-usr", &format!("CORP\\d{i}"))],
-        )
-        .await;
+        let r = browse_as(guard.addr, "/hdr/hub/", jar, &format!("CORP\\d{i}")).await;
         assert_eq!(r.status, 200);
     }
     assert_eq!(a.counters().sessions_created, on_a + 2);
@@ -161,11 +137,11 @@ async fn a_node_down_loses_its_sessions_and_comes_back() {
     })
     .await;
     for i in 10..14 {
-        browse(
+        browse_as(
             guard.addr,
             "/hdr/hub/",
             &mut Jar::new(),
-            &[("hdr-usr", &format!("CORP\\d{i}"))],
+            &format!("CORP\\d{i}"),
         )
         .await;
     }
@@ -197,20 +173,8 @@ async fn a_drained_node_gets_no_new_sessions_and_keeps_its_own() {
     let guard = guard_with(&text).await;
     let mut on_b = Jar::new();
     // Two users: one lands on each node.
-    browse(
-        guard.addr,
-        "/hdr/hub/",
-        &mut Jar::new(),
-        &[("hdr-usr", "CORP\\x0")],
-    )
-    .await;
-    browse(
-        guard.addr,
-        "/hdr/hub/",
-        &mut on_b,
-        &[("hdr-usr", "CORP\\x1")],
-    )
-    .await;
+    browse_as(guard.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\x0").await;
+    browse_as(guard.addr, "/hdr/hub/", &mut on_b, "CORP\\x1").await;
     let b_name = format!("127.0.0.1:{}", b.addr().port());
     let b_before = b.counters().sessions_created;
     let drain = send(
@@ -225,11 +189,11 @@ async fn a_drained_node_gets_no_new_sessions_and_keeps_its_own() {
     .unwrap();
     assert_eq!(drain.status, 200, "{}", drain.text());
     for i in 2..8 {
-        browse(
+        browse_as(
             guard.addr,
             "/hdr/hub/",
             &mut Jar::new(),
-            &[("hdr-usr", &format!("CORP\\x{i}"))],
+            &format!("CORP\\x{i}"),
         )
         .await;
     }
@@ -239,13 +203,7 @@ async fn a_drained_node_gets_no_new_sessions_and_keeps_its_own() {
         "no new sessions on the drained node"
     );
     let before = b.counters().requests;
-    let r = browse(
-        guard.addr,
-        "/hdr/hub/",
-        &mut on_b,
-        &[("hdr-usr", "CORP\\x1")],
-    )
-    .await;
+    let r = browse_as(guard.addr, "/hdr/hub/", &mut on_b, "CORP\\x1").await;
     assert_eq!(r.status, 200);
     assert!(
         b.counters().requests > before,
@@ -268,13 +226,7 @@ async fn the_sticky_cookie_finds_the_node_of_a_session_the_guard_has_not_seen_cr
     let mut jars = Vec::new();
     for i in 0..6 {
         let mut jar = Jar::new();
-        let r = browse(
-            first.addr,
-            "/hdr/hub/",
-            &mut jar,
-            &[("hdr-usr", &format!("CORP\\s{i}"))],
-        )
-        .await;
+        let r = browse_as(first.addr, "/hdr/hub/", &mut jar, &format!("CORP\\s{i}")).await;
         assert_eq!(r.status, 200);
         assert!(
             jar.iter().any(|(k, _)| k == "qsguard_node"),
@@ -307,13 +259,7 @@ async fn the_sticky_cookie_finds_the_node_of_a_session_the_guard_has_not_seen_cr
     let created = a.counters().sessions_created + b.counters().sessions_created;
     for (i, jar) in jars.iter_mut().enumerate().rev() {
         for _ in 0..2 {
-            let r = browse(
-                second.addr,
-                "/hdr/hub/x",
-                jar,
-                &[("hdr-usr", &format!("CORP\\s{i}"))],
-            )
-            .await;
+            let r = browse_as(second.addr, "/hdr/hub/x", jar, &format!("CORP\\s{i}")).await;
             assert_eq!(r.status, 200);
         }
     }
@@ -332,13 +278,7 @@ async fn the_sticky_cookie_finds_the_node_of_a_session_the_guard_has_not_seen_cr
     // With the session guard off, the sticky cookie is all the affinity there is.
     let off = guard_with(&format!("{text}[sessions]\nguard = false\n")).await;
     for (i, jar) in jars.iter_mut().enumerate().rev() {
-        let r = browse(
-            off.addr,
-            "/hdr/hub/x",
-            jar,
-            &[("hdr-usr", &format!("CORP\\s{i}"))],
-        )
-        .await;
+        let r = browse_as(off.addr, "/hdr/hub/x", jar, &format!("CORP\\s{i}")).await;
         assert_eq!(r.status, 200);
     }
     assert_eq!(
@@ -372,13 +312,7 @@ async fn a_sticky_cookie_without_a_session_does_not_send_a_new_login_to_a_draini
     );
     let guard = guard_with(&text).await;
     let mut jar = Jar::new();
-    browse(
-        guard.addr,
-        "/hdr/hub/",
-        &mut jar,
-        &[("hdr-usr", "CORP\\d0")],
-    )
-    .await;
+    browse_as(guard.addr, "/hdr/hub/", &mut jar, "CORP\\d0").await;
     let sticky = jar
         .iter()
         .find(|(k, _)| k == "qsguard_node")
@@ -411,13 +345,7 @@ async fn a_sticky_cookie_without_a_session_does_not_send_a_new_login_to_a_draini
     let created = on.counters().sessions_created;
     for i in 1..4 {
         let mut j: Jar = vec![("qsguard_node".to_string(), sticky.clone())];
-        let r = browse(
-            guard.addr,
-            "/hdr/hub/",
-            &mut j,
-            &[("hdr-usr", &format!("CORP\\d{i}"))],
-        )
-        .await;
+        let r = browse_as(guard.addr, "/hdr/hub/", &mut j, &format!("CORP\\d{i}")).await;
         assert_eq!(r.status, 200);
     }
     assert_eq!(
@@ -429,14 +357,9 @@ async fn a_sticky_cookie_without_a_session_does_not_send_a_new_login_to_a_draini
     // The drained node's own session goes on there.
     let before = on.counters().requests;
     assert_eq!(
-        browse(
-            guard.addr,
-            "/hdr/hub/x",
-            &mut jar,
-            &[("hdr-usr", "CORP\\d0")]
-        )
-        .await
-        .status,
+        browse_as(guard.addr, "/hdr/hub/x", &mut jar, "CORP\\d0")
+            .await
+            .status,
         200
     );
     assert!(on.counters().requests > before);

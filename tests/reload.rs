@@ -90,7 +90,7 @@ fn load(
                         let mut j = jar.clone();
                         let user = user.clone();
                         async move {
-                            let r = browse(addr, "/hdr/hub/x", &mut j, &[("hdr-usr", &user)]).await;
+                            let r = browse_as(addr, "/hdr/hub/x", &mut j, &user).await;
                             (r.status, j)
                         }
                     })
@@ -184,11 +184,11 @@ async fn nodes_added_and_removed_by_reload_under_load_with_no_failed_request() {
     );
     let a_created = a.counters().sessions_created;
     for i in 0..4 {
-        browse(
+        browse_as(
             guard.addr,
             "/hdr/hub/",
             &mut Jar::new(),
-            &[("hdr-usr", &format!("CORP\\n{i}"))],
+            &format!("CORP\\n{i}"),
         )
         .await;
     }
@@ -235,7 +235,7 @@ async fn an_invalid_config_is_refused_and_the_running_one_stays() {
     let guard = files.start().await;
     let mut jar = Jar::new();
     assert_eq!(
-        browse(guard.addr, "/hdr/hub/", &mut jar, &[("hdr-usr", "CORP\\k")])
+        browse_as(guard.addr, "/hdr/hub/", &mut jar, "CORP\\k")
             .await
             .status,
         200
@@ -320,7 +320,7 @@ async fn an_invalid_config_is_refused_and_the_running_one_stays() {
     // Still serving the same session, with the old config.
     let before = a.counters().sessions_created;
     assert_eq!(
-        browse(guard.addr, "/hdr/hub/", &mut jar, &[("hdr-usr", "CORP\\k")])
+        browse_as(guard.addr, "/hdr/hub/", &mut jar, "CORP\\k")
             .await
             .status,
         200
@@ -345,7 +345,7 @@ async fn a_reload_moves_the_listener_and_open_connections_and_websockets_go_on()
 
     // A WebSocket and a kept-alive connection, open across the reload.
     let mut jar = Jar::new();
-    browse(old, "/hdr/hub/", &mut jar, &[("hdr-usr", "CORP\\ws")]).await;
+    browse_as(old, "/hdr/hub/", &mut jar, "CORP\\ws").await;
     let req = http::Request::get(format!("ws://{old}/hdr/app/x"))
         .header("host", "qlik.example.com")
         .header("cookie", cookie_header(&jar))
@@ -397,14 +397,9 @@ async fn a_reload_moves_the_listener_and_open_connections_and_websockets_go_on()
 
     // The new address serves; the old one takes no new connection.
     assert_eq!(
-        browse(
-            free,
-            "/hdr/hub/",
-            &mut Jar::new(),
-            &[("hdr-usr", "CORP\\new")]
-        )
-        .await
-        .status,
+        browse_as(free, "/hdr/hub/", &mut Jar::new(), "CORP\\new")
+            .await
+            .status,
         200
     );
     eventually("old listener closed", || {
@@ -577,11 +572,11 @@ async fn a_retired_node_keeps_its_api_and_a_named_node_cannot_move_under_its_ses
     files.write(&[a.addr(), b.addr()], "", "");
     let guard = files.start().await;
     for i in 0..4 {
-        browse(
+        browse_as(
             guard.addr,
             "/hdr/hub/",
             &mut Jar::new(),
-            &[("hdr-usr", &format!("CORP\\r{i}"))],
+            &format!("CORP\\r{i}"),
         )
         .await;
     }
@@ -620,13 +615,7 @@ async fn a_retired_node_keeps_its_api_and_a_named_node_cannot_move_under_its_ses
     };
     std::fs::write(&files.config, named(a.addr())).unwrap();
     assert_eq!(reload(&guard).await.status, 200);
-    browse(
-        guard.addr,
-        "/hdr/hub/",
-        &mut Jar::new(),
-        &[("hdr-usr", "CORP\\named")],
-    )
-    .await;
+    browse_as(guard.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\named").await;
     std::fs::write(&files.config, named(b.addr())).unwrap();
     let r = reload(&guard).await;
     assert_eq!(r.status, 422, "{}", r.text());

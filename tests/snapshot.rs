@@ -35,13 +35,7 @@ async fn a_user_at_the_limit_is_still_at_the_limit_after_a_restart() {
     let file = temp_file("snap");
     let first = guard_with(&snapshot_config(sim.addr(), &file, "")).await;
     for _ in 0..5 {
-        let r = browse(
-            first.addr,
-            "/hdr/hub/",
-            &mut Jar::new(),
-            &[("hdr-usr", "CORP\\full")],
-        )
-        .await;
+        let r = browse_as(first.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\full").await;
         assert_eq!(r.status, 200);
     }
     // And a Windows-auth browser, for a restore after the restart.
@@ -71,13 +65,7 @@ async fn a_user_at_the_limit_is_still_at_the_limit_after_a_restart() {
     let second = guard_with(&snapshot_config(sim.addr(), &file, "")).await;
     let g = second.proxy().sessions().unwrap().clone();
     assert_eq!(g.table.live_count("corp\\full"), 5);
-    let sixth = browse(
-        second.addr,
-        "/hdr/hub/",
-        &mut Jar::new(),
-        &[("hdr-usr", "CORP\\full")],
-    )
-    .await;
+    let sixth = browse_as(second.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\full").await;
     assert_eq!(sixth.status, 429, "still at the limit after the restart");
     assert_eq!(sim.counters().limit_refusals, 0, "Qlik never had to refuse");
     // The Windows browser restarts too: its device cookie still finds its session.
@@ -117,13 +105,7 @@ async fn sessions_that_expired_while_the_guard_was_down_are_dropped() {
         "inactivity_timeout = \"700ms\"",
     ))
     .await;
-    browse(
-        first.addr,
-        "/hdr/hub/",
-        &mut Jar::new(),
-        &[("hdr-usr", "CORP\\gone")],
-    )
-    .await;
+    browse_as(first.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\gone").await;
     first.shutdown().await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let second = guard_with(&snapshot_config(
@@ -167,13 +149,7 @@ async fn sessions_made_behind_the_guards_back_are_counted_at_start() {
     let guard = guard_with(&config_text(&[sim.addr()], "", &extra)).await;
     let g = guard.proxy().sessions().unwrap().clone();
     eventually("reconciled", || g.table.live_count("corp\\behind") == 5).await;
-    let r = browse(
-        guard.addr,
-        "/hdr/hub/",
-        &mut Jar::new(),
-        &[("hdr-usr", "CORP\\behind")],
-    )
-    .await;
+    let r = browse_as(guard.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\behind").await;
     assert_eq!(r.status, 429, "the guard knows the user is at the limit");
     assert_eq!(sim.counters().limit_refusals, 0);
     guard.shutdown().await;
@@ -226,13 +202,7 @@ async fn reconciliation_asks_every_node_and_keeps_each_session_on_its_node() {
     };
     assert_eq!(per_node(a.addr().port()), 3);
     assert_eq!(per_node(b.addr().port()), 2);
-    let r = browse(
-        guard.addr,
-        "/hdr/hub/",
-        &mut Jar::new(),
-        &[("hdr-usr", "CORP\\twonodes")],
-    )
-    .await;
+    let r = browse_as(guard.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\twonodes").await;
     assert_eq!(r.status, 429, "the user is at the limit across both nodes");
     // Ending one of node b's sessions goes to node b's API.
     let on_b = g
@@ -260,36 +230,12 @@ async fn a_predecessors_last_snapshot_is_merged_not_replacing_what_the_table_kno
     // The old process: two users, one of whom the new process also knows.
     let old = guard(sim.addr()).await;
     let mut shared = Jar::new();
-    browse(
-        old.addr,
-        "/hdr/hub/",
-        &mut shared,
-        &[("hdr-usr", "CORP\\both")],
-    )
-    .await;
-    browse(
-        old.addr,
-        "/hdr/hub/",
-        &mut Jar::new(),
-        &[("hdr-usr", "CORP\\late")],
-    )
-    .await;
+    browse_as(old.addr, "/hdr/hub/", &mut shared, "CORP\\both").await;
+    browse_as(old.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\late").await;
     let new = guard(sim.addr()).await;
     // The new process learnt the shared session (adopted from its cookie) and one of its own.
-    browse(
-        new.addr,
-        "/hdr/hub/x",
-        &mut shared,
-        &[("hdr-usr", "CORP\\both")],
-    )
-    .await;
-    browse(
-        new.addr,
-        "/hdr/hub/",
-        &mut Jar::new(),
-        &[("hdr-usr", "CORP\\mine")],
-    )
-    .await;
+    browse_as(new.addr, "/hdr/hub/x", &mut shared, "CORP\\both").await;
+    browse_as(new.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\mine").await;
     old.proxy()
         .sessions()
         .unwrap()

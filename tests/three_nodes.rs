@@ -56,7 +56,7 @@ async fn three_nodes_balance_new_sessions_and_keep_requests_and_websockets_on_th
         let mut jar = Jar::new();
         let user = format!("CORP\\t{i}");
         assert_eq!(
-            browse(guard.addr, "/hdr/hub/", &mut jar, &[("hdr-usr", &user)])
+            browse_as(guard.addr, "/hdr/hub/", &mut jar, &user)
                 .await
                 .status,
             200
@@ -69,9 +69,7 @@ async fn three_nodes_balance_new_sessions_and_keep_requests_and_websockets_on_th
     for (user, jar) in jars.iter_mut() {
         for _ in 0..3 {
             assert_eq!(
-                browse(guard.addr, "/hdr/hub/x", jar, &[("hdr-usr", user)])
-                    .await
-                    .status,
+                browse_as(guard.addr, "/hdr/hub/x", jar, user).await.status,
                 200
             );
         }
@@ -126,7 +124,7 @@ async fn a_node_killed_mid_load_moves_its_users_to_new_sessions_and_nobody_else_
     let mut jars = Vec::new();
     for u in &users {
         let mut jar = Jar::new();
-        browse(addr, "/hdr/hub/", &mut jar, &[("hdr-usr", u)]).await;
+        browse_as(addr, "/hdr/hub/", &mut jar, u).await;
         jars.push(jar);
     }
     let c_name = name(&c);
@@ -150,7 +148,7 @@ async fn a_node_killed_mid_load_moves_its_users_to_new_sessions_and_nobody_else_
             let (stop, done, seen) = (stop.clone(), done.clone(), seen.clone());
             tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
-                    let r = browse(addr, "/hdr/hub/x", &mut jar, &[("hdr-usr", &user)]).await;
+                    let r = browse_as(addr, "/hdr/hub/x", &mut jar, &user).await;
                     seen.lock().unwrap().push((user.clone(), r.status.as_u16()));
                     done.fetch_add(1, Ordering::Relaxed);
                 }
@@ -290,7 +288,7 @@ async fn with_on_node_down_error_the_users_of_an_unreachable_node_wait_and_keep_
     for i in 0..4 {
         let mut jar = Jar::new();
         let user = format!("CORP\\e{i}");
-        browse(guard.addr, "/hdr/hub/", &mut jar, &[("hdr-usr", &user)]).await;
+        browse_as(guard.addr, "/hdr/hub/", &mut jar, &user).await;
         jars.push((user, jar));
     }
     let b_name = format!("127.0.0.1:{}", cable.addr.port());
@@ -310,7 +308,7 @@ async fn with_on_node_down_error_the_users_of_an_unreachable_node_wait_and_keep_
     .await;
     for (user, jar) in on_b.iter().cloned() {
         let mut jar = jar;
-        let r = browse(guard.addr, "/hdr/hub/x", &mut jar, &[("hdr-usr", &user)]).await;
+        let r = browse_as(guard.addr, "/hdr/hub/x", &mut jar, &user).await;
         assert_eq!(r.status, 503, "{user} sees the error page");
         assert!(r.text().contains("holds this session"), "{}", r.text());
         assert_eq!(r.header("retry-after").as_deref(), Some("30"));
@@ -318,7 +316,7 @@ async fn with_on_node_down_error_the_users_of_an_unreachable_node_wait_and_keep_
     for (user, jar) in on_a.iter().cloned() {
         let mut jar = jar;
         assert_eq!(
-            browse(guard.addr, "/hdr/hub/x", &mut jar, &[("hdr-usr", &user)])
+            browse_as(guard.addr, "/hdr/hub/x", &mut jar, &user)
                 .await
                 .status,
             200
@@ -351,7 +349,7 @@ async fn with_on_node_down_error_the_users_of_an_unreachable_node_wait_and_keep_
     for (user, jar) in on_b.iter().cloned() {
         let mut jar = jar;
         assert_eq!(
-            browse(guard.addr, "/hdr/hub/x", &mut jar, &[("hdr-usr", &user)])
+            browse_as(guard.addr, "/hdr/hub/x", &mut jar, &user)
                 .await
                 .status,
             200
@@ -373,14 +371,9 @@ async fn when_every_node_is_down_everyone_gets_the_error_page_until_one_is_back(
     let guard = guard_with(&nodes_config(&[a.addr(), b_addr], "")).await;
     let mut jar = Jar::new();
     assert_eq!(
-        browse(
-            guard.addr,
-            "/hdr/hub/",
-            &mut jar,
-            &[("hdr-usr", "CORP\\all")]
-        )
-        .await
-        .status,
+        browse_as(guard.addr, "/hdr/hub/", &mut jar, "CORP\\all")
+            .await
+            .status,
         200
     );
     a.stop().await;
@@ -390,26 +383,14 @@ async fn when_every_node_is_down_everyone_gets_the_error_page_until_one_is_back(
         g.upstreams().nodes().iter().all(|n| !n.is_up())
     })
     .await;
-    let r = browse(
-        guard.addr,
-        "/hdr/hub/",
-        &mut jar,
-        &[("hdr-usr", "CORP\\all")],
-    )
-    .await;
+    let r = browse_as(guard.addr, "/hdr/hub/", &mut jar, "CORP\\all").await;
     assert_eq!(r.status, 503);
     assert!(
         r.text().contains("Qlik Sense is not reachable right now"),
         "{}",
         r.text()
     );
-    let r = browse(
-        guard.addr,
-        "/hdr/hub/",
-        &mut Jar::new(),
-        &[("hdr-usr", "CORP\\new")],
-    )
-    .await;
+    let r = browse_as(guard.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\new").await;
     assert_eq!(r.status, 503, "a new user too");
     // One node comes back: everyone gets in again.
     let _b = restart_sim(b_addr).await;
@@ -418,14 +399,9 @@ async fn when_every_node_is_down_everyone_gets_the_error_page_until_one_is_back(
     })
     .await;
     assert_eq!(
-        browse(
-            guard.addr,
-            "/hdr/hub/",
-            &mut jar,
-            &[("hdr-usr", "CORP\\all")]
-        )
-        .await
-        .status,
+        browse_as(guard.addr, "/hdr/hub/", &mut jar, "CORP\\all")
+            .await
+            .status,
         200
     );
     guard.shutdown().await;

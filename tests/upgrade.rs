@@ -163,7 +163,7 @@ async fn a_new_binary_takes_over_the_listeners_with_no_refused_connection() {
                     let (j, u) = (jar.clone(), user.clone());
                     let r = tokio::spawn(async move {
                         let mut j = j;
-                        let r = browse(addr, "/hdr/hub/x", &mut j, &[("hdr-usr", &u)]).await;
+                        let r = browse_as(addr, "/hdr/hub/x", &mut j, &u).await;
                         (r.status, j)
                     })
                     .await;

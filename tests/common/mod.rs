@@ -362,3 +362,13 @@ pub async fn admin_call(
         .await
         .unwrap_or_else(|e| panic!("admin {path}: {e}"))
 }
+
+/// [`browse`] as `user` on the header-authentication virtual proxy (`hdr-usr`).
+pub async fn browse_as(
+    addr: SocketAddr,
+    path: &str,
+    jar: &mut Vec<(String, String)>,
+    user: &str,
+) -> Resp {
+    browse(addr, path, jar, &[("hdr-usr", user)]).await
+}
