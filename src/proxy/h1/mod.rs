@@ -212,7 +212,16 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         Err(e) => return fail(c, proxy, &head, ctx.as_deref(), None, e, started).await,
     };
     let busy = node.busy();
-    let result = forward(c, proxy, &head, &node, ctx.as_deref(), stop, started).await;
+    let result = forward(
+        c,
+        proxy,
+        &head,
+        (&node, sticky.as_deref()),
+        ctx.as_deref(),
+        stop,
+        started,
+    )
+    .await;
     drop(busy);
     match result {
         Ok(next) => next,
@@ -314,7 +323,8 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
     c: &mut Client<S>,
     proxy: &Arc<Proxy>,
     head: &Head,
-    node: &Arc<Node>,
+    // The node, and the sticky cookie the request carried (it chose the node).
+    (node, sticky): (&Arc<Node>, Option<&str>),
     ctx: Option<&session::Context>,
     stop: &CancellationToken,
     started: Instant,
@@ -438,8 +448,7 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
         _ => Vec::new(),
     };
     if settings.sticky_cookie.is_some() {
-        let sent = proxy.sticky_in(head);
-        extra.extend(proxy.sticky_set_cookie(sent.as_deref(), node, c.info.tls));
+        extra.extend(proxy.sticky_set_cookie(sticky, node, c.info.tls));
     }
     let switching = resp.status == 101 && head.upgrade;
     // A refused upgrade ends the connection (the client may already be sending frames).
