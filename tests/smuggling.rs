@@ -216,3 +216,42 @@ async fn a_stalled_request_body_is_cut_off() {
     );
     guard.shutdown().await;
 }
+
+/// The hole this engine once had: `Connection: Content-Length` made it frame the request by
+/// its length and then delete the length, so Qlik got a GET without one followed by the start
+/// of a planted request, on a connection that went back to the pool and was glued to the next
+/// user's request. Now it is a 400, nothing reaches Qlik, and the next user on the pooled
+/// connection gets the answer to their own request, with guard on and off.
+#[tokio::test]
+async fn connection_naming_content_length_cannot_plant_a_request_for_the_next_user() {
+    for guard_on in [true, false] {
+        let sim = sim().await;
+        let extra = if guard_on {
+            ""
+        } else {
+            "[sessions]\nguard = false\n"
+        };
+        let guard = guard_with(&config_text(&[sim.addr()], "", extra)).await;
+        // A kept-alive upstream connection in the pool, for the attack to aim at.
+        assert_eq!(get(guard.addr, "/__sim/echo?warm", &[]).await.status, 200);
+        let planted = "GET /__sim/canary HTTP/1.1\r\nX: ";
+        let attack = format!(
+            "GET /hub/ HTTP/1.1\r\nHost: q\r\nConnection: Content-Length\r\nContent-Length: {}\r\n\r\n{planted}",
+            planted.len()
+        );
+        let before = sim.counters().requests;
+        let out = raw(guard.addr, attack.as_bytes(), WAIT).await;
+        assert_eq!(statuses(&out), vec![400], "guard on: {guard_on}");
+        assert_eq!(sim.counters().requests, before, "nothing reached Qlik");
+        let victim = get(
+            guard.addr,
+            "/__sim/echo?victim",
+            &[("cookie", "X-Qlik-Session-HTTP=victim-cookie")],
+        )
+        .await;
+        assert_eq!(victim.status, 200);
+        assert_eq!(victim.json()["path"], "/__sim/echo?victim");
+        assert!(sim.last_request("/__sim/canary").is_none());
+        guard.shutdown().await;
+    }
+}

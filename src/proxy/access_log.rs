@@ -20,6 +20,9 @@ pub struct Record {
     pub started: Instant,
     pub bytes: u64,
     pub peer: std::net::IpAddr,
+    /// How the answer ended: `ok`, or why it did not (`client_gone`, `client_stalled`,
+    /// `upstream_broke`).
+    pub end: &'static str,
 }
 
 impl Record {
@@ -33,6 +36,7 @@ impl Record {
             ms = self.started.elapsed().as_secs_f64() * 1000.0,
             bytes = self.bytes,
             client = %self.peer,
+            end = self.end,
         );
     }
 }

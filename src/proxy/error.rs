@@ -13,6 +13,9 @@ use crate::proxy::h1::parse::Rejection;
 pub enum ProxyError {
     /// The strict HTTP/1 parser refused the request; it never reached Qlik.
     Rejected(Rejection),
+    /// The client closed the connection (or stopped sending) before the request was whole:
+    /// there is nobody to answer. Logged as 499, as nginx does.
+    ClientGone,
     /// A request the guard will not forward (no Host, CONNECT, ...).
     BadRequest(&'static str),
     MethodNotAllowed,
@@ -49,6 +52,7 @@ impl ProxyError {
                 StatusCode::from_u16(r.status()).unwrap_or(StatusCode::BAD_REQUEST)
             }
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::ClientGone => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::NoUpstream => StatusCode::SERVICE_UNAVAILABLE,
@@ -84,7 +88,9 @@ impl ProxyError {
 
     fn title(&self) -> &'static str {
         match self {
-            ProxyError::Rejected(_) | ProxyError::BadRequest(_) => "This request was refused",
+            ProxyError::Rejected(_) | ProxyError::BadRequest(_) | ProxyError::ClientGone => {
+                "This request was refused"
+            }
             ProxyError::MethodNotAllowed => "This kind of request is not allowed here",
             ProxyError::PayloadTooLarge { .. } => "The upload is too large",
             ProxyError::NoUpstream
@@ -97,7 +103,10 @@ impl ProxyError {
 
     fn user_advice(&self) -> &'static str {
         match self {
-            ProxyError::Rejected(_) | ProxyError::BadRequest(_) | ProxyError::MethodNotAllowed => {
+            ProxyError::Rejected(_)
+            | ProxyError::BadRequest(_)
+            | ProxyError::MethodNotAllowed
+            | ProxyError::ClientGone => {
                 "Your browser or a device on the way sent a request that could not be passed on safely. \
                  Reload the page; if this keeps happening, send this page to your Qlik administrator."
             }
@@ -122,6 +131,7 @@ impl ProxyError {
         match self {
             ProxyError::Rejected(r) => format!("{} ({})", r.describe(), r.id()),
             ProxyError::BadRequest(why) => (*why).to_string(),
+            ProxyError::ClientGone => "the client went away before its request was complete".into(),
             ProxyError::MethodNotAllowed => "CONNECT and TRACE are not proxied".into(),
             ProxyError::PayloadTooLarge { limit } => {
                 format!("request body over server.max_body_size ({limit} bytes)")

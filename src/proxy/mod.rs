@@ -17,6 +17,7 @@ pub mod access_log;
 pub mod error;
 pub mod h1;
 pub mod headers;
+pub mod hold_last;
 pub mod pool;
 pub mod tunnel;
 pub mod upstream;
@@ -361,6 +362,7 @@ impl Proxy {
                 started,
                 bytes: 0,
                 peer: conn.peer.ip(),
+                end: "ok",
             })
         });
         let (resp, node) = match self.forward(req, conn).await {
@@ -542,37 +544,79 @@ impl Proxy {
         Response::from_parts(parts, Either::Right(Full::new(bytes)))
     }
 
-    /// Phase 1: what must not reach Qlik at all.
+    /// Phase 1: what must not reach Qlik at all. The HTTP/2 server has checked the frame
+    /// layer; this applies the HTTP/1 engine's rules to what becomes an HTTP/1.1 request for
+    /// Qlik (RFC 9113 8.2: no connection-specific fields, no CR, LF or NUL in a value; one
+    /// valid Content-Length; Host agreeing with `:authority`).
     fn admit(&self, req: &Request<Incoming>) -> Result<(), ProxyError> {
         if req.method() == Method::CONNECT || req.method() == Method::TRACE {
             return Err(ProxyError::MethodNotAllowed);
         }
-        let hosts = req.headers().get_all(header::HOST).iter().count();
-        if hosts > 1 {
+        let h = req.headers();
+        if h.iter().any(|(_, v)| {
+            v.as_bytes()
+                .iter()
+                .any(|&b| h1::parse::is_ctl(b) && b != b'\t')
+        }) {
+            return Err(ProxyError::BadRequest(
+                "a header value holds a control character",
+            ));
+        }
+        let mut hosts = h.get_all(header::HOST).iter();
+        let host = hosts.next();
+        if hosts.next().is_some() {
             return Err(ProxyError::BadRequest("more than one Host header"));
         }
-        if hosts == 0 && req.version() == Version::HTTP_11 {
+        if let Some(host) = host {
+            if !h1::parse::valid_host(host.as_bytes()) {
+                return Err(ProxyError::BadRequest(
+                    "the Host header is not a valid host",
+                ));
+            }
+        }
+        if host.is_none() && req.version() == Version::HTTP_11 {
             return Err(ProxyError::BadRequest("HTTP/1.1 request without Host"));
         }
         if req.uri().path_and_query().is_none() || !req.uri().path().starts_with('/') {
             return Err(ProxyError::BadRequest("the request target is not a path"));
         }
-        if let Some(len) = req.headers().get(header::CONTENT_LENGTH) {
-            let len: u64 = len
-                .to_str()
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
+        let mut lengths = h.get_all(header::CONTENT_LENGTH).iter();
+        if let Some(len) = lengths.next() {
+            let len = h1::parse::content_length(len.as_bytes())
                 .ok_or(ProxyError::BadRequest("invalid Content-Length"))?;
+            if lengths.next().is_some() {
+                return Err(ProxyError::BadRequest("more than one Content-Length"));
+            }
             let limit = self.settings().max_body_size;
             if len > limit {
                 return Err(ProxyError::PayloadTooLarge { limit });
             }
         }
-        if req.version() == Version::HTTP_2 && req.headers().contains_key(header::TRANSFER_ENCODING)
-        {
-            return Err(ProxyError::BadRequest(
-                "Transfer-Encoding in an HTTP/2 request",
-            ));
+        if req.version() == Version::HTTP_2 {
+            const CONNECTION_SPECIFIC: [&str; 5] = [
+                "connection",
+                "keep-alive",
+                "proxy-connection",
+                "transfer-encoding",
+                "upgrade",
+            ];
+            if CONNECTION_SPECIFIC.iter().any(|n| h.contains_key(*n))
+                || h.get_all(header::TE).iter().any(|v| v != "trailers")
+            {
+                return Err(ProxyError::BadRequest(
+                    "a connection-specific header field in an HTTP/2 request",
+                ));
+            }
+            if let (Some(host), Some(authority)) = (host, req.uri().authority()) {
+                if !host
+                    .as_bytes()
+                    .eq_ignore_ascii_case(authority.as_str().as_bytes())
+                {
+                    return Err(ProxyError::BadRequest(
+                        "the Host header differs from :authority",
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -614,7 +658,10 @@ impl Proxy {
             conn.tls,
             host.as_ref(),
         );
-        let body = Limited::new(body, settings.max_body_size as usize);
+        let body = Limited::new(
+            hold_last::HoldLast::new(body),
+            settings.max_body_size as usize,
+        );
         Ok(Request::from_parts(parts, body))
     }
 

@@ -26,7 +26,7 @@ use crate::proxy::error::ProxyError;
 use crate::proxy::pool::Pool;
 
 /// The body sent upstream: the client's, cut off at `server.max_body_size`.
-pub type UpstreamBody = Limited<Incoming>;
+pub type UpstreamBody = Limited<crate::proxy::hold_last::HoldLast<Incoming>>;
 
 /// One Qlik Sense proxy node.
 pub struct Node {

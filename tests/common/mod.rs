@@ -372,3 +372,39 @@ pub async fn browse_as(
 ) -> Resp {
     browse(addr, path, jar, &[("hdr-usr", user)]).await
 }
+
+/// Everything the guard logs in this test binary, kept in memory: [`capture_logs`] installs
+/// the subscriber once (at debug level, so nothing the guard says is missed), [`logged`] reads
+/// what was written so far. Tests run in parallel in one binary, so look for what only your
+/// test can have caused (a unique path, a unique user).
+static LOGS: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+struct LogSink;
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+pub fn capture_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("qsguard=debug"))
+            .with_ansi(false)
+            .with_writer(|| LogSink)
+            .try_init();
+    });
+}
+
+/// What the guard has logged so far in this test binary.
+pub fn logged() -> String {
+    String::from_utf8_lossy(&LOGS.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+}

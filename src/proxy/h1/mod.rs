@@ -18,6 +18,7 @@
 //! what lets one core of qsguard keep up with one core of nginx. HTTP/2 (TLS + ALPN) still
 //! goes through hyper (`proxy::Proxy::handle`).
 
+pub mod chunked;
 pub mod parse;
 
 use std::io;
@@ -37,7 +38,8 @@ use super::pool::Conn;
 use super::upstream::Node;
 use super::{ConnInfo, Proxy};
 use crate::session::{self, page, Verdict};
-use parse::{Chunked, Framing, Head, Rejection};
+use chunked::Chunked;
+use parse::{Framing, Head, Rejection};
 
 /// What the connection does after a request.
 enum Next {
@@ -170,7 +172,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     stop: &CancellationToken,
 ) -> Next {
     let started = Instant::now();
-    let has_body = head.framing != Framing::None;
+    let has_body = head.framing.has_body();
     // 2. admit
     if let Err(e) = admit(proxy, &head) {
         tracing::info!(client = %c.info.peer, "refused: {e}");
@@ -251,11 +253,19 @@ async fn fail<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
         tracing::warn!(client = %c.info.peer, "{e}");
+    } else if matches!(e, ProxyError::ClientGone) {
+        tracing::debug!(client = %c.info.peer, "{e}");
     } else {
         tracing::info!(client = %c.info.peer, "refused: {e}");
     }
+    if matches!(e, ProxyError::ClientGone) {
+        // Nobody to answer: the line in the access log says what happened.
+        let status = e.status().as_u16();
+        log_ended(proxy, head, status, node, started, 0, c.info, "client_gone");
+        return Next::Close;
+    }
     let resp: Response<Full<Bytes>> = e.to_response();
-    let close = head.framing != Framing::None || head.close || !e.is_upstream();
+    let close = head.framing.has_body() || head.close || !e.is_upstream();
     answer(c, proxy, head, resp, node, started, close).await
 }
 
@@ -285,21 +295,9 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 fn admit(proxy: &Proxy, head: &Head) -> Result<(), ProxyError> {
-    let m = head.method();
-    if m == b"CONNECT" || m == b"TRACE" {
+    // Syntax, framing, Host and the target were judged by `parse::parse_request`.
+    if head.method() == b"TRACE" {
         return Err(ProxyError::MethodNotAllowed);
-    }
-    let hosts = (0..head.len())
-        .filter(|&i| head.field(i).0.eq_ignore_ascii_case(b"host"))
-        .count();
-    if hosts > 1 {
-        return Err(ProxyError::BadRequest("more than one Host header"));
-    }
-    if hosts == 0 && head.minor == 1 {
-        return Err(ProxyError::BadRequest("HTTP/1.1 request without Host"));
-    }
-    if !head.target().starts_with('/') {
-        return Err(ProxyError::BadRequest("the request target is not a path"));
     }
     if let Framing::Length(n) = head.framing {
         let limit = proxy.settings().max_body_size;
@@ -310,11 +308,75 @@ fn admit(proxy: &Proxy, head: &Head) -> Result<(), ProxyError> {
     Ok(())
 }
 
-/// The body bytes of the request that the client has sent so far, and how the rest goes.
+/// The request body still to come from the client, and how it is framed.
 enum BodyState {
     Done,
     Length(u64),
     Chunked(Chunked),
+}
+
+impl BodyState {
+    fn of(framing: Framing, max_trailer: usize) -> BodyState {
+        match framing {
+            Framing::Length(n) if n > 0 => BodyState::Length(n),
+            Framing::Chunked => BodyState::Chunked(Chunked::new(max_trailer)),
+            _ => BodyState::Done,
+        }
+    }
+
+    /// Moves the body bytes at the front of `buf` to `out` (a chunked body framed anew);
+    /// returns how many bytes of `buf` belonged to the body.
+    fn take(&mut self, buf: &mut BytesMut, out: &mut BytesMut) -> Result<usize, ProxyError> {
+        let n = match self {
+            BodyState::Done => 0,
+            BodyState::Length(left) => {
+                let n = (*left).min(buf.len() as u64) as usize;
+                *left -= n as u64;
+                out.extend_from_slice(&buf[..n]);
+                if *left == 0 {
+                    *self = BodyState::Done;
+                }
+                n
+            }
+            BodyState::Chunked(tracker) => {
+                let n = tracker.feed(buf, out).map_err(|e| {
+                    tracing::debug!("request body refused: {}", e.0);
+                    ProxyError::Rejected(Rejection::BadChunk)
+                })?;
+                if tracker.done() {
+                    *self = BodyState::Done;
+                }
+                n
+            }
+        };
+        let _ = buf.split_to(n);
+        Ok(n)
+    }
+}
+
+/// How the relay of a response ended once its head had gone to the client. After that point
+/// no error page can be written (it would land inside the body the client is reading): the
+/// client connection is closed, and the access log says why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Relay {
+    Complete,
+    /// The response ends when Qlik closes the connection, and it did.
+    UntilClose,
+    ClientGone,
+    ClientStalled,
+    UpstreamBroke(String),
+}
+
+impl Relay {
+    /// The word in the access log.
+    fn end(&self) -> &'static str {
+        match self {
+            Relay::Complete | Relay::UntilClose => "ok",
+            Relay::ClientGone => "client_gone",
+            Relay::ClientStalled => "client_stalled",
+            Relay::UpstreamBroke(_) => "upstream_broke",
+        }
+    }
 }
 
 /// Phases 4 to 7.
@@ -353,22 +415,14 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
         c.info.tls,
         rewrite,
     );
-    if head.expect_continue && head.framing != Framing::None && c.buf.is_empty() {
+    if head.expect_continue && head.framing.has_body() && c.buf.is_empty() {
         // The guard answers the client's Expect itself (it removed the field upstream).
         c.io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
             .await
-            .map_err(|e| ProxyError::BadRequest(leak_io(e)))?;
+            .map_err(|_| ProxyError::ClientGone)?;
     }
-    let mut body = match head.framing {
-        Framing::Length(n) => BodyState::Length(n),
-        Framing::Chunked => BodyState::Chunked(Chunked::new(settings.max_header_size)),
-        _ => BodyState::Done,
-    };
-    let mut sent_body: u64 = 0;
-    let take =
-        take_body(&mut body, &c.buf).map_err(|_| ProxyError::Rejected(Rejection::BadChunk))?;
-    req.extend_from_slice(&c.buf.split_to(take));
-    sent_body += take as u64;
+    let mut body = BodyState::of(head.framing, settings.max_header_size);
+    let mut sent_body = body.take(&mut c.buf, &mut req)? as u64;
     if sent_body > settings.max_body_size {
         return Err(ProxyError::PayloadTooLarge {
             limit: settings.max_body_size,
@@ -391,33 +445,28 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
     }
     // The rest of the body, as it comes; a client that stalls for the header read timeout
     // between two reads is cut off (slowloris on the body), and Qlik's half request with it.
+    let mut chunk = BytesMut::new();
     while !matches!(body, BodyState::Done) {
         if c.buf.is_empty() {
             c.buf.reserve(16 * 1024);
             let read = c.io.read_buf(&mut c.buf);
             match tokio::time::timeout(settings.header_read_timeout, read).await {
-                Ok(Ok(0)) | Ok(Err(_)) => return Ok(Next::Close),
+                Ok(Ok(0)) | Ok(Err(_)) => return Err(ProxyError::ClientGone),
                 Ok(Ok(_)) => {}
                 Err(_) => {
                     tracing::info!(client = %c.info.peer, "request body stalled for server.header_read_timeout: connection closed");
-                    return Ok(Next::Close);
+                    return Err(ProxyError::ClientGone);
                 }
             }
         }
-        let take = match take_body(&mut body, &c.buf) {
-            Ok(n) => n,
-            Err(_) => {
-                // Qlik has half a request on this connection: it is dropped with it.
-                return Err(ProxyError::Rejected(Rejection::BadChunk));
-            }
-        };
-        sent_body += take as u64;
+        chunk.clear();
+        // A bad chunk: Qlik has half a request on this connection, which is dropped with it.
+        sent_body += body.take(&mut c.buf, &mut chunk)? as u64;
         if sent_body > settings.max_body_size {
             return Err(ProxyError::PayloadTooLarge {
                 limit: settings.max_body_size,
             });
         }
-        let chunk = c.buf.split_to(take);
         conn.io
             .write_all(&chunk)
             .await
@@ -476,90 +525,22 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
     }
     c.out.clear();
     write_response_head(&mut c.out, &resp, &extra, close, switching);
-    let mut sent: u64 = 0;
-    let mut clean = true;
-    let st = settings.send_timeout;
-    match resp.framing {
-        Framing::None => {
-            if !send(&mut c.io, &c.out, st).await {
-                return Err(ProxyError::BadRequest("client gone"));
-            }
-        }
-        Framing::Length(n) => {
-            let first = (n as usize).min(conn.buf.len());
-            c.out.extend_from_slice(&conn.buf.split_to(first));
-            sent += first as u64;
-            if !send(&mut c.io, &c.out, st).await {
-                return Err(ProxyError::BadRequest("client gone"));
-            }
-            while sent < n {
-                conn.buf.reserve(16 * 1024);
-                match conn.io.read_buf(&mut conn.buf).await {
-                    Ok(0) | Err(_) => {
-                        clean = false;
-                        break;
-                    }
-                    Ok(_) => {}
-                }
-                let part = ((n - sent) as usize).min(conn.buf.len());
-                let bytes = conn.buf.split_to(part);
-                sent += part as u64;
-                if !send(&mut c.io, &bytes, st).await {
-                    clean = false;
-                    break;
-                }
-            }
-        }
-        Framing::Chunked => {
-            let mut tracker = Chunked::new(256 * 1024);
-            loop {
-                let take = tracker
-                    .feed(&conn.buf)
-                    .map_err(|_| failed("invalid chunked response".into()))?;
-                c.out.extend_from_slice(&conn.buf.split_to(take));
-                sent += take as u64;
-                if tracker.done() {
-                    break;
-                }
-                if !send(&mut c.io, &c.out, st).await {
-                    clean = false;
-                    break;
-                }
-                c.out.clear();
-                conn.buf.reserve(16 * 1024);
-                match conn.io.read_buf(&mut conn.buf).await {
-                    Ok(0) | Err(_) => {
-                        clean = false;
-                        break;
-                    }
-                    Ok(_) => {}
-                }
-            }
-            if clean && !send(&mut c.io, &c.out, st).await {
-                clean = false;
-            }
-        }
-        Framing::UntilClose => {
-            c.out.extend_from_slice(&conn.buf.split());
-            let _ = send(&mut c.io, &c.out, st).await;
-            let mut chunk = BytesMut::with_capacity(16 * 1024);
-            loop {
-                chunk.clear();
-                match conn.io.read_buf(&mut chunk).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        sent += n as u64;
-                        if !send(&mut c.io, &chunk, st).await {
-                            break;
-                        }
-                    }
-                }
-            }
-            clean = false;
-        }
-    }
+    let (sent, relay) = relay_body(c, &mut conn, resp.framing, settings.send_timeout).await;
+
     // 7. log, and give the connection back
-    log(proxy, head, resp.status, Some(node), started, sent, c.info);
+    log_ended(
+        proxy,
+        head,
+        resp.status,
+        Some(node),
+        started,
+        sent,
+        c.info,
+        relay.end(),
+    );
+    if let Relay::UpstreamBroke(why) = &relay {
+        tracing::warn!(client = %c.info.peer, upstream = %node.name, status = resp.status, "the response broke off after its head was sent ({why}): the client connection is closed");
+    }
     if switching {
         let engine = match (guard, ctx.and_then(|x| x.session.clone())) {
             (Some(g), Some(s)) => Some((g.clone(), s, ctx.and_then(|x| x.app.clone()))),
@@ -568,7 +549,7 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
         return Ok(Next::Tunnel(conn, engine));
     }
     // A 101 nobody asked for leaves the connection in another protocol: not reusable.
-    let clean = clean && resp.status != 101;
+    let clean = relay == Relay::Complete && resp.status != 101;
     if clean && !resp.close {
         pool.checkin(node, conn);
     }
@@ -579,38 +560,115 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// Sends the response head in `c.out` and the body after it, as framed by `framing`.
+async fn relay_body<S: AsyncWrite + Unpin>(
+    c: &mut Client<S>,
+    conn: &mut Conn,
+    framing: Framing,
+    st: std::time::Duration,
+) -> (u64, Relay) {
+    let mut sent: u64 = 0;
+    let broke = |e: Option<io::Error>| {
+        Relay::UpstreamBroke(match e {
+            Some(e) => e.to_string(),
+            None => "Qlik closed the connection before the end of the body".into(),
+        })
+    };
+    match framing {
+        Framing::None | Framing::Length(0) => {
+            if let Err(r) = send(&mut c.io, &c.out, st).await {
+                return (0, r);
+            }
+        }
+        Framing::Length(n) => {
+            let first = (n as usize).min(conn.buf.len());
+            c.out.extend_from_slice(&conn.buf.split_to(first));
+            sent += first as u64;
+            if let Err(r) = send(&mut c.io, &c.out, st).await {
+                return (sent, r);
+            }
+            while sent < n {
+                conn.buf.reserve(16 * 1024);
+                match conn.io.read_buf(&mut conn.buf).await {
+                    Ok(0) => return (sent, broke(None)),
+                    Err(e) => return (sent, broke(Some(e))),
+                    Ok(_) => {}
+                }
+                let part = ((n - sent) as usize).min(conn.buf.len());
+                let bytes = conn.buf.split_to(part);
+                sent += part as u64;
+                if let Err(r) = send(&mut c.io, &bytes, st).await {
+                    return (sent, r);
+                }
+            }
+        }
+        Framing::Chunked => {
+            let mut tracker = Chunked::new(256 * 1024);
+            loop {
+                match tracker.feed(&conn.buf, &mut c.out) {
+                    Ok(take) => {
+                        let _ = conn.buf.split_to(take);
+                        sent += take as u64;
+                    }
+                    Err(e) => {
+                        // What was good before the bad byte (the head at least) still goes.
+                        let _ = send(&mut c.io, &c.out, st).await;
+                        return (sent, Relay::UpstreamBroke(e.0.into()));
+                    }
+                }
+                if tracker.done() {
+                    break;
+                }
+                if let Err(r) = send(&mut c.io, &c.out, st).await {
+                    return (sent, r);
+                }
+                c.out.clear();
+                conn.buf.reserve(16 * 1024);
+                match conn.io.read_buf(&mut conn.buf).await {
+                    Ok(0) => return (sent, broke(None)),
+                    Err(e) => return (sent, broke(Some(e))),
+                    Ok(_) => {}
+                }
+            }
+            if let Err(r) = send(&mut c.io, &c.out, st).await {
+                return (sent, r);
+            }
+        }
+        Framing::UntilClose => {
+            c.out.extend_from_slice(&conn.buf.split());
+            if let Err(r) = send(&mut c.io, &c.out, st).await {
+                return (sent, r);
+            }
+            let mut chunk = BytesMut::with_capacity(16 * 1024);
+            loop {
+                chunk.clear();
+                match conn.io.read_buf(&mut chunk).await {
+                    Ok(0) => return (sent, Relay::UntilClose),
+                    Err(e) => return (sent, broke(Some(e))),
+                    Ok(n) => {
+                        sent += n as u64;
+                        if let Err(r) = send(&mut c.io, &chunk, st).await {
+                            return (sent, r);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    (sent, Relay::Complete)
+}
+
 /// Writes to the client, giving up after `server.send_timeout` without completing: a client
 /// that stopped reading must not hold a Qlik connection forever.
-async fn send<S: AsyncWrite + Unpin>(io: &mut S, bytes: &[u8], limit: std::time::Duration) -> bool {
-    matches!(
-        tokio::time::timeout(limit, io.write_all(bytes)).await,
-        Ok(Ok(()))
-    )
-}
-
-fn leak_io(_: io::Error) -> &'static str {
-    "the client went away"
-}
-
-/// How many bytes at the front of `buf` belong to the request body, advancing `state`.
-fn take_body(state: &mut BodyState, buf: &[u8]) -> Result<usize, parse::Invalid> {
-    match state {
-        BodyState::Done => Ok(0),
-        BodyState::Length(left) => {
-            let n = (*left).min(buf.len() as u64);
-            *left -= n;
-            if *left == 0 {
-                *state = BodyState::Done;
-            }
-            Ok(n as usize)
-        }
-        BodyState::Chunked(tracker) => {
-            let n = tracker.feed(buf)?;
-            if tracker.done() {
-                *state = BodyState::Done;
-            }
-            Ok(n)
-        }
+async fn send<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    bytes: &[u8],
+    limit: std::time::Duration,
+) -> Result<(), Relay> {
+    match tokio::time::timeout(limit, io.write_all(bytes)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(Relay::ClientGone),
+        Err(_) => Err(Relay::ClientStalled),
     }
 }
 
@@ -634,10 +692,10 @@ async fn read_response_head(
                     return Ok(head);
                 }
                 Ok(None) => {}
-                Err(_) => {
+                Err(parse::Invalid(why)) => {
                     return Err(ProxyError::UpstreamFailed {
                         upstream: node.name.clone(),
-                        detail: "the response is not valid HTTP/1.1".into(),
+                        detail: format!("the response cannot be passed on: {why}"),
                     })
                 }
             }
@@ -679,18 +737,29 @@ const HOP_BY_HOP: [&[u8]; 7] = [
     b"upgrade",
 ];
 
+/// Hop-by-hop fields, plus those the guard writes itself (Content-Length, Expect,
+/// X-Forwarded-*).
+fn request_field_dropped(name: &[u8]) -> bool {
+    const OWN: [&[u8]; 4] = [
+        b"content-length",
+        b"expect",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+    ];
+    HOP_BY_HOP.iter().any(|d| d.eq_ignore_ascii_case(name))
+        || OWN.iter().any(|d| d.eq_ignore_ascii_case(name))
+}
+
+/// Hop-by-hop fields, plus the framing the engine writes itself (Content-Length).
 fn response_field_dropped(name: &[u8]) -> bool {
     HOP_BY_HOP.iter().any(|d| d.eq_ignore_ascii_case(name))
+        || name.eq_ignore_ascii_case(b"content-length")
 }
 
-/// Hop-by-hop fields, plus those the guard writes itself (Expect, X-Forwarded-*).
-fn request_field_dropped(name: &[u8]) -> bool {
-    const OWN: [&[u8]; 3] = [b"expect", b"x-forwarded-proto", b"x-forwarded-host"];
-    response_field_dropped(name) || OWN.iter().any(|d| d.eq_ignore_ascii_case(name))
-}
-
-/// The request head as the node gets it: the browser's fields byte for byte, except the
-/// hop-by-hop ones; the restored cookie put in place; X-Forwarded-* set.
+/// The request head as the node gets it: the request line and the framing written by the
+/// engine from what it parsed, the browser's other fields byte for byte except the hop-by-hop
+/// ones (and those `Connection` names, which the parser made sure are none of Host, framing or
+/// Cookie); the restored cookie put in place; X-Forwarded-* set.
 fn write_request_head(
     out: &mut BytesMut,
     head: &Head,
@@ -737,9 +806,7 @@ fn write_request_head(
             upgrade = Some(value);
         }
         if request_field_dropped(name)
-            || (!named.is_empty()
-                && !name.eq_ignore_ascii_case(b"host")
-                && named.iter().any(|t| t.eq_ignore_ascii_case(name)))
+            || (!named.is_empty() && named.iter().any(|t| t.eq_ignore_ascii_case(name)))
         {
             continue;
         }
@@ -765,9 +832,7 @@ fn write_request_head(
         out.extend_from_slice(&session::cookies::append_to_field(None, n, v));
         out.extend_from_slice(b"\r\n");
     }
-    if head.framing == Framing::Chunked {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-    }
+    write_framing(out, head);
     if let (true, Some(u)) = (head.upgrade, upgrade) {
         out.extend_from_slice(b"connection: upgrade\r\nupgrade: ");
         out.extend_from_slice(u);
@@ -818,10 +883,7 @@ fn write_response_head(
         if name.eq_ignore_ascii_case(b"upgrade") {
             upgrade = Some(value);
         }
-        if response_field_dropped(name)
-            || (resp.framing == Framing::Chunked && name.eq_ignore_ascii_case(b"content-length"))
-            || named.iter().any(|t| t.eq_ignore_ascii_case(name))
-        {
+        if response_field_dropped(name) || named.iter().any(|t| t.eq_ignore_ascii_case(name)) {
             continue;
         }
         out.extend_from_slice(name);
@@ -834,9 +896,7 @@ fn write_response_head(
         out.extend_from_slice(v.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if resp.framing == Framing::Chunked {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-    }
+    write_framing(out, resp);
     if switching {
         out.extend_from_slice(b"connection: upgrade\r\n");
         if let Some(u) = upgrade {
@@ -848,6 +908,20 @@ fn write_response_head(
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// The framing fields of a message, from what the parser found: `Transfer-Encoding` (chunked,
+/// after any other codings a response had) or `Content-Length` as a plain decimal.
+fn write_framing(out: &mut BytesMut, head: &Head) {
+    if head.framing == Framing::Chunked {
+        out.extend_from_slice(b"transfer-encoding: ");
+        out.extend_from_slice(head.codings.as_deref().unwrap_or(b"chunked"));
+        out.extend_from_slice(b"\r\n");
+    } else if let Some(n) = head.length {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
 }
 
 fn itoa_status(code: u16) -> [u8; 3] {
@@ -982,6 +1056,21 @@ fn log(
     bytes: u64,
     info: ConnInfo,
 ) {
+    log_ended(proxy, head, status, node, started, bytes, info, "ok")
+}
+
+/// The access-log line and the metrics of one request; `end` says how its answer ended.
+#[allow(clippy::too_many_arguments)]
+fn log_ended(
+    proxy: &Proxy,
+    head: &Head,
+    status: u16,
+    node: Option<&Arc<Node>>,
+    started: Instant,
+    bytes: u64,
+    info: ConnInfo,
+    end: &'static str,
+) {
     proxy
         .diagnostics
         .metrics
@@ -998,6 +1087,7 @@ fn log(
         started,
         bytes,
         peer: info.peer.ip(),
+        end,
     }
     .emit();
 }
