@@ -5,13 +5,16 @@
 pub mod admin;
 pub mod config;
 pub mod diagnostics;
+pub mod head_view;
 pub mod logging;
 pub mod ops;
+pub mod pages;
 pub mod proxy;
 pub mod qps;
 pub mod server;
 pub mod session;
 pub mod sim;
+pub mod tls_client;
 
 pub use config::Config;
 pub use server::Guard;

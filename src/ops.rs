@@ -251,17 +251,7 @@ pub async fn doctor(url: &str, check_path: &str) -> Result<(String, bool), Strin
             .ok_or("the URL needs a host")?
     );
     let tls = base.scheme_str() == Some("https");
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_native_certs::load_native_certs().certs {
-        let _ = roots.add(c);
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let cfg = crate::tls_client::config(None, "doctor")?;
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(cfg)
         .https_or_http()

@@ -11,7 +11,6 @@
 
 use std::fmt;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,6 +25,7 @@ use serde::Deserialize;
 
 use crate::config::QpsApiConfig;
 use crate::session::identity::User;
+use crate::tls_client::{self, read_certs};
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -197,24 +197,7 @@ impl QpsApi {
     /// Loads the client certificate and CA; an `https` url needs the certificate.
     pub fn new(cfg: &QpsApiConfig) -> Result<QpsApi, String> {
         let https = cfg.url.scheme_str() == Some("https");
-        let mut roots = rustls::RootCertStore::empty();
-        if let Some(ca) = &cfg.ca {
-            for c in read_certs(ca, "qps_api.ca")? {
-                roots
-                    .add(c)
-                    .map_err(|e| format!("qps_api.ca: {}: {e}", ca.display()))?;
-            }
-        } else {
-            for c in rustls_native_certs::load_native_certs().certs {
-                let _ = roots.add(c);
-            }
-        }
-        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots);
+        let builder = tls_client::builder(tls_client::roots(cfg.ca.as_deref(), "qps_api.ca")?)?;
         let tls = match (&cfg.client_cert, &cfg.client_key) {
             (Some(cert), Some(key)) => {
                 let chain = read_certs(cert, "qps_api.client_cert")?;
@@ -428,23 +411,6 @@ fn describe(e: &hyper_util::client::legacy::Error, what: &str) -> String {
         ""
     };
     format!("cannot reach {what}: {deepest}{hint}")
-}
-
-fn read_certs(
-    path: &Path,
-    key: &str,
-) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, String> {
-    use rustls_pki_types::pem::PemObject;
-    let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("{key}: cannot read {}: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "{key}: {} holds no PEM certificate",
-            path.display()
-        ));
-    }
-    Ok(certs)
 }
 
 /// Refuses an expired client certificate up front, with a message that says so (the QPS would

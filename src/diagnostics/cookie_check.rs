@@ -17,7 +17,8 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde_json::json;
 
-use crate::session::cookies::{self, Headers};
+use crate::head_view::HeadView;
+use crate::session::cookies;
 
 /// The test cookies: name, attributes, value length.
 pub const COOKIES: [(&str, &str, usize); 6] = [
@@ -84,7 +85,7 @@ impl CookieCheck {
     }
 
     /// Answers a request under the check's path; `None` for any other path.
-    pub fn handle<H: Headers>(
+    pub fn handle<H: HeadView>(
         &self,
         path: &str,
         query: Option<&str>,
@@ -131,7 +132,7 @@ impl CookieCheck {
     }
 
     /// What arrived, against what was set.
-    pub fn report<H: Headers>(&self, id: &str, headers: &H, tls: bool) -> Response<Full<Bytes>> {
+    pub fn report<H: HeadView>(&self, id: &str, headers: &H, tls: bool) -> Response<Full<Bytes>> {
         let mut results = Vec::new();
         let mut arrived = Vec::new();
         for (name, attrs, len) in COOKIES {

@@ -4,8 +4,7 @@
 
 use std::fmt;
 
-use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderValue, StatusCode};
 
 use crate::proxy::h1::parse::Rejection;
 
@@ -155,22 +154,16 @@ impl ProxyError {
         }
     }
 
-    pub fn to_response<B: From<Bytes>>(&self) -> Response<B> {
+    /// The page for this failure (the words are decided here, the HTML in [`crate::pages`]).
+    pub fn to_response(&self) -> crate::pages::Page {
         let status = self.status();
-        let body = page(
+        let mut resp = crate::pages::message(
             status,
             self.title(),
             self.user_advice(),
             &self.admin_detail(),
         );
-        let mut resp = Response::new(B::from(Bytes::from(body)));
-        *resp.status_mut() = status;
         let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/html; charset=utf-8"),
-        );
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if self.is_upstream() {
             h.insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
         }
@@ -186,38 +179,6 @@ impl fmt::Display for ProxyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.admin_detail())
     }
-}
-
-/// A minimal self-contained HTML page (no external resources: the upstream may be down).
-pub fn page(status: StatusCode, title: &str, advice: &str, detail: &str) -> String {
-    format!(
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
-<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-<title>{title}</title><style>body{{font-family:system-ui,sans-serif;max-width:40em;margin:4em auto;padding:0 1em;color:#222}}\
-h1{{font-size:1.4em}}.detail{{color:#555;font-size:.9em;border-top:1px solid #ddd;padding-top:1em;margin-top:2em}}</style></head>\
-<body><h1>{title}</h1><p>{advice}</p>\
-<p class=\"detail\">For your administrator: HTTP {code}. {detail}<br>Answered by qsguard, the proxy in front of Qlik Sense.</p>\
-</body></html>\n",
-        title = escape(title),
-        advice = escape(advice),
-        detail = escape(detail),
-        code = status.as_u16(),
-    )
-}
-
-pub fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '&' => out.push_str("&amp;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -248,19 +209,12 @@ mod tests {
             ),
         ];
         for (e, code) in cases {
-            let r: Response<Full<Bytes>> = e.to_response();
+            let r = e.to_response();
             assert_eq!(r.status().as_u16(), code, "{e}");
             assert!(r.headers()["content-type"]
                 .to_str()
                 .unwrap()
                 .starts_with("text/html"));
         }
-    }
-
-    #[test]
-    fn pages_escape_what_they_quote() {
-        let p = page(StatusCode::BAD_GATEWAY, "t", "a", "<script>x</script>");
-        assert!(!p.contains("<script>"));
-        assert!(p.contains("&lt;script&gt;"));
     }
 }

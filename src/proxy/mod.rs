@@ -290,7 +290,7 @@ impl Proxy {
     /// The sticky cookie's value in a request (when `proxy.sticky_cookie` is set), if the
     /// request also carries a virtual proxy's session cookie: without one there is no session
     /// to stick to.
-    pub(crate) fn sticky_in<H: session::cookies::Headers>(&self, headers: &H) -> Option<String> {
+    pub(crate) fn sticky_in<H: crate::head_view::HeadView>(&self, headers: &H) -> Option<String> {
         let settings = self.settings();
         let name = settings.sticky_cookie.as_deref()?;
         let value = session::cookies::find(headers, name).first?;

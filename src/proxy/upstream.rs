@@ -212,7 +212,7 @@ impl Upstreams {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(p.connect_timeout));
         http.set_keepalive(Some(Duration::from_secs(60)));
-        let tls = tls_client_config(p.upstream_ca.as_deref())?;
+        let tls = crate::tls_client::config(p.upstream_ca.as_deref(), "proxy.upstream_ca")?;
         let mut engine_tls = tls.clone();
         engine_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let pool = Arc::new(Pool::new(
@@ -420,50 +420,4 @@ fn classify(node: &Node, e: &hyper_util::client::legacy::Error, body_limit: u64)
             detail: deepest,
         }
     }
-}
-
-/// The roots that upstream certificates are checked against: the given CA bundle, else the
-/// system's.
-pub fn root_store(ca: Option<&std::path::Path>) -> Result<rustls::RootCertStore, String> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::CertificateDer;
-    let mut roots = rustls::RootCertStore::empty();
-    match ca {
-        Some(path) => {
-            let certs = CertificateDer::pem_file_iter(path)
-                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| format!("proxy.upstream_ca: cannot read {}: {e}", path.display()))?;
-            if certs.is_empty() {
-                return Err(format!(
-                    "proxy.upstream_ca: {} holds no PEM certificate",
-                    path.display()
-                ));
-            }
-            for c in certs {
-                roots
-                    .add(c)
-                    .map_err(|e| format!("proxy.upstream_ca: {}: {e}", path.display()))?;
-            }
-        }
-        None => {
-            // Missing or unreadable system roots only matter for https upstreams; those then
-            // fail with a clear certificate error on connect.
-            for c in rustls_native_certs::load_native_certs().certs {
-                let _ = roots.add(c);
-            }
-        }
-    }
-    Ok(roots)
-}
-
-/// The TLS settings for https upstreams (hyper-rustls sets ALPN to http/1.1 from
-/// `enable_http1`).
-fn tls_client_config(ca: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
-    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(root_store(ca)?)
-    .with_no_client_auth())
 }

@@ -8,27 +8,7 @@
 use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderValue};
 
-/// Read access to a message's header fields, whatever holds them: hyper's `HeaderMap`, or the
-/// HTTP/1 engine's raw head. `name` is lower-case.
-pub trait Headers: Sync {
-    type Values<'a>: Iterator<Item = &'a [u8]>
-    where
-        Self: 'a;
-    fn values<'a>(&'a self, name: &'a str) -> Self::Values<'a>;
-    fn first<'a>(&'a self, name: &'a str) -> Option<&'a [u8]> {
-        self.values(name).next()
-    }
-}
-
-impl Headers for HeaderMap {
-    type Values<'a> =
-        std::iter::Map<header::ValueIter<'a, HeaderValue>, fn(&'a HeaderValue) -> &'a [u8]>;
-    fn values<'a>(&'a self, name: &'a str) -> Self::Values<'a> {
-        self.get_all(name)
-            .iter()
-            .map(HeaderValue::as_bytes as fn(&'a HeaderValue) -> &'a [u8])
-    }
-}
+use crate::head_view::HeadView;
 
 /// What a request's `Cookie` header(s) say about one cookie name.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -41,7 +21,7 @@ pub struct Found<'a> {
 }
 
 /// Finds `name` in every `Cookie` field of the request; no allocation.
-pub fn find<'a, H: Headers>(headers: &'a H, name: &str) -> Found<'a> {
+pub fn find<'a, H: HeadView>(headers: &'a H, name: &str) -> Found<'a> {
     find2(headers, name, name).0
 }
 
@@ -98,7 +78,7 @@ pub fn append_to_field(field: Option<&[u8]>, name: &str, value: &str) -> BytesMu
 
 /// [`find`] for two names in one pass over the `Cookie` fields (the hot path looks for the
 /// virtual proxy's cookie and the device cookie in every request).
-pub fn find2<'a, H: Headers>(headers: &'a H, a: &str, b: &str) -> (Found<'a>, Found<'a>) {
+pub fn find2<'a, H: HeadView>(headers: &'a H, a: &str, b: &str) -> (Found<'a>, Found<'a>) {
     let mut fa = Found::default();
     let mut fb = Found::default();
     for field in headers.values("cookie") {
@@ -175,7 +155,7 @@ pub struct SetCookie {
 }
 
 /// The `Set-Cookie` fields of a response that set `name`, in order.
-pub fn set_cookies_named<H: Headers>(headers: &H, name: &str) -> Vec<SetCookie> {
+pub fn set_cookies_named<H: HeadView>(headers: &H, name: &str) -> Vec<SetCookie> {
     let mut out = Vec::new();
     for field in headers.values("set-cookie") {
         let Ok(text) = std::str::from_utf8(field) else {

@@ -30,15 +30,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue};
-use http::{Response, StatusCode, Uri};
+use http::header::{HeaderName, HeaderValue};
+use http::{Response, Uri};
 use http_body_util::Full;
 
 use crate::config::{Config, OnLimit};
 use crate::diagnostics::events::{self, Events, Kind};
+use crate::head_view::HeadView;
 use crate::qps::{Owner, PersonalApi, QpsApi, QpsError};
 use arc_swap::ArcSwap;
-use cookies::Headers;
 use flight::{Flight, Flights, Outcome};
 use identity::User;
 use table::{DeviceId, Session, State, Table};
@@ -215,15 +215,8 @@ impl SessionGuard {
             })
             .collect();
         let s = &config.sessions;
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(crate::proxy::upstream::root_store(
-            config.proxy.upstream_ca.as_deref(),
-        )?)
-        .with_no_client_auth();
+        let tls =
+            crate::tls_client::config(config.proxy.upstream_ca.as_deref(), "proxy.upstream_ca")?;
         Ok(SessionGuard {
             table: Table::new(timeouts, s.device_memory),
             // A login dance may take a while (a password prompt): give it a minute.
@@ -325,7 +318,7 @@ impl SessionGuard {
     }
 
     /// Phase "before upstream": see the module docs.
-    pub async fn before<H: Headers>(
+    pub async fn before<H: HeadView>(
         &self,
         req: &Request<'_, H>,
         peer: IpAddr,
@@ -351,10 +344,10 @@ impl SessionGuard {
                     (None, _) => None,
                     (Some(v), None) => match User::parse(v) {
                         Ok(u) => Some(u),
-                        Err(why) => return Verdict::Answer(bad_identity(h, why)),
+                        Err(why) => return Verdict::Answer(crate::pages::bad_identity(h, why)),
                     },
                     (Some(_), Some(_)) => {
-                        return Verdict::Answer(bad_identity(
+                        return Verdict::Answer(crate::pages::bad_identity(
                             h,
                             "the identity header was sent twice",
                         ))
@@ -459,11 +452,12 @@ impl SessionGuard {
                     self.emit(Kind::BurstHeld, "a second login of the same browser held until the first one has its session", Some(&ctx), None, None);
                     let back = target.and_then(|t| f.dance().targets.get(&t).cloned());
                     if let Outcome::Session(s) = f.wait(self.policy().burst_wait).await {
-                        return Verdict::Answer(self.redirect_with(
-                            &s,
-                            back.as_deref().unwrap_or(&hub_of(&info.prefix)),
-                            &ctx,
-                        ));
+                        return Verdict::Answer(
+                            self.redirect_with(
+                                &s,
+                                back.as_deref().unwrap_or(&hub_of(&info.prefix)),
+                            ),
+                        );
                     }
                 }
             }
@@ -721,7 +715,7 @@ impl SessionGuard {
 
     /// Phase "after upstream": learn from the response head; returns the guard's own
     /// `Set-Cookie` values, to be added after Qlik's.
-    pub fn after<H: Headers>(
+    pub fn after<H: HeadView>(
         self: &Arc<Self>,
         ctx: &Context,
         node: &Arc<str>,
@@ -1082,20 +1076,12 @@ impl SessionGuard {
     }
 
     /// A 302 to `location` that also sets `s`'s cookie.
-    fn redirect_with(&self, s: &Session, location: &str, ctx: &Context) -> Response<Full<Bytes>> {
-        let mut r = Response::new(Full::new(Bytes::new()));
-        *r.status_mut() = StatusCode::FOUND;
-        if let Ok(v) = HeaderValue::from_str(location) {
-            r.headers_mut().insert(header::LOCATION, v);
-        }
+    fn redirect_with(&self, s: &Session, location: &str) -> crate::pages::Page {
         let attrs = s.meta().cookie_attributes.clone();
-        if let Some(v) = cookies::session_set_cookie(&self.vps[s.vp].cookie, &s.id, &attrs) {
-            r.headers_mut().append(header::SET_COOKIE, v);
-        }
-        r.headers_mut()
-            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        let _ = ctx;
-        r
+        crate::pages::back_to_page(
+            location,
+            cookies::session_set_cookie(&self.vps[s.vp].cookie, &s.id, &attrs),
+        )
     }
 
     /// A keyed token binding a form to this browser and user (CSRF protection).
@@ -1107,7 +1093,7 @@ impl SessionGuard {
     }
 
     /// The device id from a request's device cookie.
-    pub fn device_of<H: Headers>(&self, headers: &H) -> Option<DeviceId> {
+    pub fn device_of<H: HeadView>(&self, headers: &H) -> Option<DeviceId> {
         let v = cookies::find(headers, &self.device_cookie).first?;
         (v.len() == 32)
             .then(|| u128::from_str_radix(v, 16).ok())
@@ -1116,7 +1102,7 @@ impl SessionGuard {
 
     /// The user a request speaks for: a valid identity header of any header-auth virtual
     /// proxy, else the browser's last known user.
-    pub fn user_of<H: Headers>(&self, headers: &H, device: Option<DeviceId>) -> Option<User> {
+    pub fn user_of<H: HeadView>(&self, headers: &H, device: Option<DeviceId>) -> Option<User> {
         for vp in &self.vps {
             if let Some(h) = &vp.identity_header {
                 if let Some(Ok(u)) = headers.first(h.as_str()).map(User::parse) {
@@ -1165,7 +1151,7 @@ impl Context {
 }
 
 /// The address chain and User-Agent of a request.
-fn client_info<H: Headers>(headers: &H, peer: IpAddr) -> events::Client {
+fn client_info<H: HeadView>(headers: &H, peer: IpAddr) -> events::Client {
     let joined = |name: &'static str| -> Option<String> {
         let v: Vec<String> = headers
             .values(name)
@@ -1184,7 +1170,7 @@ fn client_info<H: Headers>(headers: &H, peer: IpAddr) -> events::Client {
 }
 
 /// Why a browser may not have sent a cookie the guard set on it.
-fn lost_cause<H: Headers>(attributes: &str, tls: bool, headers: &H) -> String {
+fn lost_cause<H: HeadView>(attributes: &str, tls: bool, headers: &H) -> String {
     let lower = attributes.to_ascii_lowercase();
     let mut why = String::from(
         "the browser sent no session cookie although the guard had set one on this device: lost between guard and browser",
@@ -1268,7 +1254,7 @@ fn has_param(query: Option<&str>, name: &str) -> bool {
 }
 
 /// The `targetId` of a redirect to Qlik's authentication module.
-fn auth_redirect_target<H: Headers>(status: u16, headers: &H) -> Option<String> {
+fn auth_redirect_target<H: HeadView>(status: u16, headers: &H) -> Option<String> {
     if !(300..400).contains(&status) {
         return None;
     }
@@ -1280,23 +1266,6 @@ fn auth_redirect_target<H: Headers>(status: u16, headers: &H) -> Option<String> 
         return None;
     }
     param(Some(query), "targetId")
-}
-
-fn bad_identity(header: &HeaderName, why: &str) -> Response<Full<Bytes>> {
-    let body = crate::proxy::error::page(
-        StatusCode::BAD_REQUEST,
-        "This request was refused",
-        "The sign-in information added by your organisation's login gateway is not valid, so the \
-         request was not passed to Qlik Sense. Tell your Qlik administrator.",
-        &format!("{why} (header {header}; the value must be DIRECTORY\\userid in US-ASCII)"),
-    );
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = StatusCode::BAD_REQUEST;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    r
 }
 
 #[cfg(test)]

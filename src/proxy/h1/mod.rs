@@ -934,7 +934,7 @@ fn itoa_status(code: u16) -> [u8; 3] {
 
 /// A small HTML 4xx from Qlik may be its "too many sessions" page.
 fn is_refusal_candidate(resp: &Head) -> bool {
-    use crate::session::cookies::Headers;
+    use crate::head_view::HeadView;
     (400..500).contains(&resp.status)
         && matches!(resp.framing, Framing::Length(n) if n <= 64 * 1024)
         && resp

@@ -275,7 +275,7 @@ impl<'a> Iterator for Values<'a> {
     }
 }
 
-impl crate::session::cookies::Headers for Head {
+impl crate::head_view::HeadView for Head {
     type Values<'a> = Values<'a>;
     fn values<'a>(&'a self, name: &'a str) -> Values<'a> {
         Values {
@@ -802,7 +802,7 @@ mod tests {
         assert_eq!(h.method(), b"GET");
         assert_eq!(h.path(), "/hub/");
         assert_eq!(h.query(), Some("x=1"));
-        use crate::session::cookies::Headers;
+        use crate::head_view::HeadView;
         let cookies: Vec<&[u8]> = h.values("cookie").collect();
         assert_eq!(cookies, vec![&b"a=1"[..], &b"b=2"[..]]);
     }
