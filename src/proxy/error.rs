@@ -184,7 +184,6 @@ impl fmt::Display for ProxyError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::Full;
 
     #[test]
     fn statuses() {
