@@ -1,84 +1,56 @@
-//! Header operations on the way through: hop-by-hop removal, the X-Forwarded-* chain, and the
-//! HTTP/2 cookie join. Each is a small function with its own tests, because each one is a place
-//! where a proxy can quietly break Qlik (a lost cookie, a wrong Host, a forged client address).
+//! The header rules on the way through, one copy for both protocols: which fields are
+//! hop-by-hop, how X-Forwarded-* is set, how a restored session's cookie is put on the
+//! request, and how the framing is written. Requests always go to Qlik as HTTP/1.1 bytes
+//! written here; responses come back as bytes too, and [`response_fields`] says which of
+//! Qlik's fields the client gets, whether the transport writes them as HTTP/1.1 bytes
+//! ([`write_response_head`]) or as an HTTP/2 header map.
+//!
+//! Each rule is a small function with its own tests, because each one is a place where a
+//! proxy can quietly break Qlik (a lost cookie, a wrong Host, a forged client address).
 
 use std::net::IpAddr;
 
-use bytes::BytesMut;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use bytes::{BufMut, BytesMut};
+use http::HeaderValue;
 use ipnet::IpNet;
 
-/// The fields RFC 9110 7.6.1 names as connection-specific, plus the legacy ones browsers and
-/// old proxies still send.
-const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    HeaderName::from_static("proxy-connection"),
-    HeaderName::from_static("keep-alive"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
+use super::h1::parse::{Framing, Head};
+use super::ConnInfo;
+use crate::session::cookies;
+
+/// Fields that belong to one connection only (RFC 9110 7.6.1), plus the legacy ones browsers
+/// and old proxies still send.
+pub(crate) const HOP_BY_HOP: [&[u8]; 7] = [
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"te",
+    b"trailer",
+    b"transfer-encoding",
+    b"upgrade",
 ];
 
-/// Removes the hop-by-hop fields, including every field named in any `Connection` header.
-/// `Host` is never removed: Qlik needs it, and a client that names it in `Connection` is
-/// trying to make the proxy forward a request without one.
-pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .filter_map(|t| HeaderName::from_bytes(trim(t)).ok())
-            .filter(|n| n != header::HOST)
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
-    }
-    for name in &HOP_BY_HOP {
-        if headers.contains_key(name) {
-            headers.remove(name);
-        }
-    }
+fn is_hop_by_hop(name: &[u8]) -> bool {
+    HOP_BY_HOP.iter().any(|d| d.eq_ignore_ascii_case(name))
 }
 
-/// Is this request asking for a WebSocket (or other) protocol upgrade?
-pub fn upgrade_requested(headers: &HeaderMap) -> Option<HeaderValue> {
-    let wants = headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| trim(t).eq_ignore_ascii_case(b"upgrade"))
-    });
-    if wants {
-        headers.get(header::UPGRADE).cloned()
-    } else {
-        None
-    }
+/// Request fields Qlik does not get as the client sent them: the hop-by-hop ones, and those the
+/// guard writes itself (Content-Length, Expect, X-Forwarded-*).
+fn request_field_dropped(name: &[u8]) -> bool {
+    const OWN: [&[u8]; 5] = [
+        b"content-length",
+        b"expect",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+    ];
+    is_hop_by_hop(name) || OWN.iter().any(|d| d.eq_ignore_ascii_case(name))
 }
 
-/// Puts back the two fields an upgrade needs, after the hop-by-hop removal took them out.
-pub fn restore_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
-    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    headers.insert(header::UPGRADE, protocol);
-}
-
-/// HTTP/2 may split `cookie` into several fields (RFC 9113 8.2.3); an HTTP/1.1 upstream must get
-/// one field, joined with "; ". The bytes of each cookie stay as they are.
-pub fn join_cookies(headers: &mut HeaderMap) {
-    let mut values = headers.get_all(header::COOKIE).iter();
-    let (Some(first), Some(_)) = (values.next(), values.next()) else {
-        return;
-    };
-    let mut joined = BytesMut::from(first.as_bytes());
-    for v in headers.get_all(header::COOKIE).iter().skip(1) {
-        joined.extend_from_slice(b"; ");
-        joined.extend_from_slice(v.as_bytes());
-    }
-    // Built only from valid field values and "; ": still a valid field value.
-    if let Ok(v) = HeaderValue::from_maybe_shared(joined.freeze()) {
-        headers.insert(header::COOKIE, v);
-    }
+/// Response fields the client does not get as Qlik sent them: the hop-by-hop ones and the
+/// framing (the engine writes its own).
+fn response_field_dropped(name: &[u8]) -> bool {
+    is_hop_by_hop(name) || name.eq_ignore_ascii_case(b"content-length")
 }
 
 /// Which peers may hand us an X-Forwarded-* chain.
@@ -96,179 +68,387 @@ impl TrustedProxies {
     }
 }
 
-fn canonical(ip: IpAddr) -> IpAddr {
+/// An IPv4-mapped IPv6 address as the IPv4 address it is.
+pub(crate) fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
         v4 => v4,
     }
 }
 
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-
-/// Sets X-Forwarded-For/-Proto/-Host. From a trusted peer the chain is kept and the peer
-/// appended; from anyone else whatever the client sent is replaced, so a client cannot claim
-/// another address.
-pub fn set_forwarded(
-    headers: &mut HeaderMap,
-    peer: IpAddr,
+/// The request head as Qlik gets it:
+/// - the request line and the framing written by the engine from what it parsed;
+/// - the client's other fields byte for byte and in order, except the hop-by-hop ones and
+///   those `Connection` names (the parser made sure that is none of Host, the framing or
+///   Cookie);
+/// - with `cookie`, that `name=value` put in place of the client's pair wherever it stands
+///   (in the first `Cookie` field that has it), or appended to the first `Cookie` field;
+/// - X-Forwarded-For: the trusted chain plus the peer (from an untrusted peer, the peer
+///   alone); X-Forwarded-Proto: the last value a trusted peer sent, else the scheme the
+///   client used; X-Forwarded-Host: a trusted peer's, else the Host.
+pub(crate) fn write_request_head(
+    out: &mut BytesMut,
+    head: &Head,
     trusted: &TrustedProxies,
-    tls: bool,
-    host: Option<&HeaderValue>,
+    conn: ConnInfo,
+    cookie: Option<(&str, &str)>,
 ) {
-    let peer = canonical(peer);
+    out.put_slice(head.method());
+    out.put_slice(b" ");
+    out.put_slice(head.target().as_bytes());
+    out.put_slice(if head.minor == 0 {
+        b" HTTP/1.0\r\n"
+    } else {
+        b" HTTP/1.1\r\n"
+    });
+    let peer = canonical(conn.peer.ip());
     let trust = trusted.trusts(peer);
-    let mut peer_text = peer.to_string();
-    if trust && headers.contains_key(&X_FORWARDED_FOR) {
-        let mut chain = BytesMut::new();
-        for v in headers.get_all(&X_FORWARDED_FOR).iter() {
-            if !chain.is_empty() {
-                chain.extend_from_slice(b", ");
+    let named = head.connection_tokens();
+    // The `Cookie` field the restored pair goes into.
+    let cookie_field = cookie.map(|(n, _)| cookie_field_for(head, n));
+    let mut cookie_fields = 0usize;
+    let mut xff: Option<BytesMut> = None;
+    let mut proto: Option<&[u8]> = None;
+    let mut fwd_host: Option<&[u8]> = None;
+    let mut host: Option<&[u8]> = None;
+    let mut upgrade: Option<&[u8]> = None;
+    for i in 0..head.len() {
+        let (name, value) = head.field(i);
+        if name.eq_ignore_ascii_case(b"x-forwarded-for") {
+            if trust {
+                let chain = xff.get_or_insert_with(BytesMut::new);
+                if !chain.is_empty() {
+                    chain.put_slice(b", ");
+                }
+                chain.put_slice(value);
             }
-            chain.extend_from_slice(v.as_bytes());
+            continue;
+        } else if name.eq_ignore_ascii_case(b"host") {
+            host = Some(value);
+        } else if name.eq_ignore_ascii_case(b"x-forwarded-proto") {
+            proto = Some(value);
+        } else if name.eq_ignore_ascii_case(b"x-forwarded-host") {
+            fwd_host = Some(value);
+        } else if name.eq_ignore_ascii_case(b"upgrade") {
+            upgrade = Some(value);
         }
-        chain.extend_from_slice(b", ");
-        chain.extend_from_slice(peer_text.as_bytes());
-        peer_text = String::from_utf8_lossy(&chain).into_owned();
-    }
-    if let Ok(v) = HeaderValue::from_str(&peer_text) {
-        headers.insert(X_FORWARDED_FOR, v);
-    }
-    if !(trust && headers.contains_key(&X_FORWARDED_PROTO)) {
-        headers.insert(
-            X_FORWARDED_PROTO,
-            HeaderValue::from_static(if tls { "https" } else { "http" }),
-        );
-    }
-    if !(trust && headers.contains_key(&X_FORWARDED_HOST)) {
-        match host {
-            Some(h) => {
-                headers.insert(X_FORWARDED_HOST, h.clone());
-            }
-            None => {
-                headers.remove(X_FORWARDED_HOST);
-            }
+        if request_field_dropped(name)
+            || (!named.is_empty() && named.iter().any(|t| t.eq_ignore_ascii_case(name)))
+        {
+            continue;
         }
+        out.put_slice(name);
+        out.put_slice(b": ");
+        match (cookie, name.eq_ignore_ascii_case(b"cookie")) {
+            (Some((n, v)), true) => {
+                if Some(cookie_fields) == cookie_field {
+                    let with = cookies::replace_in_field(value, n, v)
+                        .unwrap_or_else(|| cookies::append_to_field(Some(value), n, v));
+                    out.put_slice(&with);
+                } else {
+                    out.put_slice(value);
+                }
+                cookie_fields += 1;
+            }
+            _ => out.put_slice(value),
+        }
+        out.put_slice(b"\r\n");
+    }
+    if let (Some((n, v)), 0) = (cookie, cookie_fields) {
+        out.put_slice(b"cookie: ");
+        out.put_slice(&cookies::append_to_field(None, n, v));
+        out.put_slice(b"\r\n");
+    }
+    write_framing(out, head);
+    if let (true, Some(u)) = (head.upgrade, upgrade) {
+        out.put_slice(b"connection: upgrade\r\nupgrade: ");
+        out.put_slice(u);
+        out.put_slice(b"\r\n");
+    }
+    out.put_slice(b"x-forwarded-for: ");
+    if let Some(chain) = xff {
+        out.put_slice(&chain);
+        out.put_slice(b", ");
+    }
+    write_ip(out, peer);
+    out.put_slice(b"\r\nx-forwarded-proto: ");
+    match (trust, proto) {
+        (true, Some(p)) => out.put_slice(p),
+        _ => out.put_slice(if conn.tls { b"https" } else { b"http" }),
+    }
+    out.put_slice(b"\r\n");
+    match (trust, fwd_host, host) {
+        (true, Some(h), _) | (_, _, Some(h)) => {
+            out.put_slice(b"x-forwarded-host: ");
+            out.put_slice(h);
+            out.put_slice(b"\r\n");
+        }
+        _ => {}
+    }
+    out.put_slice(b"\r\n");
+}
+
+/// Which `Cookie` field (by its position among the `Cookie` fields) holds the first `name`
+/// pair; the first field when none does.
+fn cookie_field_for(head: &Head, name: &str) -> usize {
+    use crate::head_view::HeadView;
+    head.values("cookie")
+        .position(|f| cookies::replace_in_field(f, name, "").is_some())
+        .unwrap_or(0)
+}
+
+fn write_ip(out: &mut BytesMut, ip: IpAddr) {
+    use std::io::Write;
+    let _ = write!(out.writer(), "{ip}");
+}
+
+/// Qlik's response fields as the client gets them, in Qlik's order and byte for byte (every
+/// `Set-Cookie` its own field): without the hop-by-hop ones, those `Connection` names, and
+/// the framing.
+pub(crate) fn response_fields(resp: &Head) -> impl Iterator<Item = (&[u8], &[u8])> {
+    let named = resp.connection_tokens();
+    (0..resp.len())
+        .map(|i| resp.field(i))
+        .filter(move |(name, _)| {
+            !response_field_dropped(name) && !named.iter().any(|t| t.eq_ignore_ascii_case(name))
+        })
+}
+
+/// The response head as an HTTP/1.1 client gets it: Qlik's status and [`response_fields`],
+/// the guard's `Set-Cookie`s after Qlik's, the framing the engine writes, and the
+/// connection's fate (`close`, or the upgrade of a `101`).
+pub(crate) fn write_response_head(
+    out: &mut BytesMut,
+    resp: &Head,
+    extra: &[HeaderValue],
+    close: bool,
+    switching: bool,
+) {
+    out.put_slice(b"HTTP/1.1 ");
+    out.put_slice(&status_digits(resp.status));
+    out.put_slice(b" ");
+    out.put_slice(resp.reason());
+    out.put_slice(b"\r\n");
+    for (name, value) in response_fields(resp) {
+        out.put_slice(name);
+        out.put_slice(b": ");
+        out.put_slice(value);
+        out.put_slice(b"\r\n");
+    }
+    for v in extra {
+        out.put_slice(b"set-cookie: ");
+        out.put_slice(v.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    write_framing(out, resp);
+    if switching {
+        use crate::head_view::HeadView;
+        out.put_slice(b"connection: upgrade\r\n");
+        if let Some(u) = resp.first("upgrade") {
+            out.put_slice(b"upgrade: ");
+            out.put_slice(u);
+            out.put_slice(b"\r\n");
+        }
+    } else if close {
+        out.put_slice(b"connection: close\r\n");
+    }
+    out.put_slice(b"\r\n");
+}
+
+/// The framing fields of a message, from what the parser found: `Transfer-Encoding` (chunked,
+/// after any other codings a response had) or `Content-Length` as a plain decimal.
+pub(crate) fn write_framing(out: &mut BytesMut, head: &Head) {
+    if head.framing == Framing::Chunked {
+        out.put_slice(b"transfer-encoding: ");
+        out.put_slice(head.codings.as_deref().unwrap_or(b"chunked"));
+        out.put_slice(b"\r\n");
+    } else if let Some(n) = head.length {
+        out.put_slice(b"content-length: ");
+        out.put_slice(itoa::Buffer::new().format(n).as_bytes());
+        out.put_slice(b"\r\n");
     }
 }
 
-use crate::proxy::h1::parse::trim_ows as trim;
+/// A status code's three digits.
+pub(crate) fn status_digits(code: u16) -> [u8; 3] {
+    [
+        b'0' + (code / 100 % 10) as u8,
+        b'0' + (code / 10 % 10) as u8,
+        b'0' + (code % 10) as u8,
+    ]
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::h1::parse::{parse_request, parse_response};
 
-    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut m = HeaderMap::new();
-        for (k, v) in pairs {
-            m.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
+    fn head(bytes: &'static [u8]) -> Head {
+        let (_, mut h) = parse_request(bytes, 16384).unwrap().unwrap();
+        h.bytes = bytes::Bytes::from_static(bytes);
+        h
+    }
+
+    fn conn(peer: &str, tls: bool) -> ConnInfo {
+        ConnInfo {
+            peer: format!("{peer}:1234").parse().unwrap(),
+            tls,
         }
-        m
+    }
+
+    fn upstream(
+        h: &Head,
+        trusted: &TrustedProxies,
+        c: ConnInfo,
+        cookie: Option<(&str, &str)>,
+    ) -> String {
+        let mut out = BytesMut::new();
+        write_request_head(&mut out, h, trusted, c, cookie);
+        String::from_utf8(out.to_vec()).unwrap()
     }
 
     #[test]
     fn hop_by_hop_and_connection_named_fields_go() {
-        let mut h = map(&[
-            ("connection", "keep-alive, x-secret"),
-            ("connection", "X-Other"),
-            ("keep-alive", "timeout=5"),
-            ("te", "trailers"),
-            ("proxy-connection", "keep-alive"),
-            ("x-secret", "1"),
-            ("x-other", "2"),
-            ("cookie", "X-Qlik-Session=abc"),
-            ("host", "qlik"),
-        ]);
-        remove_hop_by_hop(&mut h);
-        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
-        assert_eq!(left, vec!["cookie", "host"]);
-    }
-
-    #[test]
-    fn host_survives_being_named_in_connection() {
-        let mut h = map(&[("connection", "host, close"), ("host", "qlik.example.com")]);
-        remove_hop_by_hop(&mut h);
-        assert_eq!(h.get("host").unwrap(), "qlik.example.com");
-    }
-
-    #[test]
-    fn upgrade_detection_and_restore() {
-        let mut h = map(&[
-            ("connection", "keep-alive, Upgrade"),
-            ("upgrade", "websocket"),
-        ]);
-        let proto = upgrade_requested(&h).unwrap();
-        remove_hop_by_hop(&mut h);
-        assert!(h.get("upgrade").is_none());
-        restore_upgrade(&mut h, proto);
-        assert_eq!(h.get("upgrade").unwrap(), "websocket");
-        assert_eq!(h.get("connection").unwrap(), "upgrade");
-        assert!(upgrade_requested(&map(&[("upgrade", "websocket")])).is_none());
-    }
-
-    #[test]
-    fn split_cookies_are_joined_bytes_intact() {
-        let mut h = map(&[
-            ("cookie", "X-Qlik-Session=a=b\"c"),
-            ("cookie", "qsguard=0123"),
-            ("cookie", "z="),
-        ]);
-        join_cookies(&mut h);
-        let all: Vec<_> = h.get_all("cookie").iter().collect();
-        assert_eq!(all, vec!["X-Qlik-Session=a=b\"c; qsguard=0123; z="]);
-        let mut one = map(&[("cookie", "a=1;b=2")]);
-        join_cookies(&mut one);
-        assert_eq!(one.get("cookie").unwrap(), "a=1;b=2");
-    }
-
-    #[test]
-    fn forwarded_from_untrusted_peer_is_replaced() {
-        let trusted = TrustedProxies::new(vec!["10.0.0.0/8".parse().unwrap()]);
-        let mut h = map(&[
-            ("x-forwarded-for", "6.6.6.6"),
-            ("x-forwarded-proto", "https"),
-            ("x-forwarded-host", "evil"),
-        ]);
-        let host = HeaderValue::from_static("qlik.example.com");
-        set_forwarded(
-            &mut h,
-            "192.0.2.7".parse().unwrap(),
-            &trusted,
-            false,
-            Some(&host),
-        );
-        assert_eq!(h.get("x-forwarded-for").unwrap(), "192.0.2.7");
-        assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
-        assert_eq!(h.get("x-forwarded-host").unwrap(), "qlik.example.com");
-    }
-
-    #[test]
-    fn forwarded_from_trusted_peer_is_appended() {
-        let trusted = TrustedProxies::new(vec!["10.0.0.0/8".parse().unwrap()]);
-        let mut h = map(&[
-            ("x-forwarded-for", "198.51.100.1"),
-            ("x-forwarded-for", "10.1.1.1"),
-            ("x-forwarded-proto", "https"),
-            ("x-forwarded-host", "portal.example.com"),
-        ]);
-        let host = HeaderValue::from_static("qlik-internal");
-        // An IPv4-mapped IPv6 peer is the IPv4 address for the trust check.
-        set_forwarded(
-            &mut h,
-            "::ffff:10.2.2.2".parse().unwrap(),
-            &trusted,
-            false,
-            Some(&host),
+        let h = head(b"GET /hub/ HTTP/1.1\r\nHost: qlik\r\nConnection: keep-alive, x-secret\r\nConnection: X-Other\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nProxy-Connection: keep-alive\r\nX-Secret: 1\r\nX-Other: 2\r\nCookie: X-Qlik-Session=abc\r\nExpect: 100-continue\r\n\r\n");
+        let out = upstream(
+            &h,
+            &TrustedProxies::default(),
+            conn("192.0.2.7", false),
+            None,
         );
         assert_eq!(
-            h.get("x-forwarded-for").unwrap(),
-            "198.51.100.1, 10.1.1.1, 10.2.2.2"
+            out,
+            "GET /hub/ HTTP/1.1\r\nHost: qlik\r\nCookie: X-Qlik-Session=abc\r\nx-forwarded-for: 192.0.2.7\r\nx-forwarded-proto: http\r\nx-forwarded-host: qlik\r\n\r\n"
         );
-        assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
-        assert_eq!(h.get("x-forwarded-host").unwrap(), "portal.example.com");
+    }
+
+    #[test]
+    fn the_engine_writes_the_framing() {
+        let h = head(b"POST /a HTTP/1.1\r\nHost: q\r\nContent-Length: 005\r\n\r\n");
+        let out = upstream(&h, &TrustedProxies::default(), conn("10.0.0.1", true), None);
+        assert!(out.contains("\r\ncontent-length: 5\r\n"), "{out}");
+        assert!(!out.contains("005"), "{out}");
+        let h = head(b"POST /a HTTP/1.1\r\nHost: q\r\nTransfer-Encoding:  Chunked\r\n\r\n");
+        let out = upstream(&h, &TrustedProxies::default(), conn("10.0.0.1", true), None);
+        assert!(out.contains("\r\ntransfer-encoding: chunked\r\n"), "{out}");
+        assert!(!out.contains("Chunked"), "{out}");
+    }
+
+    #[test]
+    fn upgrade_is_kept_for_an_upgrade_request() {
+        let h = head(b"GET /app/x HTTP/1.1\r\nHost: q\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: k\r\n\r\n");
+        let out = upstream(
+            &h,
+            &TrustedProxies::default(),
+            conn("10.0.0.1", false),
+            None,
+        );
+        assert!(
+            out.contains("connection: upgrade\r\nupgrade: websocket\r\n"),
+            "{out}"
+        );
+        assert!(out.contains("Sec-WebSocket-Key: k\r\n"), "{out}");
+    }
+
+    #[test]
+    fn a_restored_cookie_replaces_the_pair_where_it_stands() {
+        // In the second field: replaced there, every other byte kept.
+        let h = head(b"GET / HTTP/1.1\r\nHost: q\r\nCookie: a=1\r\nCookie: b=2; X-Qlik-Session=dead;c=3\r\n\r\n");
+        let out = upstream(
+            &h,
+            &TrustedProxies::default(),
+            conn("10.0.0.1", false),
+            Some(("X-Qlik-Session", "live")),
+        );
+        assert!(
+            out.contains("Cookie: a=1\r\nCookie: b=2; X-Qlik-Session=live;c=3\r\n"),
+            "{out}"
+        );
+        // Absent: appended to the first field.
+        let h = head(b"GET / HTTP/1.1\r\nHost: q\r\nCookie: a=1\r\nCookie: b=2\r\n\r\n");
+        let out = upstream(
+            &h,
+            &TrustedProxies::default(),
+            conn("10.0.0.1", false),
+            Some(("X-Qlik-Session", "live")),
+        );
+        assert!(
+            out.contains("Cookie: a=1; X-Qlik-Session=live\r\nCookie: b=2\r\n"),
+            "{out}"
+        );
+        // No Cookie field at all: one is added.
+        let h = head(b"GET / HTTP/1.1\r\nHost: q\r\n\r\n");
+        let out = upstream(
+            &h,
+            &TrustedProxies::default(),
+            conn("10.0.0.1", false),
+            Some(("X-Qlik-Session", "live")),
+        );
+        assert!(out.contains("cookie: X-Qlik-Session=live\r\n"), "{out}");
+    }
+
+    #[test]
+    fn forwarded_from_an_untrusted_peer_is_replaced() {
+        let trusted = TrustedProxies::new(vec!["10.0.0.0/8".parse().unwrap()]);
+        let h = head(b"GET / HTTP/1.1\r\nHost: qlik.example.com\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: evil\r\n\r\n");
+        let out = upstream(&h, &trusted, conn("192.0.2.7", false), None);
+        assert!(out.contains("x-forwarded-for: 192.0.2.7\r\nx-forwarded-proto: http\r\nx-forwarded-host: qlik.example.com\r\n"), "{out}");
+        assert!(!out.contains("6.6.6.6") && !out.contains("evil"), "{out}");
+    }
+
+    #[test]
+    fn forwarded_from_a_trusted_peer_is_appended_and_its_last_proto_kept() {
+        let trusted = TrustedProxies::new(vec!["10.0.0.0/8".parse().unwrap()]);
+        let h = head(b"GET / HTTP/1.1\r\nHost: qlik-internal\r\nX-Forwarded-For: 198.51.100.1\r\nX-Forwarded-For: 10.1.1.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: portal.example.com\r\n\r\n");
+        // An IPv4-mapped IPv6 peer is the IPv4 address for the trust check.
+        let c = ConnInfo {
+            peer: "[::ffff:10.2.2.2]:1".parse().unwrap(),
+            tls: false,
+        };
+        let out = upstream(&h, &trusted, c, None);
+        assert!(
+            out.contains("x-forwarded-for: 198.51.100.1, 10.1.1.1, 10.2.2.2\r\n"),
+            "{out}"
+        );
+        assert!(out.contains("x-forwarded-proto: https\r\n"), "{out}");
+        assert!(
+            out.contains("x-forwarded-host: portal.example.com\r\n"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn response_fields_keep_order_and_drop_hop_by_hop_and_framing() {
+        let bytes: &'static [u8] = b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nConnection: x-drop\r\nX-Drop: 1\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\nSet-Cookie: b=2\r\n\r\n";
+        let (_, mut h) = parse_response(bytes, false).unwrap().unwrap();
+        h.bytes = bytes::Bytes::from_static(bytes);
+        let names: Vec<String> = response_fields(&h)
+            .map(|(n, v)| {
+                format!(
+                    "{}={}",
+                    String::from_utf8_lossy(n),
+                    String::from_utf8_lossy(v)
+                )
+            })
+            .collect();
+        assert_eq!(names, vec!["Set-Cookie=a=1", "Set-Cookie=b=2"]);
+        let mut out = BytesMut::new();
+        write_response_head(
+            &mut out,
+            &h,
+            &[HeaderValue::from_static("qsguard=1")],
+            false,
+            false,
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nset-cookie: qsguard=1\r\ncontent-length: 2\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn status_digits_are_three() {
+        assert_eq!(&status_digits(101), b"101");
+        assert_eq!(&status_digits(429), b"429");
     }
 }

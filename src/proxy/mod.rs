@@ -1,54 +1,37 @@
-//! The proxy's shared state (settings, nodes, session guard, diagnostics, tunnels), and the
-//! HTTP/2 path (hyper), one request as a short sequence of named phases (HTTP/1 has the same
-//! phases in [`h1`]):
-//!
-//! 1. **admit**: refuse what must not reach Qlik (CONNECT, a missing Host, a body over the
-//!    limit);
-//! 2. **prepare**: choose the node and build the upstream request: hop-by-hop fields out,
-//!    X-Forwarded-* set, HTTP/2 cookies joined, Host and every cookie byte kept;
-//! 3. **send**: to the node's keep-alive pool, with the response timeout;
-//! 4. **respond**: hop-by-hop fields out of the response, every `Set-Cookie` kept as its own
-//!    field in order; a `101` hands both connections to the WebSocket tunnel;
-//! 5. **log**: one line when the response body is done (see [`access_log`]).
+//! The proxy's shared state: settings (reloadable), the Qlik nodes, the session guard,
+//! diagnostics and the WebSocket tunnels; and the choices made per request that need it (the
+//! node, the sticky cookie). A request itself goes through [`lifecycle`], brought by the
+//! HTTP/1 engine ([`h1`]) or the HTTP/2 server ([`h2`]).
 //!
 //! Any failure is a [`ProxyError`], which becomes a status code and a readable page in one place.
 
 pub mod access_log;
 pub mod error;
 pub mod h1;
+pub mod h2;
 pub mod headers;
 pub mod hold_last;
+pub mod lifecycle;
 pub mod pool;
 pub mod tunnel;
 pub mod upstream;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use bytes::{Bytes, BytesMut};
-use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
-use http_body_util::{Either, Full, Limited};
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use bytes::BytesMut;
+use http::HeaderValue;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::diagnostics::Diagnostics;
-use crate::session::{self, page, table::Session, SessionGuard, Verdict};
-use access_log::{Logged, Record};
+use crate::session::{self, table::Session, SessionGuard};
 pub use error::ProxyError;
 use headers::TrustedProxies;
 use upstream::{Node, Upstreams};
-
-/// A response body: Qlik's, streamed, or one the guard wrote (a page, a buffered error page).
-pub type Body = Either<Incoming, Full<Bytes>>;
-
-/// The body of every response the guard sends, with its access-log line.
-pub type ProxyBody = Logged<Body>;
 
 /// What the proxy knows about the client connection a request came on.
 #[derive(Debug, Clone, Copy)]
@@ -346,387 +329,6 @@ impl Proxy {
         self.tunnels.len()
     }
 
-    /// The hyper service entry point.
-    pub async fn handle(
-        self: Arc<Self>,
-        req: Request<Incoming>,
-        conn: ConnInfo,
-    ) -> Result<Response<ProxyBody>, Infallible> {
-        let started = Instant::now();
-        let record = self.settings().log_requests.then(|| {
-            Box::new(Record {
-                method: req.method().clone(),
-                path: req.uri().path().to_string(),
-                status: StatusCode::OK,
-                upstream: None,
-                started,
-                bytes: 0,
-                peer: conn.peer.ip(),
-                end: "ok",
-            })
-        });
-        let (resp, node) = match self.forward(req, conn).await {
-            Ok((resp, node)) => (resp, node),
-            Err((e, node)) => {
-                if let (true, Some(n)) = (e.is_upstream(), &node) {
-                    self.diagnostics.metrics.upstream_error(&n.name, e.cause());
-                    if matches!(e, ProxyError::UpstreamUnreachable { .. }) {
-                        self.node_failed(n, &e.to_string());
-                    }
-                }
-                if e.is_upstream() {
-                    tracing::warn!(client = %conn.peer, "{e}");
-                } else {
-                    tracing::info!(client = %conn.peer, "refused: {e}");
-                }
-                (e.to_response().map(Either::Right), node)
-            }
-        };
-        self.diagnostics
-            .metrics
-            .request(resp.status().as_u16(), started.elapsed().as_secs_f64());
-        let record = record.map(|mut r| {
-            r.status = resp.status();
-            r.upstream = node.map(|n| n.name.clone());
-            r
-        });
-        Ok(resp.map(|b| Logged::new(b, record)))
-    }
-
-    async fn forward(
-        &self,
-        req: Request<Incoming>,
-        conn: ConnInfo,
-    ) -> Result<(Response<Body>, Option<Arc<Node>>), (ProxyError, Option<Arc<Node>>)> {
-        self.admit(&req).map_err(|e| (e, None))?;
-        if let Some(check) = &self.diagnostics.cookie_check {
-            let (path, query) = (req.uri().path(), req.uri().query());
-            if let Some(resp) = check.handle(path, query, req.headers(), conn.tls) {
-                return Ok((resp.map(Either::Right), None));
-            }
-        }
-        let sticky = self.sticky_in(req.headers());
-        let Some(guard) = &self.sessions else {
-            let node = self
-                .node_for(None, sticky.as_deref())
-                .map_err(|e| (e, None))?;
-            let mut resp = self.exchange(req, conn, &node, None).await?;
-            if let Some(v) = self.sticky_set_cookie(sticky.as_deref(), &node, conn.tls) {
-                resp.headers_mut().append(header::SET_COOKIE, v);
-            }
-            return Ok((resp.map(Either::Left), Some(node)));
-        };
-        if req.uri().path() == page::END_SESSION_PATH {
-            let (parts, body) = req.into_parts();
-            let body = match http_body_util::BodyExt::collect(Limited::new(body, 8 * 1024)).await {
-                Ok(b) => b.to_bytes(),
-                Err(_) => Bytes::new(),
-            };
-            let resp = guard
-                .end_session_form(parts.method.as_str().as_bytes(), &parts.headers, &body)
-                .await;
-            return Ok((resp.map(Either::Right), None));
-        }
-        let (mut parts, body) = req.into_parts();
-        let target = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| "/".into());
-        let view = session::Request {
-            method: parts.method.as_str().as_bytes(),
-            path: parts.uri.path(),
-            query: parts.uri.query(),
-            headers: &parts.headers,
-        };
-        let ctx = match guard.before(&view, conn.peer.ip(), conn.tls).await {
-            Verdict::Pass => None,
-            Verdict::Forward(ctx) => Some(ctx),
-            Verdict::Answer(resp) => return Ok((resp.map(Either::Right), None)),
-        };
-        if let Some((name, value)) = ctx.as_deref().and_then(|c| guard.cookie_to_send(c)) {
-            session::cookies::set_request_cookie(&mut parts.headers, name, value);
-        }
-        let node = self
-            .node_for(ctx.as_deref(), sticky.as_deref())
-            .map_err(|e| {
-                if let Some(c) = &ctx {
-                    guard.abandon(c);
-                }
-                (e, None)
-            })?;
-        let req = Request::from_parts(parts, body);
-        let mut resp = match self.exchange(req, conn, &node, ctx.as_deref()).await {
-            Ok(r) => r,
-            Err(e) => {
-                if let Some(c) = &ctx {
-                    guard.abandon(c);
-                }
-                return Err(e);
-            }
-        };
-        let user = ctx.as_ref().and_then(|c| {
-            c.identity
-                .clone()
-                .or_else(|| c.session.as_ref().and_then(|s| s.owner()))
-        });
-        if let Some(c) = &ctx {
-            let status = resp.status().as_u16();
-            for v in guard.after(c, &node.name_arc(), &target, status, resp.headers()) {
-                resp.headers_mut().append(header::SET_COOKIE, v);
-            }
-        }
-        if let Some(v) = self.sticky_set_cookie(sticky.as_deref(), &node, conn.tls) {
-            resp.headers_mut().append(header::SET_COOKIE, v);
-        }
-        let resp = self.watch_for_qps_refusal(guard, resp, user).await;
-        Ok((resp, Some(node)))
-    }
-
-    /// Phases 2 to 4 for one request to `node`.
-    async fn exchange(
-        &self,
-        mut req: Request<Incoming>,
-        conn: ConnInfo,
-        node: &Arc<Node>,
-        ctx: Option<&session::Context>,
-    ) -> Result<Response<Incoming>, (ProxyError, Option<Arc<Node>>)> {
-        // Counted until the response head (the body then streams on its own).
-        let _busy = node.busy();
-        let client_upgrade = headers::upgrade_requested(req.headers())
-            .map(|proto| (proto, hyper::upgrade::on(&mut req)));
-        let upstream_req = self
-            .prepare(
-                req,
-                conn,
-                node,
-                client_upgrade.as_ref().map(|(p, _)| p.clone()),
-            )
-            .map_err(|e| (e, Some(node.clone())))?;
-        let max_body = self.settings().max_body_size;
-        let resp = self
-            .upstreams()
-            .send(node, upstream_req, max_body)
-            .await
-            .map_err(|e| (e, Some(node.clone())))?;
-        Ok(self.respond(resp, client_upgrade, ctx))
-    }
-
-    /// Qlik's own "too many sessions" page is the failure the guard exists to prevent: when it
-    /// gets through anyway, it must show in the log and the counters, with the user.
-    async fn watch_for_qps_refusal(
-        &self,
-        guard: &SessionGuard,
-        resp: Response<Incoming>,
-        user: Option<session::identity::User>,
-    ) -> Response<Body> {
-        let html = resp
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"text/html"));
-        let small = resp
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-            .is_some_and(|n| n <= 64 * 1024);
-        if !(resp.status().is_client_error() && html && small) {
-            return resp.map(Either::Left);
-        }
-        let (parts, body) = resp.into_parts();
-        let bytes = match http_body_util::BodyExt::collect(body).await {
-            Ok(b) => b.to_bytes(),
-            Err(e) => {
-                tracing::debug!("error page from Qlik broke off: {e}");
-                Bytes::new()
-            }
-        };
-        guard.note_possible_qps_refusal(&bytes, user);
-        Response::from_parts(parts, Either::Right(Full::new(bytes)))
-    }
-
-    /// Phase 1: what must not reach Qlik at all. The HTTP/2 server has checked the frame
-    /// layer; this applies the HTTP/1 engine's rules to what becomes an HTTP/1.1 request for
-    /// Qlik (RFC 9113 8.2: no connection-specific fields, no CR, LF or NUL in a value; one
-    /// valid Content-Length; Host agreeing with `:authority`).
-    fn admit(&self, req: &Request<Incoming>) -> Result<(), ProxyError> {
-        if req.method() == Method::CONNECT || req.method() == Method::TRACE {
-            return Err(ProxyError::MethodNotAllowed);
-        }
-        let h = req.headers();
-        if h.iter().any(|(_, v)| {
-            v.as_bytes()
-                .iter()
-                .any(|&b| h1::parse::is_ctl(b) && b != b'\t')
-        }) {
-            return Err(ProxyError::BadRequest(
-                "a header value holds a control character",
-            ));
-        }
-        let mut hosts = h.get_all(header::HOST).iter();
-        let host = hosts.next();
-        if hosts.next().is_some() {
-            return Err(ProxyError::BadRequest("more than one Host header"));
-        }
-        if let Some(host) = host {
-            if !h1::parse::valid_host(host.as_bytes()) {
-                return Err(ProxyError::BadRequest(
-                    "the Host header is not a valid host",
-                ));
-            }
-        }
-        if host.is_none() && req.version() == Version::HTTP_11 {
-            return Err(ProxyError::BadRequest("HTTP/1.1 request without Host"));
-        }
-        if req.uri().path_and_query().is_none() || !req.uri().path().starts_with('/') {
-            return Err(ProxyError::BadRequest("the request target is not a path"));
-        }
-        let mut lengths = h.get_all(header::CONTENT_LENGTH).iter();
-        if let Some(len) = lengths.next() {
-            let len = h1::parse::content_length(len.as_bytes())
-                .ok_or(ProxyError::BadRequest("invalid Content-Length"))?;
-            if lengths.next().is_some() {
-                return Err(ProxyError::BadRequest("more than one Content-Length"));
-            }
-            let limit = self.settings().max_body_size;
-            if len > limit {
-                return Err(ProxyError::PayloadTooLarge { limit });
-            }
-        }
-        if req.version() == Version::HTTP_2 {
-            const CONNECTION_SPECIFIC: [&str; 5] = [
-                "connection",
-                "keep-alive",
-                "proxy-connection",
-                "transfer-encoding",
-                "upgrade",
-            ];
-            if CONNECTION_SPECIFIC.iter().any(|n| h.contains_key(*n))
-                || h.get_all(header::TE).iter().any(|v| v != "trailers")
-            {
-                return Err(ProxyError::BadRequest(
-                    "a connection-specific header field in an HTTP/2 request",
-                ));
-            }
-            if let (Some(host), Some(authority)) = (host, req.uri().authority()) {
-                if !host
-                    .as_bytes()
-                    .eq_ignore_ascii_case(authority.as_str().as_bytes())
-                {
-                    return Err(ProxyError::BadRequest(
-                        "the Host header differs from :authority",
-                    ));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Phase 2: the request as the node gets it.
-    fn prepare(
-        &self,
-        req: Request<Incoming>,
-        conn: ConnInfo,
-        node: &Node,
-        upgrade: Option<HeaderValue>,
-    ) -> Result<Request<upstream::UpstreamBody>, ProxyError> {
-        let (mut parts, body) = req.into_parts();
-        let h2 = parts.version == Version::HTTP_2;
-        let authority = if h2 { authority_of(&parts.uri) } else { None };
-        parts.uri = node
-            .uri(parts.uri.path_and_query())
-            .map_err(|_| ProxyError::BadRequest("the request target cannot be forwarded"))?;
-        if h2 {
-            // HTTP/2 carries the host in :authority; an HTTP/1.1 upstream needs a Host field.
-            if !parts.headers.contains_key(header::HOST) {
-                if let Some(a) = authority {
-                    parts.headers.insert(header::HOST, a);
-                }
-            }
-            headers::join_cookies(&mut parts.headers);
-        }
-        parts.version = Version::HTTP_11;
-        headers::remove_hop_by_hop(&mut parts.headers);
-        if let Some(proto) = upgrade {
-            headers::restore_upgrade(&mut parts.headers, proto);
-        }
-        let host = parts.headers.get(header::HOST).cloned();
-        let settings = self.settings();
-        headers::set_forwarded(
-            &mut parts.headers,
-            conn.peer.ip(),
-            &settings.trusted,
-            conn.tls,
-            host.as_ref(),
-        );
-        let body = Limited::new(
-            hold_last::HoldLast::new(body),
-            settings.max_body_size as usize,
-        );
-        Ok(Request::from_parts(parts, body))
-    }
-
-    /// Phase 4: the response as the client gets it.
-    fn respond(
-        &self,
-        mut resp: Response<Incoming>,
-        client_upgrade: Option<(HeaderValue, hyper::upgrade::OnUpgrade)>,
-        ctx: Option<&session::Context>,
-    ) -> Response<Incoming> {
-        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-        let upgrade_proto = resp.headers().get(header::UPGRADE).cloned();
-        headers::remove_hop_by_hop(resp.headers_mut());
-        match (client_upgrade, switching) {
-            (Some((_, client_side)), true) => {
-                if let Some(p) = upgrade_proto {
-                    headers::restore_upgrade(resp.headers_mut(), p);
-                }
-                let upstream_side = hyper::upgrade::on(&mut resp);
-                let engine: Option<Engine> =
-                    match (&self.sessions, ctx.and_then(|c| c.session.clone())) {
-                        (Some(g), Some(s)) => Some((g.clone(), s, ctx.and_then(|c| c.app.clone()))),
-                        _ => None,
-                    };
-                self.spawn_tunnel(client_side, upstream_side, engine);
-            }
-            (Some(_), false) => {
-                // The upgrade was refused: end the connection after this answer (the client
-                // may already be sending frames).
-                resp.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            _ => {}
-        }
-        resp
-    }
-
-    fn spawn_tunnel(
-        &self,
-        client: hyper::upgrade::OnUpgrade,
-        upstream: hyper::upgrade::OnUpgrade,
-        engine: Option<Engine>,
-    ) {
-        let idle = self.settings().websocket_idle_timeout;
-        let stop = self.close_tunnels.clone();
-        self.tunnels.spawn(async move {
-            let (client, upstream) = match tokio::try_join!(client, upstream) {
-                Ok(both) => both,
-                Err(e) => {
-                    tracing::debug!("upgrade did not complete: {e}");
-                    return;
-                }
-            };
-            run_tunnel(
-                TokioIo::new(client),
-                TokioIo::new(upstream),
-                None,
-                engine,
-                idle,
-                stop,
-            )
-            .await;
-        });
-    }
-
     /// The HTTP/1 engine's tunnel: the client's socket (with bytes it sent after the upgrade
     /// request) and the upstream connection (with bytes Qlik sent after its 101).
     pub(crate) fn spawn_tunnel_h1<S>(
@@ -797,9 +399,4 @@ async fn run_tunnel<C, U>(
         to_client = moved.to_client,
         "websocket closed"
     );
-}
-
-fn authority_of(uri: &http::Uri) -> Option<HeaderValue> {
-    uri.authority()
-        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
 }

@@ -1,38 +1,26 @@
 //! The Qlik Sense proxy nodes behind the guard and the connection pool to them.
 //!
-//! The QPS speaks HTTP/1.1, so the pool is hyper-util's HTTP/1.1 client: keep-alive
-//! connections per node, reaped when idle for `proxy.pool_idle_timeout` (kept below the QPS's
-//! own keep-alive timeout, so the guard never sends a request down a connection the QPS is
-//! closing), plain http or https with the system roots or a configured CA.
+//! The QPS speaks HTTP/1.1; every request goes to it over the engine's own keep-alive
+//! connections ([`Pool`], kept on each node), plain http or https with the system roots or a
+//! configured CA. Each node has its state (up, draining, retired), its weight and its
+//! in-flight count, for the health checks and the balancing of new sessions.
 
-use std::error::Error as StdError;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::time::Duration;
 use std::time::SystemTime;
 
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, Uri};
-use http_body_util::Limited;
-use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use http::uri::Authority;
+use http::Uri;
 
 use crate::config::Config;
 use crate::proxy::error::ProxyError;
 use crate::proxy::pool::Pool;
 
-/// The body sent upstream: the client's, cut off at `server.max_body_size`.
-pub type UpstreamBody = Limited<crate::proxy::hold_last::HoldLast<Incoming>>;
-
 /// One Qlik Sense proxy node.
 pub struct Node {
     pub name: String,
     name_arc: Arc<str>,
-    scheme: Scheme,
     authority: Authority,
     /// The configured URL: a reload keeps a node (its state, its idle connections) when its
     /// name and URL stay the same.
@@ -84,7 +72,6 @@ impl Node {
         Node {
             name: u.display_name(),
             name_arc: u.display_name().into(),
-            scheme: u.url.scheme().cloned().unwrap_or(Scheme::HTTP),
             url: u.url.clone(),
             host: authority
                 .host()
@@ -179,27 +166,12 @@ impl Node {
         }
         None
     }
-
-    /// The absolute URI of `path_and_query` on this node.
-    pub fn uri(&self, path_and_query: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(
-                path_and_query
-                    .cloned()
-                    .unwrap_or_else(|| PathAndQuery::from_static("/")),
-            )
-            .build()
-    }
 }
 
 /// The nodes and the pool.
 pub struct Upstreams {
     nodes: Vec<Arc<Node>>,
     next: AtomicUsize,
-    client: Client<HttpsConnector<HttpConnector>, UpstreamBody>,
-    response_timeout: Duration,
     /// Keep-alive connections for the HTTP/1 engine.
     pub pool: Arc<Pool>,
 }
@@ -207,33 +179,14 @@ pub struct Upstreams {
 impl Upstreams {
     pub fn new(config: &Config) -> Result<Upstreams, String> {
         let p = &config.proxy;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(p.connect_timeout));
-        http.set_keepalive(Some(Duration::from_secs(60)));
-        let tls = crate::tls_client::config(p.upstream_ca.as_deref(), "proxy.upstream_ca")?;
-        let mut engine_tls = tls.clone();
-        engine_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let mut tls = crate::tls_client::config(p.upstream_ca.as_deref(), "proxy.upstream_ca")?;
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let pool = Arc::new(Pool::new(
-            engine_tls,
+            tls,
             p.connect_timeout,
             p.pool_idle_timeout,
             p.pool_max_idle_per_upstream,
         ));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(p.pool_idle_timeout)
-            .pool_max_idle_per_host(p.pool_max_idle_per_upstream)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            // Host is forwarded exactly as the client sent it, never made from the node's URL.
-            .set_host(false)
-            .build(connector);
         let nodes = config
             .upstreams
             .iter()
@@ -242,8 +195,6 @@ impl Upstreams {
         Ok(Upstreams {
             nodes,
             next: AtomicUsize::new(0),
-            client,
-            response_timeout: p.response_timeout,
             pool,
         })
     }
@@ -297,8 +248,6 @@ impl Upstreams {
                 .cloned()
                 .collect(),
             next: AtomicUsize::new(0),
-            client: self.client.clone(),
-            response_timeout: self.response_timeout,
             pool: self.pool.clone(),
         })
     }
@@ -378,46 +327,6 @@ impl Upstreams {
             Ok(Ok(status)) => (false, format!("answered {status}")),
             Ok(Err(e)) => (false, e),
             Err(_) => (false, format!("no answer within {:?}", cfg.timeout)),
-        }
-    }
-
-    /// Sends the request and waits (up to `proxy.response_timeout`) for the response head.
-    pub async fn send(
-        &self,
-        node: &Node,
-        req: Request<UpstreamBody>,
-        body_limit: u64,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
-            Err(_) => Err(ProxyError::UpstreamTimeout {
-                upstream: node.name.clone(),
-            }),
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err(classify(node, &e, body_limit)),
-        }
-    }
-}
-
-/// Turns a client error into what went wrong, in words.
-fn classify(node: &Node, e: &hyper_util::client::legacy::Error, body_limit: u64) -> ProxyError {
-    let mut source: Option<&(dyn StdError + 'static)> = e.source();
-    let mut deepest = e.to_string();
-    while let Some(s) = source {
-        if s.is::<http_body_util::LengthLimitError>() {
-            return ProxyError::PayloadTooLarge { limit: body_limit };
-        }
-        deepest = s.to_string();
-        source = s.source();
-    }
-    if e.is_connect() {
-        ProxyError::UpstreamUnreachable {
-            upstream: node.name.clone(),
-            detail: deepest,
-        }
-    } else {
-        ProxyError::UpstreamFailed {
-            upstream: node.name.clone(),
-            detail: deepest,
         }
     }
 }

@@ -555,7 +555,7 @@ async fn serve_http2<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = service_fn(move |req| proxy.clone().handle(req, info));
+    let svc = service_fn(move |req| crate::proxy::h2::handle(proxy.clone(), req, info));
     let conn = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .max_header_list_size(settings.max_header_size as u32)

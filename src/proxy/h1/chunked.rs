@@ -47,6 +47,9 @@ pub struct Chunked {
     trailer_total: usize,
     /// The trailer field line being read.
     line: Vec<u8>,
+    /// Write the body framed anew (chunk lines, allowed trailers); else only the data bytes
+    /// (for a client that frames the body itself: HTTP/2).
+    reframe: bool,
 }
 
 impl Chunked {
@@ -56,6 +59,15 @@ impl Chunked {
             max_trailer,
             trailer_total: 0,
             line: Vec::new(),
+            reframe: true,
+        }
+    }
+
+    /// Follows the body the same way, but writes only its data bytes.
+    pub fn data_only(max_trailer: usize) -> Chunked {
+        Chunked {
+            reframe: false,
+            ..Chunked::new(max_trailer)
         }
     }
 
@@ -110,12 +122,16 @@ impl Chunked {
                 },
                 State::SizeLf { size } => match b {
                     b'\n' if size == 0 => {
-                        out.put_slice(b"0\r\n");
+                        if self.reframe {
+                            out.put_slice(b"0\r\n");
+                        }
                         State::TrailerStart
                     }
                     b'\n' => {
-                        put_hex(out, size);
-                        out.put_slice(b"\r\n");
+                        if self.reframe {
+                            put_hex(out, size);
+                            out.put_slice(b"\r\n");
+                        }
                         State::Data(size)
                     }
                     _ => return Err(Invalid("a chunk-size line without CRLF")),
@@ -137,7 +153,9 @@ impl Chunked {
                 },
                 State::DataLf => match b {
                     b'\n' => {
-                        out.put_slice(b"\r\n");
+                        if self.reframe {
+                            out.put_slice(b"\r\n");
+                        }
                         State::SizeStart
                     }
                     _ => return Err(Invalid("chunk data not followed by CRLF")),
@@ -166,7 +184,9 @@ impl Chunked {
                 },
                 State::EndLf => match b {
                     b'\n' => {
-                        out.put_slice(b"\r\n");
+                        if self.reframe {
+                            out.put_slice(b"\r\n");
+                        }
                         self.line = Vec::new();
                         self.state = State::Done;
                         return Ok(i + 1);
@@ -202,7 +222,7 @@ impl Chunked {
         if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
             return Err(Invalid("a trailer field name that is not a token"));
         }
-        if TRAILER_ALLOWED.iter().any(|a| a.eq_ignore_ascii_case(name)) {
+        if self.reframe && TRAILER_ALLOWED.iter().any(|a| a.eq_ignore_ascii_case(name)) {
             out.put_slice(name);
             out.put_slice(b": ");
             out.put_slice(trim_ows(&line[colon + 1..]));
@@ -222,7 +242,7 @@ fn hex(b: u8) -> Option<u8> {
 }
 
 /// `n` in lower-case hex, without leading zeros.
-fn put_hex(out: &mut BytesMut, n: u64) {
+pub(crate) fn put_hex(out: &mut BytesMut, n: u64) {
     let mut digits = [0u8; 16];
     let mut i = digits.len();
     let mut n = n;

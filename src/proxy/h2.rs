@@ -1,0 +1,456 @@
+//! The HTTP/2 transport: hyper's HTTP/2 server (TLS + ALPN `h2`) hands over each request; it
+//! goes through the same request lifecycle as HTTP/1 ([`super::lifecycle`]); this module
+//! supplies how its bytes come and go:
+//!
+//! - **head**: the HTTP/2 request put into the engine's head form, after the rules RFC 9113
+//!   adds (no connection-specific field, `te` only `trailers`, no control byte in a value, a
+//!   Host that agrees with `:authority`); split `cookie` fields are joined with `"; "` (RFC 9113
+//!   8.2.3) where the first stood, and `:authority` becomes Host. The head is then judged by
+//!   the same strict parser as an HTTP/1 head, so one set of rules applies to both.
+//! - **body**: the DATA frames, framed for Qlik by the engine: `Content-Length` when the client
+//!   gave one (the last frame is handed on only once the stream has ended, [`HoldLast`]),
+//!   else chunked;
+//! - **answer / respond**: a hyper response whose body streams from the upstream connection
+//!   ([`RelayBody`]) and gives it back to the pool at its end, writing the access-log line.
+//!
+//! A connection-bound handshake or a WebSocket cannot be held per stream; browsers use
+//! HTTP/1.1 for those.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+
+use super::error::ProxyError;
+use super::h1::chunked::{self, Chunked};
+use super::h1::parse::{self, Framing, Head};
+use super::headers;
+use super::hold_last::HoldLast;
+use super::lifecycle::{self, BodyPart, Exchange, Finish, Reply, Transport};
+use super::pool::Conn;
+use super::{ConnInfo, Proxy, Settings};
+use crate::pages::Page;
+
+/// The body of every HTTP/2 response: Qlik's, streamed, or one the guard wrote.
+pub type ResponseBody = Either<RelayBody, Full<Bytes>>;
+
+/// The hyper service entry point for one HTTP/2 request.
+pub async fn handle(
+    proxy: Arc<Proxy>,
+    req: Request<Incoming>,
+    info: ConnInfo,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let max_head = proxy.settings().max_header_size;
+    let head = match head_of(&parts, body.is_end_stream(), max_head) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::info!(client = %info.peer, "refused: {e}");
+            return Ok(e.to_response().map(Either::Right));
+        }
+    };
+    let mut body = HoldLast::new(body);
+    if head.length == Some(0) && !body.is_end_stream() {
+        // `content-length: 0` completes the request for Qlik with its head alone: it goes
+        // only once the stream has ended without DATA.
+        if let Err(e) = no_data(&mut body).await {
+            tracing::info!(client = %info.peer, "refused: {e}");
+            return Ok(e.to_response().map(Either::Right));
+        }
+    }
+    let mut stream = Stream {
+        info,
+        framing: head.framing,
+        body,
+        response: None,
+    };
+    lifecycle::exchange(&proxy, &mut stream, head).await;
+    Ok(stream.response.unwrap_or_else(|| {
+        // Every phase ends in an answer; this is only a safety net.
+        ProxyError::BadRequest("the request could not be answered")
+            .to_response()
+            .map(Either::Right)
+    }))
+}
+
+/// Waits for the end of a stream that must bring no DATA.
+async fn no_data(body: &mut HoldLast<Incoming>) -> Result<(), ProxyError> {
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) if f.data_ref().is_some_and(|d| !d.is_empty()) => {
+                return Err(ProxyError::BadRequest(
+                    "DATA after content-length: 0 in an HTTP/2 request",
+                ))
+            }
+            Ok(_) => {}
+            Err(_) => return Err(ProxyError::ClientGone),
+        }
+    }
+    Ok(())
+}
+
+/// The fields RFC 9113 8.2.2 forbids in HTTP/2 (connection-specific).
+const CONNECTION_SPECIFIC: [&str; 5] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// The HTTP/2 request as the engine's head, judged by the engine's parser.
+fn head_of(
+    parts: &http::request::Parts,
+    end_stream: bool,
+    max_head: usize,
+) -> Result<Head, ProxyError> {
+    let h = &parts.headers;
+    if CONNECTION_SPECIFIC.iter().any(|n| h.contains_key(*n))
+        || h.get_all(header::TE).iter().any(|v| v != "trailers")
+    {
+        return Err(ProxyError::BadRequest(
+            "a connection-specific header field in an HTTP/2 request",
+        ));
+    }
+    // Checked before the fields are written out as HTTP/1.1 lines: a CR or LF in a value
+    // would otherwise become a line of its own.
+    if h.iter()
+        .any(|(_, v)| v.as_bytes().iter().any(|&b| parse::is_ctl(b) && b != b'\t'))
+    {
+        return Err(ProxyError::BadRequest(
+            "a header value holds a control character",
+        ));
+    }
+    let authority = parts.uri.authority().map(|a| a.as_str());
+    if let (Some(host), Some(a)) = (h.get(header::HOST), authority) {
+        if !host.as_bytes().eq_ignore_ascii_case(a.as_bytes()) {
+            return Err(ProxyError::BadRequest(
+                "the Host header differs from :authority",
+            ));
+        }
+    }
+    let target = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("");
+    let mut b = BytesMut::with_capacity(256 + h.len() * 32);
+    b.put_slice(parts.method.as_str().as_bytes());
+    b.put_slice(b" ");
+    b.put_slice(target.as_bytes());
+    b.put_slice(b" HTTP/1.1\r\n");
+    if let (false, Some(a)) = (h.contains_key(header::HOST), authority) {
+        b.put_slice(b"host: ");
+        b.put_slice(a.as_bytes());
+        b.put_slice(b"\r\n");
+    }
+    let mut cookies_written = false;
+    for (name, value) in h.iter() {
+        if name == header::TE {
+            continue;
+        }
+        if name == header::COOKIE {
+            if cookies_written {
+                continue;
+            }
+            cookies_written = true;
+            b.put_slice(b"cookie: ");
+            for (i, v) in h.get_all(header::COOKIE).iter().enumerate() {
+                if i > 0 {
+                    b.put_slice(b"; ");
+                }
+                b.put_slice(v.as_bytes());
+            }
+            b.put_slice(b"\r\n");
+            continue;
+        }
+        b.put_slice(name.as_str().as_bytes());
+        b.put_slice(b": ");
+        b.put_slice(value.as_bytes());
+        b.put_slice(b"\r\n");
+    }
+    b.put_slice(b"\r\n");
+    let (_, mut head) = parse::parse_request(&b, max_head + b.len())
+        .map_err(ProxyError::Rejected)?
+        .ok_or(ProxyError::BadRequest("the request head is incomplete"))?;
+    head.bytes = b.freeze();
+    if head.framing == Framing::None && !end_stream {
+        // No length given: the body goes to Qlik chunked, as the DATA frames come.
+        head.framing = Framing::Chunked;
+    }
+    Ok(head)
+}
+
+/// One HTTP/2 stream while its request goes through the lifecycle.
+struct Stream {
+    info: ConnInfo,
+    framing: Framing,
+    body: HoldLast<Incoming>,
+    response: Option<Response<ResponseBody>>,
+}
+
+impl Transport for Stream {
+    fn info(&self) -> ConnInfo {
+        self.info
+    }
+
+    fn body_in_hand(&mut self, _out: &mut BytesMut) -> Result<BodyPart, ProxyError> {
+        Ok(BodyPart {
+            bytes: 0,
+            done: !self.framing.has_body(),
+        })
+    }
+
+    async fn more_body(
+        &mut self,
+        out: &mut BytesMut,
+        _settings: &Settings,
+    ) -> Result<BodyPart, ProxyError> {
+        let chunked = self.framing == Framing::Chunked;
+        loop {
+            match self.body.frame().await {
+                None => {
+                    if chunked {
+                        out.put_slice(b"0\r\n\r\n");
+                    }
+                    return Ok(BodyPart {
+                        bytes: 0,
+                        done: true,
+                    });
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(client = %self.info.peer, "HTTP/2 request body failed: {e}");
+                    return Err(ProxyError::ClientGone);
+                }
+                Some(Ok(frame)) => {
+                    // Trailers are not passed on.
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    if chunked {
+                        chunked::put_hex(out, data.len() as u64);
+                        out.put_slice(b"\r\n");
+                        out.put_slice(&data);
+                        out.put_slice(b"\r\n");
+                    } else {
+                        out.put_slice(&data);
+                    }
+                    return Ok(BodyPart {
+                        bytes: data.len() as u64,
+                        done: false,
+                    });
+                }
+            }
+        }
+    }
+
+    async fn small_body(&mut self, limit: usize) -> Result<Bytes, ProxyError> {
+        match Limited::new(&mut self.body, limit).collect().await {
+            Ok(b) => Ok(b.to_bytes()),
+            Err(_) => Err(ProxyError::BadRequest(
+                "the end-session form is sent with at most 8 KiB",
+            )),
+        }
+    }
+
+    async fn answer(&mut self, x: Exchange, page: Page) {
+        Finish::new(x).done(page.status().as_u16(), 0, "ok");
+        self.response = Some(page.map(Either::Right));
+    }
+
+    async fn respond(&mut self, reply: Reply) {
+        let Reply {
+            x,
+            head,
+            conn,
+            extra,
+            ..
+        } = reply;
+        let Ok(status) = StatusCode::from_u16(head.status) else {
+            let e = ProxyError::UpstreamFailed {
+                upstream: x.node.as_ref().map(|n| n.name.clone()).unwrap_or_default(),
+                detail: format!("status {} cannot be sent over HTTP/2", head.status),
+            };
+            return self.answer(x, e.to_response()).await;
+        };
+        if head.status == 101 {
+            // Nothing asked for an upgrade (HTTP/2 forbids the fields): Qlik broke protocol.
+            let e = ProxyError::UpstreamFailed {
+                upstream: x.node.as_ref().map(|n| n.name.clone()).unwrap_or_default(),
+                detail: "an upgrade nobody asked for".into(),
+            };
+            return self.answer(x, e.to_response()).await;
+        }
+        let mut resp = Response::new(Either::Left(RelayBody::new(conn, &head, Finish::new(x))));
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        for (name, value) in headers::response_fields(&head) {
+            if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
+                h.append(n, v);
+            }
+        }
+        for v in extra {
+            h.append(header::SET_COOKIE, v);
+        }
+        if let Some(n) = head.length.filter(|_| head.framing != Framing::Chunked) {
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        self.response = Some(resp);
+    }
+}
+
+/// Qlik's response body on its way to an HTTP/2 client, read from the upstream connection as
+/// the client takes it. At its end the connection goes back to the pool (if the response
+/// ended cleanly) and the access-log line is written; a client that resets the stream is
+/// logged as gone, an upstream that breaks off resets the stream.
+pub struct RelayBody {
+    conn: Option<Conn>,
+    state: RelayState,
+    finish: Option<Finish>,
+    status: u16,
+    /// Qlik asked to close its connection after this response.
+    close: bool,
+    sent: u64,
+    out: BytesMut,
+}
+
+enum RelayState {
+    Length(u64),
+    Chunked(Chunked),
+    UntilClose,
+    Done,
+}
+
+impl RelayBody {
+    fn new(conn: Conn, head: &Head, finish: Finish) -> RelayBody {
+        RelayBody {
+            conn: Some(conn),
+            state: match head.framing {
+                Framing::Length(n) if n > 0 => RelayState::Length(n),
+                Framing::Chunked => RelayState::Chunked(Chunked::data_only(256 * 1024)),
+                Framing::UntilClose => RelayState::UntilClose,
+                _ => RelayState::Done,
+            },
+            finish: Some(finish),
+            status: head.status,
+            close: head.close,
+            sent: 0,
+            out: BytesMut::new(),
+        }
+    }
+
+    fn end(&mut self, end: &'static str, clean: bool) {
+        let conn = self.conn.take().filter(|_| clean && !self.close);
+        if let Some(f) = self.finish.take() {
+            f.relayed(self.status, self.sent, end, conn);
+        }
+    }
+
+    fn broke(&mut self, why: String) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        tracing::warn!(
+            status = self.status,
+            "the response broke off after its head was sent ({why}): the HTTP/2 stream is reset"
+        );
+        self.state = RelayState::Done;
+        self.end("upstream_broke", false);
+        Poll::Ready(Some(Err(std::io::Error::other(why))))
+    }
+}
+
+impl Body for RelayBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let this = &mut *self;
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            // What is in hand first.
+            let data = match &mut this.state {
+                RelayState::Done => {
+                    this.end("ok", true);
+                    return Poll::Ready(None);
+                }
+                RelayState::Length(left) => {
+                    let n = (*left).min(conn.buf.len() as u64) as usize;
+                    *left -= n as u64;
+                    if *left == 0 {
+                        this.state = RelayState::Done;
+                    }
+                    conn.buf.split_to(n).freeze()
+                }
+                RelayState::Chunked(dec) => {
+                    this.out.clear();
+                    match dec.feed(&conn.buf, &mut this.out) {
+                        Ok(n) => {
+                            let _ = conn.buf.split_to(n);
+                        }
+                        Err(e) => return this.broke(e.0.into()),
+                    }
+                    if dec.done() {
+                        this.state = RelayState::Done;
+                    }
+                    this.out.split().freeze()
+                }
+                RelayState::UntilClose => conn.buf.split().freeze(),
+            };
+            if !data.is_empty() {
+                this.sent += data.len() as u64;
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            if matches!(this.state, RelayState::Done) {
+                continue;
+            }
+            // Then more from Qlik.
+            if conn.buf.capacity() - conn.buf.len() < 1024 {
+                conn.buf.reserve(16 * 1024);
+            }
+            match tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => {
+                    if matches!(this.state, RelayState::UntilClose) {
+                        this.state = RelayState::Done;
+                        this.end("ok", false);
+                        return Poll::Ready(None);
+                    }
+                    return this
+                        .broke("Qlik closed the connection before the end of the body".into());
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return this.broke(e.to_string()),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, RelayState::Done) && self.finish.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            RelayState::Length(n) => SizeHint::with_exact(n),
+            RelayState::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for RelayBody {
+    fn drop(&mut self) {
+        if self.finish.is_some() {
+            // The client went away (stream reset, connection closed) before the end.
+            self.end("client_gone", false);
+        }
+    }
+}

@@ -1,0 +1,478 @@
+//! One request's life, the same for HTTP/1 and HTTP/2: a short sequence of named phases that
+//! a reader can follow top to bottom.
+//!
+//! 1. **admit**: refuse what must not reach Qlik (the transport's parser has judged the
+//!    syntax and framing already; here: TRACE, a body over the limit);
+//!    the guard's own endpoints (the cookie self-test, the limit page's form) answer here;
+//! 2. **guard**: the session guard decides ([`SessionGuard::before`]): forward, restore,
+//!    reuse, hold, or answer itself (the limit page, a bad identity header);
+//! 3. **choose node**: the session's node, the login dance's node, the sticky cookie's node,
+//!    else the least loaded ([`Proxy::node_for`]);
+//! 4. **send**: a pooled connection to the node, the head as [`headers::write_request_head`]
+//!    writes it, then the body as the transport brings it, framed by the engine;
+//! 5. **read response head**, within `proxy.response_timeout` (one retry on a fresh
+//!    connection when a kept-alive one turns out closed and the whole request is in hand);
+//! 6. **after**: what the response teaches the guard, the guard's and the sticky cookie's
+//!    `Set-Cookie`s, Qlik's own refusal page looked at;
+//! 7. **respond**: the transport sends the answer and relays the body (HTTP/1: bytes on the
+//!    socket, a `101` becomes a tunnel; HTTP/2: a response whose body streams from Qlik);
+//! 8. **log**: [`Finish::done`] writes the access-log line, counts the request, and gives
+//!    the upstream connection back to the pool if its response ended cleanly.
+//!
+//! A transport ([`Transport`]) supplies only how bytes come and go: the request head in the
+//! engine's form ([`Head`]), the body, and the way answers are sent. Whatever the request
+//! holds in the session guard (a slot in its user's count, its browser's flight) is released
+//! by dropping its [`Context`](crate::session::Context), so no exit from these phases can
+//! leak one.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderValue;
+use tokio::io::AsyncWriteExt;
+
+use super::access_log::Record;
+use super::error::ProxyError;
+use super::h1::parse::{self, Framing, Head};
+use super::headers;
+use super::pool::Conn;
+use super::upstream::{Node, Upstreams};
+use super::{ConnInfo, Proxy, Settings};
+use crate::pages::{self, Page};
+use crate::session::{self, Verdict};
+
+/// How much of the request body a transport handed on.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct BodyPart {
+    /// Body bytes (not framing) appended this time.
+    pub bytes: u64,
+    /// The body is complete.
+    pub done: bool,
+}
+
+/// What a protocol supplies to the lifecycle.
+pub(crate) trait Transport: Send {
+    fn info(&self) -> ConnInfo;
+
+    /// Appends the request body bytes that came with the head to `out`, framed for Qlik,
+    /// without waiting for more.
+    fn body_in_hand(&mut self, out: &mut BytesMut) -> Result<BodyPart, ProxyError>;
+
+    /// Waits for more of the request body and appends it to `out`, framed for Qlik.
+    fn more_body(
+        &mut self,
+        out: &mut BytesMut,
+        settings: &Settings,
+    ) -> impl Future<Output = Result<BodyPart, ProxyError>> + Send;
+
+    /// The whole request body, when it is at most `limit` bytes (the end-session form).
+    fn small_body(
+        &mut self,
+        limit: usize,
+    ) -> impl Future<Output = Result<Bytes, ProxyError>> + Send;
+
+    /// Sends an answer the guard wrote itself, and logs it.
+    fn answer(&mut self, x: Exchange, page: Page) -> impl Future<Output = ()> + Send;
+
+    /// Sends Qlik's answer: its head as [`headers`] filters it plus the guard's `extra`
+    /// cookies, then the body relayed from `conn`; ends with [`Finish::done`].
+    fn respond(&mut self, reply: Reply) -> impl Future<Output = ()> + Send;
+}
+
+/// One request on its way through the phases.
+pub(crate) struct Exchange {
+    pub proxy: Arc<Proxy>,
+    pub head: Head,
+    pub info: ConnInfo,
+    pub started: Instant,
+    /// The settings and nodes this request started with: a reload meanwhile changes neither.
+    pub settings: Arc<Settings>,
+    pub upstreams: Arc<Upstreams>,
+    /// What the session guard decided; holds the request's slot and flight until dropped.
+    pub ctx: Option<Box<session::Context>>,
+    /// The sticky cookie the request carried (only next to a session cookie).
+    pub sticky: Option<String>,
+    pub node: Option<Arc<Node>>,
+}
+
+/// Qlik's answer on its way to the client.
+pub(crate) struct Reply {
+    pub x: Exchange,
+    pub head: Head,
+    pub conn: Conn,
+    /// The guard's own `Set-Cookie` values, after Qlik's.
+    pub extra: Vec<HeaderValue>,
+    /// `101` to an upgrade request: the connection becomes a tunnel.
+    pub switching: bool,
+}
+
+/// Runs the phases for one request whose head `head` came over `t`.
+pub(crate) async fn exchange<T: Transport>(proxy: &Arc<Proxy>, t: &mut T, head: Head) {
+    let mut x = Exchange {
+        proxy: proxy.clone(),
+        head,
+        info: t.info(),
+        started: Instant::now(),
+        settings: proxy.settings.load_full(),
+        upstreams: proxy.upstreams(),
+        ctx: None,
+        sticky: None,
+        node: None,
+    };
+    // 1. admit
+    if let Err(e) = admit(&x) {
+        return fail(t, x, e).await;
+    }
+    if let Some(page) = own_endpoint(&x, t).await {
+        return t.answer(x, page).await;
+    }
+    // 2. guard
+    if let Some(page) = guard(&mut x).await {
+        return t.answer(x, page).await;
+    }
+    // 3. choose node
+    x.sticky = proxy.sticky_in(&x.head);
+    let node = match proxy.node_for(x.ctx.as_deref(), x.sticky.as_deref()) {
+        Ok(n) => n,
+        Err(e) => return fail(t, x, e).await,
+    };
+    x.node = Some(node.clone());
+    let busy = node.busy();
+    // 4. send, 5. read response head
+    let (head, mut conn) = match send(&x, t, &node).await {
+        Ok(r) => r,
+        Err(e) => {
+            drop(busy);
+            return fail(t, x, e).await;
+        }
+    };
+    // 6. after
+    let extra = after(&mut x, &head, &mut conn).await;
+    drop(busy);
+    // 7. respond (and 8. log, when the body has gone)
+    let switching = head.status == 101 && x.head.upgrade;
+    t.respond(Reply {
+        x,
+        head,
+        conn,
+        extra,
+        switching,
+    })
+    .await
+}
+
+/// Phase 1: what must not reach Qlik, beyond what the transport's parser judged.
+fn admit(x: &Exchange) -> Result<(), ProxyError> {
+    if x.head.method() == b"TRACE" {
+        return Err(ProxyError::MethodNotAllowed);
+    }
+    if let Framing::Length(n) = x.head.framing {
+        if n > x.settings.max_body_size {
+            return Err(ProxyError::PayloadTooLarge {
+                limit: x.settings.max_body_size,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The guard's own endpoints: the cookie self-test, the limit page's end-session form.
+async fn own_endpoint<T: Transport>(x: &Exchange, t: &mut T) -> Option<Page> {
+    let head = &x.head;
+    if let Some(check) = &x.proxy.diagnostics.cookie_check {
+        if let Some(page) = check.handle(head.path(), head.query(), head, x.info.tls) {
+            return Some(page);
+        }
+    }
+    let guard = x.proxy.sessions.as_ref()?;
+    if head.path() != pages::END_SESSION_PATH {
+        return None;
+    }
+    Some(match t.small_body(8 * 1024).await {
+        Ok(body) => guard.end_session_form(head.method(), head, &body).await,
+        Err(e) => e.to_response(),
+    })
+}
+
+/// Phase 2: the session guard's decision; `Some` when it answers itself.
+async fn guard(x: &mut Exchange) -> Option<Page> {
+    let guard = x.proxy.sessions.as_ref()?;
+    let view = session::Request {
+        method: x.head.method(),
+        path: x.head.path(),
+        query: x.head.query(),
+        headers: &x.head,
+    };
+    match guard.before(&view, x.info.peer.ip(), x.info.tls).await {
+        Verdict::Pass => None,
+        Verdict::Forward(ctx) => {
+            x.ctx = Some(ctx);
+            None
+        }
+        Verdict::Answer(page) => Some(page),
+    }
+}
+
+/// Phases 4 and 5: the request to `node`, and Qlik's response head.
+async fn send<T: Transport>(
+    x: &Exchange,
+    t: &mut T,
+    node: &Arc<Node>,
+) -> Result<(Head, Conn), ProxyError> {
+    let pool = &x.upstreams.pool;
+    let failed = |detail: String| ProxyError::UpstreamFailed {
+        upstream: node.name.clone(),
+        detail,
+    };
+    // The head, and the part of the body already in hand, in one write.
+    let mut req = BytesMut::with_capacity(x.head.bytes.len() + 256);
+    let cookie = match (&x.proxy.sessions, &x.ctx) {
+        (Some(g), Some(c)) => g.cookie_to_send(c),
+        _ => None,
+    };
+    headers::write_request_head(&mut req, &x.head, &x.settings.trusted, x.info, cookie);
+    let limit = x.settings.max_body_size;
+    let too_large = || ProxyError::PayloadTooLarge { limit };
+    let first = t.body_in_hand(&mut req)?;
+    let mut sent = first.bytes;
+    if sent > limit {
+        return Err(too_large());
+    }
+    let whole = first.done;
+    // One retry on a fresh connection when a reused one turns out to be closed and the whole
+    // request is still in hand.
+    let mut conn = pool.checkout(node).await?;
+    if let Err(e) = conn.io.write_all(&req).await {
+        if !(conn.reused && whole) {
+            return Err(failed(e.to_string()));
+        }
+        conn = pool.connect(node).await?;
+        conn.io
+            .write_all(&req)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+    }
+    // The rest of the body, as it comes. A failure here leaves Qlik half a request on this
+    // connection, which is dropped with it (never pooled).
+    let mut part = BytesMut::new();
+    let mut done = whole;
+    while !done {
+        part.clear();
+        let got = t.more_body(&mut part, &x.settings).await?;
+        sent += got.bytes;
+        if sent > limit {
+            return Err(too_large());
+        }
+        done = got.done;
+        conn.io
+            .write_all(&part)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+    }
+    let is_head = x.head.method() == b"HEAD";
+    let timeout = x.settings.response_timeout;
+    match read_response_head(&mut conn, timeout, is_head, node).await {
+        Ok(h) => Ok((h, conn)),
+        Err(ProxyError::UpstreamFailed { .. }) if conn.reused && whole => {
+            // A kept-alive connection Qlik closed just as it was reused: once more, fresh.
+            let mut conn = pool.connect(node).await?;
+            conn.io
+                .write_all(&req)
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            let h = read_response_head(&mut conn, timeout, is_head, node).await?;
+            Ok((h, conn))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Phase 5: the response head from `conn`, skipping interim answers (100 Continue was
+/// answered by the guard itself; 103 Early Hints are not passed on).
+async fn read_response_head(
+    conn: &mut Conn,
+    timeout: std::time::Duration,
+    is_head: bool,
+    node: &Node,
+) -> Result<Head, ProxyError> {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let failed = |detail: String| ProxyError::UpstreamFailed {
+        upstream: node.name.clone(),
+        detail,
+    };
+    loop {
+        if !conn.buf.is_empty() {
+            match parse::parse_response(&conn.buf, is_head) {
+                Ok(Some((len, mut head))) => {
+                    head.bytes = conn.buf.split_to(len).freeze();
+                    if (100..200).contains(&head.status) && head.status != 101 {
+                        continue;
+                    }
+                    return Ok(head);
+                }
+                Ok(None) => {}
+                Err(parse::Invalid(why)) => {
+                    return Err(failed(format!("the response cannot be passed on: {why}")))
+                }
+            }
+        }
+        if conn.buf.capacity() - conn.buf.len() < 1024 {
+            conn.buf.reserve(8192);
+        }
+        match tokio::time::timeout_at(deadline, conn.io.read_buf(&mut conn.buf)).await {
+            Err(_) => {
+                return Err(ProxyError::UpstreamTimeout {
+                    upstream: node.name.clone(),
+                })
+            }
+            Ok(Ok(0)) => return Err(failed("the connection was closed before an answer".into())),
+            Ok(Err(e)) => return Err(failed(e.to_string())),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Phase 6: what the response teaches the guard; the `Set-Cookie`s the guard adds.
+async fn after(x: &mut Exchange, resp: &Head, conn: &mut Conn) -> Vec<HeaderValue> {
+    let node = x.node.as_ref().expect("a node was chosen");
+    let mut extra = match (&x.proxy.sessions, x.ctx.as_deref_mut()) {
+        (Some(g), Some(c)) => g.after(c, &node.name_arc(), x.head.target(), resp.status, resp),
+        _ => Vec::new(),
+    };
+    if x.settings.sticky_cookie.is_some() {
+        extra.extend(
+            x.proxy
+                .sticky_set_cookie(x.sticky.as_deref(), node, x.info.tls),
+        );
+    }
+    if let (Some(g), Some(n)) = (&x.proxy.sessions, refusal_candidate(resp)) {
+        // Qlik's own limit page: small, read whole, looked at, then passed on.
+        read_at_least(conn, n).await;
+        let user = x.ctx.as_deref().and_then(|c| {
+            c.identity
+                .clone()
+                .or_else(|| c.session.as_ref().and_then(|s| s.owner()))
+        });
+        g.note_possible_qps_refusal(&conn.buf[..n.min(conn.buf.len())], user);
+    }
+    extra
+}
+
+/// A small HTML 4xx from Qlik may be its "too many sessions" page: its length, if so.
+fn refusal_candidate(resp: &Head) -> Option<usize> {
+    use crate::head_view::HeadView;
+    let html = resp
+        .first("content-type")
+        .is_some_and(|v| v.starts_with(b"text/html"));
+    match resp.framing {
+        Framing::Length(n) if (400..500).contains(&resp.status) && html && n <= 64 * 1024 => {
+            Some(n as usize)
+        }
+        _ => None,
+    }
+}
+
+/// Reads from `conn` until its buffer holds `n` bytes (or Qlik stops sending).
+async fn read_at_least(conn: &mut Conn, n: usize) {
+    use tokio::io::AsyncReadExt;
+    while conn.buf.len() < n {
+        conn.buf.reserve(n - conn.buf.len());
+        match conn.io.read_buf(&mut conn.buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// The request could not be forwarded (or was refused): the error page, logged, with what
+/// went wrong counted against the node.
+async fn fail<T: Transport>(t: &mut T, x: Exchange, e: ProxyError) {
+    let peer = x.info.peer;
+    if e.is_upstream() {
+        if let Some(n) = &x.node {
+            x.proxy
+                .diagnostics
+                .metrics
+                .upstream_error(&n.name, e.cause());
+            if matches!(e, ProxyError::UpstreamUnreachable { .. }) {
+                x.proxy.node_failed(n, &e.to_string());
+            }
+        }
+        tracing::warn!(client = %peer, "{e}");
+    } else if matches!(e, ProxyError::ClientGone) {
+        // Nobody to answer: the access-log line says what happened.
+        tracing::debug!(client = %peer, "{e}");
+        let status = e.status().as_u16();
+        Finish::new(x).done(status, 0, "client_gone");
+        return;
+    } else {
+        tracing::info!(client = %peer, "refused: {e}");
+    }
+    t.answer(x, e.to_response()).await
+}
+
+/// Phase 8: the end of a request, whichever way it ended.
+pub(crate) struct Finish {
+    proxy: Arc<Proxy>,
+    upstreams: Arc<Upstreams>,
+    node: Option<Arc<Node>>,
+    started: Instant,
+    method: http::Method,
+    path: String,
+    peer: std::net::IpAddr,
+    log: bool,
+}
+
+impl Finish {
+    pub fn new(x: Exchange) -> Finish {
+        Finish {
+            log: x.settings.log_requests,
+            method: http::Method::from_bytes(x.head.method()).unwrap_or(http::Method::GET),
+            path: if x.settings.log_requests {
+                x.head.path().to_string()
+            } else {
+                String::new()
+            },
+            peer: x.info.peer.ip(),
+            proxy: x.proxy,
+            upstreams: x.upstreams,
+            node: x.node,
+            started: x.started,
+        }
+    }
+
+    /// Logs the request and counts it; `end` says how its answer ended (`ok`,
+    /// `client_gone`, `client_stalled`, `upstream_broke`).
+    pub fn done(self, status: u16, bytes: u64, end: &'static str) {
+        self.proxy
+            .diagnostics
+            .metrics
+            .request(status, self.started.elapsed().as_secs_f64());
+        if !self.log {
+            return;
+        }
+        Record {
+            method: self.method,
+            path: self.path,
+            status: http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_GATEWAY),
+            upstream: self.node.as_ref().map(|n| n.name.clone()),
+            started: self.started,
+            bytes,
+            peer: self.peer,
+            end,
+        }
+        .emit();
+    }
+
+    /// [`Finish::done`] for a relayed response; the connection goes back to the pool when its
+    /// response ended cleanly and neither side asked to close it.
+    pub fn relayed(self, status: u16, bytes: u64, end: &'static str, conn: Option<Conn>) {
+        if let (Some(conn), Some(node)) = (conn, &self.node) {
+            self.upstreams.pool.checkin(node, conn);
+        }
+        self.done(status, bytes, end)
+    }
+}
