@@ -95,11 +95,11 @@ fn bench(c: &mut Criterion) {
                 .before(&req, peer, true)
                 .now_or_never()
                 .expect("no wait on the hot path");
-            let Verdict::Forward(ctx) = verdict else {
+            let Verdict::Forward(mut ctx) = verdict else {
                 panic!("not forwarded")
             };
             assert!(ctx.session.is_some());
-            black_box(g.after(&ctx, &node, req.path, 200, &empty));
+            black_box(g.after(&mut ctx, &node, req.path, 200, &empty));
         })
     });
 }

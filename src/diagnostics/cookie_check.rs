@@ -136,7 +136,7 @@ impl CookieCheck {
         let mut results = Vec::new();
         let mut arrived = Vec::new();
         for (name, attrs, len) in COOKIES {
-            let found = cookies::find(headers, name);
+            let [found] = cookies::find(headers, [name]);
             let expected_missing = needs_tls(attrs) && !tls;
             let status = match found.first {
                 None if expected_missing => {

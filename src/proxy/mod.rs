@@ -276,11 +276,12 @@ impl Proxy {
     pub(crate) fn sticky_in<H: crate::head_view::HeadView>(&self, headers: &H) -> Option<String> {
         let settings = self.settings();
         let name = settings.sticky_cookie.as_deref()?;
-        let value = session::cookies::find(headers, name).first?;
+        let [sticky] = session::cookies::find(headers, [name]);
+        let value = sticky.first?;
         settings
             .session_cookies
             .iter()
-            .any(|c| session::cookies::find(headers, c).count > 0)
+            .any(|c| session::cookies::find(headers, [c])[0].count > 0)
             .then(|| value.to_string())
     }
 

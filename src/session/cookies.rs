@@ -20,11 +20,6 @@ pub struct Found<'a> {
     pub count: usize,
 }
 
-/// Finds `name` in every `Cookie` field of the request; no allocation.
-pub fn find<'a, H: HeadView>(headers: &'a H, name: &str) -> Found<'a> {
-    find2(headers, name, name).0
-}
-
 /// One `Cookie` field value with the first pair named `name` given `value`; `None` when the
 /// field has no such pair. Every other byte stays where it was.
 pub fn replace_in_field(field: &[u8], name: &str, value: &str) -> Option<BytesMut> {
@@ -76,11 +71,11 @@ pub fn append_to_field(field: Option<&[u8]>, name: &str, value: &str) -> BytesMu
     out
 }
 
-/// [`find`] for two names in one pass over the `Cookie` fields (the hot path looks for the
-/// virtual proxy's cookie and the device cookie in every request).
-pub fn find2<'a, H: HeadView>(headers: &'a H, a: &str, b: &str) -> (Found<'a>, Found<'a>) {
-    let mut fa = Found::default();
-    let mut fb = Found::default();
+/// Finds each of `names` in every `Cookie` field of the request, in one pass and without
+/// allocating; the results come in the order of `names`
+/// (`let [session, device] = find(headers, [session_name, device_name]);`).
+pub fn find<'a, H: HeadView, const N: usize>(headers: &'a H, names: [&str; N]) -> [Found<'a>; N] {
+    let mut found: [Found<'a>; N] = std::array::from_fn(|_| Found::default());
     for field in headers.values("cookie") {
         let Ok(text) = std::str::from_utf8(field) else {
             continue;
@@ -91,20 +86,17 @@ pub fn find2<'a, H: HeadView>(headers: &'a H, a: &str, b: &str) -> (Found<'a>, F
                 continue;
             };
             let n = n.trim_end();
-            let f = if n == a {
-                &mut fa
-            } else if n == b {
-                &mut fb
-            } else {
+            let Some(i) = names.iter().position(|&name| name == n) else {
                 continue;
             };
+            let f = &mut found[i];
             f.count += 1;
             if f.first.is_none() {
                 f.first = Some(v.trim_end_matches([' ', '\t']));
             }
         }
     }
-    (fa, fb)
+    found
 }
 
 /// Makes the request carry `name=value`: the first pair with that name gets the new value
@@ -237,12 +229,12 @@ mod tests {
     #[test]
     fn finds_values_and_duplicates() {
         let h = headers(&["a=1; X-Qlik-Session=abc=d; b=2", "X-Qlik-Session=zzz"]);
-        let f = find(&h, "X-Qlik-Session");
+        let [f] = find(&h, ["X-Qlik-Session"]);
         assert_eq!(f.first, Some("abc=d"));
         assert_eq!(f.count, 2);
-        assert_eq!(find(&h, "X-Qlik-Session-HTTP").count, 0);
+        assert_eq!(find(&h, ["X-Qlik-Session-HTTP"])[0].count, 0);
         assert_eq!(
-            find(&headers(&["X-Qlik-Session-HTTP=1"]), "X-Qlik-Session").count,
+            find(&headers(&["X-Qlik-Session-HTTP=1"]), ["X-Qlik-Session"])[0].count,
             0
         );
     }
@@ -253,10 +245,11 @@ mod tests {
             "a=1; X-Qlik-Session=abc=d; qsguard=00ff",
             "X-Qlik-Session=zzz",
         ]);
-        let (s, d) = find2(&h, "X-Qlik-Session", "qsguard");
-        assert_eq!(s, find(&h, "X-Qlik-Session"));
-        assert_eq!(d, find(&h, "qsguard"));
+        let [s, d] = find(&h, ["X-Qlik-Session", "qsguard"]);
+        assert_eq!(s, find(&h, ["X-Qlik-Session"])[0]);
+        assert_eq!(d, find(&h, ["qsguard"])[0]);
         assert_eq!(s.count, 2);
+        assert_eq!(d.first, Some("00ff"));
     }
 
     #[test]

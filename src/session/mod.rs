@@ -37,6 +37,7 @@ use http_body_util::Full;
 use crate::config::{Config, OnLimit};
 use crate::diagnostics::events::{self, Events, Kind};
 use crate::head_view::HeadView;
+use crate::pages::Page;
 use crate::qps::{Owner, PersonalApi, QpsApi, QpsError};
 use arc_swap::ArcSwap;
 use flight::{Flight, Flights, Outcome};
@@ -79,20 +80,69 @@ pub struct Context {
     pub set_back: bool,
     /// A session cookie the guard did not know.
     pub unknown: Option<Box<str>>,
-    /// This request leads its browser's flight.
-    pub lead: Option<Arc<Flight>>,
     pub logout: bool,
     pub host: Option<HeaderValue>,
     /// `/app/<id>` of an engine WebSocket upgrade.
     pub app: Option<String>,
     pub tls: bool,
-    /// A slot in the user's count held by this request (when no flight holds it).
-    reservation: Option<(User, u64)>,
+    /// What the request holds until it is answered (released when the context is dropped).
+    holds: Holds,
     /// Where the request came from (for events, and noted when a session is made for it).
     client: Option<events::Client>,
     /// The node of the browser's login dance in progress, for a request without a session.
     pub node_hint: Option<Arc<str>>,
     pub peer: IpAddr,
+}
+
+/// What a request holds in the guard while it is on its way: a slot in its user's count (when
+/// no flight holds it for the login dance) and the lead of its browser's flight. The response
+/// phase settles both ([`SessionGuard::after`]); whatever way a request ends before that (a
+/// body cut off, Qlik unreachable, the client gone), dropping its context gives them back at
+/// once: the flight fails, so the browser's other requests go on, and the slot is released,
+/// so the user is not counted at the limit for a session that will not exist.
+#[derive(Default)]
+struct Holds {
+    /// Set once the request holds anything.
+    guard: Option<Arc<SessionGuard>>,
+    device: DeviceId,
+    vp: usize,
+    lead: Option<Arc<Flight>>,
+    reservation: Option<(User, u64)>,
+}
+
+impl std::fmt::Debug for Holds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Holds")
+            .field("lead", &self.lead.as_ref().map(|l| l.id))
+            .field("reservation", &self.reservation.as_ref().map(|(_, r)| r))
+            .finish()
+    }
+}
+
+impl Holds {
+    /// Ends the flight this request leads with `outcome`, and releases what the flight held.
+    fn finish_flight(&mut self, outcome: Outcome) {
+        let (Some(g), Some(f)) = (&self.guard, self.lead.take()) else {
+            return;
+        };
+        if let Some(done) = g.flights.finish(self.device, self.vp, Some(f.id), outcome) {
+            g.release_flight(&done);
+        }
+    }
+
+    /// Gives the request's own slot back (a session made meanwhile counts by itself).
+    fn release(&mut self) {
+        if let (Some(g), Some((u, r))) = (&self.guard, self.reservation.take()) {
+            g.table.release(&u, r);
+        }
+    }
+}
+
+impl Drop for Holds {
+    fn drop(&mut self) {
+        self.finish_flight(Outcome::Failed);
+        self.release();
+    }
 }
 
 /// A request as the guard reads it (no copy of the head is made).
@@ -317,9 +367,12 @@ impl SessionGuard {
         }
     }
 
-    /// Phase "before upstream": see the module docs.
+    /// Phase "before upstream": see the module docs. In order: read what the request says
+    /// ([`SessionGuard::read`]); a cookie the guard knows is live goes on at once (the hot
+    /// path); a step of a login dance; a restore, or waiting for the browser's flight; and
+    /// last, a new session, within the user's limit.
     pub async fn before<H: HeadView>(
-        &self,
+        self: &Arc<Self>,
         req: &Request<'_, H>,
         peer: IpAddr,
         tls: bool,
@@ -327,9 +380,51 @@ impl SessionGuard {
         let Some((vp, rest)) = self.route(req.path) else {
             return Verdict::Pass;
         };
+        let (mut ctx, cookie) = match self.read(vp, rest, req, peer, tls) {
+            Ok(read) => read,
+            Err(page) => return Verdict::Answer(*page),
+        };
+        if let Some(s) = self.known_live(&mut ctx, &cookie, req.headers) {
+            ctx.session = Some(s);
+            return Verdict::Forward(Box::new(ctx));
+        }
+        self.note_browser(&mut ctx, &cookie, req.headers);
+        // The Personal API never creates a session: nothing to guard.
+        if is_personal_api(rest) {
+            return Verdict::Forward(Box::new(ctx));
+        }
+        let ticket =
+            has_param(req.query, "qlikTicket") || req.headers.first("x-qlik-ticket").is_some();
+        if is_auth_module(rest) || ticket {
+            return self.login_step(ctx, req.query, ticket).await;
+        }
+        if !ctx.new_device {
+            match self.restore_or_wait(ctx, &cookie, req.headers).await {
+                Ok(verdict) => return verdict,
+                Err(back) => ctx = *back,
+            }
+        }
+        // An unknown cookie may well be live (made before a guard restart, or elsewhere):
+        // forward it and learn from the answer. Otherwise this request creates a session.
+        if ctx.unknown.is_some() {
+            return Verdict::Forward(Box::new(ctx));
+        }
+        self.new_session(ctx, req).await
+    }
+
+    /// What the request says: its virtual proxy's session cookie, the browser's device cookie,
+    /// the identity header (a bad one is answered with a 400).
+    fn read<'r, H: HeadView>(
+        &self,
+        vp: usize,
+        rest: &str,
+        req: &Request<'r, H>,
+        peer: IpAddr,
+        tls: bool,
+    ) -> Result<(Context, cookies::Found<'r>), Box<Page>> {
         let info = &self.vps[vp];
-        let (found, found_device) = cookies::find2(req.headers, &info.cookie, &self.device_cookie);
-        let (device, new_device) = match found_device.first {
+        let [cookie, device] = cookies::find(req.headers, [&info.cookie, &self.device_cookie]);
+        let (device, new_device) = match device.first {
             Some(v) => match u128::from_str_radix(v, 16) {
                 Ok(d) if v.len() == 32 => (d, false),
                 _ => (rand::random(), true),
@@ -342,21 +437,20 @@ impl SessionGuard {
                 let mut values = req.headers.values(h.as_str());
                 match (values.next(), values.next()) {
                     (None, _) => None,
-                    (Some(v), None) => match User::parse(v) {
-                        Ok(u) => Some(u),
-                        Err(why) => return Verdict::Answer(crate::pages::bad_identity(h, why)),
-                    },
+                    (Some(v), None) => Some(
+                        User::parse(v)
+                            .map_err(|why| Box::new(crate::pages::bad_identity(h, why)))?,
+                    ),
                     (Some(_), Some(_)) => {
-                        return Verdict::Answer(crate::pages::bad_identity(
+                        return Err(Box::new(crate::pages::bad_identity(
                             h,
                             "the identity header was sent twice",
-                        ))
+                        )))
                     }
                 }
             }
         };
-        let client_of = || client_info(req.headers, peer);
-        let mut ctx = Context {
+        let ctx = Context {
             vp,
             device,
             new_device,
@@ -364,174 +458,213 @@ impl SessionGuard {
             session: None,
             set_back: false,
             unknown: None,
-            lead: None,
             logout: req.method == b"DELETE" && is_personal_api(rest),
             host: None,
             app: app_of(rest),
             tls,
-            reservation: None,
+            holds: Holds::default(),
             client: None,
             node_hint: None,
             peer,
         };
+        Ok((ctx, cookie))
+    }
 
-        // The hot path: a cookie the guard knows is live.
+    /// The hot path: the request's cookie names a session the guard knows is live (and, on a
+    /// header-authentication virtual proxy, of the same user): touch it, note the browser.
+    /// An unknown cookie is noted in `ctx.unknown`.
+    fn known_live<H: HeadView>(
+        &self,
+        ctx: &mut Context,
+        cookie: &cookies::Found<'_>,
+        headers: &H,
+    ) -> Option<Arc<Session>> {
+        let value = cookie.first?;
         let now = self.table.now_ms();
-        if let Some(value) = found.first {
-            match self.table.get(vp, value) {
-                Some(s) if self.table.is_live(&s, now) => {
-                    let owner_differs = match &ctx.identity {
-                        Some(i) => s.owner().is_some_and(|o| i.key != o.key),
-                        None => false,
-                    };
-                    if !owner_differs {
-                        if new_device && found.count == 1 {
-                            self.check_folded(&s, &ctx, client_of);
-                        }
-                        if found.count > 1 {
-                            ctx.client = Some(client_of());
-                            self.emit(Kind::CookieDuplicated, format!("the cookie {} was sent {} times in one request (path-scoped duplicates, or a device on the way appending one)", info.cookie, found.count), Some(&ctx), Some(&s), None);
-                        }
-                        self.table.touch_at(&s, now);
-                        if !new_device && !s.meta().devices.contains(&device) {
-                            self.table.link_device(&s, device);
-                        }
-                        if let Some(i) = &ctx.identity {
-                            if s.meta().owner.is_none() {
-                                self.table.set_owner(&s, i.clone());
-                            }
-                        }
-                        ctx.session = Some(s);
-                        return Verdict::Forward(Box::new(ctx));
-                    }
-                }
-                Some(_) => {}
-                None => ctx.unknown = Some(value.into()),
+        let s = match self.table.get(ctx.vp, value) {
+            Some(s) if self.table.is_live(&s, now) => s,
+            Some(_) => return None,
+            None => {
+                ctx.unknown = Some(value.into());
+                return None;
+            }
+        };
+        if let (Some(i), Some(o)) = (&ctx.identity, s.owner()) {
+            if i.key != o.key {
+                return None;
             }
         }
-        if !new_device {
-            ctx.node_hint = self
-                .flights
-                .get(device, vp)
-                .and_then(|f| f.dance().node.clone());
+        if ctx.new_device && cookie.count == 1 {
+            self.check_folded(&s, ctx, || client_info(headers, ctx.peer));
         }
-        ctx.host = req
-            .headers
-            .first("host")
-            .and_then(|h| HeaderValue::from_bytes(h).ok());
-        let ua = req
-            .headers
-            .first("user-agent")
-            .and_then(|v| std::str::from_utf8(v).ok());
-        self.table.seen_device(device, ua, peer, false);
-        ctx.client = Some(client_of());
-        if found.count > 1 {
-            self.emit(Kind::CookieDuplicated, format!("the cookie {} was sent {} times in one request (path-scoped duplicates, or a device on the way appending one)", info.cookie, found.count), Some(&ctx), None, None);
+        if cookie.count > 1 {
+            ctx.client = Some(client_info(headers, ctx.peer));
+            self.duplicated(ctx, cookie.count, Some(&s));
+        }
+        self.table.touch_at(&s, now);
+        if !ctx.new_device && !s.meta().devices.contains(&ctx.device) {
+            self.table.link_device(&s, ctx.device);
         }
         if let Some(i) = &ctx.identity {
-            self.table.set_device_user(device, i);
+            if s.meta().owner.is_none() {
+                self.table.set_owner(&s, i.clone());
+            }
         }
+        Some(s)
+    }
 
-        // The Personal API never creates a session: nothing to guard.
-        if is_personal_api(rest) {
-            return Verdict::Forward(Box::new(ctx));
+    /// A request without a live session: note the browser (its login dance's node, Host,
+    /// User-Agent, address, user) and a duplicated cookie.
+    fn note_browser<H: HeadView>(
+        &self,
+        ctx: &mut Context,
+        cookie: &cookies::Found<'_>,
+        headers: &H,
+    ) {
+        if !ctx.new_device {
+            ctx.node_hint = self
+                .flights
+                .get(ctx.device, ctx.vp)
+                .and_then(|f| f.dance().node.clone());
         }
-        // A step of a login dance.
-        let ticket =
-            has_param(req.query, "qlikTicket") || req.headers.first("x-qlik-ticket").is_some();
-        if is_auth_module(rest) || ticket {
-            if let (false, Some(f)) = (new_device, self.flights.get(device, vp)) {
-                let target = param(req.query, "targetId");
-                let leads = ticket
-                    || f.dance().leader_target.is_none()
-                    || f.dance().leader_target.as_deref() == target.as_deref();
-                if !leads {
-                    // A second login of the same burst: hold it, then send it back to the page
-                    // it asked for, with the session the first one got.
+        ctx.host = headers
+            .first("host")
+            .and_then(|h| HeaderValue::from_bytes(h).ok());
+        let ua = headers
+            .first("user-agent")
+            .and_then(|v| std::str::from_utf8(v).ok());
+        self.table.seen_device(ctx.device, ua, ctx.peer, false);
+        ctx.client = Some(client_info(headers, ctx.peer));
+        if cookie.count > 1 {
+            self.duplicated(ctx, cookie.count, None);
+        }
+        if let Some(i) = &ctx.identity {
+            self.table.set_device_user(ctx.device, i);
+        }
+    }
+
+    fn duplicated(&self, ctx: &Context, count: usize, s: Option<&Session>) {
+        let cause = format!("the cookie {} was sent {count} times in one request (path-scoped duplicates, or a device on the way appending one)", self.vps[ctx.vp].cookie);
+        self.emit(Kind::CookieDuplicated, cause, Some(ctx), s, None);
+    }
+
+    /// A step of a login dance (Qlik's authentication module, a ticket). The leader's steps
+    /// pass; a second login of the same burst is held, then sent back to the page it asked for
+    /// with the session the first one got.
+    async fn login_step(&self, ctx: Context, query: Option<&str>, ticket: bool) -> Verdict {
+        let flight = (!ctx.new_device)
+            .then(|| self.flights.get(ctx.device, ctx.vp))
+            .flatten();
+        if let Some(f) = flight {
+            let target = param(query, "targetId");
+            let leads = ticket
+                || f.dance().leader_target.is_none()
+                || f.dance().leader_target.as_deref() == target.as_deref();
+            if !leads {
+                self.counters.bursts_held.fetch_add(1, Ordering::Relaxed);
+                self.emit(
+                    Kind::BurstHeld,
+                    "a second login of the same browser held until the first one has its session",
+                    Some(&ctx),
+                    None,
+                    None,
+                );
+                let back = target.and_then(|t| f.dance().targets.get(&t).cloned());
+                if let Outcome::Session(s) = f.wait(self.policy().burst_wait).await {
+                    let hub = hub_of(&self.vps[ctx.vp].prefix);
+                    return Verdict::Answer(
+                        self.redirect_with(&s, back.as_deref().unwrap_or(&hub)),
+                    );
+                }
+            }
+        }
+        Verdict::Forward(Box::new(ctx))
+    }
+
+    /// A browser the guard knows, without a live cookie: its own session back (restore), or,
+    /// while another request of the browser is (re)creating its session, a wait for that one.
+    /// `Err` gives the context back when neither applies: this request leads the browser's
+    /// flight now and goes on to make a session.
+    async fn restore_or_wait<H: HeadView>(
+        self: &Arc<Self>,
+        mut ctx: Context,
+        cookie: &cookies::Found<'_>,
+        headers: &H,
+    ) -> Result<Verdict, Box<Context>> {
+        let info = &self.vps[ctx.vp];
+        if let Some(s) = self
+            .table
+            .device_session(ctx.device, ctx.vp, ctx.identity.as_ref())
+        {
+            self.counters.restored.fetch_add(1, Ordering::Relaxed);
+            match (cookie.first, &ctx.unknown) {
+                (None, _) => {
+                    let why = lost_cause(&s.meta().cookie_attributes, ctx.tls, headers);
+                    self.emit(Kind::CookieLost, why, Some(&ctx), Some(&s), None);
+                }
+                (Some(_), Some(value)) => {
+                    let cause = format!(
+                        "the browser sent a value of {} (#{}) the guard never issued for this device: changed on the way",
+                        info.cookie,
+                        self.table.hash(value)
+                    );
+                    self.emit(Kind::CookieModified, cause, Some(&ctx), Some(&s), None);
+                }
+                _ => {}
+            }
+            self.emit(Kind::SessionRestored, "the browser's own session was put back on the request and set again in the browser", Some(&ctx), Some(&s), None);
+            tracing::info!(session = %s.hash, user = %owner_text(&s), vp = %info.prefix, "session restored for a browser that lost its cookie");
+            return Ok(Verdict::Forward(Box::new(self.attach(ctx, s))));
+        }
+        // A burst: one request (re)creates the session, the others wait for it.
+        for _ in 0..2 {
+            match self.flights.lead(ctx.device, ctx.vp) {
+                Ok(f) => {
+                    self.hold(&mut ctx).lead = Some(f);
+                    return Err(Box::new(ctx));
+                }
+                Err(open) => {
                     self.counters.bursts_held.fetch_add(1, Ordering::Relaxed);
-                    self.emit(Kind::BurstHeld, "a second login of the same browser held until the first one has its session", Some(&ctx), None, None);
-                    let back = target.and_then(|t| f.dance().targets.get(&t).cloned());
-                    if let Outcome::Session(s) = f.wait(self.policy().burst_wait).await {
-                        return Verdict::Answer(
-                            self.redirect_with(
-                                &s,
-                                back.as_deref().unwrap_or(&hub_of(&info.prefix)),
-                            ),
-                        );
-                    }
-                }
-            }
-            return Verdict::Forward(Box::new(ctx));
-        }
-
-        // Restore: the browser lost its cookie (restart, a middlebox), the guard did not.
-        if !new_device {
-            if let Some(s) = self.table.device_session(device, vp, ctx.identity.as_ref()) {
-                self.counters.restored.fetch_add(1, Ordering::Relaxed);
-                match (found.first, &ctx.unknown) {
-                    (None, _) => {
-                        let why = lost_cause(&s.meta().cookie_attributes, tls, req.headers);
-                        self.emit(Kind::CookieLost, why, Some(&ctx), Some(&s), None);
-                    }
-                    (Some(_), Some(value)) => {
-                        let cause = format!(
-                            "the browser sent a value of {} (#{}) the guard never issued for this device: changed on the way",
-                            info.cookie,
-                            self.table.hash(value)
-                        );
-                        self.emit(Kind::CookieModified, cause, Some(&ctx), Some(&s), None);
-                    }
-                    _ => {}
-                }
-                self.emit(Kind::SessionRestored, "the browser's own session was put back on the request and set again in the browser", Some(&ctx), Some(&s), None);
-                tracing::info!(session = %s.hash, user = %owner_text(&s), vp = %info.prefix, "session restored for a browser that lost its cookie");
-                return Verdict::Forward(Box::new(self.attach(ctx, s)));
-            }
-            // A burst: one request (re)creates the session, the others wait for it.
-            for _ in 0..2 {
-                match self.flights.lead(device, vp) {
-                    Ok(f) => {
-                        ctx.lead = Some(f);
-                        break;
-                    }
-                    Err(open) => {
-                        self.counters.bursts_held.fetch_add(1, Ordering::Relaxed);
-                        self.emit(
-                            Kind::BurstHeld,
-                            "request held while the browser's session is being (re)created",
-                            Some(&ctx),
-                            None,
-                            None,
-                        );
-                        tracing::debug!(vp = %info.prefix, "request held while the browser's session is being created");
-                        if let Outcome::Session(s) = open.wait(self.policy().burst_wait).await {
-                            if self.table.is_restorable(&s, self.table.now_ms()) {
-                                return Verdict::Forward(Box::new(self.attach(ctx, s)));
-                            }
+                    self.emit(
+                        Kind::BurstHeld,
+                        "request held while the browser's session is being (re)created",
+                        Some(&ctx),
+                        None,
+                        None,
+                    );
+                    tracing::debug!(vp = %info.prefix, "request held while the browser's session is being created");
+                    if let Outcome::Session(s) = open.wait(self.policy().burst_wait).await {
+                        if self.table.is_restorable(&s, self.table.now_ms()) {
+                            return Ok(Verdict::Forward(Box::new(self.attach(ctx, s))));
                         }
                     }
                 }
             }
         }
+        Err(Box::new(ctx))
+    }
 
-        // An unknown cookie may well be live (made before a guard restart, or elsewhere):
-        // forward it and learn from the answer. Otherwise this request creates a session.
-        if ctx.unknown.is_some() {
-            return Verdict::Forward(Box::new(ctx));
-        }
+    /// This request makes a session: within the user's limit, or by `on_limit` at it.
+    async fn new_session<H: HeadView>(
+        self: &Arc<Self>,
+        mut ctx: Context,
+        req: &Request<'_, H>,
+    ) -> Verdict {
+        let prefix = &self.vps[ctx.vp].prefix;
         let trusted = ctx.identity.is_some();
         let user = ctx.identity.clone().or_else(|| {
-            (!new_device)
-                .then(|| self.table.device_user(device))
+            (!ctx.new_device)
+                .then(|| self.table.device_user(ctx.device))
                 .flatten()
         });
         let Some(user) = user else {
             return Verdict::Forward(Box::new(ctx));
         };
-        let mut limit = self.limit(&user, vp, trusted);
+        let mut limit = self.limit(&user, ctx.vp, trusted);
         if let Limit::WaitForPending = limit {
-            limit = self.wait_for_pending(&user, vp).await;
+            limit = self.wait_for_pending(&user, ctx.vp).await;
         }
+        let max = self.policy().max;
         match limit {
             Limit::Proceed(reservation) => {
                 self.keep_reservation(&mut ctx, &user, reservation);
@@ -539,16 +672,14 @@ impl SessionGuard {
             }
             Limit::Reuse(s) => {
                 self.counters.reused.fetch_add(1, Ordering::Relaxed);
-                self.emit(Kind::SessionReused, format!("{user} is at the limit of {}: the request was attached to their most recently active session", self.policy().max), Some(&ctx), Some(&s), Some(&user));
-                tracing::info!(session = %s.hash, user = %user, vp = %info.prefix, "user at the session limit: request attached to their most recent session");
-                self.finish_flight(&ctx, Outcome::Session(s.clone()));
-                let mut ctx = self.attach(ctx, s);
-                ctx.lead = None;
-                Verdict::Forward(Box::new(ctx))
+                self.emit(Kind::SessionReused, format!("{user} is at the limit of {max}: the request was attached to their most recently active session"), Some(&ctx), Some(&s), Some(&user));
+                tracing::info!(session = %s.hash, user = %user, vp = %prefix, "user at the session limit: request attached to their most recent session");
+                ctx.holds.finish_flight(Outcome::Session(s.clone()));
+                Verdict::Forward(Box::new(self.attach(ctx, s)))
             }
             Limit::Evict(victim, reservation) => {
                 self.counters.evicted.fetch_add(1, Ordering::Relaxed);
-                self.emit(Kind::SessionEvicted, format!("{user} reached the limit of {} (headroom {}): the least recently active session without an open app was ended", self.policy().max, self.policy().headroom), Some(&ctx), Some(&victim), Some(&user));
+                self.emit(Kind::SessionEvicted, format!("{user} reached the limit of {max} (headroom {}): the least recently active session without an open app was ended", self.policy().headroom), Some(&ctx), Some(&victim), Some(&user));
                 tracing::info!(session = %victim.hash, user = %user, vp = %self.vps[victim.vp].prefix, "user at the session limit: least recently active session evicted");
                 if let Err(e) = self.end_in_qlik(&victim).await {
                     tracing::warn!(session = %victim.hash, user = %user, "eviction failed: {e}");
@@ -562,16 +693,13 @@ impl SessionGuard {
                     .fetch_add(1, Ordering::Relaxed);
                 self.emit(
                     Kind::RefusedAtLimit,
-                    format!(
-                        "{user} is at the limit of {}: the limit page was shown",
-                        self.policy().max
-                    ),
+                    format!("{user} is at the limit of {max}: the limit page was shown"),
                     Some(&ctx),
                     None,
                     Some(&user),
                 );
-                tracing::warn!(user = %user, vp = %info.prefix, limit = self.policy().max, "user at the session limit: limit page shown");
-                self.finish_flight(&ctx, Outcome::Failed);
+                tracing::warn!(user = %user, vp = %prefix, limit = max, "user at the session limit: limit page shown");
+                ctx.holds.finish_flight(Outcome::Failed);
                 let path = match req.query {
                     Some(q) => format!("{}?{q}", req.path),
                     None => req.path.to_string(),
@@ -592,28 +720,29 @@ impl SessionGuard {
         ctx
     }
 
+    /// The request's holds, ready to hold something (they release it when dropped).
+    fn hold<'c>(self: &Arc<Self>, ctx: &'c mut Context) -> &'c mut Holds {
+        let h = &mut ctx.holds;
+        if h.guard.is_none() {
+            h.guard = Some(self.clone());
+            h.device = ctx.device;
+            h.vp = ctx.vp;
+        }
+        h
+    }
+
     /// The slot goes with the flight (held through the login dance) or with this request.
-    fn keep_reservation(&self, ctx: &mut Context, user: &User, reservation: Option<u64>) {
+    fn keep_reservation(
+        self: &Arc<Self>,
+        ctx: &mut Context,
+        user: &User,
+        reservation: Option<u64>,
+    ) {
         let Some(r) = reservation else { return };
-        match &ctx.lead {
+        let holds = self.hold(ctx);
+        match &holds.lead {
             Some(f) => f.dance().reservation = Some((user.clone(), r)),
-            None => ctx.reservation = Some((user.clone(), r)),
-        }
-    }
-
-    /// The upstream never answered: give back what the request held.
-    pub fn abandon(&self, ctx: &Context) {
-        self.finish_flight(ctx, Outcome::Failed);
-        if let Some((u, r)) = &ctx.reservation {
-            self.table.release(u, *r);
-        }
-    }
-
-    fn finish_flight(&self, ctx: &Context, outcome: Outcome) {
-        if let Some(f) = &ctx.lead {
-            if let Some(done) = self.flights.finish(ctx.device, ctx.vp, Some(f.id), outcome) {
-                self.release_flight(&done);
-            }
+            None => holds.reservation = Some((user.clone(), r)),
         }
     }
 
@@ -717,7 +846,7 @@ impl SessionGuard {
     /// `Set-Cookie` values, to be added after Qlik's.
     pub fn after<H: HeadView>(
         self: &Arc<Self>,
-        ctx: &Context,
+        ctx: &mut Context,
         node: &Arc<str>,
         target: &str,
         status: u16,
@@ -731,6 +860,8 @@ impl SessionGuard {
         if let Some(c) = fresh {
             if ctx.session.as_deref().map(|s| &*s.id) != Some(c.value.as_str()) {
                 new_session = Some(self.record_new(ctx, node, c));
+                // `record_new` ended the browser's flight, whoever led it.
+                ctx.holds.lead = None;
             }
         } else if let Some(target_id) = auth_redirect_target(status, headers) {
             // Qlik sends this request to log in: whatever session it carried is dead in Qlik.
@@ -743,8 +874,10 @@ impl SessionGuard {
             }
             // The login dance is this browser's flight: the rest of its burst waits for it.
             // (A new browser gets its device cookie with this answer: its flight is keyed by it.)
-            let flight = match &ctx.lead {
-                Some(f) => f.clone(),
+            // The flight goes on without this request (it ends when the cookie is set, or is
+            // swept after a minute): the request lets go of it without ending it.
+            let flight = match ctx.holds.lead.take() {
+                Some(f) => f,
                 None => match self.flights.lead(ctx.device, ctx.vp) {
                     Ok(f) | Err(f) => f,
                 },
@@ -775,9 +908,9 @@ impl SessionGuard {
             if ctx.identity.is_none() {
                 self.resolve_owner(s.clone(), ctx.host.clone());
             }
-            self.finish_flight(ctx, Outcome::Session(s));
+            ctx.holds.finish_flight(Outcome::Session(s));
         } else {
-            self.finish_flight(ctx, Outcome::Failed);
+            ctx.holds.finish_flight(Outcome::Failed);
         }
         if ctx.logout && (200..300).contains(&status) {
             if let Some(s) = &ctx.session {
@@ -795,9 +928,7 @@ impl SessionGuard {
             }
         }
         // Last: the new session (if any) counts now, so the slot it held can go.
-        if let Some((u, r)) = &ctx.reservation {
-            self.table.release(u, *r);
-        }
+        ctx.holds.release();
         if ctx.new_device {
             if let Some(v) = cookies::device_set_cookie(
                 &self.device_cookie,
@@ -1053,6 +1184,11 @@ impl SessionGuard {
         }
     }
 
+    /// Browsers whose session is being (re)created right now (their flights).
+    pub fn flights_open(&self) -> usize {
+        self.flights.len()
+    }
+
     /// Live sessions on a node (for balancing).
     pub fn node_load(&self, node: &str) -> usize {
         self.table.node_sessions(node)
@@ -1094,7 +1230,8 @@ impl SessionGuard {
 
     /// The device id from a request's device cookie.
     pub fn device_of<H: HeadView>(&self, headers: &H) -> Option<DeviceId> {
-        let v = cookies::find(headers, &self.device_cookie).first?;
+        let [device] = cookies::find(headers, [&self.device_cookie]);
+        let v = device.first?;
         (v.len() == 32)
             .then(|| u128::from_str_radix(v, 16).ok())
             .flatten()
@@ -1137,12 +1274,11 @@ impl Context {
             session: None,
             set_back: false,
             unknown: None,
-            lead: None,
             logout: false,
             host: None,
             app: None,
             tls: c.tls,
-            reservation: None,
+            holds: Holds::default(),
             client: c.client.clone(),
             node_hint: None,
             peer: c.peer,

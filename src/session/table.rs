@@ -504,6 +504,11 @@ impl Table {
         v
     }
 
+    /// Session creations under way for the user (slots held by requests and login dances).
+    pub fn reservations(&self, user_key: &str) -> usize {
+        self.users.get(user_key).map_or(0, |e| e.reservations.len())
+    }
+
     pub fn live_count(&self, user_key: &str) -> usize {
         let now = self.now_ms();
         self.users
