@@ -45,7 +45,15 @@ pub struct State {
     /// The listener is on a loopback address: reading needs no token.
     pub loopback: bool,
     /// For `POST /reload` (weak: the admin API must not keep a stopped guard alive).
-    pub control: std::sync::Weak<crate::server::Control>,
+    pub control: std::sync::Weak<dyn Reload>,
+}
+
+/// What the admin API can ask of the running guard beyond the proxy's state: a reload (the
+/// server's `Control` does it; the admin API does not depend on the server).
+pub trait Reload: Send + Sync {
+    /// Reads the config file again and applies it: `Ok` says what changed, `Err` why the new
+    /// config was refused (the running one stays).
+    fn reload(&self) -> Result<String, String>;
 }
 
 /// Serves the admin API until `stop` is cancelled.

@@ -576,7 +576,19 @@ impl Config {
         Ok(config)
     }
 
+    /// Every rule a config must meet, section by section; the first broken one is the error.
     fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_server()?;
+        self.validate_upstreams()?;
+        self.validate_virtual_proxies()?;
+        self.validate_admin_and_diagnostics()?;
+        self.validate_sessions()?;
+        self.validate_health()?;
+        self.validate_qps_api()
+    }
+
+    /// `[server]`: TLS certificates and names, limits and timeouts.
+    fn validate_server(&self) -> Result<(), ConfigError> {
         let s = &self.server;
         match (&s.tls_cert, &s.tls_key) {
             (Some(_), None) => {
@@ -624,6 +636,11 @@ impl Config {
         if s.header_read_timeout.is_zero() {
             return Err(err("server.header_read_timeout", "must be more than 0s"));
         }
+        Ok(())
+    }
+
+    /// `[[upstream]]` and `[proxy]`: node URLs, names, weights, their QPS APIs; timeouts.
+    fn validate_upstreams(&self) -> Result<(), ConfigError> {
         if self.upstreams.is_empty() {
             return Err(err(
                 "upstream",
@@ -672,6 +689,14 @@ impl Config {
         if self.proxy.connect_timeout.is_zero() || self.proxy.response_timeout.is_zero() {
             return Err(err("proxy", "timeouts must be more than 0s"));
         }
+        if self.upstreams.iter().any(|u| u.weight == 0) {
+            return Err(err("upstream.weight", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// `[[virtual_proxy]]`: prefixes, session cookie names, identity headers.
+    fn validate_virtual_proxies(&self) -> Result<(), ConfigError> {
         let mut prefixes = std::collections::HashSet::new();
         let mut cookies = std::collections::HashSet::new();
         for (i, vp) in self.virtual_proxies.iter().enumerate() {
@@ -729,6 +754,11 @@ impl Config {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// `[admin]` (a token off loopback) and `[diagnostics]`.
+    fn validate_admin_and_diagnostics(&self) -> Result<(), ConfigError> {
         if !self.admin.listen.ip().is_loopback() && self.admin.token_file.is_none() {
             return Err(err(
                 "admin.token_file",
@@ -748,6 +778,11 @@ impl Config {
                 "must be a path like /__qsguard/cookie-check",
             ));
         }
+        Ok(())
+    }
+
+    /// `[sessions]` and the cookies the guard sets (device, sticky).
+    fn validate_sessions(&self) -> Result<(), ConfigError> {
         let ss = &self.sessions;
         if ss.max_per_user == 0 {
             return Err(err("sessions.max_per_user", "must be at least 1"));
@@ -787,6 +822,17 @@ impl Config {
                 "must differ from every virtual proxy's session_cookie",
             ));
         }
+        if ss.snapshot_interval.is_zero() {
+            return Err(err("sessions.snapshot_interval", "must be more than 0s"));
+        }
+        if ss.inactivity_timeout.is_zero() {
+            return Err(err("sessions.inactivity_timeout", "must be more than 0s"));
+        }
+        Ok(())
+    }
+
+    /// `[health]`.
+    fn validate_health(&self) -> Result<(), ConfigError> {
         let h = &self.health;
         if h.interval.is_zero() || h.timeout.is_zero() || h.fall == 0 || h.rise == 0 {
             return Err(err(
@@ -797,15 +843,11 @@ impl Config {
         if !h.path.starts_with('/') {
             return Err(err("health.path", "must start with /"));
         }
-        if self.upstreams.iter().any(|u| u.weight == 0) {
-            return Err(err("upstream.weight", "must be at least 1"));
-        }
-        if ss.snapshot_interval.is_zero() {
-            return Err(err("sessions.snapshot_interval", "must be more than 0s"));
-        }
-        if ss.inactivity_timeout.is_zero() {
-            return Err(err("sessions.inactivity_timeout", "must be more than 0s"));
-        }
+        Ok(())
+    }
+
+    /// `[qps_api]`: the URL and, for https, the client certificate.
+    fn validate_qps_api(&self) -> Result<(), ConfigError> {
         if let Some(api) = &self.qps_api {
             if !matches!(api.url.scheme_str(), Some("http") | Some("https"))
                 || api.url.authority().is_none()

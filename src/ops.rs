@@ -304,6 +304,36 @@ pub async fn doctor(url: &str, check_path: &str) -> Result<(String, bool), Strin
         lines.len(),
         COOKIES.len()
     );
+    let (jar, mut clean) = judge_set_cookies(&lines, &parts.headers, tls, &mut out);
+
+    // Leg 2: here -> guard. What the guard received back.
+    let (_, body) = get(
+        format!("{origin}{check_path}/report?id={id}"),
+        Some(jar.join("; ")),
+    )
+    .await?;
+    let rep: serde_json::Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+    clean &= judge_report(&rep, &mut out);
+    let _ = writeln!(
+        out,
+        "\n{}",
+        if clean {
+            "clean: cookies cross this path intact in both directions"
+        } else {
+            "PROBLEM: cookies do not cross this path intact (see above)"
+        }
+    );
+    Ok((out, clean))
+}
+
+/// Leg 1 of `doctor` (guard -> here): how each test cookie's `Set-Cookie` arrived, written to
+/// `out`; returns the cookies a browser would now send back, and whether all arrived intact.
+fn judge_set_cookies(
+    lines: &[String],
+    headers: &http::HeaderMap,
+    tls: bool,
+    out: &mut String,
+) -> (Vec<String>, bool) {
     let mut clean = true;
     let mut jar = Vec::new();
     for (name, attrs, _) in COOKIES {
@@ -343,7 +373,7 @@ pub async fn doctor(url: &str, check_path: &str) -> Result<(String, bool), Strin
         let _ = writeln!(out, "  {name:<22} {verdict}");
     }
     for h in ["via", "server", "x-cache", "x-served-by"] {
-        for v in parts.headers.get_all(h) {
+        for v in headers.get_all(h) {
             let _ = writeln!(
                 out,
                 "  response header {h}: {}",
@@ -362,13 +392,12 @@ pub async fn doctor(url: &str, check_path: &str) -> Result<(String, bool), Strin
         }
     }
 
-    // Leg 2: here -> guard. What the guard received back.
-    let (_, body) = get(
-        format!("{origin}{check_path}/report?id={id}"),
-        Some(jar.join("; ")),
-    )
-    .await?;
-    let rep: serde_json::Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+    (jar, clean)
+}
+
+/// Leg 2 of `doctor` (here -> guard): what the guard says it received, written to `out`;
+/// returns whether every cookie came back intact.
+fn judge_report(rep: &serde_json::Value, out: &mut String) -> bool {
     let _ = writeln!(
         out,
         "\nhere -> guard: {}",
@@ -382,7 +411,6 @@ pub async fn doctor(url: &str, check_path: &str) -> Result<(String, bool), Strin
             c["status"].as_str().unwrap_or("?")
         );
     }
-    clean &= rep["clean"] == true;
     for (label, key) in [
         ("Via", "via"),
         ("X-Forwarded-For", "x_forwarded_for"),
@@ -396,14 +424,5 @@ pub async fn doctor(url: &str, check_path: &str) -> Result<(String, bool), Strin
             );
         }
     }
-    let _ = writeln!(
-        out,
-        "\n{}",
-        if clean {
-            "clean: cookies cross this path intact in both directions"
-        } else {
-            "PROBLEM: cookies do not cross this path intact (see above)"
-        }
-    );
-    Ok((out, clean))
+    rep["clean"] == true
 }

@@ -84,7 +84,7 @@ impl Kind {
 
 /// Where a request came from, as far as the guard can tell.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
-pub struct Client {
+pub struct Requester {
     pub peer: Option<IpAddr>,
     pub forwarded_for: Option<String>,
     pub via: Option<String>,
@@ -110,7 +110,7 @@ pub struct Event {
     pub user: Option<String>,
     /// The device cookie's hash.
     pub device: Option<String>,
-    pub client: Client,
+    pub client: Requester,
     pub cookies: Vec<CookieRef>,
 }
 
@@ -122,7 +122,7 @@ pub struct NewEvent {
     pub virtual_proxy: Option<String>,
     pub user: Option<String>,
     pub device: Option<String>,
-    pub client: Client,
+    pub client: Requester,
     pub cookies: Vec<CookieRef>,
 }
 
@@ -134,7 +134,7 @@ impl NewEvent {
             virtual_proxy: None,
             user: None,
             device: None,
-            client: Client::default(),
+            client: Requester::default(),
             cookies: Vec::new(),
         }
     }

@@ -14,8 +14,12 @@
 //! Shutdown, in order: stop accepting; tell every connection to finish its in-flight request
 //! and close; wait for them up to `server.grace_period`; then close the WebSocket tunnels.
 
+mod control;
 pub mod handover;
 pub mod tls;
+
+pub use control::Control;
+use control::Listening;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,173 +58,6 @@ impl ConnSettings {
     }
 }
 
-/// The main listener and the token that stops its accept loop (a reload that moves the
-/// listener stops the old loop; the connections it accepted go on).
-struct Listening {
-    listen: SocketAddr,
-    addr: SocketAddr,
-    /// Dropped at shutdown, so that the port is closed while the connections finish.
-    socket: Option<Arc<TcpListener>>,
-    stop: CancellationToken,
-}
-
-/// What a running guard can be told to do while it serves: reload, hand over to a new binary.
-pub struct Control {
-    proxy: Arc<Proxy>,
-    conn: Arc<ArcSwap<ConnSettings>>,
-    listening: Mutex<Listening>,
-    admin_socket: Mutex<Option<Arc<TcpListener>>>,
-    admin_token: Arc<RwLock<Option<Arc<str>>>>,
-    config: Mutex<Config>,
-    slots: Arc<Semaphore>,
-    connections: TaskTracker,
-    stop: CancellationToken,
-    /// A successor process took the listeners over: it owns the snapshot file now.
-    handed_over: AtomicBool,
-}
-
-impl Control {
-    /// Reads the config file again and applies it (see the module doc). `Ok` says what
-    /// changed; `Err` says why the new config was refused, and the old one keeps running.
-    pub fn reload(&self) -> Result<String, String> {
-        let path = self
-            .config
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .source
-            .clone()
-            .ok_or("the guard was started without a config file: there is nothing to reload")?;
-        let new = Config::load(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        self.apply(new)
-    }
-
-    /// Applies `new` in place of the running config.
-    pub fn apply(&self, mut new: Config) -> Result<String, String> {
-        let mut current = self.config.lock().unwrap_or_else(|e| e.into_inner());
-        if new.source.is_none() {
-            new.source = current.source.clone();
-        }
-        // 1. Everything that can fail, before anything changes.
-        let conn = ConnSettings::new(&new)?;
-        let token = new.admin.token().map_err(|e| e.to_string())?;
-        // The admin listener that serves is the one bound at start (admin.listen needs a
-        // restart): it decides whether a token is needed.
-        if token.is_none() && !current.admin.listen.ip().is_loopback() {
-            return Err(
-                "admin.token_file: the admin listener is off loopback and needs a token".into(),
-            );
-        }
-        let mut listening = self.listening.lock().unwrap_or_else(|e| e.into_inner());
-        let moved = if new.server.listen != listening.listen {
-            let socket = bind(new.server.listen, "server.listen", new.server.reuse_port)?;
-            let addr = socket.local_addr().map_err(|e| e.to_string())?;
-            Some((socket, addr))
-        } else {
-            None
-        };
-        self.proxy.reload(&new)?;
-        // 2. Nothing below fails.
-        self.conn.store(Arc::new(conn));
-        *self.admin_token.write().unwrap_or_else(|e| e.into_inner()) = token.map(Into::into);
-        let mut notes = Vec::new();
-        if let Some((socket, addr)) = moved {
-            let socket = Arc::new(socket);
-            let stop = self.stop.child_token();
-            tokio::spawn(accept_loop(
-                socket.clone(),
-                self.proxy.clone(),
-                self.conn.clone(),
-                self.slots.clone(),
-                self.connections.clone(),
-                stop.clone(),
-                self.stop.clone(),
-            ));
-            let old = std::mem::replace(
-                &mut *listening,
-                Listening {
-                    listen: new.server.listen,
-                    addr,
-                    socket: Some(socket),
-                    stop,
-                },
-            );
-            old.stop.cancel();
-            notes.push(format!("listening on {addr} instead of {}", old.addr));
-        }
-        let restart = current.restart_only_changes(&new);
-        if !restart.is_empty() {
-            tracing::warn!(keys = ?restart, "changed in the config file, applied only by a restart");
-            notes.push(format!("needs a restart to apply: {}", restart.join(", ")));
-        }
-        let nodes: Vec<String> = self
-            .proxy
-            .upstreams()
-            .nodes()
-            .iter()
-            .map(|n| n.name.clone())
-            .collect();
-        notes.push(format!("nodes: {}", nodes.join(", ")));
-        *current = new;
-        Ok(notes.join("; "))
-    }
-
-    /// The main listener's address now (a reload may move it).
-    pub fn addr(&self) -> SocketAddr {
-        self.listening
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .addr
-    }
-
-    /// The listening sockets, for a successor process to inherit.
-    pub(crate) fn sockets(&self) -> Vec<(&'static str, Arc<TcpListener>)> {
-        let server = self
-            .listening
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .socket
-            .clone();
-        let admin = self
-            .admin_socket
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        [("server", server), ("admin", admin)]
-            .into_iter()
-            .filter_map(|(k, s)| Some((k, s?)))
-            .collect()
-    }
-
-    /// Lets go of the listening sockets (the accept loops hold the last references).
-    fn close_listeners(&self) {
-        self.listening
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .socket = None;
-        *self.admin_socket.lock().unwrap_or_else(|e| e.into_inner()) = None;
-    }
-
-    /// The session snapshot file, if any.
-    pub(crate) fn snapshot_file(&self) -> Option<std::path::PathBuf> {
-        self.config
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .sessions
-            .snapshot_file
-            .clone()
-    }
-
-    pub fn proxy(&self) -> &Arc<Proxy> {
-        &self.proxy
-    }
-
-    /// A successor serves now: stop, and leave the snapshot file to it.
-    pub(crate) fn hand_over(&self) {
-        self.handed_over.store(true, Ordering::Release);
-        self.stop.cancel();
-    }
-}
-
 /// A running guard: its bound addresses and the handle to stop it.
 pub struct Guard {
     pub addr: SocketAddr,
@@ -232,23 +69,17 @@ pub struct Guard {
 
 impl Guard {
     /// Binds the listeners (or takes them over from the process this one replaces, see
-    /// [`handover`]) and starts serving on the current tokio runtime.
+    /// [`handover`]) and starts serving on the current tokio runtime: first everything that
+    /// can fail (binding, certificates, the token, the nodes), then the admin API, the session
+    /// guard's background work, the proxy's health checks and pool reaper, the accept loop,
+    /// and the task that waits for the shutdown.
     pub async fn start(config: Config) -> Result<Guard, String> {
         let conn = Arc::new(ArcSwap::from_pointee(ConnSettings::new(&config)?));
-        let reuse = config.server.reuse_port;
-        let listener = Arc::new(match handover::inherited("server", config.server.listen) {
-            Some(l) => l,
-            None => bind(config.server.listen, "server.listen", reuse)?,
-        });
-        let admin_listener = Arc::new(match handover::inherited("admin", config.admin.listen) {
-            Some(l) => l,
-            None => bind(config.admin.listen, "admin.listen", reuse)?,
-        });
+        let listener = Arc::new(listener_for("server", &config.server.listen, &config)?);
+        let admin_listener = Arc::new(listener_for("admin", &config.admin.listen, &config)?);
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let admin_addr = admin_listener.local_addr().map_err(|e| e.to_string())?;
         let proxy = Arc::new(Proxy::new(&config)?);
-        let stop = CancellationToken::new();
-        let connections = TaskTracker::new();
         let admin_token = Arc::new(RwLock::new(
             config
                 .admin
@@ -256,6 +87,7 @@ impl Guard {
                 .map_err(|e| e.to_string())?
                 .map(Into::into),
         ));
+        let stop = CancellationToken::new();
         let accept_stop = stop.child_token();
         let control = Arc::new(Control {
             proxy: proxy.clone(),
@@ -269,8 +101,14 @@ impl Guard {
             admin_socket: Mutex::new(Some(admin_listener.clone())),
             admin_token: admin_token.clone(),
             config: Mutex::new(config.clone()),
-            slots: Arc::new(Semaphore::new(config.server.max_connections)),
-            connections: connections.clone(),
+            serving: Serving {
+                proxy: proxy.clone(),
+                conn: conn.clone(),
+                slots: Arc::new(Semaphore::new(config.server.max_connections)),
+                connections: TaskTracker::new(),
+                stop: stop.clone(),
+                cut: CancellationToken::new(),
+            },
             stop: stop.clone(),
             handed_over: AtomicBool::new(false),
         });
@@ -280,104 +118,24 @@ impl Guard {
                 proxy: proxy.clone(),
                 token: admin_token,
                 loopback: config.admin.listen.ip().is_loopback(),
-                control: Arc::downgrade(&control),
+                control: {
+                    let reload: Arc<dyn crate::admin::Reload> = control.clone();
+                    Arc::downgrade(&reload)
+                },
             },
             stop.clone(),
         ));
-        let snapshot = config.sessions.snapshot_file.clone();
         if let Some(sessions) = proxy.sessions() {
-            if let Some(path) = &snapshot {
-                if path.exists() {
-                    match sessions.load_snapshot(path) {
-                        Ok((loaded, dropped)) => tracing::info!(
-                            file = %path.display(), loaded, dropped,
-                            "sessions restored from the snapshot (dropped: expired meanwhile or of a removed virtual proxy)"
-                        ),
-                        Err(e) => tracing::warn!("the session snapshot was not loaded: {e}"),
-                    }
-                }
-                tokio::spawn(save_periodically(
-                    sessions.clone(),
-                    path.clone(),
-                    config.sessions.snapshot_interval,
-                    stop.clone(),
-                ));
-            }
-            // Off the start path: an unreachable QPS API must not delay serving.
-            let g = sessions.clone();
-            tokio::spawn(async move {
-                match g.reconcile().await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(
-                        sessions = n,
-                        "sessions learnt from the QPS REST API at start"
-                    ),
-                    Err(e) => {
-                        tracing::warn!("cannot reconcile with the QPS REST API at start: {e}")
-                    }
-                }
-            });
-            tokio::spawn(sessions.clone().sweep_forever(stop.clone()));
-            if let (Some(path), Some(pid)) = (&snapshot, handover::predecessor()) {
-                tokio::spawn(handover::merge_when_gone(
-                    sessions.clone(),
-                    pid,
-                    handover::side_file(path),
-                    stop.clone(),
-                ));
-            }
+            start_session_guard(sessions, &config, &stop);
         }
         tokio::spawn(proxy.clone().reap_forever(stop.clone()));
         tokio::spawn(proxy.clone().health_forever(stop.clone()));
-        tokio::spawn(accept_loop(
-            listener,
-            proxy.clone(),
-            conn,
-            control.slots.clone(),
-            connections.clone(),
-            accept_stop,
-            stop.clone(),
+        tokio::spawn(accept_loop(listener, control.serving.clone(), accept_stop));
+        let done = tokio::spawn(shut_down_when_told(
+            control.clone(),
+            config.server.grace_period,
+            admin_task,
         ));
-        let grace = config.server.grace_period;
-        let end = control.clone();
-        let stopped = stop.clone();
-        let done = tokio::spawn(async move {
-            stopped.cancelled().await;
-            end.close_listeners();
-            connections.close();
-            if tokio::time::timeout(grace, connections.wait())
-                .await
-                .is_err()
-            {
-                tracing::warn!(
-                    left = connections.len(),
-                    "grace period over: closing the connections still open"
-                );
-            }
-            end.proxy.close_tunnels(Duration::from_secs(2)).await;
-            let handed_over = end.handed_over.load(Ordering::Acquire);
-            // After a handover the new process owns the snapshot file: this one's last word
-            // goes to the side file the new process merges once this one is gone.
-            let path = end.snapshot_file().map(|p| {
-                if handed_over {
-                    handover::side_file(&p)
-                } else {
-                    p
-                }
-            });
-            if let (Some(g), Some(path)) = (end.proxy.sessions(), &path) {
-                match g.save_snapshot(path) {
-                    Ok(n) => {
-                        tracing::info!(file = %path.display(), sessions = n, "session snapshot written")
-                    }
-                    Err(e) => {
-                        tracing::error!(file = %path.display(), "cannot write the session snapshot: {e}")
-                    }
-                }
-            }
-            let _ = admin_task.await;
-            tracing::info!("stopped");
-        });
         tracing::info!(%addr, %admin_addr, tls = config.server.tls_cert.is_some(), pid = std::process::id(), "qsguard listening");
         Ok(Guard {
             addr,
@@ -412,6 +170,111 @@ impl Guard {
     pub async fn wait(self) {
         let _ = self.done.await;
     }
+}
+
+/// The listening socket `name` ("server", "admin"): inherited from the process this one
+/// replaces, else bound now.
+fn listener_for(name: &str, addr: &SocketAddr, config: &Config) -> Result<TcpListener, String> {
+    match handover::inherited(name, *addr) {
+        Some(l) => Ok(l),
+        None => bind(*addr, &format!("{name}.listen"), config.server.reuse_port),
+    }
+}
+
+/// The session guard's background work: the snapshot (loaded now, written periodically), the
+/// reconciliation with the QPS REST API, the sweeper, and the merge of a predecessor's last
+/// snapshot after an upgrade.
+fn start_session_guard(
+    sessions: &Arc<crate::session::SessionGuard>,
+    config: &Config,
+    stop: &CancellationToken,
+) {
+    let snapshot = config.sessions.snapshot_file.clone();
+    if let Some(path) = &snapshot {
+        if path.exists() {
+            match sessions.load_snapshot(path) {
+                Ok((loaded, dropped)) => tracing::info!(
+                    file = %path.display(), loaded, dropped,
+                    "sessions restored from the snapshot (dropped: expired meanwhile or of a removed virtual proxy)"
+                ),
+                Err(e) => tracing::warn!("the session snapshot was not loaded: {e}"),
+            }
+        }
+        tokio::spawn(save_periodically(
+            sessions.clone(),
+            path.clone(),
+            config.sessions.snapshot_interval,
+            stop.clone(),
+        ));
+    }
+    // Off the start path: an unreachable QPS API must not delay serving.
+    let g = sessions.clone();
+    tokio::spawn(async move {
+        match g.reconcile().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                sessions = n,
+                "sessions learnt from the QPS REST API at start"
+            ),
+            Err(e) => tracing::warn!("cannot reconcile with the QPS REST API at start: {e}"),
+        }
+    });
+    tokio::spawn(sessions.clone().sweep_forever(stop.clone()));
+    if let (Some(path), Some(pid)) = (&snapshot, handover::predecessor()) {
+        tokio::spawn(handover::merge_when_gone(
+            sessions.clone(),
+            pid,
+            handover::side_file(path),
+            stop.clone(),
+        ));
+    }
+}
+
+/// The shutdown, once the stop token is cancelled: stop accepting, let the connections finish
+/// within `grace`, close the tunnels, write the last snapshot, stop the admin API.
+async fn shut_down_when_told(
+    control: Arc<Control>,
+    grace: Duration,
+    admin_task: tokio::task::JoinHandle<()>,
+) {
+    control.stop.cancelled().await;
+    control.close_listeners();
+    let connections = control.serving.connections.clone();
+    connections.close();
+    if tokio::time::timeout(grace, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = connections.len(),
+            "grace period over: closing the connections still open"
+        );
+        control.serving.cut.cancel();
+        connections.wait().await;
+    }
+    control.proxy.close_tunnels(Duration::from_secs(2)).await;
+    let handed_over = control.handed_over.load(Ordering::Acquire);
+    // After a handover the new process owns the snapshot file: this one's last word goes to
+    // the side file the new process merges once this one is gone.
+    let path = control.snapshot_file().map(|p| {
+        if handed_over {
+            handover::side_file(&p)
+        } else {
+            p
+        }
+    });
+    if let (Some(g), Some(path)) = (control.proxy.sessions(), &path) {
+        match g.save_snapshot(path) {
+            Ok(n) => {
+                tracing::info!(file = %path.display(), sessions = n, "session snapshot written")
+            }
+            Err(e) => {
+                tracing::error!(file = %path.display(), "cannot write the session snapshot: {e}")
+            }
+        }
+    }
+    let _ = admin_task.await;
+    tracing::info!("stopped");
 }
 
 /// Writes the session snapshot every `every` until the guard stops (the final one is written
@@ -463,17 +326,31 @@ fn bind(addr: SocketAddr, key: &str, reuse_port: bool) -> Result<TcpListener, St
     TcpListener::from_std(socket.into()).map_err(|e| format!("{key}: {e}"))
 }
 
-/// Accepts until `own` (a reload moved the listener) or `stop` (shutdown); the connections
-/// hear of `stop` only.
-async fn accept_loop(
-    listener: Arc<TcpListener>,
+/// What every accept loop and connection task shares.
+#[derive(Clone)]
+pub(crate) struct Serving {
     proxy: Arc<Proxy>,
-    settings: Arc<ArcSwap<ConnSettings>>,
+    conn: Arc<ArcSwap<ConnSettings>>,
+    /// `server.max_connections`.
     slots: Arc<Semaphore>,
     connections: TaskTracker,
-    own: CancellationToken,
+    /// Shutdown: connections finish their request and close.
     stop: CancellationToken,
-) {
+    /// The grace period is over: what is still open is closed.
+    cut: CancellationToken,
+}
+
+/// Accepts until `own` (a reload moved the listener) or the shutdown; the connections hear
+/// of the shutdown only.
+async fn accept_loop(listener: Arc<TcpListener>, serving: Serving, own: CancellationToken) {
+    let Serving {
+        proxy,
+        conn: settings,
+        slots,
+        connections,
+        stop,
+        cut,
+    } = serving;
     loop {
         // At max_connections, stop accepting: new clients wait in the backlog.
         let permit = tokio::select! {
@@ -496,8 +373,13 @@ async fn accept_loop(
         let proxy = proxy.clone();
         let settings = settings.load_full();
         let stop = stop.clone();
+        let cut = cut.clone();
         connections.spawn(async move {
-            serve_connection(stream, peer, proxy, settings, stop).await;
+            tokio::select! {
+                _ = serve_connection(stream, peer, proxy, settings, stop) => {}
+                // Past the grace period: dropping the connection's future closes its sockets.
+                _ = cut.cancelled() => {}
+            }
             drop(permit);
         });
     }

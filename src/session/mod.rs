@@ -88,7 +88,7 @@ pub struct Context {
     /// What the request holds until it is answered (released when the context is dropped).
     holds: Holds,
     /// Where the request came from (for events, and noted when a session is made for it).
-    client: Option<events::Client>,
+    client: Option<events::Requester>,
     /// The node of the browser's login dance in progress, for a request without a session.
     pub node_hint: Option<Arc<str>>,
     pub peer: IpAddr,
@@ -495,10 +495,10 @@ impl SessionGuard {
             }
         }
         if ctx.new_device && cookie.count == 1 {
-            self.check_folded(&s, ctx, || client_info(headers, ctx.peer));
+            self.check_folded(&s, ctx, || requester_of(headers, ctx.peer));
         }
         if cookie.count > 1 {
-            ctx.client = Some(client_info(headers, ctx.peer));
+            ctx.client = Some(requester_of(headers, ctx.peer));
             self.duplicated(ctx, cookie.count, Some(&s));
         }
         self.table.touch_at(&s, now);
@@ -534,7 +534,7 @@ impl SessionGuard {
             .first("user-agent")
             .and_then(|v| std::str::from_utf8(v).ok());
         self.table.seen_device(ctx.device, ua, ctx.peer, false);
-        ctx.client = Some(client_info(headers, ctx.peer));
+        ctx.client = Some(requester_of(headers, ctx.peer));
         if cookie.count > 1 {
             self.duplicated(ctx, cookie.count, None);
         }
@@ -1118,7 +1118,7 @@ impl SessionGuard {
         if let Some(c) = ctx {
             e.virtual_proxy = Some(self.vps[c.vp].prefix.clone());
             e.device = (!c.new_device).then(|| self.device_hash(c.device));
-            e.client = c.client.clone().unwrap_or_else(|| events::Client {
+            e.client = c.client.clone().unwrap_or_else(|| events::Requester {
                 peer: Some(c.peer),
                 ..Default::default()
             });
@@ -1141,7 +1141,7 @@ impl SessionGuard {
     }
 
     /// A session cookie came back without the device cookie that was set with it.
-    fn check_folded(&self, s: &Session, ctx: &Context, client: impl FnOnce() -> events::Client) {
+    fn check_folded(&self, s: &Session, ctx: &Context, client: impl FnOnce() -> events::Requester) {
         let report = {
             let mut m = s.meta();
             let fold = m.set_with_device && !m.fold_reported;
@@ -1287,7 +1287,7 @@ impl Context {
 }
 
 /// The address chain and User-Agent of a request.
-fn client_info<H: HeadView>(headers: &H, peer: IpAddr) -> events::Client {
+fn requester_of<H: HeadView>(headers: &H, peer: IpAddr) -> events::Requester {
     let joined = |name: &'static str| -> Option<String> {
         let v: Vec<String> = headers
             .values(name)
@@ -1295,7 +1295,7 @@ fn client_info<H: HeadView>(headers: &H, peer: IpAddr) -> events::Client {
             .collect();
         (!v.is_empty()).then(|| v.join(", "))
     };
-    events::Client {
+    events::Requester {
         peer: Some(peer),
         forwarded_for: joined("x-forwarded-for"),
         via: joined("via"),
