@@ -1,14 +1,28 @@
 //! Shared test plumbing: start the simulator and the guard on loopback ephemeral ports, and
-//! talk to them with a plain HTTP/1.1 client or a raw socket.
+//! talk to them with an HTTP/1.1 or HTTP/2 client ([`client`]), a raw socket or a WebSocket;
+//! temporary directories, polling, the admin API, TLS test certificates ([`tls`]) and qsguard
+//! processes ([`process`]).
 #![allow(dead_code)]
 
+pub mod client;
+pub mod process;
+pub mod tls;
+
+#[allow(unused_imports)]
+pub use client::{Client, Link, Proto};
+#[allow(unused_imports)]
+pub use process::*;
+#[allow(unused_imports)]
+pub use tls::*;
+
+use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use http_body_util::Full;
 use qsguard::sim::{SimConfig, Simulator};
 use qsguard::{Config, Guard};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -87,33 +101,12 @@ impl Resp {
 
 /// One HTTP/1.1 request on a fresh connection.
 pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Result<Resp, String> {
-    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-    let (parts, body) = resp.into_parts();
-    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-    Ok(Resp {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    })
+    Client::plain(addr).send(req).await
 }
 
 /// GET `path` with the given headers (Host defaults to "qlik.example.com").
 pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Resp {
-    let mut b = Request::get(path);
-    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
-        b = b.header("host", "qlik.example.com");
-    }
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    send(addr, b.body(Full::new(Bytes::new())).unwrap())
-        .await
-        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    Client::plain(addr).get(path, headers).await
 }
 
 /// Writes `bytes` on a raw connection and reads what comes back until the guard closes the
@@ -147,35 +140,7 @@ pub async fn browse(
     jar: &mut Vec<(String, String)>,
     extra: &[(&str, &str)],
 ) -> Resp {
-    let mut path = path.to_string();
-    for _ in 0..10 {
-        let cookie = jar
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join("; ");
-        let mut headers: Vec<(&str, &str)> = extra.to_vec();
-        if !cookie.is_empty() {
-            headers.push(("cookie", &cookie));
-        }
-        let resp = get(addr, &path, &headers).await;
-        for sc in resp.all("set-cookie") {
-            let pair = sc.split(';').next().unwrap_or("");
-            if let Some((k, v)) = pair.split_once('=') {
-                jar.retain(|(n, _)| n != k);
-                jar.push((k.to_string(), v.to_string()));
-            }
-        }
-        if resp.status.is_redirection() {
-            path = resp.header("location").expect("redirect has a location");
-            if let Some(rest) = path.strip_prefix("http://") {
-                path = rest[rest.find('/').unwrap_or(rest.len())..].to_string();
-            }
-            continue;
-        }
-        return resp;
-    }
-    panic!("too many redirects");
+    Client::plain(addr).browse(path, jar, extra).await
 }
 
 /// What a cookie-mangling middlebox does (for the "lost on the way" tests).
@@ -322,26 +287,143 @@ pub fn cookie_header(jar: &Jar) -> String {
         .join("; ")
 }
 
+/// A jar without the cookie `name`: the browser after a restart lost its session cookie.
+pub fn without(jar: &Jar, name: &str) -> Jar {
+    jar.iter().filter(|(n, _)| n != name).cloned().collect()
+}
+
+/// The value of the cookie `name` in the jar.
+pub fn jar_get(jar: &Jar, name: &str) -> Option<String> {
+    jar.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Waiting
+// ---------------------------------------------------------------------------------------------
+
+/// How often the poll loops look again.
+const POLL_EVERY: Duration = Duration::from_millis(25);
+
 /// Waits (up to 5 s) until `f` holds.
-pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..200 {
-        if f() {
-            return;
+pub async fn eventually(what: &str, f: impl FnMut() -> bool) {
+    eventually_within(what, Duration::from_secs(5), f).await
+}
+
+/// Waits up to `timeout` until `f` holds.
+pub async fn eventually_within(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    poll_for(what, timeout, || f().then_some(())).await
+}
+
+/// Waits up to `timeout` until `f` has something, and returns it.
+pub async fn poll_for<T>(what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+    try_poll_for(timeout, f)
+        .await
+        .unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for: {what}"))
+}
+
+/// [`poll_for`] that says `None` when `timeout` passes instead of failing the test.
+pub async fn try_poll_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(POLL_EVERY).await;
     }
-    panic!("timed out waiting for: {what}");
+}
+
+/// [`poll_for`] with an asynchronous look (a request, a bind): each try runs to its end.
+pub async fn poll_async<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(POLL_EVERY).await;
+    }
 }
 
 /// Starts the simulator again on `addr` (after `stop`), retrying while the port is released.
 pub async fn restart_sim(addr: SocketAddr) -> Simulator {
-    for _ in 0..50 {
-        if let Ok(s) = Simulator::start(SimConfig::default(), addr).await {
-            return s;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    poll_async(
+        &format!("the simulator listening on {addr} again"),
+        Duration::from_secs(5),
+        || async move { Simulator::start(SimConfig::default(), addr).await.ok() },
+    )
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Temporary files
+// ---------------------------------------------------------------------------------------------
+
+/// A directory of its own under the system temp dir, removed (with what is in it) on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!(
+            "qsguard-{tag}-{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("cannot make {}: {e}", dir.display()));
+        TempDir(dir)
     }
-    panic!("cannot restart the simulator on {addr}");
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Writes `contents` to the file `name` in the directory; returns its path.
+    pub fn write(&self, name: &str, contents: impl AsRef<[u8]>) -> PathBuf {
+        let file = self.0.join(name);
+        std::fs::write(&file, contents)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", file.display()));
+        file
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The admin API
+// ---------------------------------------------------------------------------------------------
+
+/// `config` (as [`config_text`] writes it) with the admin token read from `token_file`.
+pub fn with_admin_token(config: &str, token_file: &Path) -> String {
+    const ADMIN: &str = "[admin]\nlisten = \"127.0.0.1:0\"\n";
+    assert!(
+        config.contains(ADMIN),
+        "no default [admin] section in:\n{config}"
+    );
+    config.replace(
+        ADMIN,
+        &format!("{ADMIN}token_file = \"{}\"\n", token_file.display()),
+    )
 }
 
 /// A call to the admin API, with a bearer token when given.
@@ -363,6 +445,64 @@ pub async fn admin_call(
         .unwrap_or_else(|e| panic!("admin {path}: {e}"))
 }
 
+/// The guard's events of one kind, as the admin API shows them.
+pub fn events(guard: &Guard, kind: &str) -> Vec<serde_json::Value> {
+    let kind = qsguard::diagnostics::events::Kind::parse(kind)
+        .unwrap_or_else(|| panic!("no event kind {kind}"));
+    guard
+        .proxy()
+        .diagnostics
+        .events
+        .query(0, Some(kind), None)
+        .into_iter()
+        .map(|e| serde_json::to_value(e).unwrap())
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Qlik's side
+// ---------------------------------------------------------------------------------------------
+
+/// The simulator's QPS REST API, plain http.
+pub fn sim_api_config(sim: &Simulator) -> qsguard::config::QpsApiConfig {
+    qsguard::config::QpsApiConfig {
+        url: format!("http://{}", sim.api_addr()).parse().unwrap(),
+        client_cert: None,
+        client_key: None,
+        ca: None,
+    }
+}
+
+/// The header fields the simulator received for the last request to `path`, as (name, raw
+/// value) pairs, in order.
+pub fn received(sim: &Simulator, path: &str) -> Vec<(String, Vec<u8>)> {
+    sim.last_request(path)
+        .unwrap_or_else(|| panic!("the simulator saw no request for {path}"))
+        .headers
+}
+
+/// The values of every field `name` (any case) among `fields`, in order.
+pub fn values(fields: &[(String, Vec<u8>)], name: &str) -> Vec<Vec<u8>> {
+    fields
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.clone())
+        .collect()
+}
+
+/// Ends a session in Qlik behind the guard's back (an admin, a QPS restart...).
+pub async fn end_in_qlik(sim: &Simulator, prefix: &str, session_id: &str) {
+    qsguard::qps::QpsApi::new(&sim_api_config(sim))
+        .unwrap()
+        .end(prefix, session_id)
+        .await
+        .unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Header authentication
+// ---------------------------------------------------------------------------------------------
+
 /// [`browse`] as `user` on the header-authentication virtual proxy (`hdr-usr`).
 pub async fn browse_as(
     addr: SocketAddr,
@@ -371,6 +511,139 @@ pub async fn browse_as(
     user: &str,
 ) -> Resp {
     browse(addr, path, jar, &[("hdr-usr", user)]).await
+}
+
+/// An engine WebSocket through the guard.
+pub type Ws = tokio_tungstenite::WebSocketStream<TcpStream>;
+
+/// Opens the WebSocket `path` as `user` on the header-authentication virtual proxy (with the
+/// browser's `Cookie` when given); the upgrade must succeed.
+pub async fn ws_as(addr: SocketAddr, path: &str, user: &str, cookie: Option<&str>) -> Ws {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{addr}{path}").into_client_request().unwrap();
+    req.headers_mut().insert("hdr-usr", user.parse().unwrap());
+    if let Some(c) = cookie {
+        req.headers_mut().insert("cookie", c.parse().unwrap());
+    }
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (ws, resp) = tokio_tungstenite::client_async(req, stream)
+        .await
+        .expect("websocket upgrade through the guard");
+    assert_eq!(resp.status(), 101);
+    ws
+}
+
+/// The next text frame (pings and pongs skipped), within 5 s.
+pub async fn next_text(ws: &mut Ws) -> String {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return t.to_string(),
+            Ok(Some(Ok(Message::Ping(_)))) | Ok(Some(Ok(Message::Pong(_)))) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+/// Sends `text` and says whether it comes back within the next three text frames (Qlik's
+/// greeting, OnConnected, may come first).
+pub async fn echoes(ws: &mut Ws, text: &str) -> bool {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    ws.send(Message::text(text)).await.unwrap();
+    for _ in 0..3 {
+        if next_text(ws).await == text {
+            return true;
+        }
+    }
+    false
+}
+
+/// The browser logs out of Qlik (`DELETE /<prefix>qps/user` with its cookies), as `user` on a
+/// header-authentication virtual proxy when given.
+pub async fn logout(addr: SocketAddr, prefix: &str, jar: &Jar, user: Option<&str>) -> Resp {
+    let mut b = Request::delete(format!("{prefix}qps/user"))
+        .header("host", "q")
+        .header("cookie", cookie_header(jar));
+    if let Some(u) = user {
+        b = b.header("hdr-usr", u);
+    }
+    send(addr, b.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap_or_else(|e| panic!("logout: {e}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load
+// ---------------------------------------------------------------------------------------------
+
+/// Users who keep browsing `/hdr/hub/x` (each on their own session, each request on a fresh
+/// connection) until [`Load::stop`]; every answer that is not a 200, and every request that
+/// fails, is counted.
+#[derive(Default)]
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    failed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    done: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    /// Adds `users` users `CORP\<tag><i>` browsing through `addr`.
+    pub fn users(&mut self, addr: SocketAddr, users: usize, tag: &str) {
+        use std::sync::atomic::Ordering;
+        for i in 0..users {
+            let (stop, failed, done) = (self.stop.clone(), self.failed.clone(), self.done.clone());
+            let user = format!("CORP\\{tag}{i}");
+            self.tasks.push(tokio::spawn(async move {
+                let mut jar = Jar::new();
+                while !stop.load(Ordering::Relaxed) {
+                    // In a task of its own, so that a panic is counted, not lost.
+                    let r = tokio::spawn({
+                        let mut j = jar.clone();
+                        let user = user.clone();
+                        async move {
+                            let r = browse_as(addr, "/hdr/hub/x", &mut j, &user).await;
+                            (r.status, j)
+                        }
+                    })
+                    .await;
+                    match r {
+                        Ok((s, j)) if s == 200 => jar = j,
+                        Ok((s, _)) => {
+                            eprintln!("{user}: answered {s}");
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            eprintln!("{user}: {e}");
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+    }
+
+    /// Requests done so far (answered or failed).
+    pub fn done(&self) -> usize {
+        self.done.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits (up to 5 s) until `n` requests have been done.
+    pub async fn reaches(&self, what: &str, n: usize) {
+        eventually(what, || self.done() >= n).await
+    }
+
+    /// Stops the users, waits for them, and returns how many requests failed.
+    pub async fn stop(self) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        self.failed.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Everything the guard logs in this test binary, kept in memory: [`capture_logs`] installs
