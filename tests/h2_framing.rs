@@ -38,7 +38,6 @@ use bytes::Bytes;
 use common::*;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::client::TlsStream;
@@ -392,62 +391,6 @@ fn parse_chunked(buf: &[u8]) -> Parse {
         }
         pos += n + 2;
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// TLS
-// ---------------------------------------------------------------------------------------------
-
-struct Tls {
-    dir: std::path::PathBuf,
-    cert_pem: String,
-}
-
-fn make_cert() -> Tls {
-    let ck =
-        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    let dir = std::env::temp_dir().join(format!(
-        "qsguard-h2f-{}-{}",
-        std::process::id(),
-        rand::random::<u64>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("cert.pem"), ck.cert.pem()).unwrap();
-    std::fs::write(dir.join("key.pem"), ck.key_pair.serialize_pem()).unwrap();
-    Tls {
-        dir,
-        cert_pem: ck.cert.pem(),
-    }
-}
-
-fn connector(tls: &Tls, alpn: &[u8]) -> tokio_rustls::TlsConnector {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls_pki_types::CertificateDer::from_pem_slice(tls.cert_pem.as_bytes()).unwrap())
-        .unwrap();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    cfg.alpn_protocols = vec![alpn.to_vec()];
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
-}
-
-async fn tls_connect(
-    addr: SocketAddr,
-    connector: &tokio_rustls::TlsConnector,
-) -> TlsStream<TcpStream> {
-    let tcp = TcpStream::connect(addr)
-        .await
-        .expect("connect to the guard");
-    connector
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .expect("TLS handshake with the guard")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -879,7 +822,7 @@ enum Reach {
 struct Bench {
     origin: Origin,
     guard: qsguard::Guard,
-    tls: Tls,
+    tls: TestCert,
     h2c: tokio_rustls::TlsConnector,
     h1c: tokio_rustls::TlsConnector,
     n: AtomicUsize,
@@ -891,16 +834,12 @@ struct Bench {
 impl Bench {
     async fn start() -> Bench {
         let origin = Origin::start().await;
-        let tls = make_cert();
-        let server = format!(
-            "tls_cert = \"{}\"\ntls_key = \"{}\"\nmax_body_size = {MAX_BODY}",
-            tls.dir.join("cert.pem").display(),
-            tls.dir.join("key.pem").display()
-        );
+        let tls = TestCert::new();
+        let server = format!("{}\nmax_body_size = {MAX_BODY}", tls.server_toml());
         let guard = guard_with(&config_text(&[origin.addr], &server, "")).await;
         Bench {
-            h2c: connector(&tls, b"h2"),
-            h1c: connector(&tls, b"http/1.1"),
+            h2c: tls.connector(&[b"h2"]),
+            h1c: tls.connector(&[b"http/1.1"]),
             origin,
             guard,
             tls,
@@ -1106,7 +1045,7 @@ impl Bench {
         }
         let broken = self.broken.lock().unwrap().clone();
         self.guard.shutdown().await;
-        let _ = std::fs::remove_dir_all(&self.tls.dir);
+        drop(self.tls);
         assert!(
             broken.is_empty(),
             "{} rule(s) broken:\n  - {}",

@@ -11,67 +11,16 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::ServerName;
 
-struct Tls {
-    dir: std::path::PathBuf,
-    cert_pem: String,
-}
-
-fn make_cert() -> Tls {
-    let ck =
-        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    let dir = std::env::temp_dir().join(format!(
-        "qsguard-tls-{}-{}",
-        std::process::id(),
-        rand::random::<u64>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("cert.pem"), ck.cert.pem()).unwrap();
-    std::fs::write(dir.join("key.pem"), ck.key_pair.serialize_pem()).unwrap();
-    Tls {
-        dir,
-        cert_pem: ck.cert.pem(),
-    }
-}
-
-fn connector(tls: &Tls, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls_pki_types::CertificateDer::from_pem_slice(tls.cert_pem.as_bytes()).unwrap())
-        .unwrap();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
-}
-
-fn tls_config(sim: std::net::SocketAddr, tls: &Tls) -> String {
-    config_text(
-        &[sim],
-        &format!(
-            "tls_cert = \"{}\"\ntls_key = \"{}\"",
-            tls.dir.join("cert.pem").display(),
-            tls.dir.join("key.pem").display()
-        ),
-        "",
-    )
+fn tls_config(sim: std::net::SocketAddr, tls: &TestCert) -> String {
+    config_text(&[sim], &tls.server_toml(), "")
 }
 
 #[tokio::test]
 async fn http2_over_tls_joins_split_cookies_for_qlik() {
     let sim = sim().await;
-    let tls = make_cert();
+    let tls = TestCert::new();
     let guard = guard_with(&tls_config(sim.addr(), &tls)).await;
-    let tcp = tokio::net::TcpStream::connect(guard.addr).await.unwrap();
-    let stream = connector(&tls, &[b"h2", b"http/1.1"])
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
+    let stream = tls_connect(guard.addr, &tls.connector(&[b"h2", b"http/1.1"])).await;
     assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     let (mut sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
@@ -89,73 +38,41 @@ async fn http2_over_tls_joins_split_cookies_for_qlik() {
     let _ = resp.into_body().collect().await.unwrap();
     let seen = sim.last_request("/__sim/echo").unwrap();
     assert_eq!(seen.version, "HTTP/1.1");
-    let cookies: Vec<_> = seen
-        .headers
-        .iter()
-        .filter(|(n, _)| n == "cookie")
-        .map(|(_, v)| v.clone())
-        .collect();
     assert_eq!(
-        cookies,
+        values(&seen.headers, "cookie"),
         vec![b"X-Qlik-Session-HTTP=a=b\"c; qsguard=0011; z=1".to_vec()]
     );
-    let host: Vec<_> = seen
-        .headers
-        .iter()
-        .filter(|(n, _)| n == "host")
-        .map(|(_, v)| v.clone())
-        .collect();
     assert_eq!(
-        host,
+        values(&seen.headers, "host"),
         vec![b"qlik.example.com".to_vec()],
         "the :authority becomes Host"
     );
-    let proto: Vec<_> = seen
-        .headers
-        .iter()
-        .filter(|(n, _)| n == "x-forwarded-proto")
-        .map(|(_, v)| v.clone())
-        .collect();
-    assert_eq!(proto, vec![b"https".to_vec()]);
+    assert_eq!(
+        values(&seen.headers, "x-forwarded-proto"),
+        vec![b"https".to_vec()]
+    );
     guard.shutdown().await;
-    let _ = std::fs::remove_dir_all(&tls.dir);
 }
 
 #[tokio::test]
 async fn http1_over_tls_and_bad_tls_config_is_named() {
     let sim = sim().await;
-    let tls = make_cert();
+    let tls = TestCert::new();
     let guard = guard_with(&tls_config(sim.addr(), &tls)).await;
-    let tcp = tokio::net::TcpStream::connect(guard.addr).await.unwrap();
-    let stream = connector(&tls, &[b"http/1.1"])
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let resp = sender
-        .send_request(
-            http::Request::get("/__sim/echo")
-                .header("host", "qlik.example.com")
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    let resp = Client::tls(guard.addr, &tls, Proto::Http1)
+        .get("/__sim/echo", &[])
+        .await;
+    assert_eq!(resp.status, 200);
     guard.shutdown().await;
 
     // A key file that is not a key: the error names the key and the file.
-    std::fs::write(tls.dir.join("key.pem"), "not a key").unwrap();
+    std::fs::write(tls.key_file(), "not a key").unwrap();
     let config = qsguard::Config::parse(&tls_config(sim.addr(), &tls)).unwrap();
     let err = qsguard::Guard::start(config)
         .await
         .err()
         .expect("refuses to start");
     assert!(err.contains("server.tls_key"), "{err}");
-    let _ = std::fs::remove_dir_all(&tls.dir);
 }
 
 #[tokio::test]
@@ -163,12 +80,12 @@ async fn https_upstream_with_a_configured_ca() {
     // Guard B serves TLS in front of the simulator; guard A uses B as an https upstream and
     // trusts B's certificate through proxy.upstream_ca.
     let sim = sim().await;
-    let tls = make_cert();
+    let tls = TestCert::new();
     let b = guard_with(&tls_config(sim.addr(), &tls)).await;
     let a_text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[[upstream]]\nurl = \"https://127.0.0.1:{}\"\n[proxy]\nupstream_ca = \"{}\"\n[sessions]\nguard = false\n",
         b.addr.port(),
-        tls.dir.join("cert.pem").display()
+        tls.cert_file().display()
     );
     let a = guard_with(&a_text).await;
     let r = get(
@@ -179,14 +96,8 @@ async fn https_upstream_with_a_configured_ca() {
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
     let seen = sim.last_request("/__sim/echo").unwrap();
-    let host: Vec<_> = seen
-        .headers
-        .iter()
-        .filter(|(n, _)| n == "host")
-        .map(|(_, v)| v.clone())
-        .collect();
     assert_eq!(
-        host,
+        values(&seen.headers, "host"),
         vec![b"qlik.example.com".to_vec()],
         "Host survives two proxies"
     );
@@ -194,10 +105,7 @@ async fn https_upstream_with_a_configured_ca() {
 
     // Without the CA, the system roots do not trust B: a readable 502, not a hang.
     let untrusting = guard_with(&a_text.replace(
-        &format!(
-            "[proxy]\nupstream_ca = \"{}\"\n",
-            tls.dir.join("cert.pem").display()
-        ),
+        &format!("[proxy]\nupstream_ca = \"{}\"\n", tls.cert_file().display()),
         "",
     ))
     .await;
@@ -210,23 +118,18 @@ async fn https_upstream_with_a_configured_ca() {
     );
     untrusting.shutdown().await;
     b.shutdown().await;
-    let _ = std::fs::remove_dir_all(&tls.dir);
 }
 
 #[tokio::test]
 async fn the_session_guard_works_over_http2_too() {
     let sim = sim().await;
-    let tls = make_cert();
+    let tls = TestCert::new();
     let guard = guard_with(&tls_config(sim.addr(), &tls)).await;
     let h2 = |cookie: Option<String>| {
-        let connector = connector(&tls, &[b"h2"]);
+        let connector = tls.connector(&[b"h2"]);
         let addr = guard.addr;
         async move {
-            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let stream = connector
-                .connect(ServerName::try_from("localhost").unwrap(), tcp)
-                .await
-                .unwrap();
+            let stream = tls_connect(addr, &connector).await;
             let (mut sender, conn) =
                 hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
                     .await
@@ -277,7 +180,6 @@ async fn the_session_guard_works_over_http2_too() {
         "restored, not recreated"
     );
     guard.shutdown().await;
-    let _ = std::fs::remove_dir_all(&tls.dir);
 }
 
 /// A test CA and leaf certificates it signs.
@@ -333,34 +235,25 @@ impl Ca {
 async fn certificates_by_sni_and_a_renewed_certificate_served_after_a_reload() {
     let sim = sim().await;
     let ca = Ca::new();
-    let dir = std::env::temp_dir().join(format!(
-        "qsguard-sni-{}-{}",
-        std::process::id(),
-        rand::random::<u64>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("sni");
     let default = ca.leaf(&dir, "default", &["localhost", "127.0.0.1"]);
     let apps = ca.leaf(&dir, "apps", &["qlik.test", "*.apps.test"]);
-    std::fs::write(dir.join("token"), "sni-reload-token-0123456789").unwrap();
-    let text = config_text(
-        &[sim.addr()],
-        &format!(
-            "tls_cert = \"{d}/default.pem\"\ntls_key = \"{d}/default.key\"\n\
+    let token = dir.write("token", "sni-reload-token-0123456789");
+    let text = with_admin_token(
+        &config_text(
+            &[sim.addr()],
+            &format!(
+                "tls_cert = \"{d}/default.pem\"\ntls_key = \"{d}/default.key\"\n\
              [[server.certificate]]\nnames = [\"qlik.test\", \"*.apps.test\"]\n\
              tls_cert = \"{d}/apps.pem\"\ntls_key = \"{d}/apps.key\"\n",
-            d = dir.display()
+                d = dir.display()
+            ),
+            "",
         ),
-        "",
-    )
-    .replace(
-        "[admin]\nlisten = \"127.0.0.1:0\"\n",
-        &format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}/token\"\n",
-            dir.display()
-        ),
+        &token,
     );
-    std::fs::write(dir.join("qsguard.toml"), text).unwrap();
-    let guard = qsguard::Guard::start(qsguard::Config::load(&dir.join("qsguard.toml")).unwrap())
+    let file = dir.write("qsguard.toml", text);
+    let guard = qsguard::Guard::start(qsguard::Config::load(&file).unwrap())
         .await
         .unwrap();
     assert_eq!(ca.served(guard.addr, "localhost").await, default);
@@ -400,5 +293,4 @@ async fn certificates_by_sni_and_a_renewed_certificate_served_after_a_reload() {
     assert!(r.text().contains("server.tls_cert"), "{}", r.text());
     assert_eq!(ca.served(guard.addr, "localhost").await, renewed);
     guard.shutdown().await;
-    let _ = std::fs::remove_dir_all(&dir);
 }
