@@ -1,12 +1,12 @@
 //! The binary: check-config and the demo.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-fn qsguard() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_qsguard"))
-}
+use common::{qsguard_bin as qsguard, TempDir};
 
 #[test]
 fn check_config_accepts_the_example_and_names_bad_keys() {
@@ -23,14 +23,11 @@ fn check_config_accepts_the_example_and_names_bad_keys() {
         String::from_utf8_lossy(&ok.stderr)
     );
 
-    let dir = std::env::temp_dir().join(format!("qsguard-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let bad = dir.join("bad.toml");
-    std::fs::write(
-        &bad,
+    let dir = TempDir::new("cli");
+    let bad = dir.write(
+        "bad.toml",
         "[server]\nlisten = \"127.0.0.1:8443\"\nmax_conections = 5\n[[upstream]]\nurl = \"http://127.0.0.1:1\"\n",
-    )
-    .unwrap();
+    );
     let out = qsguard()
         .args(["check-config", bad.to_str().unwrap()])
         .output()
@@ -41,105 +38,100 @@ fn check_config_accepts_the_example_and_names_bad_keys() {
         err.contains("max_conections") && err.contains("line 3"),
         "{err}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `qsguard demo` on ephemeral ports (plus `extra` arguments), killed on drop.
+struct Demo {
+    child: std::process::Child,
+    /// The guard's address, from the hub URL the demo prints.
+    addr: String,
+    /// Kept open: a demo that prints to a closed pipe would fail.
+    _stdout: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl Demo {
+    fn start(extra: &[&str], stderr: Stdio) -> Demo {
+        let mut child = qsguard()
+            .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let started = Instant::now();
+        let mut hub = None;
+        while started.elapsed() < Duration::from_secs(30) {
+            let Some(Ok(line)) = lines.next() else { break };
+            if let Some(i) = line.find("http://") {
+                if line.contains("/hub/") && !line.contains("curl") {
+                    hub = Some(line[i..].trim().to_string());
+                    break;
+                }
+            }
+        }
+        let mut demo = Demo {
+            child,
+            addr: String::new(),
+            _stdout: lines,
+        };
+        let hub = hub.expect("the demo prints the hub URL");
+        demo.addr = hub
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string();
+        demo
+    }
+
+    /// Writes `request` on a new connection and reads the answer until the guard closes.
+    fn exchange(&self, request: &[u8]) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.addr).unwrap();
+        s.write_all(request).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 #[test]
 fn demo_prints_its_urls_and_serves_the_hub() {
-    let mut child = qsguard()
-        .args([
-            "demo",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--log-level",
-            "warn",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let started = Instant::now();
-    let mut hub = None;
-    while started.elapsed() < Duration::from_secs(30) {
-        let Some(Ok(line)) = lines.next() else { break };
-        if let Some(i) = line.find("http://") {
-            if line.contains("/hub/") && !line.contains("curl") {
-                hub = Some(line[i..].trim().to_string());
-                break;
-            }
-        }
-    }
-    let hub = hub.expect("the demo prints the hub URL");
-    let addr = hub
-        .trim_start_matches("http://")
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
-    let mut s = std::net::TcpStream::connect(&addr).unwrap();
-    use std::io::{Read, Write};
-    s.write_all(b"GET /hub/ HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
+    let demo = Demo::start(&["--log-level", "warn"], Stdio::inherit());
+    let out = demo.exchange(b"GET /hub/ HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     assert!(
         out.starts_with("HTTP/1.1 302"),
         "the hub starts the login dance: {out}"
     );
     assert!(out.contains("internal_windows_authentication"), "{out}");
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 #[test]
 fn json_access_log_has_one_line_per_request_and_no_secrets() {
-    let mut child = qsguard()
-        .args([
-            "demo",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let mut addr = None;
-    while let Some(Ok(line)) = lines.next() {
-        if line.contains("/hub/") && !line.contains("curl") {
-            let i = line.find("http://").unwrap();
-            addr = Some(line[i + 7..].split('/').next().unwrap().to_string());
-            break;
-        }
-    }
-    let addr = addr.expect("demo URL");
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(&addr).unwrap();
-    s.write_all(
+    let mut demo = Demo::start(&["--log-format", "json"], Stdio::piped());
+    demo.exchange(
         b"GET /hub/stream?qlikTicket=TICKETSECRET HTTP/1.1\r\nHost: localhost\r\n\
 Cookie: X-Qlik-Session-HTTP=COOKIESECRET; qsguard=00112233445566778899aabbccddeeff\r\nConnection: close\r\n\r\n",
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
+    );
     std::thread::sleep(Duration::from_millis(300));
-    let _ = child.kill();
+    let _ = demo.child.kill();
     let mut err = String::new();
-    child
+    use std::io::Read;
+    demo.child
         .stderr
         .take()
         .unwrap()
         .read_to_string(&mut err)
         .unwrap();
-    let _ = child.wait();
     assert!(
         !err.contains("COOKIESECRET"),
         "a cookie value was logged: {err}"
