@@ -3,9 +3,7 @@
 
 mod common;
 
-use bytes::Bytes;
 use common::*;
-use http_body_util::Full;
 
 fn two_nodes(a: std::net::SocketAddr, b: std::net::SocketAddr, extra: &str) -> String {
     config_text(
@@ -95,11 +93,7 @@ async fn a_node_down_loses_its_sessions_and_comes_back() {
         g.upstreams().nodes().iter().any(|n| !n.is_up())
     })
     .await;
-    let lost = g.diagnostics.events.query(
-        0,
-        qsguard::diagnostics::events::Kind::parse("session_lost"),
-        None,
-    );
+    let lost = events(&guard, "session_lost");
     assert_eq!(lost.len(), 2, "node b's sessions are reported lost");
     // Everyone still gets in: node a's users on their sessions, node b's on new ones on a.
     for (i, jar) in jars.iter_mut().enumerate() {
@@ -155,21 +149,9 @@ async fn a_node_down_loses_its_sessions_and_comes_back() {
 #[tokio::test]
 async fn a_drained_node_gets_no_new_sessions_and_keeps_its_own() {
     let (a, b) = (sim().await, sim().await);
-    let dir = std::env::temp_dir().join(format!(
-        "qsguard-drain-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let token = dir.join("token");
-    std::fs::write(&token, "drain-token-of-some-length").unwrap();
-    let text = two_nodes(a.addr(), b.addr(), "").replace(
-        "[admin]\nlisten = \"127.0.0.1:0\"\n",
-        &format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
-            token.display()
-        ),
-    );
+    let dir = TempDir::new("drain");
+    let token = dir.write("token", "drain-token-of-some-length");
+    let text = with_admin_token(&two_nodes(a.addr(), b.addr(), ""), &token);
     let guard = guard_with(&text).await;
     let mut on_b = Jar::new();
     // Two users: one lands on each node.
@@ -177,16 +159,13 @@ async fn a_drained_node_gets_no_new_sessions_and_keeps_its_own() {
     browse_as(guard.addr, "/hdr/hub/", &mut on_b, "CORP\\x1").await;
     let b_name = format!("127.0.0.1:{}", b.addr().port());
     let b_before = b.counters().sessions_created;
-    let drain = send(
+    let drain = admin_call(
         guard.admin_addr,
-        http::Request::post(format!("/upstreams/{b_name}/drain"))
-            .header("host", "admin")
-            .header("authorization", "Bearer drain-token-of-some-length")
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
+        http::Method::POST,
+        &format!("/upstreams/{b_name}/drain"),
+        Some("drain-token-of-some-length"),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(drain.status, 200, "{}", drain.text());
     for i in 2..8 {
         browse_as(
@@ -211,7 +190,6 @@ async fn a_drained_node_gets_no_new_sessions_and_keeps_its_own() {
     );
     assert_eq!(b.counters().sessions_created, b_before);
     guard.shutdown().await;
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
@@ -236,13 +214,7 @@ async fn the_sticky_cookie_finds_the_node_of_a_session_the_guard_has_not_seen_cr
     }
     let values: std::collections::HashSet<_> = jars
         .iter()
-        .map(|j| {
-            j.iter()
-                .find(|(k, _)| k == "qsguard_node")
-                .unwrap()
-                .1
-                .clone()
-        })
+        .map(|j| jar_get(j, "qsguard_node").unwrap())
         .collect();
     assert_eq!(values.len(), 2, "one value per node");
     for v in &values {
@@ -291,34 +263,20 @@ async fn the_sticky_cookie_finds_the_node_of_a_session_the_guard_has_not_seen_cr
 #[tokio::test]
 async fn a_sticky_cookie_without_a_session_does_not_send_a_new_login_to_a_draining_node() {
     let (a, b) = (sim().await, sim().await);
-    let dir = std::env::temp_dir().join(format!(
-        "qsguard-sticky-drain-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("token"), "sticky-drain-token-0123").unwrap();
-    let text = two_nodes(
-        a.addr(),
-        b.addr(),
-        "[proxy]\nsticky_cookie = \"qsguard_node\"\n",
-    )
-    .replace(
-        "[admin]\nlisten = \"127.0.0.1:0\"\n",
-        &format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
-            dir.join("token").display()
+    let dir = TempDir::new("sticky-drain");
+    let token = dir.write("token", "sticky-drain-token-0123");
+    let text = with_admin_token(
+        &two_nodes(
+            a.addr(),
+            b.addr(),
+            "[proxy]\nsticky_cookie = \"qsguard_node\"\n",
         ),
+        &token,
     );
     let guard = guard_with(&text).await;
     let mut jar = Jar::new();
     browse_as(guard.addr, "/hdr/hub/", &mut jar, "CORP\\d0").await;
-    let sticky = jar
-        .iter()
-        .find(|(k, _)| k == "qsguard_node")
-        .unwrap()
-        .1
-        .clone();
+    let sticky = jar_get(&jar, "qsguard_node").unwrap();
     let g = guard.proxy().clone();
     let node = g
         .upstreams()
@@ -364,5 +322,4 @@ async fn a_sticky_cookie_without_a_session_does_not_send_a_new_login_to_a_draini
     );
     assert!(on.counters().requests > before);
     guard.shutdown().await;
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -72,12 +72,7 @@ async fn a_real_browser_keeps_its_qlik_session_across_a_restart() {
     };
     let sim = sim().await; // Windows-style login; the browser is DEMO\alice.
     let guard = guard(sim.addr()).await;
-    let profile = std::env::temp_dir().join(format!(
-        "qsguard-chromium-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&profile).unwrap();
+    let profile = TempDir::new("chromium");
     let hub = format!("http://127.0.0.1:{}/hub/stream/1", guard.addr.port());
 
     let first = chromium_dom(&bin, &profile, &hub, 2000).await;
@@ -146,5 +141,4 @@ async fn a_real_browser_keeps_its_qlik_session_across_a_restart() {
     );
 
     guard.shutdown().await;
-    let _ = std::fs::remove_dir_all(&profile);
 }

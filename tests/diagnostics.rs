@@ -5,23 +5,9 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::*;
-use http_body_util::Full;
-
-fn events(guard: &qsguard::Guard, kind: &str) -> Vec<serde_json::Value> {
-    guard
-        .proxy()
-        .diagnostics
-        .events
-        .query(0, qsguard::diagnostics::events::Kind::parse(kind), None)
-        .into_iter()
-        .map(|e| serde_json::to_value(e).unwrap())
-        .collect()
-}
 
 #[tokio::test]
 async fn cookies_lost_modified_duplicated_and_folded_on_the_way() {
@@ -34,12 +20,7 @@ async fn cookies_lost_modified_duplicated_and_folded_on_the_way() {
         browse(guard.addr, "/hub/", &mut jar, &user).await.status,
         200
     );
-    let session = jar
-        .iter()
-        .find(|(n, _)| n == "X-Qlik-Session-HTTP")
-        .unwrap()
-        .1
-        .clone();
+    let session = jar_get(&jar, "X-Qlik-Session-HTTP").unwrap();
 
     // A middlebox strips the session cookie: lost on the way, and restored.
     let strip = mangler(guard.addr, Mangle::StripCookie("X-Qlik-Session-HTTP")).await;
@@ -75,13 +56,13 @@ async fn cookies_lost_modified_duplicated_and_folded_on_the_way() {
     // the first cookie (Qlik's), not the device cookie set with it.
     let fold = mangler(guard.addr, Mangle::FoldSetCookie).await;
     let mut folded = Jar::new();
-    let r = browse(fold, "/hdr/hub/", &mut folded, &[("hdr-usr", "CORP\\fold")]).await;
+    let r = browse_as(fold, "/hdr/hub/", &mut folded, "CORP\\fold").await;
     assert_eq!(r.status, 200);
     assert!(
         !folded.iter().any(|(n, _)| n == "qsguard"),
         "the device cookie was lost in the fold"
     );
-    browse(fold, "/hdr/hub/", &mut folded, &[("hdr-usr", "CORP\\fold")]).await;
+    browse_as(fold, "/hdr/hub/", &mut folded, "CORP\\fold").await;
     let f = events(&guard, "set_cookie_folded");
     assert_eq!(f.len(), 1, "{f:?}");
     assert_eq!(f[0]["user"], "CORP\\fold");
@@ -114,13 +95,7 @@ async fn session_events_from_the_guards_decisions() {
     ))
     .await;
     for _ in 0..6 {
-        browse(
-            reuse.addr,
-            "/hdr/hub/",
-            &mut Jar::new(),
-            &[("hdr-usr", "CORP\\r")],
-        )
-        .await;
+        browse_as(reuse.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\r").await;
     }
     assert_eq!(events(&reuse, "session_reused").len(), 1);
     let error = guard_with(&config_text(
@@ -130,13 +105,7 @@ async fn session_events_from_the_guards_decisions() {
     ))
     .await;
     for _ in 0..6 {
-        browse(
-            error.addr,
-            "/hdr/hub/",
-            &mut Jar::new(),
-            &[("hdr-usr", "CORP\\e")],
-        )
-        .await;
+        browse_as(error.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\e").await;
     }
     assert_eq!(events(&error, "refused_at_limit").len(), 1);
     let evict = guard_with(&config_text(
@@ -146,32 +115,14 @@ async fn session_events_from_the_guards_decisions() {
     ))
     .await;
     for _ in 0..6 {
-        browse(
-            evict.addr,
-            "/hdr/hub/",
-            &mut Jar::new(),
-            &[("hdr-usr", "CORP\\v")],
-        )
-        .await;
+        browse_as(evict.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\v").await;
     }
     assert_eq!(events(&evict, "session_evicted").len(), 1);
     // Qlik's own refusal: five sessions made behind the guard's back.
     for _ in 0..5 {
-        browse(
-            sim.addr(),
-            "/hdr/hub/",
-            &mut Jar::new(),
-            &[("hdr-usr", "CORP\\q")],
-        )
-        .await;
+        browse_as(sim.addr(), "/hdr/hub/", &mut Jar::new(), "CORP\\q").await;
     }
-    browse(
-        error.addr,
-        "/hdr/hub/",
-        &mut Jar::new(),
-        &[("hdr-usr", "CORP\\q")],
-    )
-    .await;
+    browse_as(error.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\q").await;
     let q = events(&error, "qps_limit_refusal");
     assert_eq!(q.len(), 1);
     assert_eq!(q[0]["user"], "CORP\\q");
@@ -185,14 +136,7 @@ async fn session_events_from_the_guards_decisions() {
     )
     .await;
     let id = sim.session_ids("CORP\\gone")[0].clone();
-    let api = qsguard::qps::QpsApi::new(&qsguard::config::QpsApiConfig {
-        url: format!("http://{}", sim.api_addr()).parse().unwrap(),
-        client_cert: None,
-        client_key: None,
-        ca: None,
-    })
-    .unwrap();
-    api.end("", &id).await.unwrap();
+    end_in_qlik(&sim, "", &id).await;
     // A burst of three parallel requests: one leads the new login, the others are held.
     let mut tasks = Vec::new();
     for i in 0..3 {
@@ -219,64 +163,34 @@ async fn session_events_from_the_guards_decisions() {
     }
 }
 
-fn token_file(dir: &std::path::Path) -> std::path::PathBuf {
-    let f = dir.join("admin.token");
-    std::fs::write(&f, "an-admin-token-of-some-length\n").unwrap();
-    f
-}
+/// The admin token these tests use, in `dir`, and the guard's config that reads it.
+const ADMIN_TOKEN: &str = "an-admin-token-of-some-length";
 
-fn temp_dir(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "qsguard-{tag}-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-async fn admin_call(
-    addr: std::net::SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-) -> Resp {
-    let mut b = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "admin");
-    if let Some(t) = token {
-        b = b.header("authorization", format!("Bearer {t}"));
-    }
-    send(addr, b.body(Full::new(Bytes::new())).unwrap())
-        .await
-        .unwrap()
+fn token_config(sim: &qsguard::sim::Simulator, dir: &TempDir) -> (String, std::path::PathBuf) {
+    let tf = dir.write("admin.token", format!("{ADMIN_TOKEN}\n"));
+    (
+        with_admin_token(&config_text(&[sim.addr()], "", ""), &tf),
+        tf,
+    )
 }
 
 #[tokio::test]
 async fn admin_api_with_and_without_token() {
     let sim = sim().await;
-    let dir = temp_dir("admin");
-    let tf = token_file(&dir);
-    let guard = guard_with(&config_text(&[sim.addr()], "", "").replace(
-        "[admin]\nlisten = \"127.0.0.1:0\"\n",
-        &format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
-            tf.display()
-        ),
-    ))
-    .await;
+    let dir = TempDir::new("admin");
+    let (config, _) = token_config(&sim, &dir);
+    let guard = guard_with(&config).await;
     for _ in 0..2 {
-        browse(
-            guard.addr,
-            "/hdr/hub/",
-            &mut Jar::new(),
-            &[("hdr-usr", "CORP\\adm")],
-        )
-        .await;
+        browse_as(guard.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\adm").await;
     }
     // Reading on loopback needs no token.
-    let s = admin_call(guard.admin_addr, "GET", "/sessions?user=CORP%5Cadm", None).await;
+    let s = admin_call(
+        guard.admin_addr,
+        http::Method::GET,
+        "/sessions?user=CORP%5Cadm",
+        None,
+    )
+    .await;
     assert_eq!(s.status, 200);
     let v = s.json();
     assert_eq!(v["users"][0]["user"], "CORP\\adm");
@@ -294,7 +208,7 @@ async fn admin_api_with_and_without_token() {
     assert_eq!(
         admin_call(
             guard.admin_addr,
-            "DELETE",
+            http::Method::DELETE,
             &format!("/sessions/{hash}"),
             None
         )
@@ -305,7 +219,7 @@ async fn admin_api_with_and_without_token() {
     assert_eq!(
         admin_call(
             guard.admin_addr,
-            "DELETE",
+            http::Method::DELETE,
             &format!("/sessions/{hash}"),
             Some("wrong-token-wrong-token")
         )
@@ -315,32 +229,38 @@ async fn admin_api_with_and_without_token() {
     );
     let ok = admin_call(
         guard.admin_addr,
-        "DELETE",
+        http::Method::DELETE,
         &format!("/sessions/{hash}"),
-        Some("an-admin-token-of-some-length"),
+        Some(ADMIN_TOKEN),
     )
     .await;
     assert_eq!(ok.status, 200, "{}", ok.text());
     assert_eq!(sim.live_sessions("CORP\\adm"), 1, "ended in Qlik");
     let all = admin_call(
         guard.admin_addr,
-        "DELETE",
+        http::Method::DELETE,
         "/users/CORP%5Cadm/sessions",
-        Some("an-admin-token-of-some-length"),
+        Some(ADMIN_TOKEN),
     )
     .await;
     assert_eq!(all.status, 200);
     assert_eq!(sim.live_sessions("CORP\\adm"), 0);
     assert_eq!(
-        admin_call(guard.admin_addr, "GET", "/readyz", None)
+        admin_call(guard.admin_addr, http::Method::GET, "/readyz", None)
             .await
             .status,
         200
     );
-    let ev = admin_call(guard.admin_addr, "GET", "/events?kind=nope", None).await;
+    let ev = admin_call(
+        guard.admin_addr,
+        http::Method::GET,
+        "/events?kind=nope",
+        None,
+    )
+    .await;
     assert_eq!(ev.status, 400);
     assert_eq!(
-        admin_call(guard.admin_addr, "GET", "/events?since=0", None)
+        admin_call(guard.admin_addr, http::Method::GET, "/events?since=0", None)
             .await
             .status,
         200
@@ -350,7 +270,7 @@ async fn admin_api_with_and_without_token() {
     // Without a token file nothing can be changed.
     let open = common::guard(sim.addr()).await;
     assert_eq!(
-        admin_call(open.admin_addr, "DELETE", "/sessions/abc", None)
+        admin_call(open.admin_addr, http::Method::DELETE, "/sessions/abc", None)
             .await
             .status,
         403
@@ -363,42 +283,20 @@ async fn admin_api_with_and_without_token() {
     );
     let e = qsguard::Config::parse(&bad).unwrap_err().to_string();
     assert!(e.contains("admin.token_file"), "{e}");
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
-fn qsguard_bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_qsguard"))
 }
 
 #[tokio::test]
 async fn ops_commands_against_a_running_guard() {
     let sim = sim().await;
-    let dir = temp_dir("cli");
-    let tf = token_file(&dir);
-    let guard = guard_with(&config_text(&[sim.addr()], "", "").replace(
-        "[admin]\nlisten = \"127.0.0.1:0\"\n",
-        &format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
-            tf.display()
-        ),
-    ))
-    .await;
+    let dir = TempDir::new("cli");
+    let (config, tf) = token_config(&sim, &dir);
+    let guard = guard_with(&config).await;
     for _ in 0..3 {
-        browse(
-            guard.addr,
-            "/hdr/hub/",
-            &mut Jar::new(),
-            &[("hdr-usr", "CORP\\cli")],
-        )
-        .await;
+        browse_as(guard.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\cli").await;
     }
     let admin = format!("http://{}", guard.admin_addr);
-    let run = |args: Vec<String>| {
-        tokio::task::spawn_blocking(move || qsguard_bin().args(args).output().unwrap())
-    };
-    let out = run(vec!["sessions".into(), "--admin".into(), admin.clone()])
-        .await
-        .unwrap();
+    let run = qsguard_output;
+    let out = run(vec!["sessions".into(), "--admin".into(), admin.clone()]).await;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
@@ -424,8 +322,7 @@ async fn ops_commands_against_a_running_guard() {
         "--admin".into(),
         admin.clone(),
     ])
-    .await
-    .unwrap();
+    .await;
     assert!(!out.status.success());
     let out = run(vec![
         "end-session".into(),
@@ -435,8 +332,7 @@ async fn ops_commands_against_a_running_guard() {
         "--token-file".into(),
         tf.display().to_string(),
     ])
-    .await
-    .unwrap();
+    .await;
     assert!(
         out.status.success(),
         "{}",
@@ -451,8 +347,7 @@ async fn ops_commands_against_a_running_guard() {
         "--token-file".into(),
         tf.display().to_string(),
     ])
-    .await
-    .unwrap();
+    .await;
     assert!(
         out.status.success(),
         "{}",
@@ -462,21 +357,16 @@ async fn ops_commands_against_a_running_guard() {
     // Events: a restore makes two; `events` prints them one per line.
     let mut jar = Jar::new();
     browse(guard.addr, "/hub/", &mut jar, &[("x-sim-user", "CORP\\ev")]).await;
-    let mut restarted: Jar = jar
-        .into_iter()
-        .filter(|(n, _)| n != "X-Qlik-Session-HTTP")
-        .collect();
+    let mut restarted = without(&jar, "X-Qlik-Session-HTTP");
     browse(guard.addr, "/hub/", &mut restarted, &[]).await;
-    let out = run(vec!["events".into(), "--admin".into(), admin.clone()])
-        .await
-        .unwrap();
+    let out = run(vec!["events".into(), "--admin".into(), admin.clone()]).await;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         text.contains("cookie_lost") && text.contains("session_restored"),
         "{text}"
     );
     // --follow prints new events as they happen.
-    let mut follow = std::process::Command::new(env!("CARGO_BIN_EXE_qsguard"))
+    let mut follow = qsguard_bin()
         .args([
             "events",
             "--follow",
@@ -508,19 +398,11 @@ async fn ops_commands_against_a_running_guard() {
     let _ = follow.kill();
     let _ = follow.wait();
     guard.shutdown().await;
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 async fn doctor(addr: std::net::SocketAddr) -> (i32, String) {
-    let url = format!("http://{addr}");
-    let out =
-        tokio::task::spawn_blocking(move || qsguard_bin().args(["doctor", &url]).output().unwrap())
-            .await
-            .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
-    )
+    let out = qsguard_output(vec!["doctor".into(), format!("http://{addr}")]).await;
+    (out.status.code().unwrap_or(-1), output_text(&out))
 }
 
 #[tokio::test]
@@ -579,10 +461,9 @@ async fn events_follow_waits_for_new_events() {
     let sim = sim().await;
     let guard = guard(sim.addr()).await;
     let admin = guard.admin_addr;
-    let waiting =
-        tokio::spawn(
-            async move { admin_call(admin, "GET", "/events?since=0&wait=10", None).await },
-        );
+    let waiting = tokio::spawn(async move {
+        admin_call(admin, http::Method::GET, "/events?since=0&wait=10", None).await
+    });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!waiting.is_finished(), "the long poll waits");
     get(
@@ -596,6 +477,5 @@ async fn events_follow_waits_for_new_events() {
         .unwrap()
         .unwrap();
     assert_eq!(r.json()["events"][0]["kind"], "cookie_duplicated");
-    eventually("done", || true).await;
     guard.shutdown().await;
 }

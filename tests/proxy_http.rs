@@ -10,20 +10,6 @@ use common::*;
 use http::Request;
 use http_body_util::Full;
 
-/// The headers the simulator received, as (name, raw value) pairs.
-fn received(sim: &qsguard::sim::Simulator, path: &str) -> Vec<(String, Vec<u8>)> {
-    sim.last_request(path)
-        .unwrap_or_else(|| panic!("the simulator saw no request for {path}"))
-        .headers
-}
-
-fn values(h: &[(String, Vec<u8>)], name: &str) -> Vec<Vec<u8>> {
-    h.iter()
-        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.clone())
-        .collect()
-}
-
 #[tokio::test]
 async fn cookie_bytes_reach_qlik_unchanged() {
     let sim = sim().await;
@@ -276,15 +262,13 @@ async fn upstream_down_then_back() {
     assert!(page.contains("cannot connect"), "{page}");
     // The guard recovers by itself once the node is back on the same address.
     let sim = restart_sim(addr).await;
-    let mut ok = false;
-    for _ in 0..50 {
-        if get(guard.addr, "/__sim/echo", &[]).await.status == 200 {
-            ok = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ok, "the guard did not recover when the upstream came back");
+    let front = guard.addr;
+    poll_async(
+        "the guard to recover when the upstream came back",
+        Duration::from_secs(5),
+        || async move { (get(front, "/__sim/echo", &[]).await.status == 200).then_some(()) },
+    )
+    .await;
     assert!(sim.counters().requests >= 1);
     guard.shutdown().await;
 }

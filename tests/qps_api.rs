@@ -12,29 +12,18 @@ use qsguard::sim::SimConfig;
 use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 
 struct Pki {
-    dir: std::path::PathBuf,
+    dir: TempDir,
     server: Arc<rustls::ServerConfig>,
-}
-
-fn write(dir: &std::path::Path, name: &str, text: String) -> std::path::PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
 }
 
 /// A CA, a server certificate for 127.0.0.1, a valid and an expired client certificate.
 fn make_pki() -> Pki {
-    let dir = std::env::temp_dir().join(format!(
-        "qsguard-pki-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("pki");
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = ca_params.self_signed(&ca_key).unwrap();
-    write(&dir, "root.pem", ca.pem());
+    dir.write("root.pem", ca.pem());
 
     let server_key = KeyPair::generate().unwrap();
     let server = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
@@ -51,8 +40,8 @@ fn make_pki() -> Pki {
             params.not_after = rcgen::date_time_ymd(2021, 1, 1);
         }
         let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-        write(&dir, &format!("{name}.pem"), cert.pem());
-        write(&dir, &format!("{name}_key.pem"), key.serialize_pem());
+        dir.write(&format!("{name}.pem"), cert.pem());
+        dir.write(&format!("{name}_key.pem"), key.serialize_pem());
     }
 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -81,24 +70,15 @@ fn make_pki() -> Pki {
 
 async fn session_for(sim: &qsguard::sim::Simulator, user: &str) -> String {
     let mut jar = Vec::new();
-    browse(sim.addr(), "/hdr/hub/", &mut jar, &[("hdr-usr", user)]).await;
-    jar.into_iter()
-        .find(|(n, _)| n.starts_with("X-Qlik-Session"))
-        .unwrap()
-        .1
+    browse_as(sim.addr(), "/hdr/hub/", &mut jar, user).await;
+    jar_get(&jar, "X-Qlik-Session-hdr-HTTP").unwrap()
 }
 
 #[tokio::test]
 async fn plain_http_api_reads_and_ends_sessions() {
     let sim = sim().await;
     let id = session_for(&sim, "CORP\\Jane").await;
-    let api = QpsApi::new(&QpsApiConfig {
-        url: format!("http://{}", sim.api_addr()).parse().unwrap(),
-        client_cert: None,
-        client_key: None,
-        ca: None,
-    })
-    .unwrap();
+    let api = QpsApi::new(&sim_api_config(&sim)).unwrap();
     match api.owner("hdr", &id).await.unwrap() {
         Owner::User(u) => assert_eq!(u.to_string(), "CORP\\Jane"),
         other => panic!("{other:?}"),
@@ -163,8 +143,6 @@ async fn mutual_tls_with_qlik_like_certificates() {
     .unwrap();
     let err = api.owner("hdr", &id).await.unwrap_err().to_string();
     assert!(err.contains("QPS REST API"), "{err}");
-    let _ = std::fs::remove_dir_all(&pki.dir);
-    let _ = std::fs::remove_dir_all(&other.dir);
 }
 
 #[tokio::test]
@@ -193,17 +171,9 @@ async fn the_guard_resolves_owners_through_the_api_when_configured() {
     .await;
     assert_eq!(r.status, 200);
     let g = guard.proxy().sessions().unwrap().clone();
-    for _ in 0..200 {
-        if g.table.live_count("corp\\viaapi") == 1 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    assert_eq!(
-        g.table.live_count("corp\\viaapi"),
-        1,
-        "owner learnt over mutual TLS"
-    );
+    eventually("owner learnt over mutual TLS", || {
+        g.table.live_count("corp\\viaapi") == 1
+    })
+    .await;
     guard.shutdown().await;
-    let _ = std::fs::remove_dir_all(&pki.dir);
 }

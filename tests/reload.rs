@@ -6,9 +6,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
@@ -17,20 +14,16 @@ use qsguard::{Config, Guard};
 
 const TOKEN: &str = "reload-token-of-some-length";
 
+/// A config file and the admin token, in a directory of their own.
 struct Files {
-    dir: PathBuf,
+    dir: TempDir,
     config: PathBuf,
 }
 
 impl Files {
     fn new(tag: &str) -> Files {
-        let dir = std::env::temp_dir().join(format!(
-            "qsguard-{tag}-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("token"), TOKEN).unwrap();
+        let dir = TempDir::new(tag);
+        dir.write("token", TOKEN);
         let config = dir.join("qsguard.toml");
         Files { dir, config }
     }
@@ -41,15 +34,12 @@ impl Files {
             nodes,
             server_extra,
             &format!("[health]\ninterval = \"200ms\"\nfall = 2\nrise = 1\n{extra}"),
-        )
-        .replace(
-            "[admin]\nlisten = \"127.0.0.1:0\"\n",
-            &format!(
-                "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
-                self.dir.join("token").display()
-            ),
         );
-        std::fs::write(&self.config, text).unwrap();
+        std::fs::write(
+            &self.config,
+            with_admin_token(&text, &self.dir.join("token")),
+        )
+        .unwrap();
     }
 
     async fn start(&self) -> Guard {
@@ -59,58 +49,8 @@ impl Files {
     }
 }
 
-impl Drop for Files {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 async fn reload(guard: &Guard) -> Resp {
     admin_call(guard.admin_addr, http::Method::POST, "/reload", Some(TOKEN)).await
-}
-
-/// Users who keep browsing (each on their own session) until `stop`; every answer that is not
-/// a 200 from Qlik, and every request that fails, is counted in `failed`.
-fn load(
-    addr: std::net::SocketAddr,
-    users: usize,
-    tag: &'static str,
-    stop: Arc<AtomicBool>,
-    failed: Arc<AtomicUsize>,
-    done: Arc<AtomicUsize>,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    (0..users)
-        .map(|i| {
-            let (stop, failed, done) = (stop.clone(), failed.clone(), done.clone());
-            tokio::spawn(async move {
-                let user = format!("CORP\\{tag}{i}");
-                let mut jar = Jar::new();
-                while !stop.load(Ordering::Relaxed) {
-                    let r = tokio::spawn({
-                        let mut j = jar.clone();
-                        let user = user.clone();
-                        async move {
-                            let r = browse_as(addr, "/hdr/hub/x", &mut j, &user).await;
-                            (r.status, j)
-                        }
-                    })
-                    .await;
-                    match r {
-                        Ok((s, j)) if s == 200 => jar = j,
-                        Ok((s, _)) => {
-                            eprintln!("{user}: answered {s}");
-                            failed.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) => {
-                            eprintln!("{user}: {e}");
-                            failed.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    done.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,20 +59,9 @@ async fn nodes_added_and_removed_by_reload_under_load_with_no_failed_request() {
     let files = Files::new("reload-nodes");
     files.write(&[a.addr()], "", "");
     let guard = files.start().await;
-    let (stop, failed, done) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicUsize::new(0)),
-    );
-    let first = load(
-        guard.addr,
-        6,
-        "a",
-        stop.clone(),
-        failed.clone(),
-        done.clone(),
-    );
-    eventually("load running", || done.load(Ordering::Relaxed) >= 30).await;
+    let mut load = Load::default();
+    load.users(guard.addr, 6, "a");
+    load.reaches("load running", 30).await;
 
     // Add node b: new sessions now go to it (it has none), the running ones stay on a.
     files.write(&[a.addr(), b.addr()], "", "");
@@ -143,16 +72,9 @@ async fn nodes_added_and_removed_by_reload_under_load_with_no_failed_request() {
         "{}",
         r.text()
     );
-    let second = load(
-        guard.addr,
-        4,
-        "b",
-        stop.clone(),
-        failed.clone(),
-        done.clone(),
-    );
-    let mark = done.load(Ordering::Relaxed);
-    eventually("more load", || done.load(Ordering::Relaxed) >= mark + 40).await;
+    load.users(guard.addr, 4, "b");
+    let mark = load.done();
+    load.reaches("more load", mark + 40).await;
     assert!(
         b.counters().sessions_created >= 3,
         "new sessions went to the added node"
@@ -173,11 +95,8 @@ async fn nodes_added_and_removed_by_reload_under_load_with_no_failed_request() {
         .unwrap_or_else(|| panic!("a is kept while it has sessions: {up}"));
     assert_eq!(a_entry["state"], "retired", "{up}");
     let a_requests = a.counters().requests;
-    let mark = done.load(Ordering::Relaxed);
-    eventually("load after removing a", || {
-        done.load(Ordering::Relaxed) >= mark + 40
-    })
-    .await;
+    let mark = load.done();
+    load.reaches("load after removing a", mark + 40).await;
     assert!(
         a.counters().requests > a_requests,
         "the removed node keeps serving its sessions"
@@ -198,15 +117,7 @@ async fn nodes_added_and_removed_by_reload_under_load_with_no_failed_request() {
         "no new session on a removed node"
     );
 
-    stop.store(true, Ordering::Relaxed);
-    for t in first.into_iter().chain(second) {
-        t.await.unwrap();
-    }
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "no request failed across the reloads"
-    );
+    assert_eq!(load.stop().await, 0, "no request failed across the reloads");
     assert_eq!(
         a.counters().unknown_cookie_requests + b.counters().unknown_cookie_requests,
         0,
@@ -335,8 +246,6 @@ async fn an_invalid_config_is_refused_and_the_running_one_stays() {
 
 #[tokio::test]
 async fn a_reload_moves_the_listener_and_open_connections_and_websockets_go_on() {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::Message;
     let a = sim().await;
     let files = Files::new("reload-listen");
     files.write(&[a.addr()], "", "[sessions]\nmax_per_user = 5\n");
@@ -346,17 +255,7 @@ async fn a_reload_moves_the_listener_and_open_connections_and_websockets_go_on()
     // A WebSocket and a kept-alive connection, open across the reload.
     let mut jar = Jar::new();
     browse_as(old, "/hdr/hub/", &mut jar, "CORP\\ws").await;
-    let req = http::Request::get(format!("ws://{old}/hdr/app/x"))
-        .header("host", "qlik.example.com")
-        .header("cookie", cookie_header(&jar))
-        .header("hdr-usr", "CORP\\ws")
-        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-        .header("sec-websocket-version", "13")
-        .header("connection", "Upgrade")
-        .header("upgrade", "websocket")
-        .body(())
-        .unwrap();
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let mut ws = ws_as(old, "/hdr/app/x", "CORP\\ws", Some(&cookie_header(&jar))).await;
     let stream = tokio::net::TcpStream::connect(old).await.unwrap();
     let (mut kept, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
@@ -411,22 +310,8 @@ async fn a_reload_moves_the_listener_and_open_connections_and_websockets_go_on()
         kept.send_request(ask("/hdr/hub/y")).await.unwrap().status(),
         200
     );
-    ws.send(Message::text("still here")).await.unwrap();
-    // Qlik's greeting (OnConnected) may come first; then the echo.
-    let mut echoed = false;
-    for _ in 0..3 {
-        let m = tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        if m.into_text().unwrap().as_str() == "still here" {
-            echoed = true;
-            break;
-        }
-    }
     assert!(
-        echoed,
+        echoes(&mut ws, "still here").await,
         "the WebSocket opened before the reload still carries frames"
     );
     guard.shutdown().await;
@@ -475,18 +360,9 @@ async fn the_reload_upstreams_and_drain_commands() {
     let guard = files.start().await;
     let admin = format!("http://{}", guard.admin_addr);
     let token = files.dir.join("token").display().to_string();
-    let run = |args: Vec<String>| {
-        tokio::task::spawn_blocking(move || {
-            let out = std::process::Command::new(env!("CARGO_BIN_EXE_qsguard"))
-                .args(args)
-                .output()
-                .unwrap();
-            (
-                out.status.success(),
-                String::from_utf8_lossy(&out.stdout).to_string()
-                    + &String::from_utf8_lossy(&out.stderr),
-            )
-        })
+    let run = |args: Vec<String>| async move {
+        let out = qsguard_output(args).await;
+        (out.status.success(), output_text(&out))
     };
     let with = |cmd: &[&str]| {
         let mut v: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();
@@ -499,27 +375,27 @@ async fn the_reload_upstreams_and_drain_commands() {
         v
     };
     files.write(&[a.addr(), b.addr()], "", "");
-    let (ok, out) = run(with(&["reload"])).await.unwrap();
+    let (ok, out) = run(with(&["reload"])).await;
     assert!(ok && out.starts_with("reloaded:"), "{out}");
     let b_name = format!("127.0.0.1:{}", b.addr().port());
-    let (ok, out) = run(with(&["upstreams"])).await.unwrap();
+    let (ok, out) = run(with(&["upstreams"])).await;
     assert!(
         ok && out.lines().count() == 2 && out.contains(&b_name),
         "{out}"
     );
-    let (ok, out) = run(with(&["drain", &b_name])).await.unwrap();
+    let (ok, out) = run(with(&["drain", &b_name])).await;
     assert!(ok && out.contains("draining"), "{out}");
-    let (_, out) = run(with(&["upstreams"])).await.unwrap();
+    let (_, out) = run(with(&["upstreams"])).await;
     assert!(
         out.lines()
             .any(|l| l.starts_with(&b_name) && l.contains("draining")),
         "{out}"
     );
-    let (ok, _) = run(with(&["undrain", &b_name])).await.unwrap();
+    let (ok, _) = run(with(&["undrain", &b_name])).await;
     assert!(ok);
     // A bad config: the command fails and says why.
     std::fs::write(&files.config, "[server]\nlisten = \"127.0.0.1:0\"\n").unwrap();
-    let (ok, out) = run(with(&["reload"])).await.unwrap();
+    let (ok, out) = run(with(&["reload"])).await;
     assert!(!ok, "{out}");
     assert!(out.contains("422") && out.contains("upstream"), "{out}");
     assert_eq!(

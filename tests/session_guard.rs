@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use qsguard::sim::{SimConfig, Simulator};
+use qsguard::sim::SimConfig;
 
 fn sessions_cfg(extra: &str) -> String {
     format!("[sessions]\n{extra}\n")
@@ -15,15 +15,6 @@ fn sessions_cfg(extra: &str) -> String {
 
 fn table(guard: &qsguard::Guard) -> &Arc<qsguard::session::SessionGuard> {
     guard.proxy().sessions().expect("the session guard is on")
-}
-
-/// One browser of a header-auth user: its own cookie jar.
-async fn hdr_visit(addr: std::net::SocketAddr, path: &str, user: &str, jar: &mut Jar) -> Resp {
-    browse(addr, path, jar, &[("hdr-usr", user)]).await
-}
-
-fn without(jar: &Jar, name: &str) -> Jar {
-    jar.iter().filter(|(n, _)| n != name).cloned().collect()
 }
 
 #[tokio::test]
@@ -90,7 +81,7 @@ async fn sixth_browser_with_error_policy_gets_the_limit_page() {
     for _ in 0..5 {
         let mut jar = Jar::new();
         assert_eq!(
-            hdr_visit(guard.addr, "/hdr/hub/", "CORP\\max", &mut jar)
+            browse_as(guard.addr, "/hdr/hub/", &mut jar, "CORP\\max")
                 .await
                 .status,
             200
@@ -99,7 +90,7 @@ async fn sixth_browser_with_error_policy_gets_the_limit_page() {
     }
     assert_eq!(sim.live_sessions("CORP\\max"), 5);
     let mut sixth = Jar::new();
-    let page = hdr_visit(guard.addr, "/hdr/hub/", "CORP\\max", &mut sixth).await;
+    let page = browse_as(guard.addr, "/hdr/hub/", &mut sixth, "CORP\\max").await;
     assert_eq!(page.status, 429);
     let retry: u64 = page.header("retry-after").unwrap().parse().unwrap();
     assert!(retry > 0 && retry <= 30 * 60 + 2, "{retry}");
@@ -114,7 +105,7 @@ async fn sixth_browser_with_error_policy_gets_the_limit_page() {
     assert_eq!(sim.counters().sessions_created, 5);
     // The browsers that have a session keep working.
     assert_eq!(
-        hdr_visit(guard.addr, "/hdr/hub/", "CORP\\max", &mut browsers[0])
+        browse_as(guard.addr, "/hdr/hub/", &mut browsers[0], "CORP\\max")
             .await
             .status,
         200
@@ -141,7 +132,7 @@ async fn sixth_browser_with_error_policy_gets_the_limit_page() {
     assert_eq!(ended.header("location").as_deref(), Some("/hdr/hub/"));
     assert_eq!(sim.live_sessions("CORP\\max"), 4);
     assert_eq!(
-        hdr_visit(guard.addr, "/hdr/hub/", "CORP\\max", &mut sixth)
+        browse_as(guard.addr, "/hdr/hub/", &mut sixth, "CORP\\max")
             .await
             .status,
         200
@@ -184,11 +175,11 @@ async fn reuse_lets_eight_cookieless_clients_in() {
     .await;
     for i in 0..8 {
         let mut jar = Jar::new();
-        let r = hdr_visit(
+        let r = browse_as(
             guard.addr,
             &format!("/hdr/hub/{i}"),
-            "CORP\\robot",
             &mut jar,
+            "CORP\\robot",
         )
         .await;
         assert_eq!(r.status, 200, "client {i}: {}", r.text());
@@ -221,16 +212,7 @@ async fn reuse_is_not_given_on_a_device_cookie_alone() {
     browse(guard.addr, "/hub/", &mut second, &user).await;
     eventually("owners resolved", || g.table.live_count("corp\\win") == 2).await;
     // The second browser logs out: the guard still knows whose browser it is.
-    let r = send(
-        guard.addr,
-        http::Request::delete("/qps/user")
-            .header("host", "q")
-            .header("cookie", cookie_header(&second))
-            .body(http_body_util::Full::new(bytes::Bytes::new()))
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    let r = logout(guard.addr, "/", &second, None).await;
     assert_eq!(r.status, 200);
     assert_eq!(g.table.live_count("corp\\win"), 1);
     // Four sessions made elsewhere; the guard adopts them when they pass through it.
@@ -258,15 +240,6 @@ async fn reuse_is_not_given_on_a_device_cookie_alone() {
     guard.shutdown().await;
 }
 
-fn api_cfg(sim: &Simulator) -> qsguard::config::QpsApiConfig {
-    qsguard::config::QpsApiConfig {
-        url: format!("http://{}", sim.api_addr()).parse().unwrap(),
-        client_cert: None,
-        client_key: None,
-        ca: None,
-    }
-}
-
 #[tokio::test]
 async fn evict_ends_the_oldest_idle_session_and_admits_the_new_one() {
     let sim = sim().await;
@@ -277,19 +250,14 @@ async fn evict_ends_the_oldest_idle_session_and_admits_the_new_one() {
     ))
     .await;
     let mut first = Jar::new();
-    hdr_visit(guard.addr, "/hdr/hub/", "CORP\\eve", &mut first).await;
-    let oldest = first
-        .iter()
-        .find(|(n, _)| n == "X-Qlik-Session-hdr-HTTP")
-        .unwrap()
-        .1
-        .clone();
+    browse_as(guard.addr, "/hdr/hub/", &mut first, "CORP\\eve").await;
+    let oldest = jar_get(&first, "X-Qlik-Session-hdr-HTTP").unwrap();
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        hdr_visit(guard.addr, "/hdr/hub/", "CORP\\eve", &mut Jar::new()).await;
+        browse_as(guard.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\eve").await;
     }
     assert_eq!(sim.live_sessions("CORP\\eve"), 5);
-    let r = hdr_visit(guard.addr, "/hdr/hub/new", "CORP\\eve", &mut Jar::new()).await;
+    let r = browse_as(guard.addr, "/hdr/hub/new", &mut Jar::new(), "CORP\\eve").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(sim.live_sessions("CORP\\eve"), 5);
     assert!(
@@ -316,7 +284,7 @@ async fn evict_through_the_qps_rest_api_when_configured() {
     );
     let guard = guard_with(&config_text(&[sim.addr()], "", &extra)).await;
     for _ in 0..6 {
-        let r = hdr_visit(guard.addr, "/hdr/hub/", "CORP\\api", &mut Jar::new()).await;
+        let r = browse_as(guard.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\api").await;
         assert_eq!(r.status, 200);
     }
     let c = sim.counters();
@@ -340,10 +308,10 @@ async fn expiry_frees_a_slot() {
     ))
     .await;
     for _ in 0..5 {
-        hdr_visit(guard.addr, "/hdr/hub/", "CORP\\exp", &mut Jar::new()).await;
+        browse_as(guard.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\exp").await;
     }
     assert_eq!(
-        hdr_visit(guard.addr, "/hdr/hub/", "CORP\\exp", &mut Jar::new())
+        browse_as(guard.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\exp")
             .await
             .status,
         429
@@ -353,7 +321,7 @@ async fn expiry_frees_a_slot() {
     assert_eq!(sim.live_sessions("CORP\\exp"), 0);
     assert_eq!(table(&guard).table.live_count("corp\\exp"), 0);
     assert_eq!(
-        hdr_visit(guard.addr, "/hdr/hub/", "CORP\\exp", &mut Jar::new())
+        browse_as(guard.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\exp")
             .await
             .status,
         200
@@ -379,36 +347,21 @@ async fn logout_frees_a_slot() {
     let mut jars = Vec::new();
     for _ in 0..5 {
         let mut jar = Jar::new();
-        hdr_visit(guard.addr, "/hdr/hub/", "CORP\\out", &mut jar).await;
+        browse_as(guard.addr, "/hdr/hub/", &mut jar, "CORP\\out").await;
         jars.push(jar);
     }
     assert_eq!(
-        hdr_visit(guard.addr, "/hdr/hub/", "CORP\\out", &mut Jar::new())
+        browse_as(guard.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\out")
             .await
             .status,
         429
     );
-    let cookie = jars[2]
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join("; ");
-    let r = send(
-        guard.addr,
-        http::Request::delete("/hdr/qps/user")
-            .header("host", "q")
-            .header("hdr-usr", "CORP\\out")
-            .header("cookie", cookie)
-            .body(http_body_util::Full::new(bytes::Bytes::new()))
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    let r = logout(guard.addr, "/hdr/", &jars[2], Some("CORP\\out")).await;
     assert_eq!(r.status, 200);
     assert_eq!(sim.counters().logouts, 1);
     assert_eq!(table(&guard).table.live_count("corp\\out"), 4);
     assert_eq!(
-        hdr_visit(guard.addr, "/hdr/hub/", "CORP\\out", &mut Jar::new())
+        browse_as(guard.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\out")
             .await
             .status,
         200
@@ -462,8 +415,7 @@ async fn dead_cookie_burst_makes_one_session_windows_login() {
     assert_eq!(sim.counters().sessions_created, 1);
     // Qlik ends the session behind the guard's back (an admin, a QPS restart...).
     let id = sim.session_ids("CORP\\burst")[0].clone();
-    let api = qsguard::qps::QpsApi::new(&api_cfg(&sim)).unwrap();
-    api.end("", &id).await.unwrap();
+    end_in_qlik(&sim, "", &id).await;
     let before = sim.counters().sessions_created;
     let rs = burst(
         guard.addr,
@@ -489,20 +441,9 @@ async fn dead_cookie_burst_makes_one_session_header_auth() {
     let sim = sim().await;
     let guard = guard(sim.addr()).await;
     let mut jar = Jar::new();
-    hdr_visit(guard.addr, "/hdr/hub/", "CORP\\hb", &mut jar).await;
+    browse_as(guard.addr, "/hdr/hub/", &mut jar, "CORP\\hb").await;
     // The user logs out through the guard; the browser keeps the now dead cookie.
-    let cookie = cookie_header(&jar);
-    send(
-        guard.addr,
-        http::Request::delete("/hdr/qps/user")
-            .header("host", "q")
-            .header("hdr-usr", "CORP\\hb")
-            .header("cookie", cookie)
-            .body(http_body_util::Full::new(bytes::Bytes::new()))
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    logout(guard.addr, "/hdr/", &jar, Some("CORP\\hb")).await;
     assert_eq!(sim.live_sessions("CORP\\hb"), 0);
     let before = sim.counters().sessions_created;
     let rs = burst(
@@ -534,7 +475,7 @@ async fn two_hundred_parallel_requests_of_twenty_users_keep_counts_exact() {
         let user = format!("LOAD\\u{}", i % 20);
         tasks.push(tokio::spawn(async move {
             let mut jar = Jar::new();
-            hdr_visit(addr, &format!("/hdr/hub/{i}"), &user, &mut jar)
+            browse_as(addr, &format!("/hdr/hub/{i}"), &mut jar, &user)
                 .await
                 .status
         }));
@@ -578,20 +519,17 @@ async fn malformed_identity_header_is_refused_before_qlik() {
 #[tokio::test]
 async fn engine_notifications_and_qps_refusals_are_seen() {
     use futures_util::StreamExt;
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let sim = sim().await;
     let guard = guard(sim.addr()).await;
     let mut jar = Jar::new();
-    hdr_visit(guard.addr, "/hdr/hub/", "CORP\\ws", &mut jar).await;
-    let cookie = cookie_header(&jar);
-    let mut req = format!("ws://{}/hdr/app/myapp", guard.addr)
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("hdr-usr", "CORP\\ws".parse().unwrap());
-    req.headers_mut().insert("cookie", cookie.parse().unwrap());
-    let tcp = tokio::net::TcpStream::connect(guard.addr).await.unwrap();
-    let (mut ws, _) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+    browse_as(guard.addr, "/hdr/hub/", &mut jar, "CORP\\ws").await;
+    let mut ws = ws_as(
+        guard.addr,
+        "/hdr/app/myapp",
+        "CORP\\ws",
+        Some(&cookie_header(&jar)),
+    )
+    .await;
     ws.next().await.unwrap().unwrap();
     let g = table(&guard);
     eventually("the open app is listed", || {
@@ -603,11 +541,7 @@ async fn engine_notifications_and_qps_refusals_are_seen() {
     .await;
     // The session is ended in Qlik directly: the engine says OnSessionClosed, the guard hears it.
     let id = sim.session_ids("CORP\\ws")[0].clone();
-    qsguard::qps::QpsApi::new(&api_cfg(&sim))
-        .unwrap()
-        .end("hdr", &id)
-        .await
-        .unwrap();
+    end_in_qlik(&sim, "hdr", &id).await;
     while let Some(Ok(_)) = ws.next().await {}
     eventually("the guard marks it ended", || {
         g.table.live_count("corp\\ws") == 0
@@ -616,15 +550,9 @@ async fn engine_notifications_and_qps_refusals_are_seen() {
 
     // Five sessions made behind the guard's back: Qlik's own refusal is detected and counted.
     for _ in 0..5 {
-        browse(
-            sim.addr(),
-            "/hdr/hub/",
-            &mut Jar::new(),
-            &[("hdr-usr", "CORP\\behind")],
-        )
-        .await;
+        browse_as(sim.addr(), "/hdr/hub/", &mut Jar::new(), "CORP\\behind").await;
     }
-    let r = hdr_visit(guard.addr, "/hdr/hub/", "CORP\\behind", &mut Jar::new()).await;
+    let r = browse_as(guard.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\behind").await;
     assert_eq!(r.status, 403);
     assert!(r.text().contains("too many sessions active in parallel"));
     assert_eq!(sim.counters().limit_refusals, 1);
@@ -657,7 +585,7 @@ async fn after_a_guard_restart_unknown_cookies_are_adopted_and_bursts_still_make
     let sim = sim().await;
     let old = guard(sim.addr()).await;
     let mut jar = Jar::new();
-    hdr_visit(old.addr, "/hdr/hub/", "CORP\\rs", &mut jar).await;
+    browse_as(old.addr, "/hdr/hub/", &mut jar, "CORP\\rs").await;
     old.shutdown().await;
     // A new guard knows nothing: the browser's cookie is unknown to it, but live in Qlik.
     let guard = guard(sim.addr()).await;
@@ -678,11 +606,7 @@ async fn after_a_guard_restart_unknown_cookies_are_adopted_and_bursts_still_make
     assert_eq!(table(&guard).table.live_count("corp\\rs"), 1);
     // Now Qlik ends it behind the guard's back; the next burst makes exactly one new session.
     let id = sim.session_ids("CORP\\rs")[0].clone();
-    qsguard::qps::QpsApi::new(&api_cfg(&sim))
-        .unwrap()
-        .end("hdr", &id)
-        .await
-        .unwrap();
+    end_in_qlik(&sim, "hdr", &id).await;
     let guard2 = guard_with(&config_text(&[sim.addr()], "", "")).await;
     let rs = burst(
         guard2.addr,

@@ -19,20 +19,11 @@ fn snapshot_config(sim: std::net::SocketAddr, file: &std::path::Path, extra: &st
     )
 }
 
-fn temp_file(tag: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "qsguard-{tag}-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join("sessions.json")
-}
-
 #[tokio::test]
 async fn a_user_at_the_limit_is_still_at_the_limit_after_a_restart() {
     let sim = sim().await;
-    let file = temp_file("snap");
+    let dir = TempDir::new("snap");
+    let file = dir.join("sessions.json");
     let first = guard_with(&snapshot_config(sim.addr(), &file, "")).await;
     for _ in 0..5 {
         let r = browse_as(first.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\full").await;
@@ -70,10 +61,7 @@ async fn a_user_at_the_limit_is_still_at_the_limit_after_a_restart() {
     assert_eq!(sim.counters().limit_refusals, 0, "Qlik never had to refuse");
     // The Windows browser restarts too: its device cookie still finds its session.
     let created = sim.counters().sessions_created;
-    let mut restarted: Jar = jar
-        .into_iter()
-        .filter(|(n, _)| n != "X-Qlik-Session-HTTP")
-        .collect();
+    let mut restarted = without(&jar, "X-Qlik-Session-HTTP");
     let r = browse(
         second.addr,
         "/hub/",
@@ -88,7 +76,6 @@ async fn a_user_at_the_limit_is_still_at_the_limit_after_a_restart() {
         "restored, not recreated"
     );
     second.shutdown().await;
-    let _ = std::fs::remove_dir_all(file.parent().unwrap());
 }
 
 #[tokio::test]
@@ -98,7 +85,8 @@ async fn sessions_that_expired_while_the_guard_was_down_are_dropped() {
         ..SimConfig::default()
     })
     .await;
-    let file = temp_file("snap-exp");
+    let dir = TempDir::new("snap-exp");
+    let file = dir.join("sessions.json");
     let first = guard_with(&snapshot_config(
         sim.addr(),
         &file,
@@ -126,7 +114,6 @@ async fn sessions_that_expired_while_the_guard_was_down_are_dropped() {
     let third = guard_with(&snapshot_config(sim.addr(), &file, "")).await;
     assert_eq!(get(third.addr, "/__sim/echo", &[]).await.status, 200);
     third.shutdown().await;
-    let _ = std::fs::remove_dir_all(file.parent().unwrap());
 }
 
 #[tokio::test]
@@ -134,13 +121,7 @@ async fn sessions_made_behind_the_guards_back_are_counted_at_start() {
     let sim = sim().await;
     // Five sessions of one user made directly on Qlik, while no guard was running.
     for _ in 0..5 {
-        browse(
-            sim.addr(),
-            "/hdr/hub/",
-            &mut Jar::new(),
-            &[("hdr-usr", "CORP\\behind")],
-        )
-        .await;
+        browse_as(sim.addr(), "/hdr/hub/", &mut Jar::new(), "CORP\\behind").await;
     }
     let extra = format!(
         "[sessions]\non_limit = \"error\"\n[qps_api]\nurl = \"http://{}\"\n",
@@ -161,13 +142,7 @@ async fn reconciliation_asks_every_node_and_keeps_each_session_on_its_node() {
     // Three sessions made on node a and two on node b, all behind the guard's back.
     for (node, n) in [(&a, 3), (&b, 2)] {
         for _ in 0..n {
-            browse(
-                node.addr(),
-                "/hdr/hub/",
-                &mut Jar::new(),
-                &[("hdr-usr", "CORP\\twonodes")],
-            )
-            .await;
+            browse_as(node.addr(), "/hdr/hub/", &mut Jar::new(), "CORP\\twonodes").await;
         }
     }
     // Node a's API from [qps_api].url, node b's from its own qps_api.
@@ -220,12 +195,7 @@ async fn reconciliation_asks_every_node_and_keeps_each_session_on_its_node() {
 #[tokio::test]
 async fn a_predecessors_last_snapshot_is_merged_not_replacing_what_the_table_knows() {
     let sim = sim().await;
-    let dir = std::env::temp_dir().join(format!(
-        "qsguard-merge-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("merge");
     let side = dir.join("sessions.handover");
     // The old process: two users, one of whom the new process also knows.
     let old = guard(sim.addr()).await;
@@ -253,5 +223,4 @@ async fn a_predecessors_last_snapshot_is_merged_not_replacing_what_the_table_kno
     }
     old.shutdown().await;
     new.shutdown().await;
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -11,10 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use futures_util::{SinkExt, StreamExt};
 use qsguard::sim::Simulator;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message;
 
 fn nodes_config(nodes: &[SocketAddr], extra: &str) -> String {
     config_text(
@@ -73,28 +70,8 @@ async fn three_nodes_balance_new_sessions_and_keep_requests_and_websockets_on_th
                 200
             );
         }
-        let mut req = format!("ws://{}/hdr/app/x", guard.addr)
-            .into_client_request()
-            .unwrap();
-        req.headers_mut().insert("hdr-usr", user.parse().unwrap());
-        req.headers_mut()
-            .insert("cookie", cookie_header(jar).parse().unwrap());
-        let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
-        assert_eq!(resp.status(), 101);
-        ws.send(Message::text("ping")).await.unwrap();
-        let mut echoed = false;
-        for _ in 0..3 {
-            let m = tokio::time::timeout(Duration::from_secs(5), ws.next())
-                .await
-                .unwrap()
-                .unwrap()
-                .unwrap();
-            if m.into_text().unwrap().as_str() == "ping" {
-                echoed = true;
-                break;
-            }
-        }
-        assert!(echoed);
+        let mut ws = ws_as(guard.addr, "/hdr/app/x", user, Some(&cookie_header(jar))).await;
+        assert!(echoes(&mut ws, "ping").await);
         ws.close(None).await.unwrap();
     }
     for s in &sims {
@@ -202,11 +179,7 @@ async fn a_node_killed_mid_load_moves_its_users_to_new_sessions_and_nobody_else_
         created_elsewhere + 3,
         "exactly node c's three users got new sessions"
     );
-    let lost = g.diagnostics.events.query(
-        0,
-        qsguard::diagnostics::events::Kind::parse("session_lost"),
-        None,
-    );
+    let lost = events(&guard, "session_lost");
     assert_eq!(
         lost.len(),
         3,
@@ -264,14 +237,14 @@ impl Cable {
     }
 
     async fn restore(&mut self) {
-        for _ in 0..100 {
-            if let Ok(l) = tokio::net::TcpListener::bind(self.addr).await {
-                self.serve(l);
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("cannot listen on {} again", self.addr);
+        let addr = self.addr;
+        let l = poll_async(
+            &format!("listening on {addr} again"),
+            Duration::from_secs(2),
+            || async move { tokio::net::TcpListener::bind(addr).await.ok() },
+        )
+        .await;
+        self.serve(l);
     }
 }
 
@@ -328,14 +301,7 @@ async fn with_on_node_down_error_the_users_of_an_unreachable_node_wait_and_keep_
         "nobody was moved to node a"
     );
     assert!(
-        g.diagnostics
-            .events
-            .query(
-                0,
-                qsguard::diagnostics::events::Kind::parse("session_lost"),
-                None
-            )
-            .is_empty(),
+        events(&guard, "session_lost").is_empty(),
         "the sessions are kept"
     );
 

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use common::*;
 use futures_util::{SinkExt, StreamExt};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 fn idle_period() -> Duration {
@@ -19,36 +18,11 @@ fn idle_period() -> Duration {
     Duration::from_secs(secs)
 }
 
-async fn connect(
-    addr: std::net::SocketAddr,
-    path: &str,
-    user: &str,
-) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
-    let mut req = format!("ws://{addr}{path}").into_client_request().unwrap();
-    req.headers_mut().insert("hdr-usr", user.parse().unwrap());
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (ws, resp) = tokio_tungstenite::client_async(req, stream)
-        .await
-        .expect("websocket upgrade through the guard");
-    assert_eq!(resp.status(), 101);
-    ws
-}
-
-async fn next_text(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>) -> String {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => return t.to_string(),
-            Ok(Some(Ok(Message::Ping(_)))) | Ok(Some(Ok(Message::Pong(_)))) => continue,
-            other => panic!("expected a text frame, got {other:?}"),
-        }
-    }
-}
-
 #[tokio::test]
 async fn engine_websocket_echo_survives_an_idle_period() {
     let sim = sim().await;
     let guard = guard(sim.addr()).await;
-    let mut ws = connect(guard.addr, "/hdr/app/engineData", "CORP\\ws").await;
+    let mut ws = ws_as(guard.addr, "/hdr/app/engineData", "CORP\\ws", None).await;
     let hello = next_text(&mut ws).await;
     assert!(hello.contains("OnConnected"), "{hello}");
     assert_eq!(sim.counters().websockets_open, 1);
@@ -78,12 +52,12 @@ async fn engine_websocket_echo_survives_an_idle_period() {
     // The close handshake: Qlik answers the close frame, then the browser drops the socket.
     while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_secs(5), ws.next()).await {}
     drop(ws);
-    for _ in 0..50 {
-        if sim.counters().websockets_open == 0 && guard.proxy().open_tunnels() == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually_within(
+        "the close reaching Qlik and the tunnel going",
+        Duration::from_millis(2500),
+        || sim.counters().websockets_open == 0 && guard.proxy().open_tunnels() == 0,
+    )
+    .await;
     assert_eq!(sim.counters().websockets_open, 0, "the close reached Qlik");
     assert_eq!(guard.proxy().open_tunnels(), 0, "the tunnel is gone");
     guard.shutdown().await;
@@ -98,7 +72,7 @@ async fn websocket_idle_timeout_when_configured() {
         "",
     ))
     .await;
-    let mut ws = connect(guard.addr, "/hdr/app/x", "CORP\\idle").await;
+    let mut ws = ws_as(guard.addr, "/hdr/app/x", "CORP\\idle", None).await;
     next_text(&mut ws).await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let r = tokio::time::timeout(Duration::from_secs(5), ws.next())
