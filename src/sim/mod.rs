@@ -18,6 +18,7 @@ mod config;
 mod engine;
 mod http;
 mod proxy;
+pub mod secrets;
 mod sessions;
 #[cfg(test)]
 mod tests;

@@ -296,6 +296,7 @@ impl State {
             Some(id) => id,
             None => guid(),
         };
+        super::secrets::note_issued(&id);
         let (ended, _) = watch::channel(None);
         self.sessions.insert(
             id.clone(),

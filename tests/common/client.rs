@@ -117,7 +117,7 @@ impl Client {
             .await
             .map_err(|e| e.to_string())?;
         match &self.tls {
-            None => exchange_h1(tcp, req).await,
+            None => exchange_h1(tcp, req, self.addr).await,
             Some(connector) => {
                 let stream = connector
                     .connect(
@@ -126,13 +126,17 @@ impl Client {
                     )
                     .await
                     .map_err(|e| e.to_string())?;
-                exchange_h1(stream, req).await
+                exchange_h1(stream, req, self.addr).await
             }
         }
     }
 }
 
-async fn exchange_h1<S>(io: S, req: Request<Full<Bytes>>) -> Result<Resp, String>
+async fn exchange_h1<S>(
+    io: S,
+    req: Request<Full<Bytes>>,
+    addr: std::net::SocketAddr,
+) -> Result<Resp, String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -141,12 +145,20 @@ where
         .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-    collect(resp).await
+    collect(resp, Some(addr)).await
 }
 
-async fn collect(resp: http::Response<hyper::body::Incoming>) -> Result<Resp, String> {
+/// The answer, looked at by the secrets audit unless it came from a simulator (`addr`).
+async fn collect(
+    resp: http::Response<hyper::body::Incoming>,
+    addr: Option<std::net::SocketAddr>,
+) -> Result<Resp, String> {
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    if !addr.is_some_and(super::audit::is_exempt) {
+        super::audit::scan_response("an answer", &parts.headers, &body);
+        super::audit::assert_clean();
+    }
     Ok(Resp {
         status: parts.status,
         headers: parts.headers,
@@ -174,7 +186,7 @@ impl Link {
                     .send_request(for_h2(req))
                     .await
                     .map_err(|e| e.to_string())?;
-                collect(resp).await
+                collect(resp, None).await
             }
         }
     }

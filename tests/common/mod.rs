@@ -4,6 +4,7 @@
 //! processes ([`process`]).
 #![allow(dead_code)]
 
+pub mod audit;
 pub mod client;
 pub mod process;
 pub mod tls;
@@ -35,9 +36,13 @@ pub async fn sim() -> Simulator {
 }
 
 pub async fn sim_with(config: SimConfig) -> Simulator {
-    Simulator::start(config, SocketAddr::from(LOOPBACK))
+    capture_logs();
+    let sim = Simulator::start(config, SocketAddr::from(LOOPBACK))
         .await
-        .expect("simulator starts")
+        .expect("simulator starts");
+    audit::exempt(sim.addr());
+    audit::exempt(sim.api_addr());
+    sim
 }
 
 /// The guard's config for the given upstreams, with the simulator's two virtual proxies, plus
@@ -62,6 +67,7 @@ pub async fn guard(upstream: SocketAddr) -> Guard {
 }
 
 pub async fn guard_with(text: &str) -> Guard {
+    capture_logs();
     let config = Config::parse(text).expect("test config is valid");
     Guard::start(config).await.expect("guard starts")
 }
@@ -121,6 +127,10 @@ pub async fn raw(addr: SocketAddr, bytes: &[u8], wait: Duration) -> Vec<u8> {
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
             Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
         }
+    }
+    if !audit::is_exempt(addr) {
+        audit::scan_raw("a raw answer", &out);
+        audit::assert_clean();
     }
     out
 }
@@ -449,14 +459,20 @@ pub async fn admin_call(
 pub fn events(guard: &Guard, kind: &str) -> Vec<serde_json::Value> {
     let kind = qsguard::diagnostics::events::Kind::parse(kind)
         .unwrap_or_else(|| panic!("no event kind {kind}"));
-    guard
+    let events = guard
         .proxy()
         .diagnostics
         .events
         .query(0, Some(kind), None)
         .into_iter()
-        .map(|e| serde_json::to_value(e).unwrap())
-        .collect()
+        .map(|e| {
+            let v = serde_json::to_value(e).unwrap();
+            audit::scan("an event", &v.to_string());
+            v
+        })
+        .collect();
+    audit::assert_clean();
+    events
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -656,6 +672,7 @@ struct LogSink;
 
 impl std::io::Write for LogSink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        audit::scan("the log", &String::from_utf8_lossy(buf));
         LOGS.lock()
             .unwrap_or_else(|e| e.into_inner())
             .extend_from_slice(buf);

@@ -33,6 +33,7 @@ impl Log {
                 .lines()
                 .map_while(Result::ok)
             {
+                super::audit::scan("a qsguard process's log", &line);
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
                     lines.lock().unwrap().push(v);
                 } else {
@@ -132,5 +133,9 @@ pub async fn exited(mut child: Child) -> std::process::ExitStatus {
 
 /// What a finished command printed: its stdout, then its stderr.
 pub fn output_text(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    super::audit::scan("a qsguard command's output", &text);
+    super::audit::assert_clean();
+    text
 }
