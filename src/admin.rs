@@ -11,6 +11,7 @@
 //! | `DELETE /users/<DIR%5Cid>/sessions` | end all of a user's sessions |
 //! | `GET /events[?kind=&user=&since=&wait=]` | recent cookie and session events (JSON) |
 //! | `GET /metrics` | Prometheus text |
+//! | `POST /device-key/rotate` | a new key for the device cookies (every browser gets a new one) |
 //!
 //! Authentication: a bearer token read from `admin.token_file`. It is required for every call
 //! when the listener is not on loopback (the guard refuses to start without one then), and for
@@ -132,6 +133,7 @@ async fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
             json!({"status": "ok", "pid": std::process::id(), "websockets_open": state.proxy.open_tunnels()}),
         ),
         (&Method::POST, ["reload"]) => reload(state).await,
+        (&Method::POST, ["device-key", "rotate"]) => rotate_device_key(state),
         (&Method::GET, ["readyz"]) => readyz(state).await,
         (&Method::GET, ["sessions"]) => sessions(state, &query),
         (&Method::DELETE, ["sessions", hash]) => end_one(state, hash).await,
@@ -147,6 +149,7 @@ async fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
             ["healthz" | "readyz" | "sessions" | "events" | "metrics" | "upstreams" | "reload"],
         )
         | (_, ["sessions", _])
+        | (_, ["device-key", "rotate"])
         | (_, ["users", _, "sessions"]) => json(
             StatusCode::METHOD_NOT_ALLOWED,
             json!({"error": format!("{method} is not allowed on {path}")}),
@@ -157,7 +160,8 @@ async fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 "GET /healthz", "GET /readyz", "GET /sessions?user=DIR%5Cid",
                 "DELETE /sessions/<hash>", "DELETE /users/<DIR%5Cid>/sessions",
                 "GET /events?kind=&user=&since=&wait=", "GET /metrics", "GET /upstreams",
-                "POST /upstreams/<name>/drain", "POST /upstreams/<name>/undrain", "POST /reload"]}),
+                "POST /upstreams/<name>/drain", "POST /upstreams/<name>/undrain", "POST /reload",
+                "POST /device-key/rotate"]}),
         ),
     }
 }
@@ -205,6 +209,27 @@ pub(crate) fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A new device-cookie key: every browser's device cookie is replaced on its next request
+/// (after a suspected leak of the key file, or as a routine).
+fn rotate_device_key(state: &State) -> Response<Full<Bytes>> {
+    let Some(g) = &state.proxy.sessions else {
+        return json(
+            StatusCode::CONFLICT,
+            json!({"error": "the session guard is off (sessions.guard = false): there is no device key"}),
+        );
+    };
+    match g.device_keys.rotate() {
+        Ok(()) => {
+            tracing::warn!("the device-cookie key was rotated: every browser gets a new device cookie on its next request");
+            json(
+                StatusCode::OK,
+                json!({"rotated": true, "kept_in": g.device_keys.file().map(|f| f.display().to_string())}),
+            )
+        }
+        Err(e) => json(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e})),
+    }
 }
 
 async fn readyz(state: &State) -> Response<Full<Bytes>> {

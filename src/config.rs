@@ -381,6 +381,15 @@ pub struct VirtualProxyConfig {
     pub session_cookie: String,
     /// Header-authentication virtual proxy: the header carrying `DIRECTORY\user`.
     pub identity_header: Option<String>,
+    /// The peers the identity header is believed from; from any other peer it is removed
+    /// before Qlik sees it and the guard ignores it. Unset: `server.trusted_proxies`.
+    #[serde(default)]
+    pub identity_from: Option<Vec<IpNet>>,
+    /// Give a browser that lost its session cookie its own live session back (by its device
+    /// cookie). On a shared computer this means: a browser closed and reopened within the
+    /// inactivity timeout is still logged in as the last user. Default true.
+    #[serde(default = "yes")]
+    pub restore: bool,
     /// Overrides `[sessions] inactivity_timeout` for this virtual proxy.
     #[serde(default, with = "opt_duration")]
     pub inactivity_timeout: Option<Duration>,
@@ -752,6 +761,11 @@ impl Config {
                         ));
                     }
                 }
+            } else if vp.identity_from.is_some() {
+                return Err(err(
+                    format!("virtual_proxy[{i}].identity_from"),
+                    "only means something with identity_header",
+                ));
             }
         }
         Ok(())
@@ -876,6 +890,8 @@ impl Config {
                 prefix: String::new(),
                 session_cookie: "X-Qlik-Session".into(),
                 identity_header: None,
+                identity_from: None,
+                restore: true,
                 inactivity_timeout: None,
             }]
         } else {

@@ -17,6 +17,7 @@ use ipnet::IpNet;
 use super::h1::parse::{Framing, Head};
 use super::ConnInfo;
 use crate::session::cookies;
+use crate::session::identity::IdentitySources;
 
 /// Fields that belong to one connection only (RFC 9110 7.6.1), plus the legacy ones browsers
 /// and old proxies still send.
@@ -68,6 +69,21 @@ impl TrustedProxies {
     }
 }
 
+/// Whether the browser reached the site over https: TLS at the guard, or the last
+/// X-Forwarded-Proto a trusted proxy sent says so (the same value Qlik gets).
+pub(crate) fn browser_used_https(head: &Head, trusted: &TrustedProxies, conn: ConnInfo) -> bool {
+    if conn.tls {
+        return true;
+    }
+    if !trusted.trusts(conn.peer.ip()) {
+        return false;
+    }
+    use crate::head_view::HeadView;
+    head.values("x-forwarded-proto")
+        .last()
+        .is_some_and(|v| v.trim_ascii().eq_ignore_ascii_case(b"https"))
+}
+
 /// An IPv4-mapped IPv6 address as the IPv4 address it is.
 pub(crate) fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
@@ -85,11 +101,13 @@ pub(crate) fn canonical(ip: IpAddr) -> IpAddr {
 ///   (in the first `Cookie` field that has it), or appended to the first `Cookie` field;
 /// - X-Forwarded-For: the trusted chain plus the peer (from an untrusted peer, the peer
 ///   alone); X-Forwarded-Proto: the last value a trusted peer sent, else the scheme the
-///   client used; X-Forwarded-Host: a trusted peer's, else the Host.
+///   client used; X-Forwarded-Host: a trusted peer's, else the Host;
+/// - an identity header only from a peer it is believed from (`identity`).
 pub(crate) fn write_request_head(
     out: &mut BytesMut,
     head: &Head,
     trusted: &TrustedProxies,
+    identity: &IdentitySources,
     conn: ConnInfo,
     cookie: Option<(&str, &str)>,
 ) {
@@ -134,6 +152,7 @@ pub(crate) fn write_request_head(
         }
         if request_field_dropped(name)
             || (!named.is_empty() && named.iter().any(|t| t.eq_ignore_ascii_case(name)))
+            || identity.drops(name, peer)
         {
             continue;
         }
@@ -303,7 +322,7 @@ mod tests {
         cookie: Option<(&str, &str)>,
     ) -> String {
         let mut out = BytesMut::new();
-        write_request_head(&mut out, h, trusted, c, cookie);
+        write_request_head(&mut out, h, trusted, &IdentitySources::default(), c, cookie);
         String::from_utf8(out.to_vec()).unwrap()
     }
 

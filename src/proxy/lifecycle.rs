@@ -205,7 +205,9 @@ async fn guard(x: &mut Exchange) -> Option<Page> {
         query: x.head.query(),
         headers: &x.head,
     };
-    match guard.before(&view, x.info.peer.ip(), x.info.tls).await {
+    // The scheme the browser used: TLS here, or what a trusted proxy in front says.
+    let https = headers::browser_used_https(&x.head, &x.settings.trusted, x.info);
+    match guard.before(&view, x.info.peer.ip(), https).await {
         Verdict::Pass => None,
         Verdict::Forward(ctx) => {
             x.ctx = Some(ctx);
@@ -232,7 +234,14 @@ async fn send<T: Transport>(
         (Some(g), Some(c)) => g.cookie_to_send(c),
         _ => None,
     };
-    headers::write_request_head(&mut req, &x.head, &x.settings.trusted, x.info, cookie);
+    headers::write_request_head(
+        &mut req,
+        &x.head,
+        &x.settings.trusted,
+        &x.settings.identity,
+        x.info,
+        cookie,
+    );
     let limit = x.settings.max_body_size;
     let too_large = || ProxyError::PayloadTooLarge { limit };
     let first = t.body_in_hand(&mut req)?;

@@ -51,6 +51,8 @@ pub(crate) struct Settings {
     websocket_idle_timeout: Option<Duration>,
     log_requests: bool,
     trusted: TrustedProxies,
+    /// Where each identity header may come from.
+    pub(crate) identity: crate::session::identity::IdentitySources,
     sticky_cookie: Option<String>,
     /// Every virtual proxy's session cookie name (the sticky cookie counts only next to one).
     session_cookies: Vec<String>,
@@ -68,6 +70,7 @@ impl Settings {
             websocket_idle_timeout: config.server.websocket_idle_timeout,
             log_requests: config.log.requests,
             trusted: TrustedProxies::new(config.server.trusted_proxies.clone()),
+            identity: crate::session::identity::IdentitySources::new(config),
             sticky_cookie: config.proxy.sticky_cookie.clone(),
             session_cookies: config
                 .virtual_proxies_or_default()

@@ -81,3 +81,65 @@ mod tests {
         }
     }
 }
+
+/// Where each header-authentication virtual proxy's identity header may come from
+/// (`identity_from`, else `server.trusted_proxies`). Qlik believes the header from anyone who
+/// reaches it, so the guard is where the rule is kept: from any other peer the header is
+/// removed before Qlik sees it ([`IdentitySources::drops`]), and the guard ignores it.
+#[derive(Debug, Clone, Default)]
+pub struct IdentitySources(Vec<(http::HeaderName, Option<Vec<ipnet::IpNet>>)>);
+
+impl IdentitySources {
+    /// From the config; `None` nets (neither key set) believe every peer, with a warning at
+    /// start ([`IdentitySources::open_headers`]).
+    pub fn new(config: &crate::config::Config) -> IdentitySources {
+        let trusted = &config.server.trusted_proxies;
+        IdentitySources(
+            config
+                .virtual_proxies_or_default()
+                .into_iter()
+                .filter_map(|v| {
+                    let h = http::HeaderName::from_bytes(v.identity_header?.as_bytes()).ok()?;
+                    let from = v
+                        .identity_from
+                        .or_else(|| (!trusted.is_empty()).then(|| trusted.clone()));
+                    Some((h, from))
+                })
+                .collect(),
+        )
+    }
+
+    /// Whether `header` (an identity header) is believed from `peer`.
+    pub fn believes(&self, header: &http::HeaderName, peer: std::net::IpAddr) -> bool {
+        let peer = match peer {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(std::net::IpAddr::V4)
+                .unwrap_or(peer),
+            v4 => v4,
+        };
+        self.0.iter().filter(|(h, _)| h == header).all(|(_, from)| {
+            from.as_ref()
+                .is_none_or(|n| n.iter().any(|n| n.contains(&peer)))
+        })
+    }
+
+    /// Whether a request field called `name` from `peer` is an identity header not believed
+    /// from there (it does not go to Qlik).
+    pub fn drops(&self, name: &[u8], peer: std::net::IpAddr) -> bool {
+        !self.0.is_empty()
+            && self.0.iter().any(|(h, _)| {
+                h.as_str().as_bytes().eq_ignore_ascii_case(name) && !self.believes(h, peer)
+            })
+    }
+
+    /// Identity headers believed from every peer (neither `identity_from` nor
+    /// `trusted_proxies` set): the guard warns about them at start.
+    pub fn open_headers(&self) -> Vec<&str> {
+        self.0
+            .iter()
+            .filter(|(_, from)| from.is_none())
+            .map(|(h, _)| h.as_str())
+            .collect()
+    }
+}

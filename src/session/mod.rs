@@ -16,6 +16,7 @@
 //! notification ends one. The table is in [`table`], the burst handling in [`flight`].
 
 pub mod cookies;
+pub mod device;
 pub mod engine;
 pub mod flight;
 pub mod identity;
@@ -50,6 +51,8 @@ pub struct VirtualProxy {
     pub prefix: String,
     pub cookie: String,
     pub identity_header: Option<HeaderName>,
+    /// `restore`: a browser that lost its cookie gets its own live session back.
+    pub restore: bool,
 }
 
 /// Counts of what the guard did, for logs now and metrics later.
@@ -66,12 +69,19 @@ pub struct Counters {
 }
 
 /// What the guard decided for one request, carried to the response phase.
-#[derive(Debug)]
 pub struct Context {
     pub vp: usize,
     pub device: DeviceId,
-    /// The browser had no (valid) device cookie: this response sets one.
+    /// The browser had no (valid) device cookie, or gets a new one: this response sets it.
     pub new_device: bool,
+    /// The request carried a device cookie (valid or not).
+    device_sent: bool,
+    /// `device` is one the guard signed (or is issuing now). An id from a cookie that does not
+    /// verify (signed with a key the guard no longer has: a restart without a snapshot, a
+    /// rotation) still keys the browser's flight, so a burst after a restart is coalesced,
+    /// but it restores nothing, is linked to nothing, names no user, and is replaced with the
+    /// browser's next session.
+    device_trusted: bool,
     /// The user named by a header-authentication identity header.
     pub identity: Option<User>,
     /// The session this request goes upstream with.
@@ -110,6 +120,21 @@ struct Holds {
     reservation: Option<(User, u64)>,
 }
 
+/// Without the cookie values (`unknown` is one): a debug line must not carry them.
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("vp", &self.vp)
+            .field("new_device", &self.new_device)
+            .field("identity", &self.identity)
+            .field("session", &self.session)
+            .field("set_back", &self.set_back)
+            .field("unknown", &self.unknown.is_some())
+            .field("holds", &self.holds)
+            .finish_non_exhaustive()
+    }
+}
+
 impl std::fmt::Debug for Holds {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Holds")
@@ -144,6 +169,13 @@ impl Drop for Holds {
         self.release();
     }
 }
+
+/// Owner lookups of unconfirmed cookie values at once, at most.
+const MAX_LOOKUPS: usize = 32;
+
+/// Devices a session is linked to, at most (a client that keeps its session cookie but never
+/// the device cookie would otherwise add one with every request).
+const MAX_DEVICES_PER_SESSION: usize = 8;
 
 /// A request as the guard reads it (no copy of the head is made).
 pub struct Request<'a, H> {
@@ -183,6 +215,12 @@ pub struct SessionGuard {
     personal: PersonalApi,
     pub counters: Counters,
     csrf_key: [u8; 32],
+    /// Signs and checks device cookies.
+    pub device_keys: device::DeviceKeys,
+    /// Where identity headers are believed from.
+    identity: identity::IdentitySources,
+    /// Lookups of unconfirmed cookie values in flight (made-up values cannot start more).
+    lookups: Arc<tokio::sync::Semaphore>,
     /// One snapshot writer at a time (the periodic one, shutdown, an upgrade).
     pub(crate) snapshot_lock: std::sync::Mutex<()>,
     events: Arc<Events>,
@@ -254,6 +292,7 @@ impl SessionGuard {
                 identity_header: v
                     .identity_header
                     .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
+                restore: v.restore,
             })
             .collect();
         let timeouts = config
@@ -267,6 +306,10 @@ impl SessionGuard {
         let s = &config.sessions;
         let tls =
             crate::tls_client::config(config.proxy.upstream_ca.as_deref(), "proxy.upstream_ca")?;
+        let identity = identity::IdentitySources::new(config);
+        for h in identity.open_headers() {
+            tracing::warn!(header = %h, "the identity header {h} is believed from every peer: set identity_from on its virtual proxy (or server.trusted_proxies) to the address of the proxy that authenticates users, or anyone who reaches qsguard can speak for any user");
+        }
         Ok(SessionGuard {
             table: Table::new(timeouts, s.device_memory),
             // A login dance may take a while (a password prompt): give it a minute.
@@ -278,6 +321,9 @@ impl SessionGuard {
             personal: PersonalApi::new(tls),
             counters: Counters::default(),
             csrf_key: rand::random(),
+            device_keys: device::DeviceKeys::load(s.snapshot_file.as_deref())?,
+            identity,
+            lookups: Arc::new(tokio::sync::Semaphore::new(MAX_LOOKUPS)),
             snapshot_lock: std::sync::Mutex::new(()),
             events,
         })
@@ -423,16 +469,21 @@ impl SessionGuard {
         tls: bool,
     ) -> Result<(Context, cookies::Found<'r>), Box<Page>> {
         let info = &self.vps[vp];
-        let [cookie, device] = cookies::find(req.headers, [&info.cookie, &self.device_cookie]);
-        let (device, new_device) = match device.first {
-            Some(v) => match u128::from_str_radix(v, 16) {
-                Ok(d) if v.len() == 32 => (d, false),
-                _ => (rand::random(), true),
+        let [cookie, sent_device] = cookies::find(req.headers, [&info.cookie, &self.device_cookie]);
+        // A device cookie the guard did not sign is never honoured (see `device_trusted`).
+        let (device, new_device, device_trusted) = match sent_device.first {
+            Some(v) => match (self.device_keys.verify(v), device::id_of(v)) {
+                (Some(d), _) => (d, false, true),
+                (None, Some(d)) => (d, false, false),
+                (None, None) => (rand::random(), true, true),
             },
-            None => (rand::random(), true),
+            None => (rand::random(), true, true),
         };
         let identity = match &info.identity_header {
             None => None,
+            // From a peer it is not believed from, the header is not there (the engine does
+            // not forward it either).
+            Some(h) if !self.identity.believes(h, peer) => None,
             Some(h) => {
                 let mut values = req.headers.values(h.as_str());
                 match (values.next(), values.next()) {
@@ -454,6 +505,8 @@ impl SessionGuard {
             vp,
             device,
             new_device,
+            device_sent: sent_device.first.is_some(),
+            device_trusted,
             identity,
             session: None,
             set_back: false,
@@ -483,6 +536,11 @@ impl SessionGuard {
         let now = self.table.now_ms();
         let s = match self.table.get(ctx.vp, value) {
             Some(s) if self.table.is_live(&s, now) => s,
+            // Not confirmed by Qlik yet: as unknown as before (a lookup is on its way).
+            Some(s) if s.state() == State::Unconfirmed => {
+                ctx.unknown = Some(value.into());
+                return None;
+            }
             Some(_) => return None,
             None => {
                 ctx.unknown = Some(value.into());
@@ -494,7 +552,7 @@ impl SessionGuard {
                 return None;
             }
         }
-        if ctx.new_device && cookie.count == 1 {
+        if ctx.new_device && !ctx.device_sent && cookie.count == 1 {
             self.check_folded(&s, ctx, || requester_of(headers, ctx.peer));
         }
         if cookie.count > 1 {
@@ -502,8 +560,14 @@ impl SessionGuard {
             self.duplicated(ctx, cookie.count, Some(&s));
         }
         self.table.touch_at(&s, now);
-        if !ctx.new_device && !s.meta().devices.contains(&ctx.device) {
-            self.table.link_device(&s, ctx.device);
+        let linked = s.meta().devices.contains(&ctx.device);
+        if !linked && ctx.new_device {
+            // The id is the guard's new one, going out with this answer: nobody else has it.
+            if s.meta().devices.len() < MAX_DEVICES_PER_SESSION {
+                self.table.link_device(&s, ctx.device);
+            }
+        } else if !linked || !ctx.device_trusted {
+            self.new_device_for(ctx, &s);
         }
         if let Some(i) = &ctx.identity {
             if s.meta().owner.is_none() {
@@ -538,7 +602,7 @@ impl SessionGuard {
         if cookie.count > 1 {
             self.duplicated(ctx, cookie.count, None);
         }
-        if let Some(i) = &ctx.identity {
+        if let (Some(i), true) = (&ctx.identity, ctx.device_trusted) {
             self.table.set_device_user(ctx.device, i);
         }
     }
@@ -571,6 +635,9 @@ impl SessionGuard {
                 );
                 let back = target.and_then(|t| f.dance().targets.get(&t).cloned());
                 if let Outcome::Session(s) = f.wait(self.policy().burst_wait).await {
+                    if !self.same_browser(&ctx, &s) {
+                        return Verdict::Forward(Box::new(ctx));
+                    }
                     let hub = hub_of(&self.vps[ctx.vp].prefix);
                     return Verdict::Answer(
                         self.redirect_with(&s, back.as_deref().unwrap_or(&hub)),
@@ -592,10 +659,17 @@ impl SessionGuard {
         headers: &H,
     ) -> Result<Verdict, Box<Context>> {
         let info = &self.vps[ctx.vp];
-        if let Some(s) = self
-            .table
-            .device_session(ctx.device, ctx.vp, ctx.identity.as_ref())
-        {
+        let restored = (info.restore && ctx.device_trusted)
+            .then(|| {
+                self.table.device_session(
+                    ctx.device,
+                    ctx.vp,
+                    ctx.identity.as_ref(),
+                    info.identity_header.is_some(),
+                )
+            })
+            .flatten();
+        if let Some(s) = restored {
             self.counters.restored.fetch_add(1, Ordering::Relaxed);
             match (cookie.first, &ctx.unknown) {
                 (None, _) => {
@@ -634,7 +708,9 @@ impl SessionGuard {
                     );
                     tracing::debug!(vp = %info.prefix, "request held while the browser's session is being created");
                     if let Outcome::Session(s) = open.wait(self.policy().burst_wait).await {
-                        if self.table.is_restorable(&s, self.table.now_ms()) {
+                        if self.table.is_restorable(&s, self.table.now_ms())
+                            && self.same_browser(&ctx, &s)
+                        {
                             return Ok(Verdict::Forward(Box::new(self.attach(ctx, s))));
                         }
                     }
@@ -655,6 +731,7 @@ impl SessionGuard {
         let user = ctx.identity.clone().or_else(|| {
             (!ctx.new_device)
                 .then(|| self.table.device_user(ctx.device))
+                .filter(|_| ctx.device_trusted)
                 .flatten()
         });
         let Some(user) = user else {
@@ -713,7 +790,9 @@ impl SessionGuard {
     /// [`SessionGuard::cookie_to_send`]); the response sets it back in the browser.
     fn attach(&self, mut ctx: Context, s: Arc<Session>) -> Context {
         self.table.touch(&s);
-        self.table.link_device(&s, ctx.device);
+        if ctx.device_trusted && s.meta().devices.len() < MAX_DEVICES_PER_SESSION {
+            self.table.link_device(&s, ctx.device);
+        }
         ctx.set_back = true;
         ctx.unknown = None;
         ctx.session = Some(s);
@@ -859,9 +938,13 @@ impl SessionGuard {
         let mut new_session = None;
         if let Some(c) = fresh {
             if ctx.session.as_deref().map(|s| &*s.id) != Some(c.value.as_str()) {
-                new_session = Some(self.record_new(ctx, node, c));
+                let s = self.record_new(ctx, node, c);
                 // `record_new` ended the browser's flight, whoever led it.
                 ctx.holds.lead = None;
+                // A new session, a new device id: a value planted in this browser before
+                // its user logged in names nothing after it.
+                self.new_device_for(ctx, &s);
+                new_session = Some(s);
             }
         } else if let Some(target_id) = auth_redirect_target(status, headers) {
             // Qlik sends this request to log in: whatever session it carried is dead in Qlik.
@@ -893,22 +976,11 @@ impl SessionGuard {
                 d.targets.insert(target_id, target.to_string());
             }
         } else if let (Some(value), true) = (&ctx.unknown, status < 400) {
-            // Qlik took the cookie: a live session the guard had not seen (made before a
-            // guard restart, or elsewhere). Adopt it.
-            let device = (!ctx.new_device).then_some(ctx.device);
-            let s = self.table.insert(
-                ctx.vp,
-                value,
-                node.clone(),
-                device,
-                ctx.identity.clone(),
-                default_attributes(ctx.tls),
-            );
-            self.counters.adopted.fetch_add(1, Ordering::Relaxed);
-            if ctx.identity.is_none() {
-                self.resolve_owner(s.clone(), ctx.host.clone());
-            }
-            ctx.holds.finish_flight(Outcome::Session(s));
+            // Qlik did not replace the cookie: it may be a live session the guard has not
+            // seen (made before a guard restart, or elsewhere), or a value a client made up
+            // on a path that needs no session. Only Qlik's word makes it a session.
+            self.confirm_unknown(ctx, value, node);
+            ctx.holds.finish_flight(Outcome::Failed);
         } else {
             ctx.holds.finish_flight(Outcome::Failed);
         }
@@ -929,16 +1001,118 @@ impl SessionGuard {
         }
         // Last: the new session (if any) counts now, so the slot it held can go.
         ctx.holds.release();
-        if ctx.new_device {
-            if let Some(v) = cookies::device_set_cookie(
-                &self.device_cookie,
-                &format!("{:032x}", ctx.device),
-                ctx.tls,
-            ) {
-                extra.push(v);
+        extra.extend(self.device_set_cookie(ctx));
+        extra
+    }
+
+    /// The device cookie for a browser that gets a new one (signed; Secure over https).
+    pub(crate) fn device_set_cookie(&self, ctx: &Context) -> Option<HeaderValue> {
+        if !ctx.new_device {
+            return None;
+        }
+        cookies::device_set_cookie(
+            &self.device_cookie,
+            &self.device_keys.sign(ctx.device),
+            ctx.tls,
+        )
+    }
+
+    /// Whether a request waiting on a browser's flight comes from the browser the flight's
+    /// session was made for (its address and User-Agent): a device id is all that ties a
+    /// burst together, and one planted in a second browser must not let its holder wait for,
+    /// and be handed, the session that browser's user logs in to.
+    fn same_browser(&self, ctx: &Context, s: &Session) -> bool {
+        let ua = ctx.client.as_ref().and_then(|c| c.user_agent.as_deref());
+        let devices = s.meta().devices.clone();
+        devices.iter().any(|d| {
+            let (their_ua, addr) = self.table.device_info(*d);
+            // The table keeps the first 200 characters of a User-Agent.
+            addr == Some(ctx.peer)
+                && their_ua
+                    .as_deref()
+                    .map(str::chars)
+                    .map(Iterator::collect::<String>)
+                    == ua.map(|u| u.chars().take(200).collect::<String>())
+        })
+    }
+
+    /// Gives the browser a new device id for its live session `s` (the response sets it):
+    /// the new id is linked to `s`, and takes over the old id's sessions that are `s`'s
+    /// owner's. An id is only ever linked to a session when the guard has just issued it to
+    /// the browser that holds that session, so a device cookie obtained by one browser and
+    /// planted in another never leads to the second one's sessions.
+    fn new_device_for(&self, ctx: &mut Context, s: &Arc<Session>) {
+        if s.meta().devices.len() >= MAX_DEVICES_PER_SESSION {
+            return;
+        }
+        let old = ctx.device;
+        let fresh: DeviceId = rand::random();
+        self.table.link_device(s, fresh);
+        if !ctx.new_device && ctx.device_trusted {
+            if let Some(owner) = s.owner() {
+                self.table.carry_sessions(old, fresh, &owner);
             }
         }
-        extra
+        if let Some(c) = &ctx.client {
+            self.table
+                .seen_device(fresh, c.user_agent.as_deref(), ctx.peer, true);
+        }
+        if let Some(u) = s.owner().or_else(|| ctx.identity.clone()) {
+            self.table.set_device_user(fresh, &u);
+        }
+        ctx.device = fresh;
+        ctx.new_device = true;
+        ctx.device_trusted = true;
+    }
+
+    /// Asks Qlik whether an unknown cookie value is a live session (off the hot path, at most
+    /// [`MAX_LOOKUPS`] at once): the value waits in the table, counting towards nothing, until
+    /// the answer names its owner; `{"session":"inactive"}` makes it dead.
+    fn confirm_unknown(self: &Arc<Self>, ctx: &Context, value: &str, node: &Arc<str>) {
+        let Ok(permit) = self.lookups.clone().try_acquire_owned() else {
+            return;
+        };
+        let Some(s) =
+            self.table
+                .insert_unconfirmed(ctx.vp, value, node.clone(), default_attributes(ctx.tls))
+        else {
+            return;
+        };
+        if let Some(h) = &ctx.host {
+            s.meta().host = Some(h.clone());
+        }
+        let device = (!ctx.new_device && ctx.device_trusted).then_some(ctx.device);
+        let identity = ctx.identity.clone();
+        let host = ctx.host.clone();
+        let me = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match me.ask_owner(&s, host.as_ref()).await {
+                Ok(Owner::User(u)) => {
+                    if identity.as_ref().is_some_and(|i| i.key != u.key) {
+                        // Qlik says the cookie is someone else's than the header says.
+                        me.table.end(&s, State::Ended);
+                        return;
+                    }
+                    if me.table.confirm(&s) {
+                        me.table.set_owner(&s, u);
+                        if let Some(d) = device {
+                            if s.meta().devices.len() < MAX_DEVICES_PER_SESSION {
+                                me.table.link_device(&s, d);
+                            }
+                        }
+                        me.counters.adopted.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(session = %s.hash, user = %owner_text(&s), vp = %me.vps[s.vp].prefix, "a session the guard had not seen was confirmed by Qlik and adopted");
+                    }
+                }
+                Ok(Owner::Inactive) => {
+                    me.table.end(&s, State::Ended);
+                }
+                Err(e) => {
+                    tracing::warn!(session = %s.hash, "cannot confirm a session the guard had not seen: {e}");
+                }
+            }
+        });
     }
 
     /// Qlik set a new session cookie: record the session and end what it replaces.
@@ -962,26 +1136,21 @@ impl SessionGuard {
                 .insert(ctx.vp, value, node.clone(), None, None, String::new());
             self.table.end(&dead, State::Ended);
         }
+        // The browser's device is linked by the caller: a new id, issued with this cookie.
         let s = self.table.insert(
             ctx.vp,
             &c.value,
             node.clone(),
-            Some(ctx.device),
+            None,
             ctx.identity.clone(),
             c.attributes.clone(),
         );
         if let Some(h) = &ctx.host {
             s.meta().host = Some(h.clone());
         }
-        if let Some(c) = &ctx.client {
-            self.table
-                .seen_device(ctx.device, c.user_agent.as_deref(), ctx.peer, true);
-        }
-        if ctx.new_device {
-            // The device cookie goes out in the same response: if only this cookie comes
-            // back, a device on the way folded the Set-Cookie headers.
-            s.meta().set_with_device = true;
-        }
+        // A new device cookie goes out in the same response (see `new_device_for`): if only
+        // this cookie comes back, a device on the way folded the Set-Cookie headers.
+        s.meta().set_with_device = true;
         tracing::info!(session = %s.hash, user = %ctx.identity.as_ref().map(|u| u.to_string()).unwrap_or_else(|| "(resolving)".into()), vp = %self.vps[ctx.vp].prefix, node = %node, "session created");
         if let Some(f) = self
             .flights
@@ -1231,10 +1400,7 @@ impl SessionGuard {
     /// The device id from a request's device cookie.
     pub fn device_of<H: HeadView>(&self, headers: &H) -> Option<DeviceId> {
         let [device] = cookies::find(headers, [&self.device_cookie]);
-        let v = device.first?;
-        (v.len() == 32)
-            .then(|| u128::from_str_radix(v, 16).ok())
-            .flatten()
+        self.device_keys.verify(device.first?)
     }
 
     /// The user a request speaks for: a valid identity header of any header-auth virtual
@@ -1270,6 +1436,8 @@ impl Context {
             vp: c.vp,
             device: c.device,
             new_device: c.new_device,
+            device_sent: c.device_sent,
+            device_trusted: c.device_trusted,
             identity: c.identity.clone(),
             session: None,
             set_back: false,

@@ -57,14 +57,8 @@ impl SessionGuard {
             retry_after_secs: self.retry_after(user),
             csrf: &self.csrf_token(ctx.device, user),
         });
-        if ctx.new_device {
-            if let Some(v) = super::cookies::device_set_cookie(
-                self.device_cookie_name(),
-                &format!("{:032x}", ctx.device),
-                ctx.tls,
-            ) {
-                r.headers_mut().append(header::SET_COOKIE, v);
-            }
+        if let Some(v) = self.device_set_cookie(ctx) {
+            r.headers_mut().append(header::SET_COOKIE, v);
         }
         r
     }

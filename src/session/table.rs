@@ -34,6 +34,12 @@ const TOMBSTONE: Duration = Duration::from_secs(300);
 /// guard's, so the guard counts a session a little longer and restores it a little less long.
 const CLOCK_SLACK_MS: u64 = 2_000;
 
+/// How long an unconfirmed cookie value is remembered while Qlik is asked about it.
+const UNCONFIRMED_MS: u64 = 60_000;
+
+/// At most this many unconfirmed values at once: made-up cookies cannot grow the table.
+pub const MAX_UNCONFIRMED: usize = 10_000;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum State {
@@ -46,6 +52,9 @@ pub enum State {
     Ended = 5,
     /// Ended by an admin through the guard.
     EndedByAdmin = 6,
+    /// A cookie value the guard did not make and Qlik has not confirmed yet: it counts towards
+    /// no limit and no node, and is never restored, until a lookup names its owner.
+    Unconfirmed = 7,
 }
 
 impl State {
@@ -57,6 +66,7 @@ impl State {
             3 => State::Evicted,
             4 => State::Replaced,
             5 => State::Ended,
+            7 => State::Unconfirmed,
             _ => State::EndedByAdmin,
         }
     }
@@ -70,6 +80,7 @@ impl State {
             State::Replaced => "replaced by upstream",
             State::Ended => "ended by Qlik",
             State::EndedByAdmin => "ended by an admin",
+            State::Unconfirmed => "not confirmed by Qlik",
         }
     }
 }
@@ -93,7 +104,6 @@ pub struct Meta {
 }
 
 /// One Qlik session.
-#[derive(Debug)]
 pub struct Session {
     pub vp: usize,
     /// The cookie value: a secret, never logged or shown (see `hash`).
@@ -107,6 +117,18 @@ pub struct Session {
     websockets: AtomicU32,
     state: AtomicU8,
     meta: Mutex<Meta>,
+}
+
+/// By its hash: the cookie value is a secret, also in a debug line.
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("hash", &self.hash)
+            .field("vp", &self.vp)
+            .field("node", &self.node)
+            .field("state", &self.state())
+            .finish()
+    }
 }
 
 impl Session {
@@ -172,6 +194,8 @@ pub struct Table {
     next_reservation: AtomicU64,
     /// Live sessions per node (for balancing new sessions).
     per_node: DashMap<Arc<str>, i64>,
+    /// Unconfirmed values in the table now.
+    unconfirmed: std::sync::atomic::AtomicUsize,
 }
 
 impl Table {
@@ -197,6 +221,7 @@ impl Table {
                 .as_millis() as u64,
             next_reservation: AtomicU64::new(1),
             per_node: DashMap::new(),
+            unconfirmed: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -311,6 +336,68 @@ impl Table {
         session
     }
 
+    /// Remembers a cookie value the guard did not make, until Qlik confirms it
+    /// ([`Table::confirm`]) or not. `None` when the value is known already or
+    /// [`MAX_UNCONFIRMED`] values wait already.
+    pub fn insert_unconfirmed(
+        &self,
+        vp: usize,
+        value: &str,
+        node: Arc<str>,
+        cookie_attributes: String,
+    ) -> Option<Arc<Session>> {
+        if self.unconfirmed.load(Ordering::Relaxed) >= MAX_UNCONFIRMED {
+            return None;
+        }
+        let map = self.by_id.get(vp)?;
+        match map.entry(value.into()) {
+            dashmap::Entry::Occupied(_) => None,
+            dashmap::Entry::Vacant(e) => {
+                let s = Arc::new(Session {
+                    vp,
+                    hash: self.hash(value).into(),
+                    id: value.into(),
+                    node,
+                    created: SystemTime::now(),
+                    last_active_ms: AtomicU64::new(self.now_ms()),
+                    websockets: AtomicU32::new(0),
+                    state: AtomicU8::new(State::Unconfirmed as u8),
+                    meta: Mutex::new(Meta {
+                        cookie_attributes,
+                        ..Meta::default()
+                    }),
+                });
+                self.unconfirmed.fetch_add(1, Ordering::Relaxed);
+                e.insert(s.clone());
+                Some(s)
+            }
+        }
+    }
+
+    /// Qlik confirmed an unconfirmed value as a live session: from now on it counts.
+    pub fn confirm(&self, s: &Session) -> bool {
+        let confirmed = s
+            .state
+            .compare_exchange(
+                State::Unconfirmed as u8,
+                State::Live as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok();
+        if confirmed {
+            self.unconfirmed.fetch_sub(1, Ordering::Relaxed);
+            self.touch(s);
+            *self.per_node.entry(s.node.clone()).or_insert(0) += 1;
+        }
+        confirmed
+    }
+
+    /// Unconfirmed values in the table now.
+    pub fn unconfirmed(&self) -> usize {
+        self.unconfirmed.load(Ordering::Relaxed)
+    }
+
     /// Notes that `device` uses `session`.
     pub fn link_device(&self, session: &Arc<Session>, device: DeviceId) {
         {
@@ -328,6 +415,26 @@ impl Table {
         }
         if owner.is_some() {
             d.last_user = owner;
+        }
+    }
+
+    /// A browser's new device id `to` takes over the sessions of its old one `from` that are
+    /// `owner`'s: the old id may have been planted by someone else, whose sessions must not
+    /// follow the browser.
+    pub fn carry_sessions(&self, from: DeviceId, to: DeviceId, owner: &User) {
+        let mine: Vec<Arc<Session>> = match self.devices.get(&from) {
+            Some(d) => d
+                .sessions
+                .iter()
+                .filter(|s| {
+                    s.state() == State::Live && s.owner().is_some_and(|o| o.key == owner.key)
+                })
+                .cloned()
+                .collect(),
+            None => return,
+        };
+        for s in mine {
+            self.link_device(&s, to);
         }
     }
 
@@ -369,8 +476,23 @@ impl Table {
             if let Some(mut n) = self.per_node.get_mut(&s.node) {
                 *n -= 1;
             }
+            return true;
         }
-        ended
+        // Qlik said an unconfirmed value is no session: it is remembered as dead.
+        let refuted = s
+            .state
+            .compare_exchange(
+                State::Unconfirmed as u8,
+                state as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok();
+        if refuted {
+            self.unconfirmed.fetch_sub(1, Ordering::Relaxed);
+            s.meta().ended_ms = self.now_ms();
+        }
+        refuted
     }
 
     pub fn websocket_opened(&self, s: &Session, app: Option<String>) {
@@ -440,12 +562,14 @@ impl Table {
     }
 
     /// The device's most recently active restorable session on `vp`, if its owner is not
-    /// known to differ from `user`.
+    /// known to differ from `user`; with `owner_named`, only a session whose owner is known
+    /// and is `user` (header authentication: the header must name the session's user).
     pub fn device_session(
         &self,
         device: DeviceId,
         vp: usize,
         user: Option<&User>,
+        owner_named: bool,
     ) -> Option<Arc<Session>> {
         let now = self.now_ms();
         let d = self.devices.get(&device)?;
@@ -454,7 +578,7 @@ impl Table {
             .filter(|s| s.vp == vp && self.is_restorable(s, now))
             .filter(|s| match (user, s.owner()) {
                 (Some(u), Some(o)) => u.key == o.key,
-                _ => true,
+                _ => !owner_named,
             })
             .max_by_key(|s| s.last_active_ms())
             .cloned()
@@ -575,6 +699,13 @@ impl Table {
         let tomb = self.tombstone_ms;
         for map in &self.by_id {
             map.retain(|_, s| {
+                if s.state() == State::Unconfirmed {
+                    let keep = now.saturating_sub(s.last_active_ms()) < UNCONFIRMED_MS;
+                    if !keep {
+                        self.unconfirmed.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    return keep;
+                }
                 if s.state() == State::Live && !self.is_live(s, now) && self.end(s, State::Expired)
                 {
                     expired.push(s.clone());
@@ -635,10 +766,10 @@ mod tests {
         t.set_owner(&s, jane.clone());
         assert_eq!(t.live_count(&jane.key), 1);
         assert_eq!(t.device_user(7), Some(jane.clone()));
-        assert!(t.device_session(7, 0, Some(&jane)).is_some());
+        assert!(t.device_session(7, 0, Some(&jane), false).is_some());
         let bob = User::new("CORP", "bob");
         assert!(
-            t.device_session(7, 0, Some(&bob)).is_none(),
+            t.device_session(7, 0, Some(&bob), false).is_none(),
             "never another user's session"
         );
         assert!(t.end(&s, State::LoggedOut));

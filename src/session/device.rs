@@ -1,0 +1,209 @@
+//! The device cookie: the guard's own name for a browser, and the key to restoring its session.
+//!
+//! Whoever presents a device id gets its sessions restored, so the value must be one the guard
+//! issued: it is `<id>.<tag>`, the id (128 random bits, 32 hex digits) and a keyed BLAKE3 tag
+//! of it (64 hex digits). A value that does not verify (made up, altered, signed with a key the
+//! guard no longer has) is replaced with a new device, never honoured. The tag is compared in
+//! constant time (`blake3::Hash`'s equality).
+//!
+//! The key is kept in a file beside the session snapshot (`<snapshot_file>.device-key`, mode
+//! 0600), so a restart keeps the browsers' device cookies valid along with their sessions;
+//! without a snapshot it lives in memory only (a restart forgets the devices anyway). An admin
+//! rotates it on request (`POST /device-key/rotate`): every device cookie signed with the old
+//! key is then replaced on its browser's next request; live sessions stay, only a restore of a
+//! cookie lost before that request is no longer possible.
+
+use std::path::{Path, PathBuf};
+
+use arc_swap::ArcSwap;
+
+use super::table::DeviceId;
+
+/// The signing key, and where it is kept.
+pub struct DeviceKeys {
+    key: ArcSwap<[u8; 32]>,
+    file: Option<PathBuf>,
+}
+
+impl DeviceKeys {
+    /// The key kept beside `snapshot` (made there on first use), or a key in memory.
+    pub fn load(snapshot: Option<&Path>) -> Result<DeviceKeys, String> {
+        let Some(snapshot) = snapshot else {
+            return Ok(DeviceKeys {
+                key: ArcSwap::from_pointee(rand::random()),
+                file: None,
+            });
+        };
+        let file = key_file(snapshot);
+        let key = match std::fs::read(&file) {
+            Ok(bytes) => parse_key(&bytes).ok_or_else(|| {
+                format!(
+                    "sessions.snapshot_file: the device key {} is not 64 hex digits (delete it to make a new one: every browser then gets a new device cookie)",
+                    file.display()
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key = rand::random();
+                write_key(&file, &key)?;
+                key
+            }
+            Err(e) => {
+                return Err(format!(
+                    "sessions.snapshot_file: cannot read the device key {}: {e}",
+                    file.display()
+                ))
+            }
+        };
+        Ok(DeviceKeys {
+            key: ArcSwap::from_pointee(key),
+            file: Some(file),
+        })
+    }
+
+    /// The cookie value for `id`.
+    pub fn sign(&self, id: DeviceId) -> String {
+        let mut out = format!("{id:032x}.");
+        out.push_str(&self.tag(id).to_hex());
+        out
+    }
+
+    /// The device a cookie value names, if the guard signed it with its current key.
+    pub fn verify(&self, value: &str) -> Option<DeviceId> {
+        let (id, tag) = value.split_once('.')?;
+        if id.len() != 32 || tag.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let id = u128::from_str_radix(id, 16).ok()?;
+        let tag = blake3::Hash::from_hex(tag).ok()?;
+        // `blake3::Hash` compares in constant time.
+        (tag == self.tag(id)).then_some(id)
+    }
+
+    /// A new key: written first (so a restart keeps it), then used.
+    pub fn rotate(&self) -> Result<(), String> {
+        let key: [u8; 32] = rand::random();
+        if let Some(file) = &self.file {
+            write_key(file, &key)?;
+        }
+        self.key.store(std::sync::Arc::new(key));
+        Ok(())
+    }
+
+    /// Where the key is kept, if anywhere.
+    pub fn file(&self) -> Option<&Path> {
+        self.file.as_deref()
+    }
+
+    fn tag(&self, id: DeviceId) -> blake3::Hash {
+        let mut h = blake3::Hasher::new_keyed(&self.key.load());
+        h.update(b"qsguard device ");
+        h.update(&id.to_be_bytes());
+        h.finalize()
+    }
+}
+
+/// The id in a device cookie value of the guard's form (`<id>.<tag>`, or the bare id an older
+/// qsguard issued), without checking the tag: it keys a browser's flight, nothing more.
+pub fn id_of(value: &str) -> Option<DeviceId> {
+    let id = value.split_once('.').map_or(value, |(id, _)| id);
+    if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u128::from_str_radix(id, 16).ok()
+}
+
+/// `<snapshot_file>.device-key`.
+pub fn key_file(snapshot: &Path) -> PathBuf {
+    let mut name = snapshot.as_os_str().to_owned();
+    name.push(".device-key");
+    PathBuf::from(name)
+}
+
+fn parse_key(bytes: &[u8]) -> Option<[u8; 32]> {
+    let text = std::str::from_utf8(bytes).ok()?.trim();
+    Some(*blake3::Hash::from_hex(text).ok()?.as_bytes())
+}
+
+/// Atomically (a temporary file, fsync, rename), readable by the guard's user only.
+fn write_key(file: &Path, key: &[u8; 32]) -> Result<(), String> {
+    use std::io::Write;
+    let fail = |e: std::io::Error| {
+        format!(
+            "sessions.snapshot_file: cannot write the device key {}: {e}",
+            file.display()
+        )
+    };
+    let mut tmp = file.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut f = options.open(&tmp).map_err(fail)?;
+    f.write_all(blake3::Hash::from_bytes(*key).to_hex().as_bytes())
+        .map_err(fail)?;
+    f.sync_all().map_err(fail)?;
+    std::fs::rename(&tmp, file).map_err(fail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signed_values_verify_and_nothing_else_does() {
+        let k = DeviceKeys::load(None).unwrap();
+        let id: DeviceId = 0x0123_4567_89ab_cdef_0011_2233_4455_6677;
+        let v = k.sign(id);
+        assert_eq!(v.len(), 32 + 1 + 64);
+        assert_eq!(k.verify(&v), Some(id));
+        // The unsigned form the guard used to issue, an altered id, an altered tag.
+        assert_eq!(k.verify(&format!("{id:032x}")), None);
+        let other = k.sign(id + 1);
+        let forged = format!("{}{}", &other[..33], &v[33..]);
+        assert_eq!(k.verify(&forged), None);
+        let mut bad_tag = v.clone().into_bytes();
+        let last = bad_tag.len() - 1;
+        bad_tag[last] = if bad_tag[last] == b'0' { b'1' } else { b'0' };
+        assert_eq!(k.verify(std::str::from_utf8(&bad_tag).unwrap()), None);
+        // Another guard's key (or a rotated one) does not verify.
+        assert_eq!(DeviceKeys::load(None).unwrap().verify(&v), None);
+        for junk in ["", ".", "zz.zz", &v[..v.len() - 1], &format!("{v}0")] {
+            assert_eq!(k.verify(junk), None, "{junk}");
+        }
+    }
+
+    #[test]
+    fn the_key_is_kept_beside_the_snapshot_and_rotates() {
+        let dir = std::env::temp_dir().join(format!("qsguard-devkey-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let snapshot = dir.join("sessions.json");
+        let a = DeviceKeys::load(Some(&snapshot)).unwrap();
+        let v = a.sign(42);
+        let file = key_file(&snapshot);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        // A restart reads the same key.
+        let b = DeviceKeys::load(Some(&snapshot)).unwrap();
+        assert_eq!(b.verify(&v), Some(42));
+        b.rotate().unwrap();
+        assert_eq!(b.verify(&v), None);
+        let c = DeviceKeys::load(Some(&snapshot)).unwrap();
+        assert_eq!(c.verify(&b.sign(7)), Some(7));
+        std::fs::write(&file, "not a key").unwrap();
+        let e = DeviceKeys::load(Some(&snapshot)).err().unwrap();
+        assert!(
+            e.contains("sessions.snapshot_file") && e.contains("device key"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
