@@ -78,17 +78,6 @@ async fn every_set_cookie_reaches_the_browser_in_order() {
     guard.shutdown().await;
 }
 
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn host_is_kept_and_forwarded_headers_are_set() {
     let sim = sim().await;
