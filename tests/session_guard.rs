@@ -304,7 +304,8 @@ async fn expiry_frees_a_slot() {
             .status,
         429
     );
-    // 700 ms of Qlik's timeout plus the guard's clock slack.
+    // 700 ms of Qlik's timeout plus the guard's clock slack. Real time: the guard's session
+    // table runs on std::time::Instant, which a paused tokio clock does not move.
     tokio::time::sleep(Duration::from_millis(3_200)).await;
     assert_eq!(sim.live_sessions("CORP\\exp"), 0);
     assert_eq!(session_guard(&guard).table.live_count("corp\\exp"), 0);
