@@ -456,15 +456,25 @@ async fn doctor_and_cookie_check_find_stripping_and_folding_middleboxes() {
     off.shutdown().await;
 }
 
-#[tokio::test]
+/// `GET /events?wait=` long-polls: it answers as soon as an event comes, and with nothing at
+/// the end of the wait, not before. On a clock the test moves (see common::clock).
+#[tokio::test(start_paused = true)]
 async fn events_follow_waits_for_new_events() {
+    const SETTLE: Duration = Duration::from_millis(300);
+    const PROMPT: Duration = Duration::from_secs(10);
+    let clock = ManualClock::hold();
     let sim = sim().await;
     let guard = guard(sim.addr()).await;
     let admin = guard.admin_addr;
-    let waiting = tokio::spawn(async move {
-        admin_call(admin, http::Method::GET, "/events?since=0&wait=10", None).await
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let poll = |query: String| {
+        tokio::spawn(async move {
+            admin_call(admin, http::Method::GET, &format!("/events?{query}"), None).await
+        })
+    };
+    let waiting = poll("since=0&wait=10".into());
+    real_sleep(SETTLE).await;
+    clock.advance(Duration::from_millis(9_999)).await;
+    real_sleep(SETTLE).await;
     assert!(!waiting.is_finished(), "the long poll waits");
     get(
         guard.addr,
@@ -472,10 +482,23 @@ async fn events_follow_waits_for_new_events() {
         &[("cookie", "X-Qlik-Session-HTTP=a; X-Qlik-Session-HTTP=b")],
     )
     .await;
-    let r = tokio::time::timeout(Duration::from_secs(5), waiting)
+    let r = real_timeout(PROMPT, waiting)
         .await
-        .unwrap()
+        .expect("answered when the event came")
         .unwrap();
     assert_eq!(r.json()["events"][0]["kind"], "cookie_duplicated");
+    let last = r.json()["last"].as_u64().unwrap();
+    // Nothing new: the answer comes, empty, when the wait ends.
+    let waiting = poll(format!("since={last}&wait=2"));
+    real_sleep(SETTLE).await;
+    clock.advance(Duration::from_millis(1_999)).await;
+    real_sleep(SETTLE).await;
+    assert!(!waiting.is_finished(), "the long poll waits its whole time");
+    clock.advance(Duration::from_millis(1)).await;
+    let r = real_timeout(PROMPT, waiting)
+        .await
+        .expect("answered when the wait ended")
+        .unwrap();
+    assert_eq!(r.json()["events"], serde_json::json!([]), "{}", r.text());
     guard.shutdown().await;
 }

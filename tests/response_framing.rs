@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const WAIT: Duration = Duration::from_secs(3);
 
@@ -38,54 +38,9 @@ fn script(path: &str) -> (Vec<u8>, bool) {
     }
 }
 
-/// The scripted origin: reads a request head (and a Content-Length body), answers by path.
-async fn origin() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| {
-                            l.to_ascii_lowercase()
-                                .strip_prefix("content-length:")
-                                .and_then(|v| v.trim().parse().ok())
-                        })
-                        .unwrap_or(0);
-                    while buf.len() < end + 4 + len {
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    buf.drain(..end + 4 + len);
-                    let path = head.split(' ').nth(1).unwrap_or("/").to_string();
-                    let (bytes, close) = script(&path);
-                    if s.write_all(&bytes).await.is_err() || close {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 async fn setup() -> (qsguard::Guard, SocketAddr) {
     capture_logs();
-    let origin = origin().await;
+    let origin = scripted_origin(script).await;
     let guard = guard_with(&config_text(&[origin], "", "")).await;
     (guard, origin)
 }

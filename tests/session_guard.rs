@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -11,10 +10,6 @@ use qsguard::sim::SimConfig;
 
 fn sessions_cfg(extra: &str) -> String {
     format!("[sessions]\n{extra}\n")
-}
-
-fn table(guard: &qsguard::Guard) -> &Arc<qsguard::session::SessionGuard> {
-    guard.proxy().sessions().expect("the session guard is on")
 }
 
 #[tokio::test]
@@ -32,7 +27,7 @@ async fn restore_after_browser_restarts_costs_no_session() {
     assert_eq!(r.status, 200);
     assert_eq!(sim.counters().sessions_created, 1);
     eventually("the owner is learnt through the Personal API", || {
-        table(&guard).table.live_count("corp\\jane") == 1
+        session_guard(&guard).table.live_count("corp\\jane") == 1
     })
     .await;
     // Six browser restarts: the Qlik cookie (a browser-session cookie) is gone each time, the
@@ -59,7 +54,7 @@ async fn restore_after_browser_restarts_costs_no_session() {
     assert_eq!(c.unknown_cookie_requests, 0);
     assert_eq!(sim.live_sessions("CORP\\jane"), 1);
     assert_eq!(
-        table(&guard)
+        session_guard(&guard)
             .counters
             .restored
             .load(std::sync::atomic::Ordering::Relaxed),
@@ -141,27 +136,20 @@ async fn sixth_browser_with_error_policy_gets_the_limit_page() {
     guard.shutdown().await;
 }
 
-fn between(text: &str, start: &str, end: &str) -> String {
-    let i = text.find(start).expect("marker") + start.len();
-    let j = text[i..].find(end).unwrap() + i;
-    text[i..j].to_string()
-}
-
 async fn post_form(addr: std::net::SocketAddr, cookie: &str, body: &str) -> Resp {
-    use bytes::Bytes;
-    use http_body_util::Full;
-    send(
-        addr,
-        http::Request::post("/__qsguard/end-session")
-            .header("host", "qlik.example.com")
-            .header("cookie", cookie)
-            .header("hdr-usr", "CORP\\max")
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(Full::new(Bytes::from(body.to_string())))
-            .unwrap(),
-    )
-    .await
-    .unwrap()
+    Client::plain(addr)
+        .link()
+        .await
+        .post(
+            "/__qsguard/end-session",
+            &[
+                ("cookie", cookie),
+                ("hdr-usr", "CORP\\max"),
+                ("content-type", "application/x-www-form-urlencoded"),
+            ],
+            body,
+        )
+        .await
 }
 
 #[tokio::test]
@@ -189,7 +177,7 @@ async fn reuse_lets_eight_cookieless_clients_in() {
     assert_eq!(c.limit_refusals, 0);
     assert_eq!(c.sessions_created, 5);
     assert_eq!(sim.live_sessions("CORP\\robot"), 5);
-    assert_eq!(table(&guard).table.live_count("corp\\robot"), 5);
+    assert_eq!(session_guard(&guard).table.live_count("corp\\robot"), 5);
     guard.shutdown().await;
 }
 
@@ -204,7 +192,7 @@ async fn reuse_is_not_given_on_a_device_cookie_alone() {
         &sessions_cfg("on_limit = \"reuse\""),
     ))
     .await;
-    let g = table(&guard);
+    let g = session_guard(&guard);
     let user = [("x-sim-user", "CORP\\win")];
     let mut first = Jar::new();
     browse(guard.addr, "/hub/", &mut first, &user).await;
@@ -316,10 +304,11 @@ async fn expiry_frees_a_slot() {
             .status,
         429
     );
-    // 700 ms of Qlik's timeout plus the guard's clock slack.
+    // 700 ms of Qlik's timeout plus the guard's clock slack. Real time: the guard's session
+    // table runs on std::time::Instant, which a paused tokio clock does not move.
     tokio::time::sleep(Duration::from_millis(3_200)).await;
     assert_eq!(sim.live_sessions("CORP\\exp"), 0);
-    assert_eq!(table(&guard).table.live_count("corp\\exp"), 0);
+    assert_eq!(session_guard(&guard).table.live_count("corp\\exp"), 0);
     assert_eq!(
         browse_as(guard.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\exp")
             .await
@@ -329,7 +318,7 @@ async fn expiry_frees_a_slot() {
     assert_eq!(sim.counters().limit_refusals, 0);
     // The background sweeper forgets what ended: only the new session is left in the table.
     eventually("expired sessions swept", || {
-        table(&guard).table.sizes().0 == 1
+        session_guard(&guard).table.sizes().0 == 1
     })
     .await;
     guard.shutdown().await;
@@ -359,7 +348,7 @@ async fn logout_frees_a_slot() {
     let r = logout(guard.addr, "/hdr/", &jars[2], Some("CORP\\out")).await;
     assert_eq!(r.status, 200);
     assert_eq!(sim.counters().logouts, 1);
-    assert_eq!(table(&guard).table.live_count("corp\\out"), 4);
+    assert_eq!(session_guard(&guard).table.live_count("corp\\out"), 4);
     assert_eq!(
         browse_as(guard.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\out")
             .await
@@ -460,6 +449,45 @@ async fn dead_cookie_burst_makes_one_session_header_auth() {
     guard.shutdown().await;
 }
 
+/// A known gap, kept as a reproducer until the guard handles it: with header authentication, a
+/// session Qlik ended behind the guard's back (an admin in the QMC, a QPS restart) is still
+/// live to the guard, so every request of the browser's next burst takes the hot path with the
+/// dead cookie. Qlik makes a new session for each of them (header authentication needs no
+/// login), and those past the limit get Qlik's "too many sessions" page: 8 parallel requests
+/// make 5 sessions and 3 refusals (the Windows variant above is safe: Qlik sends a dead
+/// cookie to log in, and the guard holds the burst's logins).
+#[tokio::test]
+#[ignore = "known gap: a header-auth burst with a cookie Qlik ended behind the guard's back makes a session per request"]
+async fn dead_cookie_burst_makes_one_session_header_auth_ended_in_qlik() {
+    let sim = sim().await;
+    let guard = guard(sim.addr()).await;
+    let mut jar = Jar::new();
+    browse_as(guard.addr, "/hdr/hub/", &mut jar, "CORP\\hq").await;
+    let id = sim.session_ids("CORP\\hq")[0].clone();
+    end_in_qlik(&sim, "hdr", &id).await;
+    let before = sim.counters().sessions_created;
+    let addr = guard.addr;
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let mut jar = jar.clone();
+        let path = format!("/hdr/hub/page{i}");
+        tasks.push(tokio::spawn(async move {
+            browse_as(addr, &path, &mut jar, "CORP\\hq").await.status
+        }));
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap().as_u16());
+    }
+    let c = sim.counters();
+    assert_eq!(
+        (statuses, c.sessions_created - before, c.limit_refusals),
+        (vec![200; 8], 1, 0),
+        "(statuses, sessions made, Qlik's refusals)"
+    );
+    guard.shutdown().await;
+}
+
 #[tokio::test]
 async fn two_hundred_parallel_requests_of_twenty_users_keep_counts_exact() {
     let sim = sim().await;
@@ -489,7 +517,7 @@ async fn two_hundred_parallel_requests_of_twenty_users_keep_counts_exact() {
         let in_qlik = sim.live_sessions(&name);
         assert_eq!(in_qlik, 5, "{name}");
         assert_eq!(
-            table(&guard).table.live_count(&name.to_lowercase()),
+            session_guard(&guard).table.live_count(&name.to_lowercase()),
             in_qlik,
             "{name}"
         );
@@ -531,7 +559,7 @@ async fn engine_notifications_and_qps_refusals_are_seen() {
     )
     .await;
     ws.next().await.unwrap().unwrap();
-    let g = table(&guard);
+    let g = session_guard(&guard);
     eventually("the open app is listed", || {
         g.table
             .user_sessions("corp\\ws")
@@ -605,7 +633,7 @@ async fn after_a_guard_restart_unknown_cookies_are_adopted_and_bursts_still_make
     );
     // Adopted once Qlik confirmed it (the owner lookup runs off the hot path).
     eventually("the adopted session counts", || {
-        table(&guard).table.live_count("corp\\rs") == 1
+        session_guard(&guard).table.live_count("corp\\rs") == 1
     })
     .await;
     // Now Qlik ends it behind the guard's back; the next burst makes exactly one new session.
@@ -635,7 +663,7 @@ async fn clients_that_keep_no_cookies_leave_nothing_behind() {
         assert_eq!(get(guard.addr, "/__sim/echo", &[]).await.status, 200);
     }
     assert_eq!(
-        table(&guard).table.sizes(),
+        session_guard(&guard).table.sizes(),
         (0, 0, 0),
         "no session, user or device entries"
     );

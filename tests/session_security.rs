@@ -4,17 +4,11 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use common::*;
 
 const WIN: &str = "X-Qlik-Session-HTTP";
 const HDR: &str = "X-Qlik-Session-hdr-HTTP";
 const DEVICE: &str = "qsguard";
-
-fn table(guard: &qsguard::Guard) -> &Arc<qsguard::session::SessionGuard> {
-    guard.proxy().sessions().expect("the session guard is on")
-}
 
 fn with_cookie(jar: &Jar, name: &str, value: &str) -> Jar {
     let mut j = without(jar, name);
@@ -160,7 +154,7 @@ async fn a_forged_device_cookie_is_replaced_and_never_restores() {
         .iter()
         .any(|c| c.starts_with(&format!("{DEVICE}="))));
     assert_eq!(
-        table(&guard)
+        session_guard(&guard)
             .counters
             .restored
             .load(std::sync::atomic::Ordering::Relaxed),
@@ -241,7 +235,7 @@ async fn restore_off_sends_a_restarted_browser_to_log_in() {
         "a new login, not a restore"
     );
     assert_eq!(
-        table(&guard)
+        session_guard(&guard)
             .counters
             .restored
             .load(std::sync::atomic::Ordering::Relaxed),
@@ -310,7 +304,7 @@ async fn the_identity_header_is_believed_only_from_identity_from() {
     let r = get(guard.addr, "/hdr/hub/", &[("hdr-usr", "CORP\\ceo")]).await;
     assert_eq!(r.status, 401, "Qlik sees no identity: {}", r.text());
     assert_eq!(sim.counters().sessions_created, 0);
-    assert_eq!(table(&guard).table.live_count("corp\\ceo"), 0);
+    assert_eq!(session_guard(&guard).table.live_count("corp\\ceo"), 0);
     guard.shutdown().await;
     // From a peer it is believed from, it passes.
     let text = config_text(&[sim.addr()], "", "").replace(
@@ -321,7 +315,7 @@ async fn the_identity_header_is_believed_only_from_identity_from() {
     let mut jar = Jar::new();
     let r = browse_as(guard.addr, "/hdr/hub/", &mut jar, "CORP\\ceo").await;
     assert_eq!(r.status, 200);
-    assert_eq!(table(&guard).table.live_count("corp\\ceo"), 1);
+    assert_eq!(session_guard(&guard).table.live_count("corp\\ceo"), 1);
     guard.shutdown().await;
 }
 
@@ -344,14 +338,14 @@ async fn made_up_cookie_values_count_towards_no_limit() {
         .await;
         assert_eq!(r.status, 200);
     }
-    assert_eq!(table(&guard).table.live_count("corp\\fake"), 0);
+    assert_eq!(session_guard(&guard).table.live_count("corp\\fake"), 0);
     // The user still gets in: nothing counted against the limit.
     let mut jar = Jar::new();
     let r = browse_as(guard.addr, "/hdr/hub/", &mut jar, "CORP\\fake").await;
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(table(&guard).table.live_count("corp\\fake"), 1);
+    assert_eq!(session_guard(&guard).table.live_count("corp\\fake"), 1);
     eventually("the made-up values are known dead", || {
-        table(&guard).table.unconfirmed() == 0
+        session_guard(&guard).table.unconfirmed() == 0
     })
     .await;
     guard.shutdown().await;

@@ -144,8 +144,38 @@ GET /__sim/echo?third HTTP/1.1\r\nHost: q\r\nConnection: close\r\n\r\n";
     guard.shutdown().await;
 }
 
-#[tokio::test]
+/// Real time given to the guard to act on what the clock made due, or to show it does nothing
+/// (the tests on a [`ManualClock`]).
+const SETTLE: Duration = Duration::from_millis(300);
+
+/// Whether the guard has closed `s` (an answer before the end is read and skipped), waiting up
+/// to ten seconds of real time for it.
+async fn closed_by_guard(s: &mut tokio::net::TcpStream) -> bool {
+    let mut buf = [0u8; 1024];
+    real_timeout(Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await
+    .is_some()
+}
+
+/// Whether `s` is still open with nothing to read (the guard has neither answered nor closed).
+fn still_open(s: &tokio::net::TcpStream) -> bool {
+    let mut buf = [0u8; 1];
+    matches!(s.try_read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+/// `server.header_read_timeout` bounds the whole head from the connection's start: a client
+/// dripping a header line every 200 ms is cut off when it ends, not before. On a clock the test
+/// moves (see common::clock), so "not before" and "then" are exact.
+#[tokio::test(start_paused = true)]
 async fn slowloris_is_cut_off_after_the_header_timeout() {
+    let clock = ManualClock::hold();
     let sim = sim().await;
     let guard = guard_with(&config_text(
         &[sim.addr()],
@@ -157,34 +187,29 @@ async fn slowloris_is_cut_off_after_the_header_timeout() {
     s.write_all(b"GET /__sim/echo HTTP/1.1\r\nHost: q\r\n")
         .await
         .unwrap();
-    let started = std::time::Instant::now();
-    let mut buf = [0u8; 1024];
-    // Keep dripping a header line now and then, as slowloris does.
-    let closed = loop {
-        if started.elapsed() > Duration::from_secs(10) {
-            break false;
-        }
-        tokio::select! {
-            r = s.read(&mut buf) => match r {
-                Ok(0) | Err(_) => break true,
-                Ok(_) => continue,
-            },
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {
-                if s.write_all(b"X-a: b\r\n").await.is_err() {
-                    break true;
-                }
-            }
-        }
-    };
-    assert!(closed, "the slow client was not cut off");
-    assert!(started.elapsed() < Duration::from_secs(5));
+    // The guard waits for the rest of the head: its deadline runs from now.
+    real_sleep(SETTLE).await;
+    for _ in 0..4 {
+        clock.advance(Duration::from_millis(200)).await;
+        s.write_all(b"X-a: b\r\n").await.unwrap();
+    }
+    clock.advance(Duration::from_millis(199)).await;
+    real_sleep(SETTLE).await;
+    assert!(still_open(&s), "cut off before header_read_timeout");
+    clock.advance(Duration::from_millis(1)).await;
+    assert!(
+        closed_by_guard(&mut s).await,
+        "the slow client was not cut off"
+    );
     assert_eq!(sim.counters().requests, 0);
     assert_eq!(get(guard.addr, "/__sim/echo", &[]).await.status, 200);
     guard.shutdown().await;
 }
 
-#[tokio::test]
+/// A request body that stops coming for `server.header_read_timeout` is cut off then.
+#[tokio::test(start_paused = true)]
 async fn a_stalled_request_body_is_cut_off() {
+    let clock = ManualClock::hold();
     let sim = sim().await;
     let guard = guard_with(&config_text(
         &[sim.addr()],
@@ -196,19 +221,16 @@ async fn a_stalled_request_body_is_cut_off() {
     s.write_all(b"POST /__sim/echo HTTP/1.1\r\nHost: q\r\nContent-Length: 100\r\n\r\n0123456789")
         .await
         .unwrap();
-    let started = std::time::Instant::now();
-    let mut buf = [0u8; 1024];
-    let closed = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => continue,
-            }
-        }
-    })
-    .await;
-    assert!(closed.is_ok(), "the stalled upload was not cut off");
-    assert!(started.elapsed() < Duration::from_secs(5));
+    // The head and the first bytes go on to Qlik; then the guard waits for more.
+    real_sleep(SETTLE).await;
+    clock.advance(Duration::from_millis(999)).await;
+    real_sleep(SETTLE).await;
+    assert!(still_open(&s), "cut off before header_read_timeout");
+    clock.advance(Duration::from_millis(1)).await;
+    assert!(
+        closed_by_guard(&mut s).await,
+        "the stalled upload was not cut off"
+    );
     assert_eq!(
         get(guard.addr, "/__sim/echo", &[]).await.status,
         200,

@@ -95,6 +95,7 @@ async fn sessions_that_expired_while_the_guard_was_down_are_dropped() {
     .await;
     browse_as(first.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\gone").await;
     first.shutdown().await;
+    // Real time: the snapshot dates activity by the wall clock, which tokio's clock cannot move.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let second = guard_with(&snapshot_config(
         sim.addr(),

@@ -63,8 +63,13 @@ async fn engine_websocket_echo_survives_an_idle_period() {
     guard.shutdown().await;
 }
 
-#[tokio::test]
+/// `server.websocket_idle_timeout`: a tunnel without a byte either way for that long is closed
+/// then, and every byte restarts the wait. On a clock the test moves (see common::clock), so
+/// "not before" and "then" are exact; what crosses the sockets is waited for in real time.
+#[tokio::test(start_paused = true)]
 async fn websocket_idle_timeout_when_configured() {
+    const PROMPT: Duration = Duration::from_secs(10);
+    let clock = ManualClock::hold();
     let sim = sim().await;
     let guard = guard_with(&config_text(
         &[sim.addr()],
@@ -72,12 +77,27 @@ async fn websocket_idle_timeout_when_configured() {
         "",
     ))
     .await;
-    let mut ws = ws_as(guard.addr, "/hdr/app/x", "CORP\\idle", None).await;
-    next_text(&mut ws).await;
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    let r = tokio::time::timeout(Duration::from_secs(5), ws.next())
+    let mut ws = real_timeout(PROMPT, ws_as(guard.addr, "/hdr/app/x", "CORP\\idle", None))
         .await
-        .unwrap();
+        .expect("the upgrade");
+    real_timeout(PROMPT, next_text(&mut ws))
+        .await
+        .expect("Qlik's greeting");
+    // Just before the timeout, and again just before it counted from that echo: still open.
+    for round in 0..2 {
+        clock.advance(Duration::from_millis(499)).await;
+        let echoed = real_timeout(PROMPT, echoes(&mut ws, &format!("round {round}")))
+            .await
+            .expect("an echo");
+        assert!(
+            echoed,
+            "round {round}: the tunnel was closed before it was idle"
+        );
+    }
+    clock.advance(Duration::from_millis(500)).await;
+    let r = real_timeout(PROMPT, ws.next())
+        .await
+        .expect("the tunnel closed once idle for the timeout");
     assert!(
         matches!(r, None | Some(Err(_)) | Some(Ok(Message::Close(_)))),
         "the configured idle timeout closes the tunnel: {r:?}"

@@ -583,5 +583,9 @@ fn echo(parts: &Parts, body: &Bytes) -> Response<Body> {
     for c in cookies {
         r.headers_mut().append(SET_COOKIE, c);
     }
+    // The body repeats the request, cookies included: the test suite's secrets audit knows by
+    // this that what it reads there is Qlik's answer, not something the guard wrote.
+    r.headers_mut()
+        .insert("x-sim-reflects", HeaderValue::from_static("request"));
     r
 }

@@ -110,7 +110,8 @@ pub fn scan(source: &str, text: &str) {
     lock(&LEAKS).push(leak);
 }
 
-/// A response head and body from the guard: every field but `Set-Cookie`, and the body.
+/// A response head and body from the guard: every field but `Set-Cookie`, and the body
+/// (unless it is the simulator's echo of the request).
 pub fn scan_response(source: &str, headers: &http::HeaderMap, body: &[u8]) {
     for (name, value) in headers {
         if name == http::header::SET_COOKIE {
@@ -119,18 +120,28 @@ pub fn scan_response(source: &str, headers: &http::HeaderMap, body: &[u8]) {
             scan(source, &String::from_utf8_lossy(value.as_bytes()));
         }
     }
-    scan(source, &String::from_utf8_lossy(body));
+    // The simulator's echo repeats the request in its body: Qlik's answer, passed through.
+    if !headers.contains_key("x-sim-reflects") {
+        scan(source, &String::from_utf8_lossy(body));
+    }
 }
 
 /// Raw bytes from the guard (one or more HTTP/1.1 answers): `Set-Cookie` lines are where
 /// values belong; everything else is looked at.
 pub fn scan_raw(source: &str, raw: &[u8]) {
     let text = String::from_utf8_lossy(raw);
+    // Within one answer, after the simulator's echo header, the body is Qlik's echo.
+    let mut echo = false;
     for line in text.split("\r\n") {
+        if line.starts_with("HTTP/1.") {
+            echo = false;
+        }
         match line.split_once(':') {
             Some((name, value)) if name.eq_ignore_ascii_case("set-cookie") => {
                 note_set_cookie(value.trim().as_bytes())
             }
+            Some((name, _)) if name.eq_ignore_ascii_case("x-sim-reflects") => echo = true,
+            _ if echo => {}
             _ => scan(source, line),
         }
     }

@@ -111,6 +111,20 @@ impl Client {
         self.browse(path, jar, &[("hdr-usr", user)]).await
     }
 
+    /// The browser logs out of Qlik (`DELETE /<prefix>qps/user` with its cookies), as `user` on
+    /// a header-authentication virtual proxy when given.
+    pub async fn logout(&self, prefix: &str, jar: &Jar, user: Option<&str>) -> Resp {
+        let mut b = Request::delete(format!("{prefix}qps/user"))
+            .header("host", "q")
+            .header("cookie", super::cookie_header(jar));
+        if let Some(u) = user {
+            b = b.header("hdr-usr", u);
+        }
+        self.send(b.body(Full::new(Bytes::new())).unwrap())
+            .await
+            .unwrap_or_else(|e| panic!("logout: {e}"))
+    }
+
     /// One HTTP/1.1 exchange on a new connection.
     async fn send_h1(&self, req: Request<Full<Bytes>>) -> Result<Resp, String> {
         let tcp = TcpStream::connect(self.addr)
@@ -203,6 +217,20 @@ impl Link {
         self.send(b.body(Full::new(Bytes::new())).unwrap())
             .await
             .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    /// POST `body` to `path` with the given headers (Host defaults to "qlik.example.com").
+    pub async fn post(&self, path: &str, headers: &[(&str, &str)], body: &str) -> Resp {
+        let mut b = Request::post(path);
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+            b = b.header("host", "qlik.example.com");
+        }
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        self.send(b.body(Full::new(Bytes::from(body.to_string()))).unwrap())
+            .await
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"))
     }
 
     /// Follows redirects (keeping cookies like a browser would) until a non-redirect answer.

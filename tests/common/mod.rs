@@ -1,16 +1,19 @@
 //! Shared test plumbing: start the simulator and the guard on loopback ephemeral ports, and
 //! talk to them with an HTTP/1.1 or HTTP/2 client ([`client`]), a raw socket or a WebSocket;
-//! temporary directories, polling, the admin API, TLS test certificates ([`tls`]) and qsguard
-//! processes ([`process`]).
+//! temporary directories, polling, the admin API, TLS test certificates ([`tls`]), qsguard
+//! processes ([`process`]) and a tokio clock the test moves by hand ([`clock`]).
 #![allow(dead_code)]
 
 pub mod audit;
 pub mod client;
+pub mod clock;
 pub mod process;
 pub mod tls;
 
 #[allow(unused_imports)]
 pub use client::{Client, Link, Proto};
+#[allow(unused_imports)]
+pub use clock::*;
 #[allow(unused_imports)]
 pub use process::*;
 #[allow(unused_imports)]
@@ -253,6 +256,53 @@ pub async fn mangler(target: SocketAddr, mode: Mangle) -> SocketAddr {
     addr
 }
 
+/// An origin that answers each request with exact bytes chosen by its path: `script(path)`
+/// gives the bytes and whether to close the connection after them (else it reads the next
+/// request). For responses the simulator cannot make (odd framing, hop-by-hop fields).
+pub async fn scripted_origin(script: fn(&str) -> (Vec<u8>, bool)) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .and_then(|v| v.trim().parse().ok())
+                        })
+                        .unwrap_or(0);
+                    while buf.len() < end + 4 + len {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.drain(..end + 4 + len);
+                    let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                    let (bytes, close) = script(&path);
+                    if s.write_all(&bytes).await.is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
 /// Reads one request (head and Content-Length body) from a raw socket.
 async fn read_message(s: &mut TcpStream, _request: bool) -> Option<(String, Vec<u8>)> {
     let mut buf = Vec::new();
@@ -295,6 +345,18 @@ pub fn cookie_header(jar: &Jar) -> String {
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// `s` percent-encoded for a query string (everything but the unreserved characters).
+pub fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// A jar without the cookie `name`: the browser after a restart lost its session cookie.
@@ -506,6 +568,32 @@ pub fn values(fields: &[(String, Vec<u8>)], name: &str) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// The guard's session guard (the test config has it on).
+pub fn session_guard(guard: &Guard) -> &std::sync::Arc<qsguard::session::SessionGuard> {
+    guard.proxy().sessions().expect("the session guard is on")
+}
+
+/// The text between the first `start` and the next `end` after it.
+pub fn between(text: &str, start: &str, end: &str) -> String {
+    let i = text
+        .find(start)
+        .unwrap_or_else(|| panic!("no {start:?} in {text}"))
+        + start.len();
+    let j = text[i..]
+        .find(end)
+        .unwrap_or_else(|| panic!("no {end:?} after {start:?} in {text}"))
+        + i;
+    text[i..j].to_string()
+}
+
+/// [`values`] as text (lossy), for assertions that print readably.
+pub fn texts(fields: &[(String, Vec<u8>)], name: &str) -> Vec<String> {
+    values(fields, name)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect()
+}
+
 /// Ends a session in Qlik behind the guard's back (an admin, a QPS restart...).
 pub async fn end_in_qlik(sim: &Simulator, prefix: &str, session_id: &str) {
     qsguard::qps::QpsApi::new(&sim_api_config(sim))
@@ -579,15 +667,7 @@ pub async fn echoes(ws: &mut Ws, text: &str) -> bool {
 /// The browser logs out of Qlik (`DELETE /<prefix>qps/user` with its cookies), as `user` on a
 /// header-authentication virtual proxy when given.
 pub async fn logout(addr: SocketAddr, prefix: &str, jar: &Jar, user: Option<&str>) -> Resp {
-    let mut b = Request::delete(format!("{prefix}qps/user"))
-        .header("host", "q")
-        .header("cookie", cookie_header(jar));
-    if let Some(u) = user {
-        b = b.header("hdr-usr", u);
-    }
-    send(addr, b.body(Full::new(Bytes::new())).unwrap())
-        .await
-        .unwrap_or_else(|e| panic!("logout: {e}"))
+    Client::plain(addr).logout(prefix, jar, user).await
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -49,6 +49,15 @@ impl TestCert {
         )
     }
 
+    /// The guard's config as [`super::config_text`] writes it, serving this certificate.
+    pub fn config(&self, upstreams: &[SocketAddr], server_extra: &str, extra: &str) -> String {
+        super::config_text(
+            upstreams,
+            &format!("{}\n{server_extra}", self.server_toml()),
+            extra,
+        )
+    }
+
     /// A client that trusts this certificate and offers `alpn`, in order.
     pub fn connector(&self, alpn: &[&[u8]]) -> TlsConnector {
         use rustls_pki_types::pem::PemObject;
