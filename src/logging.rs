@@ -10,9 +10,13 @@ pub enum LogFormat {
 }
 
 pub fn init(format: LogFormat, level: &str) {
+    use std::io::IsTerminal;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    // Colour codes only for a person at a terminal: journald, a log file or a pipe would get
+    // escape sequences in every line (and formatting them costs instructions per request).
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),

@@ -152,3 +152,24 @@ Cookie: X-Qlik-Session-HTTP=COOKIESECRET; qsguard=00112233445566778899aabbccddee
     );
     assert_eq!(line["upstream"], "sim-node1");
 }
+
+#[test]
+fn text_logs_to_a_pipe_carry_no_colour_codes() {
+    let mut demo = Demo::start(&["--log-format", "text"], Stdio::piped());
+    demo.exchange(b"GET /hub/ HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = demo.child.kill();
+    let mut err = String::new();
+    use std::io::Read;
+    demo.child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(err.contains("INFO"), "something was logged: {err}");
+    assert!(
+        !err.contains('\u{1b}'),
+        "escape sequences in a log that is not a terminal: {err:?}"
+    );
+}
