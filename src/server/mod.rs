@@ -117,7 +117,7 @@ impl Guard {
             admin::State {
                 proxy: proxy.clone(),
                 token: admin_token,
-                loopback: config.admin.listen.ip().is_loopback(),
+                allowed_hosts: config.admin.allowed_hosts.clone().into(),
                 control: {
                     let reload: Arc<dyn crate::admin::Reload> = control.clone();
                     Arc::downgrade(&reload)
