@@ -552,7 +552,9 @@ impl Config {
                 format!("{:?}", c.server.grace_period)
             }),
             ("admin", |c| format!("{:?}", c.admin.listen)),
-            ("admin.allowed_hosts", |c| format!("{:?}", c.admin.allowed_hosts)),
+            ("admin.allowed_hosts", |c| {
+                format!("{:?}", c.admin.allowed_hosts)
+            }),
             ("virtual_proxy", |c| {
                 let vps: Vec<_> = c
                     .virtual_proxies_or_default()
@@ -568,8 +570,12 @@ impl Config {
             ("sessions.device_memory", |c| {
                 format!("{:?}", c.sessions.device_memory)
             }),
-            ("sessions.max_devices", |c| format!("{:?}", c.sessions.max_devices)),
-            ("sessions.max_flights", |c| format!("{:?}", c.sessions.max_flights)),
+            ("sessions.max_devices", |c| {
+                format!("{:?}", c.sessions.max_devices)
+            }),
+            ("sessions.max_flights", |c| {
+                format!("{:?}", c.sessions.max_flights)
+            }),
             ("sessions.snapshot_file", |c| {
                 format!("{:?}", c.sessions.snapshot_file)
             }),

@@ -53,7 +53,11 @@ async fn admin_refuses_host_names_that_are_not_its_own() {
         "[::1]".to_string(),
         "qsguard-admin.corp.example".to_string(),
     ] {
-        assert_eq!(admin_get(admin, "/sessions", &host).await.status, 200, "{host}");
+        assert_eq!(
+            admin_get(admin, "/sessions", &host).await.status,
+            200,
+            "{host}"
+        );
     }
     // An absolute target names the host too, and wins over the Host field (RFC 9112 3.2.2).
     let raw_reply = raw(
@@ -70,8 +74,10 @@ async fn admin_refuses_host_names_that_are_not_its_own() {
 /// loopback peer is answered without one, and changes always need it.
 #[tokio::test]
 async fn reads_without_a_token_only_from_loopback() {
-    let bad = config_text(&[([127, 0, 0, 1], 1).into()], "", "")
-        .replace("[admin]\nlisten = \"127.0.0.1:0\"", "[admin]\nlisten = \"0.0.0.0:0\"");
+    let bad = config_text(&[([127, 0, 0, 1], 1).into()], "", "").replace(
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+        "[admin]\nlisten = \"0.0.0.0:0\"",
+    );
     let e = qsguard::Config::parse(&bad).expect_err("a non-loopback admin needs a token");
     assert_eq!(e.key, "admin.token_file", "{e}");
 
@@ -79,8 +85,10 @@ async fn reads_without_a_token_only_from_loopback() {
     let dir = TempDir::new("admin-token");
     let token = "0123456789abcdef0123";
     let file = dir.write("token", token);
-    let config = with_admin_token(&config_text(&[sim.addr()], "", ""), &file)
-        .replace("[admin]\nlisten = \"127.0.0.1:0\"", "[admin]\nlisten = \"0.0.0.0:0\"");
+    let config = with_admin_token(&config_text(&[sim.addr()], "", ""), &file).replace(
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+        "[admin]\nlisten = \"0.0.0.0:0\"",
+    );
     let guard = guard_with(&config).await;
     let admin: std::net::SocketAddr = ([127, 0, 0, 1], guard.admin_addr.port()).into();
     let r = admin_call(admin, Method::GET, "/sessions", None).await;

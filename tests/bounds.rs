@@ -81,7 +81,10 @@ async fn device_map_stays_under_its_cap() {
         let r = get(guard.addr, "/hdr/hub/", &headers).await;
         assert_eq!(r.status, 200, "{}", r.text());
         let (_, _, devices) = sessions(&guard).table.sizes();
-        assert!(devices <= 100, "{devices} devices remembered, the cap is 100");
+        assert!(
+            devices <= 100,
+            "{devices} devices remembered, the cap is 100"
+        );
     }
     let (live, _, devices) = sessions(&guard).table.sizes();
     assert_eq!(live, 260, "every browser got its session all the same");
@@ -138,9 +141,16 @@ async fn flight_targets_are_capped_in_number_and_length() {
         assert_eq!(r.status, 302, "sent to log in: {}", r.text());
     }
     let (targets, bytes) = sessions(&guard).flight_targets();
-    assert_eq!(sessions(&guard).flights_open(), 1, "one browser, one flight");
+    assert_eq!(
+        sessions(&guard).flights_open(),
+        1,
+        "one browser, one flight"
+    );
     assert!(targets <= 16, "{targets} targets remembered");
-    assert!(bytes <= 16 * 2 * 2048, "{bytes} bytes of targets remembered");
+    assert!(
+        bytes <= 16 * 2 * 2048,
+        "{bytes} bytes of targets remembered"
+    );
     guard.shutdown().await;
 }
 
@@ -197,7 +207,12 @@ async fn refusal_page_body_that_stalls_is_a_504() {
     ))
     .await;
     let r = tokio::time::timeout(Duration::from_secs(10), async {
-        get(guard.addr, "/hub/", &[("cookie", "X-Qlik-Session-HTTP=abc")]).await
+        get(
+            guard.addr,
+            "/hub/",
+            &[("cookie", "X-Qlik-Session-HTTP=abc")],
+        )
+        .await
     })
     .await
     .expect("an answer, not a wait for ever");
@@ -315,7 +330,11 @@ async fn idle_http2_connections_are_closed() {
     .await;
     let connect = || async {
         let stream = tls_connect(guard.addr, &cert.connector(&[b"h2"])).await;
-        let (sender, conn) = hyper::client::conn::http2::handshake::<_, _, http_body_util::combinators::BoxBody<Bytes, String>>(
+        let (sender, conn) = hyper::client::conn::http2::handshake::<
+            _,
+            _,
+            http_body_util::combinators::BoxBody<Bytes, String>,
+        >(
             hyper_util::rt::TokioExecutor::new(),
             hyper_util::rt::TokioIo::new(stream),
         )
@@ -353,7 +372,10 @@ async fn idle_http2_connections_are_closed() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert!(!conn.is_finished(), "a connection with an open stream is not idle");
+    assert!(
+        !conn.is_finished(),
+        "a connection with an open stream is not idle"
+    );
     tx.send(Ok(http_body::Frame::data(Bytes::from_static(b"part two"))))
         .await
         .unwrap();

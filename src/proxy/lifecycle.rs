@@ -274,7 +274,9 @@ async fn send<T: Transport>(
     let pace = BodyPace::new(&x.settings);
     while !done {
         part.clear();
-        let got = pace.within(sent, t.more_body(&mut part, &x.settings)).await?;
+        let got = pace
+            .within(sent, t.more_body(&mut part, &x.settings))
+            .await?;
         sent += got.bytes;
         if sent > limit {
             return Err(too_large());

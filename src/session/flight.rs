@@ -287,7 +287,10 @@ mod tests {
         for d in 0..3 {
             assert!(matches!(flights.lead(d, 0), Lead::Lead(_)));
         }
-        assert!(matches!(flights.lead(99, 0), Lead::Full), "no room: no flight");
+        assert!(
+            matches!(flights.lead(99, 0), Lead::Full),
+            "no room: no flight"
+        );
         assert!(
             matches!(flights.lead(0, 0), Lead::Wait(_)),
             "an open flight is still found at the cap"
@@ -310,6 +313,9 @@ mod tests {
             d.remember_target(format!("t{i}"), "/hub/");
         }
         assert_eq!(d.targets.len(), MAX_TARGETS);
-        assert!(d.remember_target("t0".into(), "/hub/again"), "a known id is updated");
+        assert!(
+            d.remember_target("t0".into(), "/hub/again"),
+            "a known id is updated"
+        );
     }
 }

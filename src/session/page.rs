@@ -58,10 +58,9 @@ impl SessionGuard {
         let Some((issued, mac)) = token.split_once('.') else {
             return Csrf::Invalid;
         };
-        let (Ok(issued_ms), Ok(mac)) = (
-            u64::from_str_radix(issued, 16),
-            blake3::Hash::from_hex(mac),
-        ) else {
+        let (Ok(issued_ms), Ok(mac)) =
+            (u64::from_str_radix(issued, 16), blake3::Hash::from_hex(mac))
+        else {
             return Csrf::Invalid;
         };
         if mac != self.csrf_mac(device, user, issued_ms) {
@@ -155,12 +154,10 @@ impl SessionGuard {
         };
         match self.csrf_check(get("csrf").unwrap_or(""), device, &user) {
             Csrf::Valid => {}
-            Csrf::Expired => {
-                return pages::not_ended(
-                    StatusCode::FORBIDDEN,
-                    "the form has expired (it is valid for 10 minutes): go back and reload the page",
-                )
-            }
+            Csrf::Expired => return pages::not_ended(
+                StatusCode::FORBIDDEN,
+                "the form has expired (it is valid for 10 minutes): go back and reload the page",
+            ),
             Csrf::Invalid => {
                 return pages::not_ended(
                     StatusCode::FORBIDDEN,

@@ -778,13 +778,23 @@ mod tests {
         let t = table(60_000);
         t.set_max_devices(10);
         for d in 0..10u128 {
-            t.insert(0, &format!("c{d}"), "n1".into(), Some(d), None, String::new());
+            t.insert(
+                0,
+                &format!("c{d}"),
+                "n1".into(),
+                Some(d),
+                None,
+                String::new(),
+            );
         }
         let late = t.insert(0, "late", "n1".into(), Some(99), None, String::new());
         assert_eq!(t.sizes().2, 10);
         assert!(t.device_session(0, 0, None).is_some());
         assert!(t.device_session(99, 0, None).is_none());
-        assert!(late.meta().devices.is_empty(), "the session says no device either");
+        assert!(
+            late.meta().devices.is_empty(),
+            "the session says no device either"
+        );
         assert_eq!(t.devices_refused.load(Ordering::Relaxed), 1);
         // Once a session has ended, its browser can make room.
         let s0 = t.get(0, "c0").unwrap();
