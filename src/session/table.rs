@@ -179,6 +179,9 @@ pub struct Table {
     device_admission: Mutex<()>,
     /// New devices not remembered because the map was full of browsers with live sessions.
     pub devices_refused: AtomicU64,
+    /// After a scan at the cap found nothing to forget: no new scan before this (table ms),
+    /// so that a flood at a full map costs a look-up per request, not a scan of the map.
+    no_room_until_ms: AtomicU64,
 }
 
 /// What `max_devices` is when nobody sets it (the config's default).
@@ -210,6 +213,7 @@ impl Table {
             max_devices: AtomicUsize::new(DEFAULT_MAX_DEVICES),
             device_admission: Mutex::new(()),
             devices_refused: AtomicU64::new(0),
+            no_room_until_ms: AtomicU64::new(0),
         }
     }
 
@@ -255,6 +259,9 @@ impl Table {
     /// per many new devices, not on each.
     fn forget_idle_devices(&self, max: usize) {
         let now = self.now_ms();
+        if now < self.no_room_until_ms.load(Ordering::Relaxed) {
+            return;
+        }
         let mut idle: Vec<(u64, DeviceId)> = self
             .devices
             .iter()
@@ -263,6 +270,8 @@ impl Table {
             .collect();
         let n = (max / 64).max(1).min(idle.len());
         if n == 0 {
+            // Every browser has a live session: none will have ended within a second.
+            self.no_room_until_ms.store(now + 1_000, Ordering::Relaxed);
             return;
         }
         if n < idle.len() {
@@ -796,9 +805,16 @@ mod tests {
             "the session says no device either"
         );
         assert_eq!(t.devices_refused.load(Ordering::Relaxed), 1);
-        // Once a session has ended, its browser can make room.
+        // Once a session has ended, its browser can make room (after the pause that keeps a
+        // flood at a full map from scanning it on every request).
         let s0 = t.get(0, "c0").unwrap();
         t.end(&s0, State::LoggedOut);
+        t.link_device(&late, 99);
+        assert!(
+            t.device_session(99, 0, None).is_none(),
+            "not within the pause"
+        );
+        std::thread::sleep(Duration::from_millis(1_050));
         t.link_device(&late, 99);
         assert!(t.device_session(99, 0, None).is_some());
         assert_eq!(t.sizes().2, 10);
