@@ -14,10 +14,18 @@
 //! | `POST /device-key/rotate` | a new key for the device cookies (every browser gets a new one) |
 //!
 //! Authentication: a bearer token read from `admin.token_file`. It is required for every call
-//! when the listener is not on loopback (the guard refuses to start without one then), and for
-//! every call that changes something wherever the listener is.
+//! from a peer that is not on loopback (and a listener off loopback refuses to start without
+//! one), and for every call that changes something, whoever sends it.
+//!
+//! The Host header (or an absolute request target's authority) must name this listener: a
+//! localhost name, a loopback address or the address the connection came in on, or a name in
+//! `admin.allowed_hosts`; anything else gets 421. A loopback peer is not proof of a local
+//! admin: a page on another site can point its own DNS name at 127.0.0.1 (DNS rebinding) and
+//! have the browser read the admin API as "same origin", but its requests then carry that
+//! site's name as Host.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,8 +51,9 @@ pub struct State {
     pub proxy: Arc<Proxy>,
     /// The bearer token (from `admin.token_file`; a reload reads it again).
     pub token: Arc<std::sync::RwLock<Option<Arc<str>>>>,
-    /// The listener is on a loopback address: reading needs no token.
-    pub loopback: bool,
+    /// Host names besides localhost names and the listener's own address
+    /// (`admin.allowed_hosts`).
+    pub allowed_hosts: Arc<[String]>,
     /// For `POST /reload` (weak: the admin API must not keep a stopped guard alive).
     pub control: std::sync::Weak<dyn Reload>,
 }
@@ -60,7 +69,7 @@ pub trait Reload: Send + Sync {
 /// Serves the admin API until `stop` is cancelled.
 pub async fn serve(listener: Arc<TcpListener>, state: State, stop: CancellationToken) {
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(v) => v,
                 Err(e) => {
@@ -71,12 +80,15 @@ pub async fn serve(listener: Arc<TcpListener>, state: State, stop: CancellationT
             },
             _ = stop.cancelled() => return,
         };
+        let Ok(local) = stream.local_addr() else {
+            continue;
+        };
         let state = state.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, req).await) }
+                async move { Ok::<_, Infallible>(route(&state, req, peer, local).await) }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -94,12 +106,40 @@ pub async fn serve(listener: Arc<TcpListener>, state: State, stop: CancellationT
     }
 }
 
-async fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(
+    state: &State,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> Response<Full<Bytes>> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        });
+    if !host_allowed(host.as_deref(), local, &state.allowed_hosts) {
+        let mut r = json(
+            StatusCode::MISDIRECTED_REQUEST,
+            json!({"error": format!(
+                "the Host {} is not this admin listener: use localhost, {} or a name listed in admin.allowed_hosts",
+                host.as_deref().map(|h| format!("`{h}`")).unwrap_or_else(|| "(none)".into()),
+                local,
+            )}),
+        );
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return r;
+    }
     let mutating = method != Method::GET && method != Method::HEAD;
-    if mutating || !state.loopback {
+    if token_needed(&method, peer) {
         let token = state
             .token
             .read()
@@ -109,7 +149,11 @@ async fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
             None => {
                 return json(
                     StatusCode::FORBIDDEN,
-                    json!({"error": "changes need a bearer token: set admin.token_file and send Authorization: Bearer <token>"}),
+                    json!({"error": if mutating {
+                        "changes need a bearer token: set admin.token_file and send Authorization: Bearer <token>"
+                    } else {
+                        "calls from off loopback need a bearer token: set admin.token_file and send Authorization: Bearer <token>"
+                    }}),
                 )
             }
             Some(t) if !bearer_matches(req.headers(), t) => {
@@ -164,6 +208,51 @@ async fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 "POST /device-key/rotate"]}),
         ),
     }
+}
+
+/// A call needs the token when it changes something, or when its peer is not on loopback:
+/// the peer, not the listener, since a listener on 0.0.0.0 serves both.
+fn token_needed(method: &Method, peer: SocketAddr) -> bool {
+    let reads = method == Method::GET || method == Method::HEAD;
+    !reads || !peer.ip().to_canonical().is_loopback()
+}
+
+/// Whether `host` (a Host header or a target's authority) names this admin listener. The
+/// port is not compared: DNS rebinding is defeated by the name alone (an attacker controls
+/// the name its page uses, and the browser sends it), while an SSH tunnel or a port mapping
+/// legitimately changes the port.
+fn host_allowed(host: Option<&str>, local: SocketAddr, allowed: &[String]) -> bool {
+    let Some(host) = host else {
+        return false;
+    };
+    let name = host_name(host);
+    if name.is_empty() {
+        return false;
+    }
+    if name == "localhost" || name.ends_with(".localhost") {
+        // RFC 6761: always the loopback, never resolved through DNS.
+        return true;
+    }
+    if let Ok(ip) = name.parse::<std::net::IpAddr>() {
+        let ip = ip.to_canonical();
+        if ip.is_loopback() || ip == local.ip().to_canonical() {
+            return true;
+        }
+    }
+    allowed.iter().any(|a| host_name(a) == name)
+}
+
+/// The name part of a Host value, lower-case, without port, brackets or a final dot.
+fn host_name(host: &str) -> String {
+    let host = host.trim();
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => match host.rsplit_once(':') {
+            Some((n, port)) if port.bytes().all(|b| b.is_ascii_digit()) => n,
+            _ => host,
+        },
+    };
+    name.trim_end_matches('.').to_ascii_lowercase()
 }
 
 /// Constant-time comparison of the presented bearer token.
@@ -560,6 +649,53 @@ mod tests {
             HeaderValue::from_static("Basic s3cret"),
         );
         assert!(!bearer_matches(&h, "s3cret"));
+    }
+
+    #[test]
+    fn tokens_are_needed_off_loopback_and_for_changes() {
+        let at = |ip: &str| SocketAddr::new(ip.parse().unwrap(), 40000);
+        assert!(!token_needed(&Method::GET, at("127.0.0.1")));
+        assert!(!token_needed(&Method::HEAD, at("::1")));
+        assert!(!token_needed(&Method::GET, at("::ffff:127.0.0.1")));
+        assert!(token_needed(&Method::GET, at("10.0.0.7")));
+        assert!(token_needed(&Method::GET, at("::ffff:10.0.0.7")));
+        assert!(token_needed(&Method::POST, at("127.0.0.1")));
+        assert!(token_needed(&Method::DELETE, at("127.0.0.1")));
+    }
+
+    #[test]
+    fn admin_hosts() {
+        let local: SocketAddr = "127.0.0.1:9090".parse().unwrap();
+        let wide: SocketAddr = "10.1.2.3:9090".parse().unwrap();
+        let allowed = ["qsguard-admin.corp.example".to_string()];
+        for ok in [
+            "localhost",
+            "localhost:9090",
+            "LOCALHOST.:1234",
+            "app.localhost",
+            "127.0.0.1:9090",
+            "127.0.0.2",
+            "[::1]:9090",
+            "qsguard-admin.corp.example",
+            "QSGUARD-ADMIN.corp.example:443",
+        ] {
+            assert!(host_allowed(Some(ok), local, &allowed), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:9090",
+            "localhost.evil.example",
+            "10.1.2.3:9090",
+            "",
+            "admin",
+        ] {
+            assert!(!host_allowed(Some(bad), local, &allowed), "{bad}");
+        }
+        assert!(!host_allowed(None, local, &allowed));
+        assert!(
+            host_allowed(Some("10.1.2.3:9090"), wide, &[]),
+            "the address the connection came in on"
+        );
     }
 
     #[test]

@@ -242,6 +242,15 @@ pub struct ServerConfig {
     /// sessions sit idle for hours.
     #[serde(default, with = "opt_duration")]
     pub websocket_idle_timeout: Option<Duration>,
+    /// Close an HTTP/2 connection (GOAWAY) that has had no open stream this long. Longer than
+    /// HTTP/1's keep-alive (`header_read_timeout`): one h2 connection carries all of a
+    /// browser's requests and reopening it costs a TLS handshake, but it must not stay forever.
+    #[serde(default = "default_http2_idle_timeout", with = "duration")]
+    pub http2_idle_timeout: Duration,
+    /// The slowest a request body may come, on average, in bytes per second, after a first
+    /// `header_read_timeout` of grace. 0: no rate rule (only the per-read pause).
+    #[serde(default = "default_body_min_rate", deserialize_with = "byte_size")]
+    pub body_min_rate: u64,
     /// Peers whose X-Forwarded-* headers are trusted and appended to; others are replaced.
     #[serde(default)]
     pub trusted_proxies: Vec<IpNet>,
@@ -275,6 +284,11 @@ pub struct AdminConfig {
     /// A file holding the bearer token: needed for every call off loopback, and for every
     /// call that changes something.
     pub token_file: Option<PathBuf>,
+    /// Host names (besides localhost names and the listener's own address) a request to the
+    /// admin API may name in its Host header: a page on another site that points its DNS name
+    /// at the admin address (DNS rebinding) is refused.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for AdminConfig {
@@ -282,6 +296,7 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: default_admin_listen(),
             token_file: None,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -445,6 +460,16 @@ pub struct SessionsConfig {
     /// How long the guard remembers a browser (and its last user) after its last session.
     #[serde(default = "default_device_memory", with = "duration")]
     pub device_memory: Duration,
+    /// The most browsers the guard remembers at once. At the cap, the least recently seen
+    /// browser without a live session is forgotten; when every one has a live session, a new
+    /// browser is not remembered (no restore for it) rather than the map growing.
+    #[serde(default = "default_max_devices")]
+    pub max_devices: usize,
+    /// The most session (re)creations in flight at once (one per browser and virtual proxy,
+    /// a login dance included). At the cap, a new browser's requests go on without one (no
+    /// burst coalescing) rather than the map growing.
+    #[serde(default = "default_max_flights")]
+    pub max_flights: usize,
     /// Where the session table is kept across restarts (mode 0600: it holds cookie values).
     /// Unset: a restart forgets every session.
     pub snapshot_file: Option<PathBuf>,
@@ -465,6 +490,8 @@ impl Default for SessionsConfig {
             on_node_down: default_on_node_down(),
             burst_wait: default_burst_wait(),
             device_memory: default_device_memory(),
+            max_devices: default_max_devices(),
+            max_flights: default_max_flights(),
             snapshot_file: None,
             snapshot_interval: default_snapshot_interval(),
         }
@@ -525,7 +552,7 @@ impl Config {
     pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
         // Each key with what is compared, as Debug text (every config type has it). Each
         // virtual proxy's own inactivity_timeout is left out: a reload applies it.
-        let keys: [(&'static str, Compared); 11] = [
+        let keys: [(&'static str, Compared); 14] = [
             ("server.workers", |c| format!("{:?}", c.server.workers)),
             ("server.max_connections", |c| {
                 format!("{:?}", c.server.max_connections)
@@ -534,6 +561,9 @@ impl Config {
                 format!("{:?}", c.server.grace_period)
             }),
             ("admin", |c| format!("{:?}", c.admin.listen)),
+            ("admin.allowed_hosts", |c| {
+                format!("{:?}", c.admin.allowed_hosts)
+            }),
             ("virtual_proxy", |c| {
                 let vps: Vec<_> = c
                     .virtual_proxies_or_default()
@@ -548,6 +578,12 @@ impl Config {
             }),
             ("sessions.device_memory", |c| {
                 format!("{:?}", c.sessions.device_memory)
+            }),
+            ("sessions.max_devices", |c| {
+                format!("{:?}", c.sessions.max_devices)
+            }),
+            ("sessions.max_flights", |c| {
+                format!("{:?}", c.sessions.max_flights)
             }),
             ("sessions.snapshot_file", |c| {
                 format!("{:?}", c.sessions.snapshot_file)
@@ -644,6 +680,12 @@ impl Config {
         }
         if s.header_read_timeout.is_zero() {
             return Err(err("server.header_read_timeout", "must be more than 0s"));
+        }
+        if s.http2_idle_timeout.is_zero() {
+            return Err(err(
+                "server.http2_idle_timeout",
+                "must be more than 0s: an idle HTTP/2 connection must close some time",
+            ));
         }
         Ok(())
     }
@@ -782,6 +824,17 @@ impl Config {
                 ),
             ));
         }
+        for h in &self.admin.allowed_hosts {
+            let ok = !h.is_empty()
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b));
+            if !ok {
+                return Err(err(
+                    "admin.allowed_hosts",
+                    format!("`{h}` is not a host name or address (no scheme, path or spaces)"),
+                ));
+            }
+        }
         let d = &self.diagnostics;
         if d.events_kept == 0 {
             return Err(err("diagnostics.events_kept", "must be at least 1"));
@@ -834,6 +887,18 @@ impl Config {
             return Err(err(
                 "sessions.device_cookie",
                 "must differ from every virtual proxy's session_cookie",
+            ));
+        }
+        if ss.max_devices < 100 {
+            return Err(err(
+                "sessions.max_devices",
+                "must be at least 100: below that, real browsers would lose their restore",
+            ));
+        }
+        if ss.max_flights == 0 {
+            return Err(err(
+                "sessions.max_flights",
+                "must be at least 1 (a login burst of one browser needs one)",
             ));
         }
         if ss.snapshot_interval.is_zero() {
@@ -960,6 +1025,19 @@ fn default_snapshot_interval() -> Duration {
 }
 fn default_device_memory() -> Duration {
     Duration::from_secs(7 * 24 * 3600)
+}
+fn default_max_devices() -> usize {
+    100_000
+}
+fn default_max_flights() -> usize {
+    10_000
+}
+fn default_http2_idle_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_body_min_rate() -> u64 {
+    // Apache's mod_reqtimeout default (MinRate=500): a phone on a weak link still makes it.
+    500
 }
 
 /// `"30m"`, `"10s"`, `"1h 30m"` (humantime).

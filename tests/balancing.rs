@@ -101,7 +101,9 @@ async fn a_node_down_loses_its_sessions_and_comes_back() {
         assert_eq!(r.status, 200);
     }
     assert_eq!(a.counters().sessions_created, on_a + 2);
-    let up = get(guard.admin_addr, "/upstreams", &[]).await.json();
+    let up = get(guard.admin_addr, "/upstreams", &[("host", "localhost")])
+        .await
+        .json();
     assert!(
         up["upstreams"]
             .as_array()
@@ -115,7 +117,9 @@ async fn a_node_down_loses_its_sessions_and_comes_back() {
         "{up}"
     );
     assert_eq!(up["upstreams"][0]["in_flight"], 0);
-    let metrics = get(guard.admin_addr, "/metrics", &[]).await.text();
+    let metrics = get(guard.admin_addr, "/metrics", &[("host", "localhost")])
+        .await
+        .text();
     assert!(
         metrics.contains("qsguard_upstream_up{upstream="),
         "{metrics}"

@@ -74,7 +74,9 @@ async fn cookies_lost_modified_duplicated_and_folded_on_the_way() {
         !all.contains(&session),
         "a cookie value leaked into an event"
     );
-    let metrics = get(guard.admin_addr, "/metrics", &[]).await.text();
+    let metrics = get(guard.admin_addr, "/metrics", &[("host", "localhost")])
+        .await
+        .text();
     assert!(
         metrics.contains("qsguard_events_total{kind=\"cookie_lost\"} 1"),
         "{metrics}"

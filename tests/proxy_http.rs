@@ -293,10 +293,15 @@ async fn slow_upstream_gets_504_and_unreachable_gets_502() {
 async fn admin_health() {
     let sim = sim().await;
     let guard = guard(sim.addr()).await;
-    let h = get(guard.admin_addr, "/healthz", &[]).await;
+    let h = get(guard.admin_addr, "/healthz", &[("host", "localhost")]).await;
     assert_eq!(h.status, 200);
     assert_eq!(h.json()["status"], "ok");
-    assert_eq!(get(guard.admin_addr, "/nope", &[]).await.status, 404);
+    assert_eq!(
+        get(guard.admin_addr, "/nope", &[("host", "localhost")])
+            .await
+            .status,
+        404
+    );
     assert_eq!(sim.counters().requests, 0, "admin calls never reach Qlik");
     guard.shutdown().await;
 }

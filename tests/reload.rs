@@ -84,7 +84,9 @@ async fn nodes_added_and_removed_by_reload_under_load_with_no_failed_request() {
     files.write(&[b.addr()], "", "");
     let r = reload(&guard).await;
     assert_eq!(r.status, 200, "{}", r.text());
-    let up = get(guard.admin_addr, "/upstreams", &[]).await.json();
+    let up = get(guard.admin_addr, "/upstreams", &[("host", "localhost")])
+        .await
+        .json();
     let a_name = format!("127.0.0.1:{}", a.addr().port());
     let a_entry = up["upstreams"]
         .as_array()

@@ -45,7 +45,9 @@ async fn a_new_binary_takes_over_the_listeners_with_no_refused_connection() {
     let mut load = Load::default();
     load.users(addr, 4, "up");
     load.reaches("load running", 40).await;
-    let before = get(admin, "/sessions", &[]).await.json();
+    let before = get(admin, "/sessions", &[("host", "localhost")])
+        .await
+        .json();
     let sessions_before = live(&before);
     assert_eq!(sessions_before, 4, "{before}");
     let created_before = sim.counters().sessions_created;
@@ -81,9 +83,13 @@ async fn a_new_binary_takes_over_the_listeners_with_no_refused_connection() {
     .await;
     assert!(!dir.join("sessions.handover").exists());
     // The new process serves on the same ports and knows every session.
-    let health = get(admin, "/healthz", &[]).await.json();
+    let health = get(admin, "/healthz", &[("host", "localhost")])
+        .await
+        .json();
     assert_eq!(health["pid"].as_u64(), Some(new_pid), "{health}");
-    let after = get(admin, "/sessions", &[]).await.json();
+    let after = get(admin, "/sessions", &[("host", "localhost")])
+        .await
+        .json();
     assert_eq!(live(&after), sessions_before, "{after}");
     assert_eq!(
         sim.counters().sessions_created,
@@ -141,7 +147,14 @@ async fn sighup_reloads_the_config_file_and_a_bad_one_is_refused() {
     } = start_qsguard(&config).await;
     let _reap = Reap(vec![pid]);
     let nodes = |v: serde_json::Value| v["upstreams"].as_array().unwrap().len();
-    assert_eq!(nodes(get(admin, "/upstreams", &[]).await.json()), 1);
+    assert_eq!(
+        nodes(
+            get(admin, "/upstreams", &[("host", "localhost")])
+                .await
+                .json()
+        ),
+        1
+    );
 
     std::fs::write(&config, config_text(&[a.addr(), b.addr()], "", "")).unwrap();
     kill("-HUP", pid);
@@ -151,7 +164,14 @@ async fn sighup_reloads_the_config_file_and_a_bad_one_is_refused() {
             .is_some_and(|m| m.starts_with("config reloaded (SIGHUP)"))
     })
     .await;
-    assert_eq!(nodes(get(admin, "/upstreams", &[]).await.json()), 2);
+    assert_eq!(
+        nodes(
+            get(admin, "/upstreams", &[("host", "localhost")])
+                .await
+                .json()
+        ),
+        2
+    );
 
     std::fs::write(
         &config,
@@ -171,7 +191,11 @@ async fn sighup_reloads_the_config_file_and_a_bad_one_is_refused() {
         "{refused}"
     );
     assert_eq!(
-        nodes(get(admin, "/upstreams", &[]).await.json()),
+        nodes(
+            get(admin, "/upstreams", &[("host", "localhost")])
+                .await
+                .json()
+        ),
         2,
         "still serving as before"
     );

@@ -18,6 +18,9 @@ pub enum ProxyError {
     /// A request the guard will not forward (no Host, CONNECT, ...).
     BadRequest(&'static str),
     MethodNotAllowed,
+    /// The client sent its request (its body, or the end-session form) too slowly: it was
+    /// cut off at a deadline (what it says).
+    ClientTooSlow(&'static str),
     PayloadTooLarge {
         limit: u64,
     },
@@ -53,6 +56,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::ClientGone => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::ClientTooSlow(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::NoUpstream => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
@@ -91,6 +95,7 @@ impl ProxyError {
                 "This request was refused"
             }
             ProxyError::MethodNotAllowed => "This kind of request is not allowed here",
+            ProxyError::ClientTooSlow(_) => "The request came too slowly",
             ProxyError::PayloadTooLarge { .. } => "The upload is too large",
             ProxyError::NoUpstream
             | ProxyError::UpstreamUnreachable { .. }
@@ -112,6 +117,10 @@ impl ProxyError {
             ProxyError::PayloadTooLarge { .. } => {
                 "The file is larger than this site accepts. Ask your Qlik administrator to raise the limit."
             }
+            ProxyError::ClientTooSlow(_) => {
+                "The connection from your browser was too slow, or stopped, while sending. \
+                 Try again; on a very slow network, send smaller files."
+            }
             ProxyError::NoUpstream
             | ProxyError::UpstreamUnreachable { .. }
             | ProxyError::UpstreamFailed { .. }
@@ -132,6 +141,7 @@ impl ProxyError {
             ProxyError::BadRequest(why) => (*why).to_string(),
             ProxyError::ClientGone => "the client went away before its request was complete".into(),
             ProxyError::MethodNotAllowed => "CONNECT and TRACE are not proxied".into(),
+            ProxyError::ClientTooSlow(why) => (*why).to_string(),
             ProxyError::PayloadTooLarge { limit } => {
                 format!("request body over server.max_body_size ({limit} bytes)")
             }
@@ -167,7 +177,10 @@ impl ProxyError {
         if self.is_upstream() {
             h.insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
         }
-        if matches!(self, ProxyError::Rejected(_) | ProxyError::BadRequest(_)) {
+        if matches!(
+            self,
+            ProxyError::Rejected(_) | ProxyError::BadRequest(_) | ProxyError::ClientTooSlow(_)
+        ) {
             // After a framing error the rest of the connection cannot be trusted.
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
@@ -192,6 +205,7 @@ mod tests {
             (ProxyError::Rejected(Rejection::HeadTooLarge), 431),
             (ProxyError::Rejected(Rejection::UnknownTransferCoding), 501),
             (ProxyError::PayloadTooLarge { limit: 1 }, 413),
+            (ProxyError::ClientTooSlow("slow"), 408),
             (ProxyError::NoUpstream, 503),
             (
                 ProxyError::UpstreamUnreachable {

@@ -80,6 +80,102 @@ pub async fn handle(
     }))
 }
 
+/// The open streams of one HTTP/2 connection, for its idle timeout
+/// (`server.http2_idle_timeout`). hyper's server has none: a client that opens a connection
+/// and leaves it idle would hold it (and a slot of `server.max_connections`) forever.
+/// A stream counts from its request until its response body has been sent or reset, so a
+/// long download or a slow Qlik answer keeps the connection, and only a connection with no
+/// stream at all is idle.
+#[derive(Clone, Default)]
+pub struct Streams(Arc<StreamsInner>);
+
+#[derive(Default)]
+struct StreamsInner {
+    open: std::sync::atomic::AtomicUsize,
+    changed: tokio::sync::Notify,
+}
+
+impl Streams {
+    /// A stream opens; it closes when the returned guard is dropped.
+    pub fn open(&self) -> StreamOpen {
+        self.0
+            .open
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.changed.notify_waiters();
+        StreamOpen(self.clone())
+    }
+
+    pub fn count(&self) -> usize {
+        self.0.open.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Returns once the connection has had no open stream for `idle` in a row.
+    pub async fn idle_for(&self, idle: std::time::Duration) {
+        loop {
+            let changed = self.0.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.count() == 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(idle) => return,
+                    _ = changed => {}
+                }
+            } else {
+                changed.await;
+            }
+        }
+    }
+}
+
+/// One open stream (see [`Streams`]).
+pub struct StreamOpen(Streams);
+
+impl Drop for StreamOpen {
+    fn drop(&mut self) {
+        let s = &self.0 .0;
+        s.open.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        s.changed.notify_waiters();
+    }
+}
+
+/// A response body that keeps its stream counted as open until hyper drops it.
+pub struct Tracked<B> {
+    body: B,
+    _open: StreamOpen,
+}
+
+impl<B: Body + Unpin> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// [`handle`], with the stream counted in `streams` until its response body is done.
+pub async fn handle_counted(
+    proxy: Arc<Proxy>,
+    req: Request<Incoming>,
+    info: ConnInfo,
+    streams: Streams,
+) -> Result<Response<Tracked<ResponseBody>>, Infallible> {
+    let open = streams.open();
+    let resp = handle(proxy, req, info).await?;
+    Ok(resp.map(|body| Tracked { body, _open: open }))
+}
+
 /// Waits for the end of a stream that must bring no DATA.
 async fn no_data(body: &mut HoldLast<Incoming>) -> Result<(), ProxyError> {
     while let Some(frame) = body.frame().await {

@@ -149,7 +149,13 @@ pub(crate) async fn exchange<T: Transport>(proxy: &Arc<Proxy>, t: &mut T, head: 
         }
     };
     // 6. after
-    let extra = after(&mut x, &head, &mut conn).await;
+    let extra = match after(&mut x, &head, &mut conn).await {
+        Ok(extra) => extra,
+        Err(e) => {
+            drop(busy);
+            return fail(t, x, e).await;
+        }
+    };
     drop(busy);
     // 7. respond (and 8. log, when the body has gone)
     let switching = head.status == 101 && x.head.upgrade;
@@ -190,9 +196,16 @@ async fn own_endpoint<T: Transport>(x: &Exchange, t: &mut T) -> Option<Page> {
     if head.path() != pages::END_SESSION_PATH {
         return None;
     }
-    Some(match t.small_body(8 * 1024).await {
-        Ok(body) => guard.end_session_form(head.method(), head, &body).await,
-        Err(e) => e.to_response(),
+    // Small, so the head's deadline fits it: a form that trickles in must not hold the
+    // connection (and its task) forever.
+    let read = tokio::time::timeout(x.settings.header_read_timeout, t.small_body(8 * 1024));
+    Some(match read.await {
+        Ok(Ok(body)) => guard.end_session_form(head.method(), head, &body).await,
+        Ok(Err(e)) => e.to_response(),
+        Err(_) => ProxyError::ClientTooSlow(
+            "the end-session form did not arrive within server.header_read_timeout",
+        )
+        .to_response(),
     })
 }
 
@@ -267,9 +280,12 @@ async fn send<T: Transport>(
     // connection, which is dropped with it (never pooled).
     let mut part = BytesMut::new();
     let mut done = whole;
+    let pace = BodyPace::new(&x.settings);
     while !done {
         part.clear();
-        let got = t.more_body(&mut part, &x.settings).await?;
+        let got = pace
+            .within(sent, t.more_body(&mut part, &x.settings))
+            .await?;
         sent += got.bytes;
         if sent > limit {
             return Err(too_large());
@@ -295,6 +311,50 @@ async fn send<T: Transport>(
             Ok((h, conn))
         }
         Err(e) => Err(e),
+    }
+}
+
+/// The least pace of a request body. A per-read timeout alone (HTTP/1's
+/// `server.header_read_timeout`) lets a client that sends one byte per read hold a
+/// connection, a task and a Qlik connection forever; HTTP/2 has no per-read timeout at all.
+/// A fixed total deadline would cut off real uploads: a QMC app upload of a few GB on a slow
+/// link legitimately takes hours. So, like Apache's mod_reqtimeout (`MinRate`), the deadline
+/// grows with what has arrived: a body must have
+/// brought `server.body_min_rate` bytes per second on average, after a first
+/// `server.header_read_timeout` of grace (the first bytes of a large upload, Expect: 100
+/// continue). A fast upload of any size passes; a trickle is cut within seconds.
+struct BodyPace {
+    start: tokio::time::Instant,
+    grace: std::time::Duration,
+    /// Bytes per second; 0: no rule.
+    rate: u64,
+}
+
+impl BodyPace {
+    fn new(settings: &Settings) -> BodyPace {
+        BodyPace {
+            start: tokio::time::Instant::now(),
+            grace: settings.header_read_timeout,
+            rate: settings.body_min_rate,
+        }
+    }
+
+    /// `read`, unless the body falls behind the pace before it gives something.
+    async fn within<T>(
+        &self,
+        sent: u64,
+        read: impl Future<Output = Result<T, ProxyError>>,
+    ) -> Result<T, ProxyError> {
+        if self.rate == 0 {
+            return read.await;
+        }
+        let earned = std::time::Duration::from_secs_f64(sent as f64 / self.rate as f64);
+        match tokio::time::timeout_at(self.start + self.grace + earned, read).await {
+            Ok(r) => r,
+            Err(_) => Err(ProxyError::ClientTooSlow(
+                "the request body came slower than server.body_min_rate (after the grace of server.header_read_timeout)",
+            )),
+        }
     }
 }
 
@@ -344,8 +404,13 @@ async fn read_response_head(
     }
 }
 
-/// Phase 6: what the response teaches the guard; the `Set-Cookie`s the guard adds.
-async fn after(x: &mut Exchange, resp: &Head, conn: &mut Conn) -> Vec<HeaderValue> {
+/// Phase 6: what the response teaches the guard; the `Set-Cookie`s the guard adds. Fails only
+/// when a body it must look at does not come in time.
+async fn after(
+    x: &mut Exchange,
+    resp: &Head,
+    conn: &mut Conn,
+) -> Result<Vec<HeaderValue>, ProxyError> {
     let node = x.node.as_ref().expect("a node was chosen");
     let mut extra = match (&x.proxy.sessions, x.ctx.as_deref_mut()) {
         (Some(g), Some(c)) => g.after(c, &node.name_arc(), x.head.target(), resp.status, resp),
@@ -358,8 +423,19 @@ async fn after(x: &mut Exchange, resp: &Head, conn: &mut Conn) -> Vec<HeaderValu
         );
     }
     if let (Some(g), Some(n)) = (&x.proxy.sessions, refusal_candidate(resp)) {
-        // Qlik's own limit page: small, read whole, looked at, then passed on.
-        read_at_least(conn, n).await;
+        // Qlik's own limit page: small (at most 64 KiB, see `refusal_candidate`), read whole,
+        // looked at, then passed on. Nothing has gone to the client yet, so a Qlik that sends
+        // the head and then stalls would hold it without any answer: the body gets the same
+        // deadline as the head, and the client a 504 page when it is passed.
+        let timeout = x.settings.response_timeout;
+        if tokio::time::timeout(timeout, read_at_least(conn, n))
+            .await
+            .is_err()
+        {
+            return Err(ProxyError::UpstreamTimeout {
+                upstream: node.name.clone(),
+            });
+        }
         let user = x.ctx.as_deref().and_then(|c| {
             c.identity
                 .clone()
@@ -367,7 +443,7 @@ async fn after(x: &mut Exchange, resp: &Head, conn: &mut Conn) -> Vec<HeaderValu
         });
         g.note_possible_qps_refusal(&conn.buf[..n.min(conn.buf.len())], user);
     }
-    extra
+    Ok(extra)
 }
 
 /// A small HTML 4xx from Qlik may be its "too many sessions" page: its length, if so.

@@ -117,7 +117,7 @@ impl Guard {
             admin::State {
                 proxy: proxy.clone(),
                 token: admin_token,
-                loopback: config.admin.listen.ip().is_loopback(),
+                allowed_hosts: config.admin.allowed_hosts.clone().into(),
                 control: {
                     let reload: Arc<dyn crate::admin::Reload> = control.clone();
                     Arc::downgrade(&reload)
@@ -437,7 +437,12 @@ async fn serve_http2<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = service_fn(move |req| crate::proxy::h2::handle(proxy.clone(), req, info));
+    let idle = proxy.settings().http2_idle_timeout;
+    let streams = crate::proxy::h2::Streams::default();
+    let counted = streams.clone();
+    let svc = service_fn(move |req| {
+        crate::proxy::h2::handle_counted(proxy.clone(), req, info, counted.clone())
+    });
     let conn = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .max_header_list_size(settings.max_header_size as u32)
@@ -447,6 +452,12 @@ async fn serve_http2<S>(
     let result = tokio::select! {
         r = conn.as_mut() => r,
         _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+        // GOAWAY, then the connection ends: nothing is open on it.
+        _ = streams.idle_for(idle) => {
+            tracing::debug!(client = %info.peer, "HTTP/2 connection idle for server.http2_idle_timeout: closed");
             conn.as_mut().graceful_shutdown();
             conn.await
         }

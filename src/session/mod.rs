@@ -41,7 +41,7 @@ use crate::head_view::HeadView;
 use crate::pages::Page;
 use crate::qps::{Owner, PersonalApi, QpsApi, QpsError};
 use arc_swap::ArcSwap;
-use flight::{Flight, Flights, Outcome};
+use flight::{Flight, Flights, Lead, Outcome};
 use identity::User;
 use table::{DeviceId, Session, State, Table};
 
@@ -311,9 +311,13 @@ impl SessionGuard {
             tracing::warn!(header = %h, "the identity header {h} is believed from every peer: set identity_from on its virtual proxy (or server.trusted_proxies) to the address of the proxy that authenticates users, or anyone who reaches qsguard can speak for any user");
         }
         Ok(SessionGuard {
-            table: Table::new(timeouts, s.device_memory),
+            table: {
+                let t = Table::new(timeouts, s.device_memory);
+                t.set_max_devices(s.max_devices);
+                t
+            },
             // A login dance may take a while (a password prompt): give it a minute.
-            flights: Flights::new(Duration::from_secs(60).max(s.burst_wait)),
+            flights: Flights::new(Duration::from_secs(60).max(s.burst_wait), s.max_flights),
             vps,
             policy: ArcSwap::from_pointee(Policy::new(s)),
             device_cookie: s.device_cookie.clone(),
@@ -693,11 +697,14 @@ impl SessionGuard {
         // A burst: one request (re)creates the session, the others wait for it.
         for _ in 0..2 {
             match self.flights.lead(ctx.device, ctx.vp) {
-                Ok(f) => {
+                Lead::Lead(f) => {
                     self.hold(&mut ctx).lead = Some(f);
                     return Err(Box::new(ctx));
                 }
-                Err(open) => {
+                // No room for another flight (a flood of new browsers): this one goes on
+                // uncoalesced rather than the flights growing without bound.
+                Lead::Full => return Err(Box::new(ctx)),
+                Lead::Wait(open) => {
                     self.counters.bursts_held.fetch_add(1, Ordering::Relaxed);
                     self.emit(
                         Kind::BurstHeld,
@@ -960,12 +967,13 @@ impl SessionGuard {
             // The flight goes on without this request (it ends when the cookie is set, or is
             // swept after a minute): the request lets go of it without ending it.
             let flight = match ctx.holds.lead.take() {
-                Some(f) => f,
+                Some(f) => Some(f),
                 None => match self.flights.lead(ctx.device, ctx.vp) {
-                    Ok(f) | Err(f) => f,
+                    Lead::Lead(f) | Lead::Wait(f) => Some(f),
+                    Lead::Full => None,
                 },
             };
-            {
+            if let Some(flight) = flight {
                 let mut d = flight.dance();
                 if d.node.is_none() {
                     d.node = Some(node.clone());
@@ -973,7 +981,7 @@ impl SessionGuard {
                 if d.leader_target.is_none() {
                     d.leader_target = Some(target_id.clone());
                 }
-                d.targets.insert(target_id, target.to_string());
+                d.remember_target(target_id, target);
             }
         } else if let (Some(value), true) = (&ctx.unknown, status < 400) {
             // Qlik did not replace the cookie: it may be a live session the guard has not
@@ -1358,6 +1366,11 @@ impl SessionGuard {
         self.flights.len()
     }
 
+    /// The login targets the flights remember: (count, bytes).
+    pub fn flight_targets(&self) -> (usize, usize) {
+        self.flights.targets_held()
+    }
+
     /// Live sessions on a node (for balancing).
     pub fn node_load(&self, node: &str) -> usize {
         self.table.node_sessions(node)
@@ -1389,12 +1402,10 @@ impl SessionGuard {
         )
     }
 
-    /// A keyed token binding a form to this browser and user (CSRF protection).
+    /// A keyed token binding a form to this browser and user, and to the time its page was
+    /// made (CSRF protection; see [`SessionGuard::csrf_check`]).
     pub fn csrf_token(&self, device: DeviceId, user: &User) -> String {
-        let mut h = blake3::Hasher::new_keyed(&self.csrf_key);
-        h.update(&device.to_be_bytes());
-        h.update(user.key.as_bytes());
-        h.finalize().to_hex()[..32].to_string()
+        self.csrf_token_at(device, user, self.table.now_ms())
     }
 
     /// The device id from a request's device cookie.

@@ -11,13 +11,73 @@ use http::header;
 use http::StatusCode;
 
 use super::identity::User;
-use super::table::State;
+use super::table::{DeviceId, State};
 use super::{Context, SessionGuard};
 use crate::pages::{self, Page};
 
 pub use crate::pages::END_SESSION_PATH;
 
+/// How long the limit page's form may be submitted after the page was made. Long enough to
+/// read the page and choose; short enough that a token that leaked (a screenshot, a proxy
+/// log) is soon worthless.
+pub const CSRF_LIFETIME: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+
+/// What a submitted CSRF token is worth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Csrf {
+    Valid,
+    /// Made by this guard for this browser and user, but too long ago.
+    Expired,
+    /// Not made by this guard for this browser and user (or not a token at all).
+    Invalid,
+}
+
 impl SessionGuard {
+    /// The token for a page made at `issued_ms` (the table's clock): the issue time in hex, a
+    /// dot, and a keyed hash of browser, user and issue time, so the time cannot be changed
+    /// without the key.
+    pub fn csrf_token_at(&self, device: DeviceId, user: &User, issued_ms: u64) -> String {
+        format!(
+            "{issued_ms:x}.{}",
+            self.csrf_mac(device, user, issued_ms).to_hex()
+        )
+    }
+
+    fn csrf_mac(&self, device: DeviceId, user: &User, issued_ms: u64) -> blake3::Hash {
+        let mut h = blake3::Hasher::new_keyed(&self.csrf_key);
+        h.update(&device.to_be_bytes());
+        h.update(&(user.key.len() as u64).to_be_bytes());
+        h.update(user.key.as_bytes());
+        h.update(&issued_ms.to_be_bytes());
+        h.finalize()
+    }
+
+    /// Checks a submitted token: its hash first, compared in constant time (`blake3::Hash`'s
+    /// equality is), so a forger learns nothing from the timing; then its age.
+    pub fn csrf_check(&self, token: &str, device: DeviceId, user: &User) -> Csrf {
+        let Some((issued, mac)) = token.split_once('.') else {
+            return Csrf::Invalid;
+        };
+        let (Ok(issued_ms), Ok(mac)) =
+            (u64::from_str_radix(issued, 16), blake3::Hash::from_hex(mac))
+        else {
+            return Csrf::Invalid;
+        };
+        if mac != self.csrf_mac(device, user, issued_ms) {
+            return Csrf::Invalid;
+        }
+        let now = self.table.now_ms();
+        // A second of slack for a token issued "in the future": the clock is monotonic, so
+        // only a token of another process could be, and its key differs anyway.
+        if issued_ms > now + 1_000 {
+            return Csrf::Invalid;
+        }
+        if now - issued_ms.min(now) > CSRF_LIFETIME.as_millis() as u64 {
+            return Csrf::Expired;
+        }
+        Csrf::Valid
+    }
+
     /// The limit page for `user`, who asked for `path` (with its query).
     pub fn limit_page(&self, user: &User, ctx: &Context, path: &str) -> Page {
         let now_ms = self.table.now_ms();
@@ -86,11 +146,18 @@ impl SessionGuard {
                 "this browser is not known to the guard",
             );
         };
-        if get("csrf") != Some(self.csrf_token(device, &user).as_str()) {
-            return pages::not_ended(
+        match self.csrf_check(get("csrf").unwrap_or(""), device, &user) {
+            Csrf::Valid => {}
+            Csrf::Expired => return pages::not_ended(
                 StatusCode::FORBIDDEN,
-                "the form has expired: go back and reload the page",
-            );
+                "the form has expired (it is valid for 10 minutes): go back and reload the page",
+            ),
+            Csrf::Invalid => {
+                return pages::not_ended(
+                    StatusCode::FORBIDDEN,
+                    "the form is not valid for this browser: go back and reload the page",
+                )
+            }
         }
         let Some(hash) = get("session") else {
             return pages::not_ended(StatusCode::BAD_REQUEST, "no session was chosen");

@@ -12,7 +12,7 @@
 //! then the sweeper removes them: memory follows the number of live sessions.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -196,7 +196,20 @@ pub struct Table {
     per_node: DashMap<Arc<str>, i64>,
     /// Unconfirmed values in the table now.
     unconfirmed: std::sync::atomic::AtomicUsize,
+    /// The most devices remembered at once (`sessions.max_devices`).
+    max_devices: AtomicUsize,
+    /// Taken only to add a device: the count check and the insert must be one step, or
+    /// concurrent new browsers would each see room and together pass the cap.
+    device_admission: Mutex<()>,
+    /// New devices not remembered because the map was full of browsers with live sessions.
+    pub devices_refused: AtomicU64,
+    /// After a scan at the cap found nothing to forget: no new scan before this (table ms),
+    /// so that a flood at a full map costs a look-up per request, not a scan of the map.
+    no_room_until_ms: AtomicU64,
 }
+
+/// What `max_devices` is when nobody sets it (the config's default).
+pub const DEFAULT_MAX_DEVICES: usize = 100_000;
 
 impl Table {
     /// `timeouts`: the inactivity timeout of each virtual proxy, by index.
@@ -222,6 +235,77 @@ impl Table {
             next_reservation: AtomicU64::new(1),
             per_node: DashMap::new(),
             unconfirmed: std::sync::atomic::AtomicUsize::new(0),
+            max_devices: AtomicUsize::new(DEFAULT_MAX_DEVICES),
+            device_admission: Mutex::new(()),
+            devices_refused: AtomicU64::new(0),
+            no_room_until_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// The cap on remembered devices (at least 1).
+    pub fn set_max_devices(&self, max: usize) {
+        self.max_devices.store(max.max(1), Ordering::Relaxed);
+    }
+
+    /// The device's entry, created if there is room. Every new device comes through here, so
+    /// the map never passes `max_devices`: a made-up device cookie, or a client that never
+    /// keeps one, must not be able to grow the guard's memory without bound.
+    fn device_entry(
+        &self,
+        device: DeviceId,
+    ) -> Option<dashmap::mapref::one::RefMut<'_, DeviceId, DeviceEntry>> {
+        if let Some(d) = self.devices.get_mut(&device) {
+            return Some(d);
+        }
+        let _admit = self
+            .device_admission
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let max = self.max_devices.load(Ordering::Relaxed);
+        if self.devices.len() >= max && !self.devices.contains_key(&device) {
+            self.forget_idle_devices(max);
+        }
+        if self.devices.len() >= max && !self.devices.contains_key(&device) {
+            let n = self.devices_refused.fetch_add(1, Ordering::Relaxed);
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    max_devices = max,
+                    refused = n + 1,
+                    "the device map is full of browsers with live sessions: a new browser is not remembered (raise sessions.max_devices)"
+                );
+            }
+            return None;
+        }
+        Some(self.devices.entry(device).or_default())
+    }
+
+    /// Makes room at the cap: forgets the least recently seen devices that have no live
+    /// session. A 64th of the cap goes at once, so that the scan (the whole map) is paid once
+    /// per many new devices, not on each.
+    fn forget_idle_devices(&self, max: usize) {
+        let now = self.now_ms();
+        if now < self.no_room_until_ms.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut idle: Vec<(u64, DeviceId)> = self
+            .devices
+            .iter()
+            .filter(|d| !d.sessions.iter().any(|s| self.is_live(s, now)))
+            .map(|d| (d.last_seen_ms, *d.key()))
+            .collect();
+        let n = (max / 64).max(1).min(idle.len());
+        if n == 0 {
+            // Every browser has a live session: none will have ended within a second.
+            self.no_room_until_ms.store(now + 1_000, Ordering::Relaxed);
+            return;
+        }
+        if n < idle.len() {
+            idle.select_nth_unstable(n - 1);
+        }
+        for (_, id) in &idle[..n] {
+            // Checked again: a session may have been linked since the scan.
+            self.devices
+                .remove_if(id, |_, d| !d.sessions.iter().any(|s| self.is_live(s, now)));
         }
     }
 
@@ -398,23 +482,28 @@ impl Table {
         self.unconfirmed.load(Ordering::Relaxed)
     }
 
-    /// Notes that `device` uses `session`.
+    /// Notes that `device` uses `session` (unless the device map is full: see
+    /// [`Table::set_max_devices`]).
     pub fn link_device(&self, session: &Arc<Session>, device: DeviceId) {
-        {
-            let mut m = session.meta();
-            if m.devices.contains(&device) {
-                return;
-            }
-            m.devices.push(device);
+        if session.meta().devices.contains(&device) {
+            return;
         }
         let owner = session.owner();
-        let mut d = self.devices.entry(device).or_default();
-        d.last_seen_ms = self.now_ms();
-        if !d.sessions.iter().any(|s| Arc::ptr_eq(s, session)) {
-            d.sessions.push(session.clone());
+        {
+            let Some(mut d) = self.device_entry(device) else {
+                return;
+            };
+            d.last_seen_ms = self.now_ms();
+            if !d.sessions.iter().any(|s| Arc::ptr_eq(s, session)) {
+                d.sessions.push(session.clone());
+            }
+            if owner.is_some() {
+                d.last_user = owner;
+            }
         }
-        if owner.is_some() {
-            d.last_user = owner;
+        let mut m = session.meta();
+        if !m.devices.contains(&device) {
+            m.devices.push(device);
         }
     }
 
@@ -527,11 +616,11 @@ impl Table {
         addr: IpAddr,
         create: bool,
     ) {
-        let mut d = match self.devices.get_mut(&device) {
-            Some(d) => d,
-            None if create => self.devices.entry(device).or_default(),
-            None => return,
+        let found = match create {
+            true => self.device_entry(device),
+            false => self.devices.get_mut(&device),
         };
+        let Some(mut d) = found else { return };
         d.last_seen_ms = self.now_ms();
         d.addr = Some(addr);
         if let Some(ua) = user_agent {
@@ -810,6 +899,56 @@ mod tests {
         assert!(t.sweep().is_empty());
         t.websocket_closed(&s, Some("app1"));
         assert!(s.meta().apps.is_empty());
+    }
+
+    #[test]
+    fn the_device_map_is_capped() {
+        let addr: IpAddr = [127, 0, 0, 1].into();
+        // Browsers without a session: the least recently seen are forgotten for new ones.
+        let t = table(60_000);
+        t.set_max_devices(64);
+        for d in 0..1000u128 {
+            t.seen_device(d, None, addr, true);
+            assert!(t.sizes().2 <= 64);
+        }
+        assert!(t.device_info(999).1.is_some(), "the newest is remembered");
+        assert!(t.device_info(0).1.is_none(), "the oldest is forgotten");
+
+        // Browsers with a live session are never forgotten: a new one is not remembered.
+        let t = table(60_000);
+        t.set_max_devices(10);
+        for d in 0..10u128 {
+            t.insert(
+                0,
+                &format!("c{d}"),
+                "n1".into(),
+                Some(d),
+                None,
+                String::new(),
+            );
+        }
+        let late = t.insert(0, "late", "n1".into(), Some(99), None, String::new());
+        assert_eq!(t.sizes().2, 10);
+        assert!(t.device_session(0, 0, None, false).is_some());
+        assert!(t.device_session(99, 0, None, false).is_none());
+        assert!(
+            late.meta().devices.is_empty(),
+            "the session says no device either"
+        );
+        assert_eq!(t.devices_refused.load(Ordering::Relaxed), 1);
+        // Once a session has ended, its browser can make room (after the pause that keeps a
+        // flood at a full map from scanning it on every request).
+        let s0 = t.get(0, "c0").unwrap();
+        t.end(&s0, State::LoggedOut);
+        t.link_device(&late, 99);
+        assert!(
+            t.device_session(99, 0, None, false).is_none(),
+            "not within the pause"
+        );
+        std::thread::sleep(Duration::from_millis(1_050));
+        t.link_device(&late, 99);
+        assert!(t.device_session(99, 0, None, false).is_some());
+        assert_eq!(t.sizes().2, 10);
     }
 
     #[test]

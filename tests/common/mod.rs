@@ -508,7 +508,7 @@ pub async fn admin_call(
     let mut b = Request::builder()
         .method(method)
         .uri(path)
-        .header("host", "admin");
+        .header("host", "localhost");
     if let Some(t) = token {
         b = b.header("authorization", format!("Bearer {t}"));
     }
