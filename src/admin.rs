@@ -5,7 +5,7 @@
 //! | call | what |
 //! | --- | --- |
 //! | `GET /healthz` | the guard runs |
-//! | `GET /readyz` | a Qlik node accepts connections (503 otherwise) |
+//! | `GET /readyz` | a Qlik node accepts connections (503 otherwise); names a failing QPS REST API |
 //! | `GET /sessions[?user=DIR%5Cid]` | users and their live sessions (JSON) |
 //! | `DELETE /sessions/<hash>` | end one session in Qlik |
 //! | `DELETE /users/<DIR%5Cid>/sessions` | end all of a user's sessions |
@@ -321,6 +321,10 @@ fn rotate_device_key(state: &State) -> Response<Full<Bytes>> {
     }
 }
 
+/// Ready while a Qlik node accepts connections. A failing QPS REST API does not make the
+/// guard unready (it still proxies, and falls back to the Personal API), so it is named in
+/// the body (`qps_api`: `ok`, `not configured` or `failing since <time>: <node>: <reason>`)
+/// for an admin and `qsguard doctor` to see, not in the status.
 async fn readyz(state: &State) -> Response<Full<Bytes>> {
     let mut up = Vec::new();
     for node in state.proxy.upstreams().nodes() {
@@ -335,13 +339,31 @@ async fn readyz(state: &State) -> Response<Full<Bytes>> {
         up.push(json!({"upstream": node.name, "reachable": ok}));
     }
     let any = up.iter().any(|u| u["reachable"] == true);
+    let (qps_api, failing) = match state.proxy.sessions() {
+        Some(g) => (
+            g.qps_health.summary(),
+            g.qps_health
+                .failing()
+                .iter()
+                .map(|f| {
+                    json!({
+                        "upstream": f.node,
+                        "operation": f.operation.as_str(),
+                        "since": humantime::format_rfc3339_seconds(f.since).to_string(),
+                        "reason": f.reason,
+                    })
+                })
+                .collect::<Vec<_>>(),
+        ),
+        None => ("not used (sessions.guard = false)".to_string(), Vec::new()),
+    };
     json(
         if any {
             StatusCode::OK
         } else {
             StatusCode::SERVICE_UNAVAILABLE
         },
-        json!({"ready": any, "upstreams": up}),
+        json!({"ready": any, "upstreams": up, "qps_api": qps_api, "qps_api_failing": failing}),
     )
 }
 
@@ -529,6 +551,9 @@ fn metrics(state: &State) -> Response<Full<Bytes>> {
             in_flight: n.in_flight(),
         })
         .collect();
+    if let Some(g) = state.proxy.sessions() {
+        d.metrics.qps_api_failures(&g.qps_health.failure_counts());
+    }
     let text = d.metrics.render(
         &d.events,
         live,

@@ -95,6 +95,11 @@ enum Command {
         /// The guard's cookie-check path (diagnostics.cookie_check_path).
         #[arg(long, default_value = "/__qsguard/cookie-check")]
         path: String,
+        /// Also check the guard itself through its admin listener (/readyz: the Qlik nodes,
+        /// the QPS REST API), e.g. http://127.0.0.1:9090; the token, if the listener needs
+        /// one, from QSGUARD_ADMIN_TOKEN.
+        #[arg(long)]
+        admin: Option<String>,
     },
     /// Run the guard in front of the built-in Qlik Sense simulator on loopback.
     Demo {
@@ -221,8 +226,12 @@ fn main() -> ExitCode {
             admin.admin()?.events(follow, kind.as_deref()).await?;
             Ok(String::new())
         }),
-        Command::Doctor { url, path } => {
-            match runtime(1).block_on(qsguard::ops::doctor(&url, &path)) {
+        Command::Doctor { url, path, admin } => {
+            let admin = admin.map(|url| qsguard::ops::Admin {
+                url,
+                token: std::env::var("QSGUARD_ADMIN_TOKEN").ok(),
+            });
+            match runtime(1).block_on(qsguard::ops::doctor(&url, &path, admin.as_ref())) {
                 Ok((report, clean)) => {
                     print!("{report}");
                     if clean {

@@ -1,6 +1,7 @@
 //! The ops commands of the binary: `sessions`, `end-session`, `end-user`, `events` (talking to
 //! a running guard's admin listener) and `doctor` (probing the cookie round trip through
-//! whatever stands between this machine and the guard).
+//! whatever stands between this machine and the guard, and with `--admin` the guard's own
+//! checks from `/readyz`).
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -21,6 +22,20 @@ pub struct Admin {
 
 impl Admin {
     async fn call(
+        &self,
+        method: Method,
+        path: &str,
+    ) -> Result<(StatusCode, serde_json::Value), String> {
+        let (status, v) = self.call_any(method, path).await?;
+        if !status.is_success() {
+            let why = v["error"].as_str().unwrap_or("").to_string();
+            return Err(format!("the admin API answered {status}: {why}"));
+        }
+        Ok((status, v))
+    }
+
+    /// A call whose answer is read whatever its status (`/readyz` says why in a 503).
+    async fn call_any(
         &self,
         method: Method,
         path: &str,
@@ -46,11 +61,59 @@ impl Admin {
             .map_err(|e| e.to_string())?
             .to_bytes();
         let v = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
-        if !status.is_success() {
-            let why = v["error"].as_str().unwrap_or("").to_string();
-            return Err(format!("the admin API answered {status}: {why}"));
-        }
         Ok((status, v))
+    }
+
+    /// The guard's own checks (`GET /readyz`: the nodes, the QPS REST API), written to `out`
+    /// for `doctor`; returns whether they all pass.
+    pub async fn guard_checks(&self, out: &mut String) -> bool {
+        let _ = writeln!(
+            out,
+            "
+guard -> Qlik (from {}/readyz):",
+            self.url
+        );
+        let v = match self.call_any(Method::GET, "/readyz").await {
+            Ok((_, v)) if v.is_object() => v,
+            Ok((status, _)) => {
+                let _ = writeln!(
+                    out,
+                    "  {:<22} FAILED: the admin API answered {status}",
+                    "readyz"
+                );
+                return false;
+            }
+            Err(e) => {
+                let _ = writeln!(out, "  {:<22} FAILED: {e}", "readyz");
+                return false;
+            }
+        };
+        let mut ok = true;
+        for u in v["upstreams"].as_array().into_iter().flatten() {
+            let reachable = u["reachable"] == true;
+            let _ = writeln!(
+                out,
+                "  {:<22} {}",
+                u["upstream"].as_str().unwrap_or("?"),
+                if reachable {
+                    "reachable"
+                } else {
+                    "UNREACHABLE"
+                }
+            );
+        }
+        if v["ready"] != true {
+            ok = false;
+            let _ = writeln!(out, "  {:<22} FAILED: no Qlik node is reachable", "ready");
+        }
+        let api = v["qps_api"].as_str().unwrap_or("?");
+        if api.starts_with("failing") {
+            ok = false;
+            let _ = writeln!(out, "  {:<22} FAILED: {api}", "qps_api");
+        } else {
+            let _ = writeln!(out, "  {:<22} {api}", "qps_api");
+        }
+        ok
     }
 
     /// `qsguard sessions`: a readable table of live sessions.
@@ -237,9 +300,14 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// `qsguard doctor URL`: the cookie round trip through the path from here to the guard.
-/// Returns the report and whether the path is clean.
-pub async fn doctor(url: &str, check_path: &str) -> Result<(String, bool), String> {
+/// `qsguard doctor URL`: the cookie round trip through the path from here to the guard, and,
+/// with `admin`, the guard's own checks (its nodes, its QPS REST API). Returns the report and
+/// whether everything passed.
+pub async fn doctor(
+    url: &str,
+    check_path: &str,
+    admin: Option<&Admin>,
+) -> Result<(String, bool), String> {
     let base: Uri = url
         .parse()
         .map_err(|e| format!("{url} is not a URL: {e}"))?;
@@ -314,6 +382,10 @@ pub async fn doctor(url: &str, check_path: &str) -> Result<(String, bool), Strin
     .await?;
     let rep: serde_json::Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
     clean &= judge_report(&rep, &mut out);
+    let checks = match admin {
+        Some(a) => a.guard_checks(&mut out).await,
+        None => true,
+    };
     let _ = writeln!(
         out,
         "\n{}",
@@ -323,7 +395,10 @@ pub async fn doctor(url: &str, check_path: &str) -> Result<(String, bool), Strin
             "PROBLEM: cookies do not cross this path intact (see above)"
         }
     );
-    Ok((out, clean))
+    if !checks {
+        let _ = writeln!(out, "PROBLEM: the guard's own checks failed (see above)");
+    }
+    Ok((out, clean && checks))
 }
 
 /// Leg 1 of `doctor` (guard -> here): how each test cookie's `Set-Cookie` arrived, written to

@@ -7,11 +7,24 @@
 //!   certificate, Xrfkey): `GET`/`DELETE /qps/<vp/>session/<id>`, `GET /qps/<vp/>session`.
 //!
 //! Replies are accepted in PascalCase (what the QPS sends) and camelCase (what some docs show).
-//! Every call has a timeout and an error that says what failed in words.
+//! Every call has a timeout and an error that says what failed in words; no error text carries
+//! a session id or cookie value (they end up in logs, the admin API and the limit page), so a
+//! path is named by its template (`GET /qps/<vp/>session/{id}`).
+//!
+//! Every request carries exactly one Host (RFC 9112: a server answers 400 without one): the
+//! URL's authority for the REST API; for the Personal API the browser's Host (Qlik's host
+//! allow list checks it), else the node's authority. A session id goes into a REST API path
+//! only when it has the shape of a Qlik session id (a GUID) and percent-encoded: a value a
+//! client chose, like `../user/DIR/victim`, would otherwise be routed by the QPS as another
+//! call. [`ApiHealth`] keeps what the REST API's failures were, per node, for `/readyz`,
+//! `/metrics`, the events and `qsguard doctor`.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, StatusCode, Uri};
@@ -24,6 +37,7 @@ use rand::Rng;
 use serde::Deserialize;
 
 use crate::config::QpsApiConfig;
+use crate::diagnostics::events::{Events, Kind, NewEvent};
 use crate::session::identity::User;
 use crate::tls_client::{self, read_certs};
 
@@ -84,7 +98,8 @@ impl PersonalApi {
         }
         let reply: PersonalUser = serde_json::from_slice(&body).map_err(|e| {
             QpsError(format!(
-                "the Personal API sent JSON the guard cannot read: {e}"
+                "the Personal API sent JSON the guard cannot read ({})",
+                json_error(&e)
             ))
         })?;
         match (
@@ -191,6 +206,37 @@ pub struct ApiSession {
 pub struct QpsApi {
     base: Uri,
     client: HttpsClient,
+    /// The node this API is asked for, and where its outcomes are reported.
+    health: Option<(Arc<str>, Arc<ApiHealth>)>,
+}
+
+/// What a REST API call was for: the `operation` label of events and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Operation {
+    /// `GET /qps/<vp/>session/{id}`.
+    Owner,
+    /// `DELETE /qps/<vp/>session/{id}`.
+    End,
+    /// `GET /qps/<vp/>session` (the reconciliation at start).
+    List,
+}
+
+impl Operation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Owner => "owner",
+            Operation::End => "end",
+            Operation::List => "list",
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Operation::Owner => "learn a session's owner",
+            Operation::End => "end a session",
+            Operation::List => "list the sessions",
+        }
+    }
 }
 
 impl QpsApi {
@@ -233,6 +279,7 @@ impl QpsApi {
         Ok(QpsApi {
             base: cfg.url.clone(),
             client: client(tls),
+            health: None,
         })
     }
 
@@ -241,7 +288,26 @@ impl QpsApi {
         QpsApi {
             base,
             client: self.client.clone(),
+            health: None,
         }
+    }
+
+    /// The same API, reporting each call's outcome to `health` under `node`.
+    pub fn reporting(&self, node: Arc<str>, health: Arc<ApiHealth>) -> QpsApi {
+        QpsApi {
+            health: Some((node, health)),
+            ..self.clone()
+        }
+    }
+
+    fn report<T>(&self, op: Operation, r: Result<T, QpsError>) -> Result<T, QpsError> {
+        if let Some((node, health)) = &self.health {
+            match &r {
+                Ok(_) => health.succeeded(node),
+                Err(e) => health.failed(node, op, e),
+            }
+        }
+        r
     }
 
     /// Where the API is.
@@ -263,70 +329,270 @@ impl QpsApi {
         )
     }
 
-    async fn call(&self, method: Method, path: &str) -> Result<(StatusCode, Bytes), QpsError> {
+    /// `path` is what goes on the wire; `shown` is how errors name it (no session id).
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        shown: &str,
+    ) -> Result<(StatusCode, Bytes), QpsError> {
         let key = xrfkey();
+        let host = self.base.authority().map(|a| a.as_str()).unwrap_or("");
         let req = Request::builder()
             .method(method.clone())
             .uri(self.uri(path, &key))
+            .header(header::HOST, host)
             .header("X-Qlik-Xrfkey", &key)
             .header(header::ACCEPT, "application/json")
             .body(Full::new(Bytes::new()))
             .map_err(|e| QpsError(format!("cannot build the QPS API request: {e}")))?;
         call(&self.client, req, "the QPS REST API")
             .await
-            .map_err(|e| QpsError(format!("{method} {path}: {e}")))
+            .map_err(|e| QpsError(format!("{method} {shown}: {e}")))
     }
 
-    /// `GET /qps/<vp/>session/<id>`.
+    /// `GET /qps/<vp/>session/<id>`. Only for an id with the shape of a Qlik session id
+    /// ([`is_session_id`]); any other value is refused here and never sent.
     pub async fn owner(&self, prefix: &str, session_id: &str) -> Result<Owner, QpsError> {
-        let path = format!("/qps/{}session/{}", api_vp(prefix), session_id);
-        let (status, body) = self.call(Method::GET, &path).await?;
-        match status {
-            StatusCode::NOT_FOUND => Ok(Owner::Inactive),
-            s if s.is_success() => {
-                if body.trim_ascii().is_empty() || &body[..] == b"null" {
-                    return Ok(Owner::Inactive);
+        let path = session_path(prefix, session_id)?;
+        let shown = format!("/qps/{}session/{{id}}", api_vp(prefix));
+        let r = async {
+            let (status, body) = self.call(Method::GET, &path, &shown).await?;
+            match status {
+                StatusCode::NOT_FOUND => Ok(Owner::Inactive),
+                s if s.is_success() => {
+                    if body.trim_ascii().is_empty() || &body[..] == b"null" {
+                        return Ok(Owner::Inactive);
+                    }
+                    let s: ApiSession = serde_json::from_slice(&body).map_err(|e| {
+                        QpsError(format!(
+                            "the QPS REST API sent a session the guard cannot read ({}) for GET {shown}",
+                            json_error(&e)
+                        ))
+                    })?;
+                    Ok(Owner::User(User::new(&s.user_directory, &s.user_id)))
                 }
-                let s: ApiSession = serde_json::from_slice(&body).map_err(|e| {
-                    QpsError(format!(
-                        "the QPS REST API sent a session the guard cannot read: {e}"
-                    ))
-                })?;
-                Ok(Owner::User(User::new(&s.user_directory, &s.user_id)))
+                s => Err(QpsError(format!(
+                    "the QPS REST API answered {s} for GET {shown}"
+                ))),
             }
-            s => Err(QpsError(format!(
-                "the QPS REST API answered {s} for GET {path}"
-            ))),
         }
+        .await;
+        self.report(Operation::Owner, r)
     }
 
-    /// `DELETE /qps/<vp/>session/<id>`: ends the session and its connections.
+    /// `DELETE /qps/<vp/>session/<id>`: ends the session and its connections. Only for an id
+    /// with the shape of a Qlik session id, like [`QpsApi::owner`].
     pub async fn end(&self, prefix: &str, session_id: &str) -> Result<(), QpsError> {
-        let path = format!("/qps/{}session/{}", api_vp(prefix), session_id);
-        let (status, _) = self.call(Method::DELETE, &path).await?;
-        if status.is_success() || status == StatusCode::NOT_FOUND {
-            Ok(())
-        } else {
-            Err(QpsError(format!(
-                "the QPS REST API answered {status} for DELETE {path}"
-            )))
+        let path = session_path(prefix, session_id)?;
+        let shown = format!("/qps/{}session/{{id}}", api_vp(prefix));
+        let r = async {
+            let (status, _) = self.call(Method::DELETE, &path, &shown).await?;
+            if status.is_success() || status == StatusCode::NOT_FOUND {
+                Ok(())
+            } else {
+                Err(QpsError(format!(
+                    "the QPS REST API answered {status} for DELETE {shown}"
+                )))
+            }
         }
+        .await;
+        self.report(Operation::End, r)
     }
 
     /// `GET /qps/<vp/>session`: every session of the virtual proxy on this node.
     pub async fn sessions(&self, prefix: &str) -> Result<Vec<ApiSession>, QpsError> {
         let path = format!("/qps/{}session", api_vp(prefix));
-        let (status, body) = self.call(Method::GET, &path).await?;
-        if !status.is_success() {
-            return Err(QpsError(format!(
-                "the QPS REST API answered {status} for GET {path}"
-            )));
+        let r = async {
+            let (status, body) = self.call(Method::GET, &path, &path).await?;
+            if !status.is_success() {
+                return Err(QpsError(format!(
+                    "the QPS REST API answered {status} for GET {path}"
+                )));
+            }
+            serde_json::from_slice(&body).map_err(|e| {
+                QpsError(format!(
+                    "the QPS REST API sent a list the guard cannot read ({}) for GET {path}",
+                    json_error(&e)
+                ))
+            })
         }
-        serde_json::from_slice(&body).map_err(|e| {
-            QpsError(format!(
-                "the QPS REST API sent a list the guard cannot read: {e}"
-            ))
+        .await;
+        self.report(Operation::List, r)
+    }
+}
+
+/// Whether `s` has the shape of a Qlik session id: a .NET GUID in `D` format (8-4-4-4-12 hex
+/// digits). Only such a value is ever put into a REST API path.
+pub fn is_session_id(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
         })
+}
+
+/// `/qps/<vp/>session/<id>` with the id percent-encoded, or an error (naming no value) when
+/// the id is not a Qlik session id.
+fn session_path(prefix: &str, session_id: &str) -> Result<String, QpsError> {
+    if !is_session_id(session_id) {
+        return Err(QpsError(
+            "the session's cookie value is not a Qlik session id (a GUID): it is not sent to the QPS REST API"
+                .into(),
+        ));
+    }
+    Ok(format!(
+        "/qps/{}session/{}",
+        api_vp(prefix),
+        percent_encode(session_id)
+    ))
+}
+
+/// Everything but RFC 3986's unreserved characters escaped: a value stays one path segment.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A JSON error by its kind and place only: serde's own text quotes the offending value, and
+/// what a QPS sends back may hold a session id.
+fn json_error(e: &serde_json::Error) -> String {
+    let kind = match e.classify() {
+        serde_json::error::Category::Io => "read error",
+        serde_json::error::Category::Syntax => "not JSON",
+        serde_json::error::Category::Data => "unexpected fields or types",
+        serde_json::error::Category::Eof => "cut off",
+    };
+    format!("{kind} at line {} column {}", e.line(), e.column())
+}
+
+/// A node's QPS REST API that is failing: since when, and the last reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failing {
+    pub node: String,
+    pub since: SystemTime,
+    pub operation: Operation,
+    pub reason: String,
+}
+
+/// How the QPS REST API has been doing, per node. A failure is an event
+/// ([`Kind::QpsApiFailed`], naming node and operation) and a count; the API is failing from
+/// its first failure until its next success.
+pub struct ApiHealth {
+    events: Arc<Events>,
+    configured: AtomicBool,
+    inner: Mutex<HealthInner>,
+}
+
+#[derive(Default)]
+struct HealthInner {
+    failing: BTreeMap<String, Failing>,
+    failures: BTreeMap<(String, Operation), u64>,
+}
+
+impl ApiHealth {
+    pub fn new(events: Arc<Events>) -> ApiHealth {
+        ApiHealth {
+            events,
+            configured: AtomicBool::new(false),
+            inner: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HealthInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `[qps_api]` is set (a reload may change it).
+    pub fn set_configured(&self, on: bool) {
+        self.configured.store(on, Ordering::Relaxed);
+        if !on {
+            self.lock().failing.clear();
+        }
+    }
+
+    pub fn configured(&self) -> bool {
+        self.configured.load(Ordering::Relaxed)
+    }
+
+    pub fn succeeded(&self, node: &str) {
+        if let Some(f) = self.lock().failing.remove(node) {
+            tracing::info!(upstream = %node, since = %humantime::format_rfc3339_seconds(f.since), "the QPS REST API answers again");
+        }
+    }
+
+    pub fn failed(&self, node: &str, op: Operation, e: &QpsError) {
+        {
+            let mut g = self.lock();
+            *g.failures.entry((node.to_string(), op)).or_default() += 1;
+            let since = g
+                .failing
+                .get(node)
+                .map_or_else(SystemTime::now, |f| f.since);
+            g.failing.insert(
+                node.to_string(),
+                Failing {
+                    node: node.to_string(),
+                    since,
+                    operation: op,
+                    reason: e.to_string(),
+                },
+            );
+        }
+        self.events.emit(NewEvent::new(
+            Kind::QpsApiFailed,
+            format!(
+                "the QPS REST API of {node} failed to {} ({}): {e}",
+                op.what(),
+                op.as_str()
+            ),
+        ));
+    }
+
+    /// The nodes whose API is failing now, by name.
+    pub fn failing(&self) -> Vec<Failing> {
+        self.lock().failing.values().cloned().collect()
+    }
+
+    /// Failures so far by (node, operation), for `/metrics`.
+    pub fn failure_counts(&self) -> Vec<(String, &'static str, u64)> {
+        self.lock()
+            .failures
+            .iter()
+            .map(|((n, op), c)| (n.clone(), op.as_str(), *c))
+            .collect()
+    }
+
+    /// `ok`, `not configured`, or `failing since <time>: <node>: <reason>` (each failing node,
+    /// `; ` between them): what `/readyz` and `qsguard doctor` show.
+    pub fn summary(&self) -> String {
+        if !self.configured() {
+            return "not configured".into();
+        }
+        let failing = self.failing();
+        if failing.is_empty() {
+            return "ok".into();
+        }
+        failing
+            .iter()
+            .map(|f| {
+                format!(
+                    "failing since {}: {}: {}",
+                    humantime::format_rfc3339_seconds(f.since),
+                    f.node,
+                    f.reason
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 }
 
@@ -360,6 +626,7 @@ fn client(tls: rustls::ClientConfig) -> HttpsClient {
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(20))
         .pool_timer(TokioTimer::new())
+        // Each request sets its own Host (the Personal API's is the browser's, not the URL's).
         .set_host(false)
         .build(connector)
 }
@@ -523,6 +790,195 @@ mod tests {
         let p: PersonalUser =
             serde_json::from_str(r#"{"UserDirectory":"CORP","UserId":"jane"}"#).unwrap();
         assert_eq!(p.user_id.as_deref(), Some("jane"));
+    }
+
+    #[test]
+    fn only_guid_shaped_values_are_session_ids() {
+        assert!(is_session_id("0f8fad5b-d9cb-469f-a165-70867728950e"));
+        assert!(is_session_id("0F8FAD5B-D9CB-469F-A165-70867728950E"));
+        for bad in [
+            "",
+            "../user/CORP/victim",
+            "..%2Fuser%2FCORP%2Fvictim",
+            "0f8fad5b-d9cb-469f-a165-70867728950",
+            "0f8fad5b-d9cb-469f-a165-70867728950e0",
+            "0f8fad5bd-9cb-469f-a165-70867728950e",
+            "0f8fad5b-d9cb-469f-a165-7086772895/e",
+            "{0f8fad5b-d9cb-469f-a165-70867728950e}",
+        ] {
+            assert!(!is_session_id(bad), "{bad}");
+        }
+        assert_eq!(percent_encode("a-b._~/%?#"), "a-b._~%2F%25%3F%23");
+    }
+
+    /// A server that answers each connection with the next of `answers` (status line, then
+    /// body), and records the request heads it received.
+    async fn canned(answers: Vec<(&'static str, String)>) -> (Uri, Arc<Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri: Uri = format!("http://{}", l.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let seen = heads.clone();
+        tokio::spawn(async move {
+            for (status, body) in answers {
+                let Ok((mut c, _)) = l.accept().await else {
+                    return;
+                };
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                seen.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf).into_owned());
+                let answer = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = c.write_all(answer.as_bytes()).await;
+            }
+        });
+        (uri, heads)
+    }
+
+    fn api_at(uri: &Uri) -> QpsApi {
+        QpsApi::new(&QpsApiConfig {
+            url: uri.clone(),
+            client_cert: None,
+            client_key: None,
+            ca: None,
+        })
+        .unwrap()
+    }
+
+    fn personal() -> PersonalApi {
+        PersonalApi::new(crate::tls_client::config(None, "test").unwrap())
+    }
+
+    #[tokio::test]
+    async fn no_error_text_names_the_session() {
+        let id = "0f8fad5b-d9cb-469f-a165-70867728950e";
+        let quoted = |t: &str| t.replace("{id}", id);
+        let answers = [
+            ("400 Bad Request", quoted(r#"{"error":"no session {id}"}"#)),
+            ("500 Internal Server Error", quoted("{id}")),
+            ("200 OK", quoted(r#""{id}""#)),
+            (
+                "200 OK",
+                quoted(r#"{"UserDirectory":["{id}"],"UserId":"x"}"#),
+            ),
+            ("200 OK", quoted(r#"{"UserDirectory":"{id}"#)),
+            ("200 OK", quoted("<html>{id}</html>")),
+        ];
+        let mut errors = Vec::new();
+        for (status, body) in answers {
+            let all = vec![(status, body.clone()); 5];
+            let (uri, heads) = canned(all).await;
+            let api = api_at(&uri);
+            let p = personal();
+            errors.push(api.owner("hdr", id).await.map(|_| ()));
+            if !status.starts_with("200") {
+                errors.push(api.end("hdr", id).await);
+            }
+            errors.push(api.sessions("hdr").await.map(|_| ()));
+            errors.push(
+                p.owner(&uri, "hdr", None, "X-Qlik-Session-hdr", id)
+                    .await
+                    .map(|_| ()),
+            );
+            if !status.starts_with("200") {
+                errors.push(p.logout(&uri, "hdr", None, "X-Qlik-Session-hdr", id).await);
+            }
+            // Every request carried exactly one Host: the URL's authority.
+            let authority = uri.authority().unwrap().as_str().to_string();
+            for h in heads.lock().unwrap().iter() {
+                let hosts: Vec<&str> = h
+                    .lines()
+                    .filter_map(|l| l.split_once(':'))
+                    .filter(|(n, _)| n.eq_ignore_ascii_case("host"))
+                    .map(|(_, v)| v.trim())
+                    .collect();
+                assert_eq!(hosts, [authority.as_str()], "{h}");
+            }
+        }
+        // Nothing listens: the connection is refused.
+        let closed: Uri = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}", l.local_addr().unwrap())
+                .parse()
+                .unwrap()
+        };
+        errors.push(api_at(&closed).owner("", id).await.map(|_| ()));
+        errors.push(api_at(&closed).end("", id).await);
+        errors.push(
+            personal()
+                .owner(&closed, "", None, "X-Qlik-Session", id)
+                .await
+                .map(|_| ()),
+        );
+        // A value that is not a session id is refused without a request, without naming it.
+        let bogus = "../user/CORP/victim";
+        errors.push(api_at(&closed).owner("", bogus).await.map(|_| ()));
+        errors.push(api_at(&closed).end("", bogus).await);
+        assert_eq!(errors.len(), 27);
+        for e in errors {
+            let e = e.expect_err("every answer above is a failure").to_string();
+            assert!(!e.contains(id) && !e.contains(bogus), "{e}");
+            assert!(!e.is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn the_api_is_failing_from_a_failure_until_the_next_success() {
+        let (uri, _) = canned(vec![
+            ("503 Service Unavailable", String::new()),
+            ("503 Service Unavailable", String::new()),
+            ("404 Not Found", String::new()),
+        ])
+        .await;
+        let events = Arc::new(Events::new(10));
+        let health = Arc::new(ApiHealth::new(events.clone()));
+        assert_eq!(health.summary(), "not configured");
+        health.set_configured(true);
+        assert_eq!(health.summary(), "ok");
+        let api = api_at(&uri).reporting("qlik1".into(), health.clone());
+        let id = "0f8fad5b-d9cb-469f-a165-70867728950e";
+        api.owner("", id).await.unwrap_err();
+        let first = health.failing();
+        api.end("", id).await.unwrap_err();
+        let failing = health.failing();
+        assert_eq!(failing.len(), 1);
+        assert_eq!(
+            failing[0].since, first[0].since,
+            "failing since the first failure"
+        );
+        assert_eq!(failing[0].operation, Operation::End);
+        let summary = health.summary();
+        assert!(summary.starts_with("failing since "), "{summary}");
+        assert!(summary.contains(": qlik1: "), "{summary}");
+        assert!(summary.contains("503 Service Unavailable for DELETE /qps/session/{id}"));
+        assert!(!summary.contains(id));
+        assert_eq!(events.count(Kind::QpsApiFailed), 2);
+        let e = &events.query(0, Some(Kind::QpsApiFailed), None)[1];
+        assert!(
+            e.cause.contains("qlik1") && e.cause.contains("(end)"),
+            "{}",
+            e.cause
+        );
+        assert_eq!(
+            health.failure_counts(),
+            vec![("qlik1".into(), "owner", 1), ("qlik1".into(), "end", 1)]
+        );
+        // A 404 is an answer: the session is not there. The API is healthy again.
+        assert_eq!(api.owner("", id).await.unwrap(), Owner::Inactive);
+        assert_eq!(health.summary(), "ok");
+        assert!(health.failing().is_empty());
     }
 
     #[test]

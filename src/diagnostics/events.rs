@@ -38,10 +38,13 @@ pub enum Kind {
     BurstHeld,
     /// A Qlik node went down: its sessions are gone (Qlik cannot move them).
     SessionLost,
+    /// A call to a node's QPS REST API failed (the node and the operation are in the cause);
+    /// the guard fell back to the Personal API where it could.
+    QpsApiFailed,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 12] = [
+    pub const ALL: [Kind; 13] = [
         Kind::CookieLost,
         Kind::CookieModified,
         Kind::CookieDuplicated,
@@ -54,6 +57,7 @@ impl Kind {
         Kind::QpsLimitRefusal,
         Kind::BurstHeld,
         Kind::SessionLost,
+        Kind::QpsApiFailed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -70,6 +74,7 @@ impl Kind {
             Kind::QpsLimitRefusal => "qps_limit_refusal",
             Kind::BurstHeld => "burst_held",
             Kind::SessionLost => "session_lost",
+            Kind::QpsApiFailed => "qps_api_failed",
         }
     }
 
@@ -145,7 +150,7 @@ pub struct Events {
     ring: Mutex<VecDeque<Event>>,
     capacity: usize,
     next: AtomicU64,
-    counts: [AtomicU64; 12],
+    counts: [AtomicU64; Kind::ALL.len()],
     /// Wakes `qsguard events --follow` long-polls.
     pub notify: Notify,
 }

@@ -28,6 +28,12 @@ struct NodeLabel {
     upstream: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ApiLabel {
+    upstream: String,
+    operation: String,
+}
+
 /// What the metrics show of one Qlik node, read at scrape time.
 pub struct NodeView {
     pub name: String,
@@ -55,6 +61,7 @@ pub struct Metrics {
     node_up: Family<NodeLabel, Gauge>,
     node_sessions: Family<NodeLabel, Gauge>,
     node_in_flight: Family<NodeLabel, Gauge>,
+    qps_api_failures: Family<ApiLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -131,7 +138,14 @@ impl Metrics {
             "Requests on their way to the Qlik node",
             node_in_flight.clone(),
         );
+        let qps_api_failures: Family<ApiLabel, Counter> = Family::default();
+        registry.register(
+            "qsguard_qps_api_failures",
+            "Failed calls to a node's QPS REST API, by operation (owner, end, list)",
+            qps_api_failures.clone(),
+        );
         Metrics {
+            qps_api_failures,
             node_up,
             node_sessions,
             node_in_flight,
@@ -160,6 +174,21 @@ impl Metrics {
                 cause: cause.into(),
             })
             .inc();
+    }
+
+    /// Brings the QPS REST API failure counters up to `counts` (node, operation, failures so
+    /// far), which the session guard keeps; called before [`Metrics::render`].
+    pub fn qps_api_failures(&self, counts: &[(String, &str, u64)]) {
+        for (node, op, want) in counts {
+            let c = self.qps_api_failures.get_or_create(&ApiLabel {
+                upstream: node.clone(),
+                operation: (*op).into(),
+            });
+            let have = c.get();
+            if *want > have {
+                c.inc_by(want - have);
+            }
+        }
     }
 
     /// The Prometheus text exposition, with the gauges read now.
@@ -216,6 +245,7 @@ mod tests {
             live_sessions: 3,
             in_flight: 1,
         }];
+        m.qps_api_failures(&[("qlik1".into(), "owner", 2)]);
         let text = m.render(&ev, 7, 1, 2, &nodes);
         assert!(
             text.contains("qsguard_requests_total{class=\"2xx\"} 1"),
@@ -225,6 +255,12 @@ mod tests {
         assert!(text
             .contains("qsguard_upstream_errors_total{upstream=\"qlik1\",cause=\"unreachable\"} 1"));
         assert!(text.contains("qsguard_events_total{kind=\"cookie_lost\"} 1"));
+        assert!(
+            text.contains(
+                "qsguard_qps_api_failures_total{upstream=\"qlik1\",operation=\"owner\"} 2"
+            ),
+            "{text}"
+        );
         assert!(text.contains("qsguard_sessions_live 7"));
         assert!(text.contains("qsguard_users_at_limit 1"));
         assert!(text.contains("qsguard_websockets_open 2"));

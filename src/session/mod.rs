@@ -39,7 +39,7 @@ use crate::config::{Config, OnLimit};
 use crate::diagnostics::events::{self, Events, Kind};
 use crate::head_view::HeadView;
 use crate::pages::Page;
-use crate::qps::{Owner, PersonalApi, QpsApi, QpsError};
+use crate::qps::{self, ApiHealth, Owner, PersonalApi, QpsApi, QpsError};
 use arc_swap::ArcSwap;
 use flight::{Flight, Flights, Lead, Outcome};
 use identity::User;
@@ -213,6 +213,8 @@ pub struct SessionGuard {
     /// How to reach each node's APIs; a reload replaces it.
     nodes: ArcSwap<HashMap<Arc<str>, NodeApis>>,
     personal: PersonalApi,
+    /// How each node's QPS REST API is doing (for `/readyz`, `/metrics`, `qsguard doctor`).
+    pub qps_health: Arc<ApiHealth>,
     pub counters: Counters,
     csrf_key: [u8; 32],
     /// Signs and checks device cookies.
@@ -259,19 +261,27 @@ pub(crate) struct NodeApis {
 pub struct ReloadedApis(HashMap<Arc<str>, NodeApis>);
 
 /// Each configured node's APIs: the QPS REST API is the node's own `qps_api`, else
-/// `[qps_api].url`. The client certificate is read here, so a reload picks up a renewed one.
-fn node_apis(config: &Config) -> Result<HashMap<Arc<str>, NodeApis>, String> {
+/// `[qps_api].url`, reporting to `health` under the node's name. The client certificate is
+/// read here, so a reload picks up a renewed one.
+fn node_apis(
+    config: &Config,
+    health: &Arc<ApiHealth>,
+) -> Result<HashMap<Arc<str>, NodeApis>, String> {
     let shared = config.qps_api.as_ref().map(QpsApi::new).transpose()?;
     Ok(config
         .upstreams
         .iter()
         .map(|u| {
-            let qps = shared.as_ref().map(|api| match &u.qps_api {
-                Some(url) => api.at(url.clone()),
-                None => api.clone(),
+            let name = Arc::<str>::from(u.display_name());
+            let qps = shared.as_ref().map(|api| {
+                match &u.qps_api {
+                    Some(url) => api.at(url.clone()),
+                    None => api.clone(),
+                }
+                .reporting(name.clone(), health.clone())
             });
             (
-                Arc::<str>::from(u.display_name()),
+                name,
                 NodeApis {
                     uri: u.url.clone(),
                     qps,
@@ -310,6 +320,8 @@ impl SessionGuard {
         for h in identity.open_headers() {
             tracing::warn!(header = %h, "the identity header {h} is believed from every peer: set identity_from on its virtual proxy (or server.trusted_proxies) to the address of the proxy that authenticates users, or anyone who reaches qsguard can speak for any user");
         }
+        let qps_health = Arc::new(ApiHealth::new(events.clone()));
+        qps_health.set_configured(config.qps_api.is_some());
         Ok(SessionGuard {
             table: {
                 let t = Table::new(timeouts, s.device_memory);
@@ -321,8 +333,9 @@ impl SessionGuard {
             vps,
             policy: ArcSwap::from_pointee(Policy::new(s)),
             device_cookie: s.device_cookie.clone(),
-            nodes: ArcSwap::from_pointee(node_apis(config)?),
+            nodes: ArcSwap::from_pointee(node_apis(config, &qps_health)?),
             personal: PersonalApi::new(tls),
+            qps_health,
             counters: Counters::default(),
             csrf_key: rand::random(),
             device_keys: device::DeviceKeys::load(s.snapshot_file.as_deref())?,
@@ -364,13 +377,14 @@ impl SessionGuard {
                 .collect(),
         );
         self.nodes.store(Arc::new(nodes));
+        self.qps_health.set_configured(config.qps_api.is_some());
         self.policy.store(Arc::new(Policy::new(&config.sessions)));
     }
 
     /// The part of a reload that can fail (reading the QPS API's certificates), done before
     /// anything changes.
     pub fn prepare_reload(&self, config: &Config) -> Result<ReloadedApis, String> {
-        node_apis(config).map(ReloadedApis)
+        node_apis(config, &self.qps_health).map(ReloadedApis)
     }
 
     /// The limit policy now.
@@ -1191,17 +1205,23 @@ impl SessionGuard {
         });
     }
 
+    /// The QPS REST API when configured and the cookie value has the shape of a Qlik session
+    /// id; else, or when that API fails, the Personal API with the session's own cookie (the
+    /// value then goes only in the Cookie header, never in a path).
     async fn ask_owner(&self, s: &Session, host: Option<&HeaderValue>) -> Result<Owner, QpsError> {
         let info = &self.vps[s.vp];
         let (uri, qps) = self.node_apis(&s.node)?;
-        match qps {
-            Some(api) => api.owner(&info.prefix, &s.id).await,
-            None => {
-                self.personal
-                    .owner(&uri, &info.prefix, host, &info.cookie, &s.id)
-                    .await
+        if let Some(api) = qps.filter(|_| qps::is_session_id(&s.id)) {
+            match api.owner(&info.prefix, &s.id).await {
+                Ok(owner) => return Ok(owner),
+                Err(e) => {
+                    tracing::warn!(session = %s.hash, upstream = %s.node, "the QPS REST API cannot name the session's owner ({e}): asking the Personal API instead")
+                }
             }
         }
+        self.personal
+            .owner(&uri, &info.prefix, host, &info.cookie, &s.id)
+            .await
     }
 
     /// The session's node: its address, and its QPS REST API if any.
@@ -1213,20 +1233,24 @@ impl SessionGuard {
             .ok_or_else(|| QpsError(format!("the node {node} is no longer configured")))
     }
 
-    /// Ends a session in Qlik, on its node: the node's QPS REST API when configured, else a
-    /// logout through the Personal API with the session's own cookie.
+    /// Ends a session in Qlik, on its node: the node's QPS REST API when configured (and the
+    /// cookie value is a Qlik session id), else, or when that API fails, a logout through the
+    /// Personal API with the session's own cookie.
     pub async fn end_in_qlik(&self, s: &Session) -> Result<(), QpsError> {
         let info = &self.vps[s.vp];
         let (uri, qps) = self.node_apis(&s.node)?;
-        match qps {
-            Some(api) => api.end(&info.prefix, &s.id).await,
-            None => {
-                let host = s.meta().host.clone();
-                self.personal
-                    .logout(&uri, &info.prefix, host.as_ref(), &info.cookie, &s.id)
-                    .await
+        if let Some(api) = qps.filter(|_| qps::is_session_id(&s.id)) {
+            match api.end(&info.prefix, &s.id).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(session = %s.hash, upstream = %s.node, "the QPS REST API cannot end the session ({e}): logging it out through the Personal API instead")
+                }
             }
         }
+        let host = s.meta().host.clone();
+        self.personal
+            .logout(&uri, &info.prefix, host.as_ref(), &info.cookie, &s.id)
+            .await
     }
 
     /// Qlik's own "too many sessions" page is the failure the guard exists to prevent: when it

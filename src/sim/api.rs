@@ -3,7 +3,11 @@
 //! This is what Qlik-Cli, Ctrl-Q and the guard use to see whose a session is and to end
 //! sessions. Like the real API it insists on the anti-forgery key (`Xrfkey` query parameter
 //! equal to the `X-Qlik-Xrfkey` header) and is served over https when the configuration asks
-//! for it, leaving client-certificate checking to the supplied rustls configuration.
+//! for it, leaving client-certificate checking to the supplied rustls configuration. Like
+//! HTTP.sys in front of the real one it refuses a request without exactly one valid Host
+//! (400), and routes on the canonical path (escapes decoded, `..` resolved), so a value that
+//! smuggles path segments in is routed where a real QPS would route it. Every request is
+//! recorded, so tests can see which paths reached the API.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -19,9 +23,9 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
-use super::http::{json, percent_decode, query_param, response, Body};
+use super::http::{bad_host, canonical_path, host_problem, json, query_param, response, Body};
 use super::sessions::{CreateError, EndReason, SessionInfo, User};
-use super::Shared;
+use super::{Shared, SimRequest};
 
 const MAX_BODY: usize = 1024 * 1024;
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -126,9 +130,31 @@ fn valid_session_id(id: &str) -> bool {
 
 async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     let (parts, body) = req.into_parts();
-    let body: Bytes = match Limited::new(body, MAX_BODY).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(_) => return bad_request("The request body could not be read."),
+    let body: Option<Bytes> = Limited::new(body, MAX_BODY)
+        .collect()
+        .await
+        .ok()
+        .map(|c| c.to_bytes());
+    shared.lock().record_api(SimRequest {
+        method: parts.method.to_string(),
+        path_and_query: parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| parts.uri.to_string()),
+        version: format!("{:?}", parts.version),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+            .collect(),
+        body: body.as_deref().unwrap_or_default().to_vec(),
+    });
+    if let Some(why) = host_problem(parts.version, &parts.headers) {
+        return bad_host(why);
+    }
+    let Some(body) = body else {
+        return bad_request("The request body could not be read.");
     };
     if !xrfkey_ok(&parts) {
         return response(
@@ -137,13 +163,13 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             "XSRF prevention check failed. Possible XSRF discovered.\n",
         );
     }
-    let Some(rest) = parts.uri.path().strip_prefix("/qps/") else {
+    // Routed on the canonical path, as the QPS gets it from HTTP.sys: a session id that brings
+    // `..` or `%2F` into the path is routed elsewhere, not looked up.
+    let path = canonical_path(parts.uri.path());
+    let Some(rest) = path.strip_prefix("/qps/") else {
         return not_found();
     };
-    let mut segs: Vec<String> = rest
-        .split('/')
-        .map(|s| String::from_utf8_lossy(&percent_decode(s, false)).into_owned())
-        .collect();
+    let mut segs: Vec<String> = rest.split('/').map(str::to_string).collect();
     if segs.last().is_some_and(String::is_empty) {
         segs.pop();
     }

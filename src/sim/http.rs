@@ -6,8 +6,8 @@
 //! normalise away exactly the damage the guard is supposed to prevent.
 
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
-use http::{Response, StatusCode};
+use http::header::{HeaderMap, HeaderValue, CONTENT_TYPE, HOST};
+use http::{Response, StatusCode, Version};
 use http_body_util::Full;
 
 pub(crate) type Body = Full<Bytes>;
@@ -119,6 +119,101 @@ pub(crate) fn strip_query_param(query: &str, name: &str) -> String {
         .filter(|p| !p.is_empty())
         .collect::<Vec<_>>()
         .join("&")
+}
+
+/// Why a request's Host makes it a 400, as RFC 9112 section 3.2 demands and HTTP.sys does
+/// ("Bad Request - Invalid Hostname"): an HTTP/1.1 request without Host, any request with more
+/// than one, or one whose value is not `host[:port]`. `None`: the Host is acceptable (HTTP/1.0
+/// may go without one).
+pub(crate) fn host_problem(version: Version, headers: &HeaderMap) -> Option<&'static str> {
+    let mut all = headers.get_all(HOST).iter();
+    match (all.next(), all.next()) {
+        (None, _) if version == Version::HTTP_10 || version == Version::HTTP_09 => None,
+        (None, _) => Some("the request has no Host header"),
+        (Some(_), Some(_)) => Some("the request has more than one Host header"),
+        (Some(h), None) if !valid_host(h.as_bytes()) => Some("the Host header is not host[:port]"),
+        _ => None,
+    }
+}
+
+/// `uri-host [ ":" port ]` (RFC 3986): an IP literal in brackets or a non-empty reg-name /
+/// IPv4 address, and a port of digits. No user info, path, space or anything else.
+fn valid_host(v: &[u8]) -> bool {
+    let port = if let Some(rest) = v.strip_prefix(b"[") {
+        let Some(end) = rest.iter().position(|b| *b == b']') else {
+            return false;
+        };
+        let literal = &rest[..end];
+        if literal.is_empty()
+            || !literal
+                .iter()
+                .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
+        {
+            return false;
+        }
+        match &rest[end + 1..] {
+            [] => None,
+            [b':', port @ ..] => Some(port),
+            _ => return false,
+        }
+    } else {
+        let (host, port) = match v.iter().rposition(|b| *b == b':') {
+            Some(i) => (&v[..i], Some(&v[i + 1..])),
+            None => (v, None),
+        };
+        let reg_name = |b: &u8| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(b);
+        if host.is_empty() || !host.iter().all(reg_name) {
+            return false;
+        }
+        port
+    };
+    port.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 5
+            && p.iter().all(u8::is_ascii_digit)
+            && std::str::from_utf8(p)
+                .ok()
+                .and_then(|p| p.parse::<u32>().ok())
+                .is_some_and(|n| n <= 65535)
+    })
+}
+
+/// The 400 a bad Host gets. HTTP.sys closes the connection after it, so the simulator does too.
+pub(crate) fn bad_host(why: &str) -> Response<Body> {
+    let mut r = html_page(
+        StatusCode::BAD_REQUEST,
+        "Bad Request - Invalid Hostname",
+        why,
+    );
+    r.headers_mut()
+        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
+/// The path the way HTTP.sys hands it to a .NET service: percent escapes decoded once (`%2F`
+/// included, so it becomes a separator), `\` taken as `/`, and `.`/`..` segments resolved
+/// (RFC 3986 section 5.2.4). A client value that reaches a path can therefore climb out of its
+/// segment, as it can on a real QPS.
+pub(crate) fn canonical_path(raw: &str) -> String {
+    let decoded = String::from_utf8_lossy(&percent_decode(raw, false)).replace('\\', "/");
+    let mut out: Vec<&str> = Vec::new();
+    let segs: Vec<&str> = decoded.split('/').collect();
+    let last = segs.len().saturating_sub(1);
+    for (i, seg) in segs.iter().enumerate().skip(1) {
+        match *seg {
+            "." | ".." => {
+                if *seg == ".." {
+                    out.pop();
+                }
+                // A trailing dot segment leaves the path ending in '/'.
+                if i == last {
+                    out.push("");
+                }
+            }
+            s => out.push(s),
+        }
+    }
+    format!("/{}", out.join("/"))
 }
 
 /// Escapes text for HTML element content and attribute values.
@@ -233,6 +328,45 @@ mod tests {
     }
 
     #[test]
+    fn host_rules() {
+        let h = |vals: &[&[u8]]| {
+            let mut m = HeaderMap::new();
+            for v in vals {
+                m.append(HOST, HeaderValue::from_bytes(v).unwrap());
+            }
+            m
+        };
+        let v11 = Version::HTTP_11;
+        for ok in [
+            &b"qlik"[..],
+            b"qlik.corp:443",
+            b"127.0.0.1:4243",
+            b"[::1]:80",
+            b"[::1]",
+        ] {
+            assert_eq!(host_problem(v11, &h(&[ok])), None, "{ok:?}");
+        }
+        for bad in [
+            &b""[..],
+            b"qlik:",
+            b"qlik:99999",
+            b"qlik:8x",
+            b"u@qlik",
+            b"qlik/x",
+            b"a b",
+            b"[::1",
+            b"[zz]",
+            b"qlik:80:80",
+        ] {
+            assert!(host_problem(v11, &h(&[bad])).is_some(), "{bad:?}");
+        }
+        assert!(host_problem(v11, &h(&[])).is_some());
+        assert!(host_problem(v11, &h(&[b"a", b"a"])).is_some());
+        assert_eq!(host_problem(Version::HTTP_10, &h(&[])), None);
+        assert!(host_problem(Version::HTTP_10, &h(&[b"a", b"b"])).is_some());
+    }
+
+    #[test]
     fn percent_and_query() {
         assert_eq!(percent_decode("a%20b+c%zz%4", true), b"a b c%zz%4".to_vec());
         assert_eq!(percent_decode("%", false), b"%".to_vec());
@@ -244,6 +378,18 @@ mod tests {
             strip_query_param("a=1&qlikTicket=z&b=%20", "qlikticket"),
             "a=1&b=%20"
         );
+        assert_eq!(canonical_path("/qps/session/../user/D/v"), "/qps/user/D/v");
+        assert_eq!(
+            canonical_path("/qps/session/..%2Fuser%2FD%2Fv"),
+            "/qps/user/D/v"
+        );
+        assert_eq!(
+            canonical_path("/qps/session/%2e%2e%5Cuser/D/v"),
+            "/qps/user/D/v"
+        );
+        assert_eq!(canonical_path("/qps/session/x/.."), "/qps/session/");
+        assert_eq!(canonical_path("/../../qps/./session"), "/qps/session");
+        assert_eq!(canonical_path("/qps/session/..%252F"), "/qps/session/..%2F");
         let g = guid();
         assert_eq!(g.len(), 36);
         assert_eq!(&g[14..15], "4");

@@ -6,7 +6,8 @@
 //! authentication, the limit of parallel sessions per user counted across all virtual proxies,
 //! re-authentication (and a new session) whenever the cookie is missing or damaged, the
 //! inactivity timeout kept alive by engine WebSockets, the Personal API, and the QPS REST API
-//! with its Xrfkey check. It is deliberately self-contained (no code shared with the guard) so a
+//! with its Xrfkey check. Both listeners refuse a request without exactly one valid Host
+//! (400), as HTTP.sys does in front of the real QPS. It is deliberately self-contained (no code shared with the guard) so a
 //! bug in the guard cannot be mirrored by the referee, and deliberately no kinder than Qlik.
 //!
 //! Two listeners: the proxy (virtual proxies, on the address given to `start`) and the QPS
@@ -62,7 +63,7 @@ pub struct SimCounters {
     pub tickets_redeemed: u64,
 }
 
-/// One request as the proxy listener received it.
+/// One request as the proxy (or the QPS REST API) listener received it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SimRequest {
     pub method: String,
@@ -237,6 +238,12 @@ impl Simulator {
     /// The latest request on the proxy listener whose path starts with `path_prefix`.
     pub fn last_request(&self, path_prefix: &str) -> Option<SimRequest> {
         self.shared.lock().last_request(path_prefix)
+    }
+
+    /// The requests the QPS REST API listener received (the last 256), oldest first, with
+    /// the path as sent (before any decoding).
+    pub fn api_requests(&self) -> Vec<SimRequest> {
+        self.shared.lock().api_requests()
     }
 
     /// Stops accepting and drops every connection (a crashed/stopped QPS); sessions are

@@ -22,8 +22,8 @@ use tokio::time::Instant;
 use super::config::SimAuth;
 use super::engine;
 use super::http::{
-    first_cookie, html_escape, html_page, json, query_pairs, query_param, redirect, response,
-    strip_query_param, Body,
+    bad_host, first_cookie, host_problem, html_escape, html_page, json, query_pairs, query_param,
+    redirect, response, strip_query_param, Body,
 };
 use super::sessions::{EndReason, SessionInfo, User};
 use super::{Shared, SimRequest};
@@ -73,6 +73,9 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
             .collect(),
         body: body.to_vec(),
     });
+    if let Some(why) = host_problem(parts.version, &parts.headers) {
+        return bad_host(why);
+    }
     if let Some(status) = body_err {
         return html_page(status, "Bad request", "The request body could not be read.");
     }

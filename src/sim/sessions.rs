@@ -139,6 +139,8 @@ pub(crate) struct State {
     targets: HashMap<String, Target>,
     pub counters: SimCounters,
     requests: VecDeque<SimRequest>,
+    /// What the QPS REST API listener received, in order.
+    api_requests: VecDeque<SimRequest>,
     max_per_user: usize,
     timeouts: Vec<Duration>,
 }
@@ -151,6 +153,7 @@ impl State {
             targets: HashMap::new(),
             counters: SimCounters::default(),
             requests: VecDeque::new(),
+            api_requests: VecDeque::new(),
             max_per_user,
             timeouts,
         }
@@ -169,6 +172,17 @@ impl State {
             self.requests.pop_front();
         }
         self.requests.push_back(req);
+    }
+
+    pub(crate) fn record_api(&mut self, req: SimRequest) {
+        if self.api_requests.len() >= REQUEST_LOG_LEN {
+            self.api_requests.pop_front();
+        }
+        self.api_requests.push_back(req);
+    }
+
+    pub(crate) fn api_requests(&self) -> Vec<SimRequest> {
+        self.api_requests.iter().cloned().collect()
     }
 
     pub(crate) fn last_request(&self, prefix: &str) -> Option<SimRequest> {

@@ -1096,3 +1096,93 @@ async fn dropping_the_simulator_stops_it() {
     }
     panic!("listeners still accepting after drop");
 }
+
+/// One raw HTTP/1 request on a fresh connection; the status line's code, or 0 if none came.
+async fn raw_status(addr: SocketAddr, head: &str) -> u16 {
+    let mut c = TcpStream::connect(addr).await.expect("connect");
+    c.write_all(head.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), c.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf);
+    text.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn both_listeners_refuse_a_missing_repeated_or_invalid_host() {
+    let s = sim(SimConfig::default()).await;
+    let q = format!("/qps/session?Xrfkey={XRF}");
+    for (addr, path, extra) in [
+        (s.addr(), "/__sim/echo", String::new()),
+        (
+            s.api_addr(),
+            q.as_str(),
+            format!("x-qlik-xrfkey: {XRF}\r\n"),
+        ),
+    ] {
+        let req = |version: &str, hosts: &str| {
+            format!("GET {path} {version}\r\n{hosts}{extra}connection: close\r\n\r\n")
+        };
+        let ok = req("HTTP/1.1", &format!("host: {addr}\r\n"));
+        assert_eq!(raw_status(addr, &ok).await, 200, "{ok}");
+        for hosts in [
+            String::new(),
+            format!("host: {addr}\r\nhost: {addr}\r\n"),
+            "host: \r\n".to_string(),
+            "host: user@qlik\r\n".to_string(),
+            "host: qlik:port\r\n".to_string(),
+            "host: qlik/hub\r\n".to_string(),
+        ] {
+            let bad = req("HTTP/1.1", &hosts);
+            assert_eq!(raw_status(addr, &bad).await, 400, "{bad}");
+        }
+        // HTTP/1.0 may go without Host, but not with two.
+        assert_eq!(raw_status(addr, &req("HTTP/1.0", "")).await, 200);
+        let two = req("HTTP/1.0", "host: a\r\nhost: b\r\n");
+        assert_eq!(raw_status(addr, &two).await, 400);
+    }
+    assert!(s
+        .api_requests()
+        .iter()
+        .all(|r| r.path_and_query.starts_with("/qps/session?")));
+}
+
+#[tokio::test]
+async fn rest_api_routes_on_the_canonical_path_like_http_sys() {
+    let s = sim(SimConfig::default()).await;
+    let mut victims = Vec::new();
+    for _ in 0..2 {
+        victims.push(
+            get(s.addr(), "/hdr/hub/", &[("hdr-usr", "CORP\\victim")])
+                .await
+                .cookie_value(HDR_COOKIE),
+        );
+    }
+    // A session id with `..` and an escaped `/` climbs out of its segment: HTTP.sys decodes
+    // and resolves before the QPS routes, so this is "end all of CORP\victim's sessions".
+    let r = api(
+        &s,
+        "DELETE",
+        "/qps/hdr/session/..%2Fuser%2FCORP%2Fvictim",
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json().as_array().map(Vec::len), Some(2));
+    assert_eq!(s.live_sessions("CORP\\victim"), 0);
+    let seen = s.api_requests();
+    assert_eq!(
+        seen.last().map(|r| r.path_and_query.as_str()),
+        Some(format!("/qps/hdr/session/..%2Fuser%2FCORP%2Fvictim?Xrfkey={XRF}").as_str()),
+        "recorded as sent"
+    );
+    // A GUID stays one segment.
+    let id = get(s.addr(), "/hdr/hub/", &[("hdr-usr", "CORP\\victim")])
+        .await
+        .cookie_value(HDR_COOKIE);
+    let r = api(&s, "GET", &format!("/qps/hdr/session/{id}"), "").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(!victims.contains(&id));
+}
