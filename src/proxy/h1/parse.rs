@@ -420,7 +420,7 @@ fn crlf_only(head: &[u8]) -> bool {
 }
 
 fn memchr2(a: u8, b: u8, hay: &[u8]) -> Option<usize> {
-    hay.iter().position(|&x| x == a || x == b)
+    memchr::memchr2(a, b, hay)
 }
 
 /// Parses the request head at the start of `bytes`: `Ok(None)` while it is incomplete. The
