@@ -50,6 +50,22 @@ struct Demo {
 }
 
 impl Demo {
+    /// Lets the last log lines out, stops the demo and returns what it wrote to stderr (piped).
+    fn stop_and_read_log(&mut self) -> String {
+        use std::io::Read;
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = self.child.kill();
+        let mut err = String::new();
+        self.child
+            .stderr
+            .take()
+            .expect("the demo's stderr is piped")
+            .read_to_string(&mut err)
+            .unwrap();
+        common::audit::scan("the demo's log", &err);
+        err
+    }
+
     fn start(extra: &[&str], stderr: Stdio) -> Demo {
         let mut child = qsguard()
             .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
@@ -122,16 +138,7 @@ fn json_access_log_has_one_line_per_request_and_no_secrets() {
         b"GET /hub/stream?qlikTicket=TICKETSECRET HTTP/1.1\r\nHost: localhost\r\n\
 Cookie: X-Qlik-Session-HTTP=COOKIESECRET; qsguard=00112233445566778899aabbccddeeff\r\nConnection: close\r\n\r\n",
     );
-    std::thread::sleep(Duration::from_millis(300));
-    let _ = demo.child.kill();
-    let mut err = String::new();
-    use std::io::Read;
-    demo.child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = demo.stop_and_read_log();
     assert!(
         !err.contains("COOKIESECRET"),
         "a cookie value was logged: {err}"
@@ -157,16 +164,7 @@ Cookie: X-Qlik-Session-HTTP=COOKIESECRET; qsguard=00112233445566778899aabbccddee
 fn text_logs_to_a_pipe_carry_no_colour_codes() {
     let mut demo = Demo::start(&["--log-format", "text"], Stdio::piped());
     demo.exchange(b"GET /hub/ HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    std::thread::sleep(Duration::from_millis(300));
-    let _ = demo.child.kill();
-    let mut err = String::new();
-    use std::io::Read;
-    demo.child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = demo.stop_and_read_log();
     assert!(err.contains("INFO"), "something was logged: {err}");
     assert!(
         !err.contains('\u{1b}'),

@@ -16,6 +16,25 @@ fn with_cookie(jar: &Jar, name: &str, value: &str) -> Jar {
     j
 }
 
+/// A visit through the Windows-style login of the simulator (central proxy) as `user`.
+async fn win_login(addr: std::net::SocketAddr, path: &str, jar: &mut Jar, user: &str) -> Resp {
+    browse(addr, path, jar, &[("x-sim-user", user)]).await
+}
+
+/// The `Set-Cookie` line of the device cookie in an answer, if it sets one.
+fn device_line(r: &Resp) -> Option<String> {
+    r.all("set-cookie")
+        .into_iter()
+        .find(|c| c.starts_with(&format!("{DEVICE}=")))
+}
+
+/// The device cookie value an answer sets, if it sets one.
+fn set_device(r: &Resp) -> Option<String> {
+    let line = device_line(r)?;
+    let value = line[DEVICE.len() + 1..].split(';').next().unwrap_or("");
+    Some(value.to_string())
+}
+
 /// A browser's visit that must not be handed `session`: it presents only `device`.
 async fn tries_device_alone(addr: std::net::SocketAddr, device: &str, user: &str) -> Jar {
     let mut jar = vec![(DEVICE.to_string(), device.to_string())];
@@ -30,23 +49,10 @@ async fn a_device_cookie_planted_before_login_leads_to_nothing() {
     // The attacker's browser gets a device cookie: its first answer sets one.
     let first = get(guard.addr, "/__sim/echo", &[]).await;
     assert_eq!(first.status, 200);
-    let planted = first
-        .all("set-cookie")
-        .iter()
-        .find_map(|c| {
-            c.strip_prefix(&format!("{DEVICE}="))
-                .map(|v| v.split(';').next().unwrap().to_string())
-        })
-        .expect("a device cookie");
+    let planted = set_device(&first).expect("a device cookie");
     // ... and plants it in the victim's browser before the victim logs in.
     let mut victim = vec![(DEVICE.to_string(), planted.clone())];
-    let r = browse(
-        guard.addr,
-        "/hub/",
-        &mut victim,
-        &[("x-sim-user", "CORP\\victim")],
-    )
-    .await;
+    let r = win_login(guard.addr, "/hub/", &mut victim, "CORP\\victim").await;
     assert_eq!(r.status, 200);
     let victims = jar_get(&victim, WIN).expect("the victim has a session");
     assert_ne!(
@@ -70,32 +76,14 @@ async fn a_device_cookie_planted_after_login_is_replaced_not_linked() {
     let sim = sim().await;
     let guard = guard(sim.addr()).await;
     let mut attacker = Jar::new();
-    browse(
-        guard.addr,
-        "/hub/",
-        &mut attacker,
-        &[("x-sim-user", "CORP\\mallory2")],
-    )
-    .await;
+    win_login(guard.addr, "/hub/", &mut attacker, "CORP\\mallory2").await;
     let planted = jar_get(&attacker, DEVICE).unwrap();
     let mut victim = Jar::new();
-    browse(
-        guard.addr,
-        "/hub/",
-        &mut victim,
-        &[("x-sim-user", "CORP\\victim2")],
-    )
-    .await;
+    win_login(guard.addr, "/hub/", &mut victim, "CORP\\victim2").await;
     let victims = jar_get(&victim, WIN).unwrap();
     // The planted value goes along with the victim's live session cookie.
     let mut planted_jar = with_cookie(&victim, DEVICE, &planted);
-    let r = browse(
-        guard.addr,
-        "/hub/x",
-        &mut planted_jar,
-        &[("x-sim-user", "CORP\\victim2")],
-    )
-    .await;
+    let r = win_login(guard.addr, "/hub/x", &mut planted_jar, "CORP\\victim2").await;
     assert_eq!(r.status, 200);
     assert_ne!(
         jar_get(&planted_jar, DEVICE),
@@ -112,13 +100,7 @@ async fn a_forged_device_cookie_is_replaced_and_never_restores() {
     let sim = sim().await;
     let guard = guard(sim.addr()).await;
     let mut victim = Jar::new();
-    browse(
-        guard.addr,
-        "/hub/",
-        &mut victim,
-        &[("x-sim-user", "CORP\\forged")],
-    )
-    .await;
+    win_login(guard.addr, "/hub/", &mut victim, "CORP\\forged").await;
     let victims = jar_get(&victim, WIN).unwrap();
     let device = jar_get(&victim, DEVICE).unwrap();
     // The id alone (the unsigned form), and the id with another tag: they restore nothing,
@@ -126,13 +108,7 @@ async fn a_forged_device_cookie_is_replaced_and_never_restores() {
     let (id, _) = device.split_once('.').expect("id.tag");
     for forged in [id.to_string(), format!("{id}.{}", "0".repeat(64))] {
         let mut jar = vec![(DEVICE.to_string(), forged.clone())];
-        let r = browse(
-            guard.addr,
-            "/hub/",
-            &mut jar,
-            &[("x-sim-user", "CORP\\forger")],
-        )
-        .await;
+        let r = win_login(guard.addr, "/hub/", &mut jar, "CORP\\forger").await;
         assert_eq!(r.status, 200);
         assert_ne!(
             jar_get(&jar, WIN),
@@ -149,10 +125,7 @@ async fn a_forged_device_cookie_is_replaced_and_never_restores() {
         &[("cookie", &format!("{DEVICE}=../../etc"))],
     )
     .await;
-    assert!(r
-        .all("set-cookie")
-        .iter()
-        .any(|c| c.starts_with(&format!("{DEVICE}="))));
+    assert!(set_device(&r).is_some(), "replaced at once");
     assert_eq!(
         session_guard(&guard)
             .counters
@@ -173,18 +146,10 @@ async fn the_device_cookie_is_secure_behind_a_trusted_https_proxy() {
     ))
     .await;
     let r = get(guard.addr, "/hub/", &[("x-forwarded-proto", "https")]).await;
-    let device = r
-        .all("set-cookie")
-        .into_iter()
-        .find(|c| c.starts_with("qsguard="))
-        .expect("a device cookie");
+    let device = device_line(&r).expect("a device cookie");
     assert!(device.contains("Secure"), "{device}");
     let plain = get(guard.addr, "/hub/", &[]).await;
-    let device = plain
-        .all("set-cookie")
-        .into_iter()
-        .find(|c| c.starts_with("qsguard="))
-        .unwrap();
+    let device = device_line(&plain).expect("a device cookie");
     assert!(!device.contains("Secure"), "{device}");
     guard.shutdown().await;
     // From a peer that is not trusted, X-Forwarded-Proto says nothing.
@@ -195,11 +160,7 @@ async fn the_device_cookie_is_secure_behind_a_trusted_https_proxy() {
     ))
     .await;
     let r = get(untrusted.addr, "/hub/", &[("x-forwarded-proto", "https")]).await;
-    let device = r
-        .all("set-cookie")
-        .into_iter()
-        .find(|c| c.starts_with("qsguard="))
-        .unwrap();
+    let device = device_line(&r).expect("a device cookie");
     assert!(!device.contains("Secure"), "{device}");
     untrusted.shutdown().await;
 }
@@ -213,21 +174,9 @@ async fn restore_off_sends_a_restarted_browser_to_log_in() {
     );
     let guard = guard_with(&text).await;
     let mut jar = Jar::new();
-    browse(
-        guard.addr,
-        "/hub/",
-        &mut jar,
-        &[("x-sim-user", "CORP\\shared")],
-    )
-    .await;
+    win_login(guard.addr, "/hub/", &mut jar, "CORP\\shared").await;
     let mut restarted = without(&jar, WIN);
-    let r = browse(
-        guard.addr,
-        "/hub/",
-        &mut restarted,
-        &[("x-sim-user", "CORP\\shared")],
-    )
-    .await;
+    let r = win_login(guard.addr, "/hub/", &mut restarted, "CORP\\shared").await;
     assert_eq!(r.status, 200);
     assert_eq!(
         sim.counters().sessions_created,
@@ -369,13 +318,7 @@ async fn a_device_key_rotation_replaces_every_device_cookie() {
     let key_file = qsguard::session::device::key_file(&snapshot);
     assert!(key_file.exists(), "the key is kept beside the snapshot");
     let mut jar = Jar::new();
-    browse(
-        guard.addr,
-        "/hub/",
-        &mut jar,
-        &[("x-sim-user", "CORP\\rot")],
-    )
-    .await;
+    win_login(guard.addr, "/hub/", &mut jar, "CORP\\rot").await;
     let before = jar_get(&jar, DEVICE).unwrap();
     let r = admin_call(
         guard.admin_addr,
@@ -385,13 +328,7 @@ async fn a_device_key_rotation_replaces_every_device_cookie() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
-    let r = browse(
-        guard.addr,
-        "/hub/",
-        &mut jar,
-        &[("x-sim-user", "CORP\\rot")],
-    )
-    .await;
+    let r = win_login(guard.addr, "/hub/", &mut jar, "CORP\\rot").await;
     assert_eq!(r.status, 200);
     assert_ne!(
         jar_get(&jar, DEVICE).unwrap(),
@@ -399,5 +336,48 @@ async fn a_device_key_rotation_replaces_every_device_cookie() {
         "replaced after the rotation"
     );
     assert_eq!(sim.counters().sessions_created, 1, "the live session stays");
+    guard.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_planted_device_cookie_does_not_let_its_holder_wait_for_a_login() {
+    let sim = sim().await;
+    let guard = guard(sim.addr()).await;
+    let planted = set_device(&get(guard.addr, "/__sim/echo", &[]).await).expect("a device");
+    let cookie = format!("{DEVICE}={planted}");
+    // The victim's browser, holding the planted value, starts its login dance...
+    let first = get(
+        guard.addr,
+        "/hub/",
+        &[("cookie", &cookie), ("x-sim-user", "CORP\\dancer")],
+    )
+    .await;
+    assert_eq!(first.status, 302);
+    let login = first.header("location").expect("to the login");
+    // ... while the attacker, presenting the same value from elsewhere, waits on its flight.
+    let addr = guard.addr;
+    let attacker_cookie = cookie.clone();
+    let attacker = tokio::spawn(async move {
+        get(
+            addr,
+            "/hub/",
+            &[
+                ("cookie", &attacker_cookie),
+                ("user-agent", "evil/1.0"),
+                ("x-sim-user", "CORP\\mallory3"),
+            ],
+        )
+        .await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut victim = vec![(DEVICE.to_string(), planted.clone())];
+    let r = win_login(guard.addr, &login, &mut victim, "CORP\\dancer").await;
+    assert_eq!(r.status, 200);
+    let victims = jar_get(&victim, WIN).expect("the victim has a session");
+    let got = attacker.await.unwrap();
+    assert!(
+        !got.all("set-cookie").iter().any(|c| c.contains(&victims)),
+        "the attacker was handed the session the victim logged in to"
+    );
     guard.shutdown().await;
 }

@@ -3,8 +3,11 @@
 //! Whoever presents a device id gets its sessions restored, so the value must be one the guard
 //! issued: it is `<id>.<tag>`, the id (128 random bits, 32 hex digits) and a keyed BLAKE3 tag
 //! of it (64 hex digits). A value that does not verify (made up, altered, signed with a key the
-//! guard no longer has) is replaced with a new device, never honoured. The tag is compared in
-//! constant time (`blake3::Hash`'s equality).
+//! guard no longer has) restores nothing, is linked to nothing and names no user; its id only
+//! groups the browser's burst (so the first burst after a restart without a snapshot is still
+//! one login), and the browser's next session replaces it ([`id_of`]; a value not of this form
+//! at all is replaced at once). The tag is compared in constant time (`blake3::Hash`'s
+//! equality).
 //!
 //! The key is kept in a file beside the session snapshot (`<snapshot_file>.device-key`, mode
 //! 0600), so a restart keeps the browsers' device cookies valid along with their sessions;

@@ -1044,17 +1044,16 @@ impl SessionGuard {
     /// burst together, and one planted in a second browser must not let its holder wait for,
     /// and be handed, the session that browser's user logs in to.
     fn same_browser(&self, ctx: &Context, s: &Session) -> bool {
-        let ua = ctx.client.as_ref().and_then(|c| c.user_agent.as_deref());
+        // The table keeps the first 200 characters of a User-Agent.
+        let ua: Option<String> = ctx
+            .client
+            .as_ref()
+            .and_then(|c| c.user_agent.as_deref())
+            .map(|u| u.chars().take(200).collect());
         let devices = s.meta().devices.clone();
         devices.iter().any(|d| {
             let (their_ua, addr) = self.table.device_info(*d);
-            // The table keeps the first 200 characters of a User-Agent.
-            addr == Some(ctx.peer)
-                && their_ua
-                    .as_deref()
-                    .map(str::chars)
-                    .map(Iterator::collect::<String>)
-                    == ua.map(|u| u.chars().take(200).collect::<String>())
+            addr == Some(ctx.peer) && their_ua == ua
         })
     }
 

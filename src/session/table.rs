@@ -387,25 +387,11 @@ impl Table {
         owner: Option<User>,
         cookie_attributes: String,
     ) -> Arc<Session> {
-        let now = self.now_ms();
         let map = &self.by_id[vp];
         let session = match map.entry(value.into()) {
             dashmap::Entry::Occupied(e) => return e.get().clone(),
             dashmap::Entry::Vacant(e) => {
-                let s = Arc::new(Session {
-                    vp,
-                    hash: self.hash(value).into(),
-                    id: value.into(),
-                    node,
-                    created: SystemTime::now(),
-                    last_active_ms: AtomicU64::new(now),
-                    websockets: AtomicU32::new(0),
-                    state: AtomicU8::new(State::Live as u8),
-                    meta: Mutex::new(Meta {
-                        cookie_attributes,
-                        ..Meta::default()
-                    }),
-                });
+                let s = Arc::new(self.new_session(vp, value, node, State::Live, cookie_attributes));
                 e.insert(s.clone());
                 *self.per_node.entry(s.node.clone()).or_insert(0) += 1;
                 s
@@ -418,6 +404,31 @@ impl Table {
             self.set_owner(&session, u);
         }
         session
+    }
+
+    /// A session record, active now, in `state` (not yet in any map).
+    fn new_session(
+        &self,
+        vp: usize,
+        value: &str,
+        node: Arc<str>,
+        state: State,
+        cookie_attributes: String,
+    ) -> Session {
+        Session {
+            vp,
+            hash: self.hash(value).into(),
+            id: value.into(),
+            node,
+            created: SystemTime::now(),
+            last_active_ms: AtomicU64::new(self.now_ms()),
+            websockets: AtomicU32::new(0),
+            state: AtomicU8::new(state as u8),
+            meta: Mutex::new(Meta {
+                cookie_attributes,
+                ..Meta::default()
+            }),
+        }
     }
 
     /// Remembers a cookie value the guard did not make, until Qlik confirms it
@@ -437,20 +448,13 @@ impl Table {
         match map.entry(value.into()) {
             dashmap::Entry::Occupied(_) => None,
             dashmap::Entry::Vacant(e) => {
-                let s = Arc::new(Session {
+                let s = Arc::new(self.new_session(
                     vp,
-                    hash: self.hash(value).into(),
-                    id: value.into(),
+                    value,
                     node,
-                    created: SystemTime::now(),
-                    last_active_ms: AtomicU64::new(self.now_ms()),
-                    websockets: AtomicU32::new(0),
-                    state: AtomicU8::new(State::Unconfirmed as u8),
-                    meta: Mutex::new(Meta {
-                        cookie_attributes,
-                        ..Meta::default()
-                    }),
-                });
+                    State::Unconfirmed,
+                    cookie_attributes,
+                ));
                 self.unconfirmed.fetch_add(1, Ordering::Relaxed);
                 e.insert(s.clone());
                 Some(s)
