@@ -7,6 +7,8 @@
 #   ROWS="nginx guard-browser" bash benches/cost.sh        # only some rows (quick iteration)
 #   QSGUARD=/tmp/old QSGUARD_B=target/release/qsguard bash benches/cost.sh   # A/B, before/after
 #   CG_OUT=/tmp/cg ROWS=guard-browser bash benches/cost.sh # keep cachegrind files (cg_annotate)
+#   VG_TOOL=callgrind CG_OUT=/tmp/cg ROWS=noguard ...      # callgrind instead: who calls what
+#                                                          # (callgrind_annotate --inclusive=yes)
 #
 # Per row (one proxy configuration), two numbers:
 #
@@ -523,7 +525,11 @@ launch() {
             || { cat "$WORK/$name.check" >&2; die "qsguard check-config $CFG failed"; }
     fi
     if [[ -n $cg ]]; then
-        pre=(valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file="$cg" --log-file="$WORK/$name.vg")
+        if [[ ${VG_TOOL:-cachegrind} == callgrind ]]; then
+            pre=(valgrind --tool=callgrind --callgrind-out-file="$cg" --log-file="$WORK/$name.vg")
+        else
+            pre=(valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file="$cg" --log-file="$WORK/$name.vg")
+        fi
     fi
     case "$R_PROXY" in
         nginx) start "$name" "$PROXY_CORE" ${pre[@]+"${pre[@]}"} nginx -p "$CFG" -e "$CFG/error.log" -c "$CFG/nginx.conf" ;;
@@ -543,10 +549,17 @@ launch() {
 prepare() {
     local name="$1" port="$2" scheme=http curlopt=() code i
     if [[ $R_PROTO == h2 ]]; then scheme=https; curlopt=(-k --http2); fi
+    RUN_COOKIE="$R_COOKIE"
     if ((R_LOGIN)); then
         code="$(curl -s ${curlopt[@]+"${curlopt[@]}"} --max-time 30 -o /dev/null -w '%{http_code}' \
-            -H "Cookie: qsguard=$BENCH_DEVICE" "$scheme://127.0.0.1:$port/login")" || true
+            -D "$WORK/login.head" -H "Cookie: qsguard=$BENCH_DEVICE" "$scheme://127.0.0.1:$port/login")" || true
         [[ $code == 200 ]] || die "$name: the login through qsguard answered ${code:-nothing}"
+        # The guard signs the device cookie it issues with the login's new session (an id the
+        # browser chose is never trusted): the browser sends that one from now on.
+        local device
+        device="$(grep -i '^set-cookie: qsguard=' "$WORK/login.head" | head -n1 | sed -E 's/^[^=]*=([^;[:space:]]*).*/\1/')"
+        [[ -n $device ]] || die "$name: the login through qsguard set no device cookie"
+        RUN_COOKIE="${R_COOKIE//qsguard=$BENCH_DEVICE/qsguard=$device}"
         # Until the guard knows the owner (learnt off the hot path from /qps/user).
         local sessions=""
         for ((i = 0; i < 100; i++)); do
@@ -558,13 +571,13 @@ prepare() {
             || die "$name: the guard did not learn the session's owner (admin /sessions: ${sessions:0:300})"
     fi
     local hdr=()
-    [[ -n $R_COOKIE ]] && hdr=(-H "Cookie: $R_COOKIE")
+    [[ -n $RUN_COOKIE ]] && hdr=(-H "Cookie: $RUN_COOKIE")
     curl -s ${curlopt[@]+"${curlopt[@]}"} --max-time 30 -D "$WORK/check.head" -o "$WORK/check.body" \
         ${hdr[@]+"${hdr[@]}"} "$scheme://127.0.0.1:$port/" || die "$name: the check GET failed"
     head -n1 "$WORK/check.head" | grep -q ' 200' || die "$name: the check GET answered $(head -n1 "$WORK/check.head")"
     cmp -s "$WORK/check.body" "$WORK/body" || die "$name: the check GET's body is not the origin's"
     # A browser on its hot path gets no cookie back; a cookie-less client gets a device cookie.
-    if [[ $R_PROXY == qsguard && $R_GUARD == true && -z $R_COOKIE ]]; then
+    if [[ $R_PROXY == qsguard && $R_GUARD == true && -z $RUN_COOKIE ]]; then
         grep -qi '^set-cookie: qsguard=' "$WORK/check.head" || die "$name: no device cookie for a cookie-less client"
     elif grep -qi '^set-cookie:' "$WORK/check.head"; then
         die "$name: the browser's request got a Set-Cookie (the guard is not on its hot path): $(grep -i '^set-cookie:' "$WORK/check.head")"
@@ -580,7 +593,7 @@ load() {
         h2) args=(h2 "127.0.0.1:$port" "$n" --body-file "$WORK/body") ;;
         ws) args=(ws "ws://127.0.0.1:$port/app/engineData" "$n" --size "$WS_SIZE") ;;
     esac
-    [[ -n $R_COOKIE ]] && args+=(--cookie "$R_COOKIE")
+    [[ -n $RUN_COOKIE ]] && args+=(--cookie "$RUN_COOKIE")
     taskset -c "$LOAD_CORE" "$CLIENT" "${args[@]}" --conns "$CONNS" >"$WORK/$name.client" 2>&1 \
         || { cat "$WORK/$name.client" >&2; die "$name: the load client failed (above)"; }
     grep -q '^ok ' "$WORK/$name.client" || die "$name: the load client did not report ok"

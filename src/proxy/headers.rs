@@ -14,44 +14,29 @@ use bytes::{BufMut, BytesMut};
 use http::HeaderValue;
 use ipnet::IpNet;
 
-use super::h1::parse::{Framing, Head};
+use super::h1::parse::{Framing, Head, Known};
 use super::ConnInfo;
 use crate::session::cookies;
 use crate::session::identity::IdentitySources;
 
-/// Fields that belong to one connection only (RFC 9110 7.6.1), plus the legacy ones browsers
-/// and old proxies still send.
-pub(crate) const HOP_BY_HOP: [&[u8]; 7] = [
-    b"connection",
-    b"keep-alive",
-    b"proxy-connection",
-    b"te",
-    b"trailer",
-    b"transfer-encoding",
-    b"upgrade",
-];
-
-fn is_hop_by_hop(name: &[u8]) -> bool {
-    HOP_BY_HOP.iter().any(|d| d.eq_ignore_ascii_case(name))
-}
-
 /// Request fields Qlik does not get as the client sent them: the hop-by-hop ones, and those the
 /// guard writes itself (Content-Length, Expect, X-Forwarded-*).
-fn request_field_dropped(name: &[u8]) -> bool {
-    const OWN: [&[u8]; 5] = [
-        b"content-length",
-        b"expect",
-        b"x-forwarded-for",
-        b"x-forwarded-proto",
-        b"x-forwarded-host",
-    ];
-    is_hop_by_hop(name) || OWN.iter().any(|d| d.eq_ignore_ascii_case(name))
+fn request_field_dropped(known: Known) -> bool {
+    known.hop_by_hop()
+        || matches!(
+            known,
+            Known::ContentLength
+                | Known::Expect
+                | Known::XForwardedFor
+                | Known::XForwardedProto
+                | Known::XForwardedHost
+        )
 }
 
 /// Response fields the client does not get as Qlik sent them: the hop-by-hop ones and the
 /// framing (the engine writes its own).
-fn response_field_dropped(name: &[u8]) -> bool {
-    is_hop_by_hop(name) || name.eq_ignore_ascii_case(b"content-length")
+fn response_field_dropped(known: Known) -> bool {
+    known.hop_by_hop() || known == Known::ContentLength
 }
 
 /// Which peers may hand us an X-Forwarded-* chain.
@@ -132,25 +117,25 @@ pub(crate) fn write_request_head(
     let mut upgrade: Option<&[u8]> = None;
     for i in 0..head.len() {
         let (name, value) = head.field(i);
-        if name.eq_ignore_ascii_case(b"x-forwarded-for") {
-            if trust {
-                let chain = xff.get_or_insert_with(BytesMut::new);
-                if !chain.is_empty() {
-                    chain.put_slice(b", ");
+        let known = head.known(i);
+        match known {
+            Known::XForwardedFor => {
+                if trust {
+                    let chain = xff.get_or_insert_with(BytesMut::new);
+                    if !chain.is_empty() {
+                        chain.put_slice(b", ");
+                    }
+                    chain.put_slice(value);
                 }
-                chain.put_slice(value);
+                continue;
             }
-            continue;
-        } else if name.eq_ignore_ascii_case(b"host") {
-            host = Some(value);
-        } else if name.eq_ignore_ascii_case(b"x-forwarded-proto") {
-            proto = Some(value);
-        } else if name.eq_ignore_ascii_case(b"x-forwarded-host") {
-            fwd_host = Some(value);
-        } else if name.eq_ignore_ascii_case(b"upgrade") {
-            upgrade = Some(value);
+            Known::Host => host = Some(value),
+            Known::XForwardedProto => proto = Some(value),
+            Known::XForwardedHost => fwd_host = Some(value),
+            Known::Upgrade => upgrade = Some(value),
+            _ => {}
         }
-        if request_field_dropped(name)
+        if request_field_dropped(known)
             || (!named.is_empty() && named.iter().any(|t| t.eq_ignore_ascii_case(name)))
             || identity.drops(name, peer)
         {
@@ -158,7 +143,7 @@ pub(crate) fn write_request_head(
         }
         out.put_slice(name);
         out.put_slice(b": ");
-        match (cookie, name.eq_ignore_ascii_case(b"cookie")) {
+        match (cookie, known == Known::Cookie) {
             (Some((n, v)), true) => {
                 if Some(cookie_fields) == cookie_field {
                     let with = cookies::replace_in_field(value, n, v)
@@ -216,9 +201,24 @@ fn cookie_field_for(head: &Head, name: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// The address as text; IPv4 by hand, because it is written on every request and
+/// `core::fmt` costs several hundred instructions for it.
 fn write_ip(out: &mut BytesMut, ip: IpAddr) {
-    use std::io::Write;
-    let _ = write!(out.writer(), "{ip}");
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut digits = itoa::Buffer::new();
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.put_u8(b'.');
+                }
+                out.put_slice(digits.format(octet).as_bytes());
+            }
+        }
+        IpAddr::V6(_) => {
+            use std::io::Write;
+            let _ = write!(out.writer(), "{ip}");
+        }
+    }
 }
 
 /// Qlik's response fields as the client gets them, in Qlik's order and byte for byte (every
@@ -227,10 +227,14 @@ fn write_ip(out: &mut BytesMut, ip: IpAddr) {
 pub(crate) fn response_fields(resp: &Head) -> impl Iterator<Item = (&[u8], &[u8])> {
     let named = resp.connection_tokens();
     (0..resp.len())
-        .map(|i| resp.field(i))
-        .filter(move |(name, _)| {
-            !response_field_dropped(name) && !named.iter().any(|t| t.eq_ignore_ascii_case(name))
+        .filter(move |&i| {
+            !response_field_dropped(resp.known(i))
+                && (named.is_empty()
+                    || !named
+                        .iter()
+                        .any(|t| t.eq_ignore_ascii_case(resp.field(i).0)))
         })
+        .map(|i| resp.field(i))
 }
 
 /// The response head as an HTTP/1.1 client gets it: Qlik's status and [`response_fields`],

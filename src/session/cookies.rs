@@ -77,26 +77,38 @@ pub fn append_to_field(field: Option<&[u8]>, name: &str, value: &str) -> BytesMu
 pub fn find<'a, H: HeadView, const N: usize>(headers: &'a H, names: [&str; N]) -> [Found<'a>; N] {
     let mut found: [Found<'a>; N] = std::array::from_fn(|_| Found::default());
     for field in headers.values("cookie") {
-        let Ok(text) = std::str::from_utf8(field) else {
-            continue;
-        };
-        for pair in text.split(';') {
-            let pair = pair.trim_start_matches([' ', '\t']);
-            let Some((n, v)) = pair.split_once('=') else {
+        // Bytes, not text: a pair with a byte that is not UTF-8 (obs-text) does not hide the
+        // other pairs of its field.
+        for pair in field.split(|&b| b == b';') {
+            let pair = trim_start_sp(pair);
+            let Some(eq) = memchr::memchr(b'=', pair) else {
                 continue;
             };
-            let n = n.trim_end();
-            let Some(i) = names.iter().position(|&name| name == n) else {
+            let n = pair[..eq].trim_ascii_end();
+            let Some(i) = names.iter().position(|&name| name.as_bytes() == n) else {
+                continue;
+            };
+            let Ok(v) = std::str::from_utf8(trim_end_sp(&pair[eq + 1..])) else {
                 continue;
             };
             let f = &mut found[i];
             f.count += 1;
             if f.first.is_none() {
-                f.first = Some(v.trim_end_matches([' ', '\t']));
+                f.first = Some(v);
             }
         }
     }
     found
+}
+
+fn trim_start_sp(v: &[u8]) -> &[u8] {
+    let n = v.iter().take_while(|&&b| b == b' ' || b == b'\t').count();
+    &v[n..]
+}
+
+fn trim_end_sp(v: &[u8]) -> &[u8] {
+    let n = v.iter().rev().take_while(|&&b| b == b' ' || b == b'\t').count();
+    &v[..v.len() - n]
 }
 
 /// Makes the request carry `name=value`: the first pair with that name gets the new value
@@ -237,6 +249,19 @@ mod tests {
             find(&headers(&["X-Qlik-Session-HTTP=1"]), ["X-Qlik-Session"])[0].count,
             0
         );
+    }
+
+    #[test]
+    fn a_byte_that_is_not_utf8_hides_only_its_own_pair() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_bytes(b"a=\xe9; X-Qlik-Session=abc;qsguard=\xff\t; b=1 ").unwrap(),
+        );
+        let [s, d, b] = find(&h, ["X-Qlik-Session", "qsguard", "b"]);
+        assert_eq!((s.first, s.count), (Some("abc"), 1));
+        assert_eq!((d.first, d.count), (None, 0));
+        assert_eq!(b.first, Some("1"));
     }
 
     #[test]

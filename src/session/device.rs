@@ -72,12 +72,12 @@ impl DeviceKeys {
 
     /// The device a cookie value names, if the guard signed it with its current key.
     pub fn verify(&self, value: &str) -> Option<DeviceId> {
-        let (id, tag) = value.split_once('.')?;
-        if id.len() != 32 || tag.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let v = value.as_bytes();
+        if v.len() != 32 + 1 + 64 || v[32] != b'.' {
             return None;
         }
-        let id = u128::from_str_radix(id, 16).ok()?;
-        let tag = blake3::Hash::from_hex(tag).ok()?;
+        let id = DeviceId::from_be_bytes(hex::<16>(&v[..32])?);
+        let tag = blake3::Hash::from_bytes(hex::<32>(&v[33..])?);
         // `blake3::Hash` compares in constant time.
         (tag == self.tag(id)).then_some(id)
     }
@@ -108,12 +108,46 @@ impl DeviceKeys {
 /// The id in a device cookie value of the guard's form (`<id>.<tag>`, or the bare id an older
 /// qsguard issued), without checking the tag: it keys a browser's flight, nothing more.
 pub fn id_of(value: &str) -> Option<DeviceId> {
-    let id = value.split_once('.').map_or(value, |(id, _)| id);
-    if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+    let v = value.as_bytes();
+    let id = memchr::memchr(b'.', v).map_or(v, |dot| &v[..dot]);
+    if id.len() != 32 {
         return None;
     }
-    u128::from_str_radix(id, 16).ok()
+    Some(DeviceId::from_be_bytes(hex::<16>(id)?))
 }
+
+/// `2 * N` hex digits (either case) as `N` bytes; checked on every request that carries a
+/// device cookie, so by table rather than through `from_str_radix`.
+fn hex<const N: usize>(digits: &[u8]) -> Option<[u8; N]> {
+    if digits.len() != 2 * N {
+        return None;
+    }
+    let mut out = [0u8; N];
+    let mut bad = 0u8;
+    for (o, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
+        let (hi, lo) = (NIBBLE[pair[0] as usize], NIBBLE[pair[1] as usize]);
+        bad |= (hi | lo) & 0x10;
+        *o = (hi << 4) | (lo & 0x0f);
+    }
+    (bad == 0).then_some(out)
+}
+
+/// A hex digit's value; 0x10 for any other byte.
+static NIBBLE: [u8; 256] = {
+    let mut t = [0x10u8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        t[b'A' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
 
 /// `<snapshot_file>.device-key`.
 pub fn key_file(snapshot: &Path) -> PathBuf {
@@ -177,6 +211,21 @@ mod tests {
         assert_eq!(DeviceKeys::load(None).unwrap().verify(&v), None);
         for junk in ["", ".", "zz.zz", &v[..v.len() - 1], &format!("{v}0")] {
             assert_eq!(k.verify(junk), None, "{junk}");
+        }
+        // Hex digits of either case are the same value; any other byte anywhere is not.
+        assert_eq!(k.verify(&v.to_uppercase()), Some(id));
+        for at in (0..v.len()).filter(|&i| i != 32) {
+            for bad in [b'g', b'G', b'/', b':', b'@', b'`', b' ', 0xff] {
+                let mut b = v.clone().into_bytes();
+                b[at] = bad;
+                let text = String::from_utf8_lossy(&b);
+                assert_eq!(k.verify(&text), None, "{text}");
+            }
+        }
+        assert_eq!(id_of(&v), Some(id));
+        assert_eq!(id_of(&format!("{id:032X}")), Some(id));
+        for junk in ["", "0123", &format!("{id:032x}0"), &format!("{id:031x}g.")] {
+            assert_eq!(id_of(junk), None, "{junk}");
         }
     }
 

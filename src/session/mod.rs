@@ -490,10 +490,12 @@ impl SessionGuard {
         let [cookie, sent_device] = cookies::find(req.headers, [&info.cookie, &self.device_cookie]);
         // A device cookie the guard did not sign is never honoured (see `device_trusted`).
         let (device, new_device, device_trusted) = match sent_device.first {
-            Some(v) => match (self.device_keys.verify(v), device::id_of(v)) {
-                (Some(d), _) => (d, false, true),
-                (None, Some(d)) => (d, false, false),
-                (None, None) => (rand::random(), true, true),
+            Some(v) => match self.device_keys.verify(v) {
+                Some(d) => (d, false, true),
+                None => match device::id_of(v) {
+                    Some(d) => (d, false, false),
+                    None => (rand::random(), true, true),
+                },
             },
             None => (rand::random(), true, true),
         };

@@ -169,6 +169,110 @@ impl Framing {
     }
 }
 
+/// The fields the proxy acts on, recognised once by the parser so that the phases after it
+/// compare a byte instead of a name (a head is looked through several times per request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Known {
+    Other,
+    Host,
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    KeepAlive,
+    ProxyConnection,
+    Te,
+    Trailer,
+    Upgrade,
+    Expect,
+    Cookie,
+    SetCookie,
+    XForwardedFor,
+    XForwardedProto,
+    XForwardedHost,
+}
+
+impl Known {
+    /// The field a name stands for; by length first, so that most names are decided by one
+    /// comparison.
+    pub fn of(name: &[u8]) -> Known {
+        let Some(&first) = name.first() else {
+            return Known::Other;
+        };
+        let (known, text): (Known, &[u8]) = match (name.len(), first | 0x20) {
+            (2, b't') => (Known::Te, b"te"),
+            (4, b'h') => (Known::Host, b"host"),
+            (6, b'c') => (Known::Cookie, b"cookie"),
+            (6, b'e') => (Known::Expect, b"expect"),
+            (7, b'u') => (Known::Upgrade, b"upgrade"),
+            (7, b't') => (Known::Trailer, b"trailer"),
+            (10, b'c') => (Known::Connection, b"connection"),
+            (10, b's') => (Known::SetCookie, b"set-cookie"),
+            (10, b'k') => (Known::KeepAlive, b"keep-alive"),
+            (14, b'c') => (Known::ContentLength, b"content-length"),
+            (15, b'x') => (Known::XForwardedFor, b"x-forwarded-for"),
+            (16, b'x') => (Known::XForwardedHost, b"x-forwarded-host"),
+            (16, b'p') => (Known::ProxyConnection, b"proxy-connection"),
+            (17, b't') => (Known::TransferEncoding, b"transfer-encoding"),
+            (17, b'x') => (Known::XForwardedProto, b"x-forwarded-proto"),
+            _ => return Known::Other,
+        };
+        if eq_token_folded(name, text) {
+            known
+        } else {
+            Known::Other
+        }
+    }
+
+    /// Belongs to one connection only (RFC 9110 7.6.1), or is a legacy field browsers and old
+    /// proxies still send with that meaning.
+    pub fn hop_by_hop(self) -> bool {
+        matches!(
+            self,
+            Known::Connection
+                | Known::KeepAlive
+                | Known::ProxyConnection
+                | Known::Te
+                | Known::Trailer
+                | Known::TransferEncoding
+                | Known::Upgrade
+        )
+    }
+}
+
+/// `name` equals `lower`, a lower-case name of letters and `-`, ignoring case; eight bytes
+/// at a time. Setting bit 5 of a byte gives a lower-case letter only for that letter in either
+/// case, and gives `-` only for `-` and CR; CR is never in a token, and every name compared
+/// here is one (httparse checks field names and the parser `Connection` tokens; the guard's
+/// own names are constants).
+fn eq_token_folded(name: &[u8], lower: &[u8]) -> bool {
+    const FOLD: u64 = 0x2020_2020_2020_2020;
+    let n = name.len();
+    if n != lower.len() {
+        return false;
+    }
+    let word = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+    if n >= 8 {
+        let mut at = 0;
+        while at + 8 <= n {
+            if word(name, at) | FOLD != word(lower, at) {
+                return false;
+            }
+            at += 8;
+        }
+        at == n || word(name, n - 8) | FOLD == word(lower, n - 8)
+    } else {
+        name.iter().zip(lower).all(|(&a, &b)| a | 0x20 == b)
+    }
+}
+
+/// One field line: where its name and value are in the head's bytes, and what it is.
+#[derive(Debug, Clone)]
+struct Field {
+    name: Range<usize>,
+    value: Range<usize>,
+    known: Known,
+}
+
 /// A parsed head: its bytes, and where the parts are.
 #[derive(Debug, Clone)]
 pub struct Head {
@@ -177,11 +281,15 @@ pub struct Head {
     method: Range<usize>,
     /// The request's target; empty for a response.
     target: Range<usize>,
+    /// Where the target's path ends (its `?`, or its end).
+    path_end: usize,
     /// The response's reason phrase; empty for a request.
     reason: Range<usize>,
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub minor: u8,
-    pub fields: Vec<(Range<usize>, Range<usize>)>,
+    fields: Vec<Field>,
+    /// `Connection` lists a token other than keep-alive, close and upgrade (a field to drop).
+    connection_names: bool,
     pub framing: Framing,
     /// The Content-Length value, when there was one (a HEAD or 304 response keeps it though it
     /// frames no body).
@@ -208,12 +316,12 @@ impl Head {
     }
 
     pub fn path(&self) -> &str {
-        let t = self.target();
-        t.split_once('?').map(|(p, _)| p).unwrap_or(t)
+        std::str::from_utf8(&self.bytes[self.target.start..self.path_end]).unwrap_or("/")
     }
 
     pub fn query(&self) -> Option<&str> {
-        self.target().split_once('?').map(|(_, q)| q)
+        let q = self.path_end + 1..self.target.end;
+        (self.path_end < self.target.end).then(|| std::str::from_utf8(&self.bytes[q]).unwrap_or(""))
     }
 
     pub fn reason(&self) -> &[u8] {
@@ -221,8 +329,13 @@ impl Head {
     }
 
     pub fn field(&self, i: usize) -> (&[u8], &[u8]) {
-        let (n, v) = &self.fields[i];
-        (&self.bytes[n.clone()], &self.bytes[v.clone()])
+        let f = &self.fields[i];
+        (&self.bytes[f.name.clone()], &self.bytes[f.value.clone()])
+    }
+
+    /// What field `i` is, as the parser recognised it.
+    pub fn known(&self, i: usize) -> Known {
+        self.fields[i].known
     }
 
     pub fn len(&self) -> usize {
@@ -237,9 +350,12 @@ impl Head {
     /// `keep-alive`, `close` and `upgrade`; usually none.
     pub fn connection_tokens(&self) -> Vec<&[u8]> {
         let mut out = Vec::new();
+        if !self.connection_names {
+            return out;
+        }
         for i in 0..self.len() {
-            let (n, v) = self.field(i);
-            if n.eq_ignore_ascii_case(b"connection") {
+            let (_, v) = self.field(i);
+            if self.known(i) == Known::Connection {
                 for t in list(v) {
                     if !t.eq_ignore_ascii_case(b"keep-alive")
                         && !t.eq_ignore_ascii_case(b"close")
@@ -258,6 +374,7 @@ impl Head {
 pub struct Values<'a> {
     head: &'a Head,
     name: &'a str,
+    known: Known,
     i: usize,
 }
 
@@ -265,10 +382,16 @@ impl<'a> Iterator for Values<'a> {
     type Item = &'a [u8];
     fn next(&mut self) -> Option<&'a [u8]> {
         while self.i < self.head.fields.len() {
-            let (n, v) = self.head.field(self.i);
+            let f = &self.head.fields[self.i];
             self.i += 1;
-            if n.eq_ignore_ascii_case(self.name.as_bytes()) {
-                return Some(v);
+            let hit = if self.known == Known::Other {
+                f.known == Known::Other
+                    && self.head.bytes[f.name.clone()].eq_ignore_ascii_case(self.name.as_bytes())
+            } else {
+                f.known == self.known
+            };
+            if hit {
+                return Some(&self.head.bytes[f.value.clone()]);
             }
         }
         None
@@ -281,27 +404,16 @@ impl crate::head_view::HeadView for Head {
         Values {
             head: self,
             name,
+            known: Known::of(name.as_bytes()),
             i: 0,
         }
     }
-}
-
-fn ranges(base: &[u8], fields: &[httparse::Header<'_>]) -> Vec<(Range<usize>, Range<usize>)> {
-    fields
-        .iter()
-        .map(|f| (range_of(base, f.name.as_bytes()), range_of(base, f.value)))
-        .collect()
 }
 
 fn range_of(base: &[u8], part: &[u8]) -> Range<usize> {
     let start = part.as_ptr() as usize - base.as_ptr() as usize;
     start..start + part.len()
 }
-
-/// The fields a `Connection` header may not name: the framing the engine rewrites, the Host it
-/// checked, and the cookies the session guard judged the request by.
-const PROTECTED_FROM_CONNECTION: [&[u8]; 4] =
-    [b"host", b"content-length", b"transfer-encoding", b"cookie"];
 
 /// What the field lines of a head say about its framing, gathered in one pass.
 #[derive(Default)]
@@ -317,6 +429,10 @@ struct Fields {
     connection_close: bool,
     connection_keep_alive: bool,
     connection_names_protected: bool,
+    /// `Connection` names Content-Length or Transfer-Encoding (refused in a response too).
+    connection_names_framing: bool,
+    /// `Connection` names something other than keep-alive, close or upgrade.
+    connection_names: bool,
     expect_continue: bool,
     hosts: usize,
     host_valid: bool,
@@ -330,59 +446,95 @@ enum FieldError {
     Lookalike,
 }
 
-fn read_fields(base: &[u8], fields: &[httparse::Header<'_>]) -> Result<Fields, FieldError> {
+/// Goes through the field lines once: what they say about framing, and each field's
+/// [`Known`] kind into `out`. Field values need no check of their own for control bytes:
+/// httparse refuses every CTL but HTAB in a value (and a CR not followed by LF), which the
+/// corpus and the fuzzer hold it to.
+fn read_fields(
+    base: &[u8],
+    fields: &[httparse::Header<'_>],
+    out: &mut Vec<Field>,
+) -> Result<Fields, FieldError> {
     let mut f = Fields::default();
+    out.reserve_exact(fields.len());
     for h in fields {
         let name = h.name.as_bytes();
         let value = h.value;
-        if value.iter().any(|&b| is_ctl(b) && b != b'\t') {
-            return Err(FieldError::Syntax);
+        let known = Known::of(name);
+        match known {
+            Known::ContentLength => {
+                if f.content_length.is_some() {
+                    return Err(FieldError::ContentLength);
+                }
+                f.content_length = Some(content_length(value).ok_or(FieldError::ContentLength)?);
+            }
+            Known::TransferEncoding => {
+                f.te_fields += 1;
+                for part in value.split(|&b| b == b',') {
+                    let token = trim_ows(part);
+                    if token.is_empty() || !token.iter().all(|&b| is_tchar(b)) {
+                        return Err(FieldError::TransferEncoding);
+                    }
+                    let r = range_of(base, token);
+                    f.codings.push((r.start, r.end));
+                    let chunked = token.eq_ignore_ascii_case(b"chunked");
+                    f.chunked_count += chunked as usize;
+                    f.chunked_last = chunked;
+                }
+            }
+            Known::Connection => {
+                for part in value.split(|&b| b == b',') {
+                    let t = trim_ows(part);
+                    if t.is_empty() {
+                        // `Connection: a,,b` is allowed (empty list elements), and says nothing.
+                        continue;
+                    }
+                    if !t.iter().all(|&b| is_tchar(b)) {
+                        return Err(FieldError::Syntax);
+                    }
+                    match Known::of(t) {
+                        Known::Upgrade => f.connection_upgrade = true,
+                        Known::KeepAlive => f.connection_keep_alive = true,
+                        Known::Other if t.eq_ignore_ascii_case(b"close") => {
+                            f.connection_close = true
+                        }
+                        k => {
+                            f.connection_names = true;
+                            f.connection_names_framing |=
+                                matches!(k, Known::ContentLength | Known::TransferEncoding);
+                            f.connection_names_protected |= matches!(
+                                k,
+                                Known::Host
+                                    | Known::ContentLength
+                                    | Known::TransferEncoding
+                                    | Known::Cookie
+                            );
+                        }
+                    }
+                }
+            }
+            Known::Upgrade => f.upgrade = true,
+            Known::Expect => {
+                f.expect_continue |= trim_ows(value).eq_ignore_ascii_case(b"100-continue")
+            }
+            Known::Host => {
+                f.hosts += 1;
+                f.host_valid = valid_host(value);
+            }
+            Known::Other
+                if matches!(name.len(), 4 | 14 | 17)
+                    && name.contains(&b'_')
+                    && is_lookalike(name) =>
+            {
+                return Err(FieldError::Lookalike);
+            }
+            _ => {}
         }
-        if name.eq_ignore_ascii_case(b"content-length") {
-            if f.content_length.is_some() {
-                return Err(FieldError::ContentLength);
-            }
-            f.content_length = Some(content_length(value).ok_or(FieldError::ContentLength)?);
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            f.te_fields += 1;
-            for part in value.split(|&b| b == b',') {
-                let token = trim_ows(part);
-                if token.is_empty() || !token.iter().all(|&b| is_tchar(b)) {
-                    return Err(FieldError::TransferEncoding);
-                }
-                let r = range_of(base, token);
-                f.codings.push((r.start, r.end));
-                let chunked = token.eq_ignore_ascii_case(b"chunked");
-                f.chunked_count += chunked as usize;
-                f.chunked_last = chunked;
-            }
-        } else if name.eq_ignore_ascii_case(b"connection") {
-            for part in value.split(|&b| b == b',') {
-                let t = trim_ows(part);
-                if t.is_empty() {
-                    // `Connection: a,,b` is allowed (empty list elements), and says nothing.
-                    continue;
-                }
-                if !t.iter().all(|&b| is_tchar(b)) {
-                    return Err(FieldError::Syntax);
-                }
-                f.connection_upgrade |= t.eq_ignore_ascii_case(b"upgrade");
-                f.connection_close |= t.eq_ignore_ascii_case(b"close");
-                f.connection_keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
-                f.connection_names_protected |= PROTECTED_FROM_CONNECTION
-                    .iter()
-                    .any(|p| p.eq_ignore_ascii_case(t));
-            }
-        } else if name.eq_ignore_ascii_case(b"upgrade") {
-            f.upgrade = true;
-        } else if name.eq_ignore_ascii_case(b"expect") {
-            f.expect_continue |= trim_ows(value).eq_ignore_ascii_case(b"100-continue");
-        } else if name.eq_ignore_ascii_case(b"host") {
-            f.hosts += 1;
-            f.host_valid = valid_host(value);
-        } else if name.contains(&b'_') && is_lookalike(name) {
-            return Err(FieldError::Lookalike);
-        }
+        out.push(Field {
+            name: range_of(base, name),
+            value: range_of(base, value),
+            known,
+        });
     }
     Ok(f)
 }
@@ -423,12 +575,29 @@ fn memchr2(a: u8, b: u8, hay: &[u8]) -> Option<usize> {
     memchr::memchr2(a, b, hay)
 }
 
+/// [`crlf_only`] for a head httparse has read whole, in one pass the compiler vectorises:
+/// httparse accepts a CR only when an LF follows it (in the request line, the status line,
+/// field lines and the empty lines before the request line alike), so a bare LF is there
+/// exactly when the head holds more LFs than CRs.
+fn crlf_only_parsed(head: &[u8]) -> bool {
+    let mut more_lf: isize = 0;
+    for chunk in head.chunks(128) {
+        let (mut lf, mut cr) = (0u8, 0u8);
+        for &b in chunk {
+            lf += (b == b'\n') as u8;
+            cr += (b == b'\r') as u8;
+        }
+        more_lf += lf as isize - cr as isize;
+    }
+    more_lf == 0
+}
+
 /// Parses the request head at the start of `bytes`: `Ok(None)` while it is incomplete. The
 /// returned head's `bytes` are filled by the caller (a cheap slice of its buffer).
 pub fn parse_request(bytes: &[u8], max_head: usize) -> Result<Option<(usize, Head)>, Rejection> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut fields);
-    let len = match req.parse(bytes) {
+    let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(bytes, &mut fields) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => {
             return if bytes.len() > max_head {
@@ -452,7 +621,7 @@ pub fn parse_request(bytes: &[u8], max_head: usize) -> Result<Option<(usize, Hea
     if len > max_head {
         return Err(Rejection::HeadTooLarge);
     }
-    if !crlf_only(&bytes[..len]) {
+    if !crlf_only_parsed(&bytes[..len]) {
         return Err(Rejection::BareLineEnd);
     }
     let minor = req.version.unwrap_or(1);
@@ -467,7 +636,8 @@ pub fn parse_request(bytes: &[u8], max_head: usize) -> Result<Option<(usize, Hea
     {
         return Err(Rejection::BadTarget);
     }
-    let f = read_fields(bytes, req.headers).map_err(|e| match e {
+    let mut fields = Vec::new();
+    let f = read_fields(bytes, req.headers, &mut fields).map_err(|e| match e {
         FieldError::Syntax => Rejection::Malformed,
         FieldError::ContentLength => Rejection::BadContentLength,
         FieldError::TransferEncoding => Rejection::BadTransferEncoding,
@@ -501,6 +671,7 @@ pub fn parse_request(bytes: &[u8], max_head: usize) -> Result<Option<(usize, Hea
             None => Framing::None,
         }
     };
+    let target_range = range_of(bytes, target.as_bytes());
     let upgrade = f.upgrade && f.connection_upgrade;
     if upgrade && framing.has_body() {
         return Err(Rejection::UpgradeWithBody);
@@ -511,10 +682,13 @@ pub fn parse_request(bytes: &[u8], max_head: usize) -> Result<Option<(usize, Hea
         Head {
             bytes: Bytes::new(),
             method: range_of(bytes, req.method.unwrap_or("").as_bytes()),
-            target: range_of(bytes, target.as_bytes()),
+            path_end: target_range.start
+                + memchr::memchr(b'?', target.as_bytes()).unwrap_or(target.len()),
+            target: target_range,
             reason: 0..0,
             minor,
-            fields: ranges(bytes, req.headers),
+            fields,
+            connection_names: f.connection_names,
             framing,
             length: f.content_length,
             codings: None,
@@ -530,9 +704,11 @@ pub fn parse_request(bytes: &[u8], max_head: usize) -> Result<Option<(usize, Hea
 /// more than a browser, but a response whose length cannot be known exactly is refused (the
 /// connection could not be reused safely, and the browser would be told a wrong length).
 pub fn parse_response(bytes: &[u8], head_request: bool) -> Result<Option<(usize, Head)>, Invalid> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut fields);
-    let len = match resp.parse(bytes) {
+    let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed =
+        httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, bytes, &mut fields);
+    let len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => {
             return if bytes.len() > 256 * 1024 {
@@ -543,12 +719,13 @@ pub fn parse_response(bytes: &[u8], head_request: bool) -> Result<Option<(usize,
         }
         Err(_) => return Err(Invalid("the response is not valid HTTP/1.1")),
     };
-    if !crlf_only(&bytes[..len]) {
+    if !crlf_only_parsed(&bytes[..len]) {
         return Err(Invalid("a line of the response head does not end in CRLF"));
     }
     let status = resp.code.ok_or(Invalid("no status code"))?;
     let minor = resp.version.unwrap_or(1);
-    let f = read_fields(bytes, resp.headers).map_err(|e| {
+    let mut fields = Vec::new();
+    let f = read_fields(bytes, resp.headers, &mut fields).map_err(|e| {
         Invalid(match e {
             FieldError::Syntax => "a response field is not valid",
             FieldError::ContentLength => "an invalid or repeated Content-Length",
@@ -556,19 +733,8 @@ pub fn parse_response(bytes: &[u8], head_request: bool) -> Result<Option<(usize,
             FieldError::Lookalike => "a lookalike framing field",
         })
     })?;
-    let names_framing = {
-        // A response's Connection may name Host (meaningless) or Cookie, not its framing.
-        let mut named = false;
-        for h in resp.headers.iter() {
-            if h.name.eq_ignore_ascii_case("connection") {
-                named |= list(h.value).any(|t| {
-                    t.eq_ignore_ascii_case(b"content-length")
-                        || t.eq_ignore_ascii_case(b"transfer-encoding")
-                });
-            }
-        }
-        named
-    };
+    // A response's Connection may name Host (meaningless) or Cookie, not its framing.
+    let names_framing = f.connection_names_framing;
     if names_framing {
         return Err(Invalid("Connection names a framing field"));
     }
@@ -615,9 +781,11 @@ pub fn parse_response(bytes: &[u8], head_request: bool) -> Result<Option<(usize,
             bytes: Bytes::new(),
             method: 0..0,
             target: 0..0,
+            path_end: 0,
             reason: range_of(bytes, resp.reason.unwrap_or("").as_bytes()),
             minor,
-            fields: ranges(bytes, resp.headers),
+            fields,
+            connection_names: f.connection_names,
             framing,
             // 1xx and 204 never carry a length (RFC 9110 8.6).
             length: f.content_length.filter(|_| status >= 200 && status != 204),
@@ -681,14 +849,11 @@ pub fn valid_host(v: &[u8]) -> bool {
         }
     };
     if let Some(p) = port {
-        if p.is_empty()
-            || p.len() > 5
-            || !p.iter().all(u8::is_ascii_digit)
-            || std::str::from_utf8(p)
-                .ok()
-                .and_then(|s| s.parse::<u16>().ok())
-                .is_none()
-        {
+        if p.is_empty() || p.len() > 5 || !p.iter().all(u8::is_ascii_digit) {
+            return false;
+        }
+        let n = p.iter().fold(0u32, |n, &d| n * 10 + (d - b'0') as u32);
+        if n > u16::MAX as u32 {
             return false;
         }
     }
@@ -711,13 +876,29 @@ pub fn valid_host(v: &[u8]) -> bool {
             i += 3;
             continue;
         }
-        if !(b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b)) {
+        if !REG_NAME[b as usize] {
             return false;
         }
         i += 1;
     }
     true
 }
+
+/// The bytes of an RFC 3986 reg-name other than `%`: unreserved and sub-delims.
+static REG_NAME: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'='
+            );
+        b += 1;
+    }
+    t
+};
 
 /// `v` without surrounding spaces and tabs (RFC 9110's OWS).
 pub(crate) fn trim_ows(v: &[u8]) -> &[u8] {
@@ -733,8 +914,24 @@ pub(crate) fn trim_ows(v: &[u8]) -> &[u8] {
 }
 
 pub(crate) fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    TCHAR[b as usize]
 }
+
+/// RFC 9110's tchar: the bytes of a token.
+static TCHAR: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~'
+            );
+        b += 1;
+    }
+    t
+};
 
 pub(crate) fn is_ctl(b: u8) -> bool {
     b < 0x20 || b == 0x7f
@@ -918,6 +1115,102 @@ mod tests {
             parse_request(&many, 1 << 20).err(),
             Some(Rejection::HeadTooLarge)
         );
+    }
+
+    /// `read_fields` leaves control bytes in values to httparse: hold it to that for every
+    /// byte, in requests and responses, at the start, middle and end of a value.
+    #[test]
+    fn every_control_byte_in_a_value_is_refused() {
+        for b in (0u8..0x20).chain([0x7f]) {
+            if b == b'\t' || b == b'\r' || b == b'\n' {
+                continue;
+            }
+            for value in [vec![b, b'a'], vec![b'a', b, b'b'], vec![b'a', b]] {
+                let mut head = b"GET / HTTP/1.1\r\nHost: a\r\nX-A: ".to_vec();
+                head.extend_from_slice(&value);
+                head.extend_from_slice(b"\r\n\r\n");
+                assert!(req(&head).is_err(), "request, byte {b:#04x} in {value:?}");
+                let mut head = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-A: ".to_vec();
+                head.extend_from_slice(&value);
+                head.extend_from_slice(b"\r\n\r\n");
+                assert!(
+                    parse_response(&head, false).is_err(),
+                    "response, byte {b:#04x} in {value:?}"
+                );
+            }
+        }
+        // HTAB and obs-text are allowed in a value.
+        assert!(req(b"GET / HTTP/1.1\r\nHost: a\r\nX-A: a\tb\xe9\r\n\r\n").is_ok());
+    }
+
+    /// `crlf_only_parsed` counts LFs and CRs, which holds only because httparse accepts no CR
+    /// without an LF after it: a bare LF and a bare CR in every place a line can end.
+    #[test]
+    fn a_bare_lf_or_cr_is_refused_wherever_a_line_ends() {
+        let lines: [&[u8]; 4] = [b"GET /a HTTP/1.1", b"Host: a", b"X-A: b", b""];
+        for at in 0..lines.len() {
+            for end in [&b"\n"[..], b"\r", b"\r\r\n", b"\n\r"] {
+                let mut head = Vec::new();
+                for (i, l) in lines.iter().enumerate() {
+                    head.extend_from_slice(l);
+                    head.extend_from_slice(if i == at { end } else { b"\r\n" });
+                }
+                assert!(req(&head).is_err(), "{:?}", String::from_utf8_lossy(&head));
+                let mut resp = b"HTTP/1.1 200 OK".to_vec();
+                resp.extend_from_slice(if at == 0 { end } else { b"\r\n" });
+                resp.extend_from_slice(b"Content-Length: 0");
+                resp.extend_from_slice(if at == 1 { end } else { b"\r\n" });
+                resp.extend_from_slice(if at >= 2 { end } else { b"\r\n" });
+                assert!(
+                    parse_response(&resp, false).map(|r| r.is_none()).unwrap_or(true),
+                    "{:?}",
+                    String::from_utf8_lossy(&resp)
+                );
+            }
+        }
+        // Empty lines before the request line: CRLF is skipped, a bare LF is not.
+        assert!(req(b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n").unwrap().is_some());
+        assert!(req(b"\nGET / HTTP/1.1\r\nHost: a\r\n\r\n").is_err());
+        assert!(req(b"\rGET / HTTP/1.1\r\nHost: a\r\n\r\n").is_err());
+        // A bare CR inside a value or the target.
+        assert!(req(b"GET / HTTP/1.1\r\nHost: a\r\nX-A: a\rb\r\n\r\n").is_err());
+        assert!(req(b"GET /a\rb HTTP/1.1\r\nHost: a\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn field_kinds_are_recognised_in_any_case_and_only_by_the_whole_name() {
+        for (name, known) in [
+            (&b"Host"[..], Known::Host),
+            (b"HOST", Known::Host),
+            (b"content-length", Known::ContentLength),
+            (b"Transfer-Encoding", Known::TransferEncoding),
+            (b"X-Forwarded-Proto", Known::XForwardedProto),
+            (b"x-forwarded-host", Known::XForwardedHost),
+            (b"Proxy-Connection", Known::ProxyConnection),
+            (b"Set-Cookie", Known::SetCookie),
+            (b"TE", Known::Te),
+            (b"Hosts", Known::Other),
+            (b"hast", Known::Other),
+            (b"Content_Length", Known::Other),
+            (b"x-forwarded-fox", Known::Other),
+            (b"User-Agent", Known::Other),
+            (b"", Known::Other),
+        ] {
+            assert_eq!(Known::of(name), known, "{:?}", String::from_utf8_lossy(name));
+        }
+    }
+
+    #[test]
+    fn path_and_query() {
+        for (bytes, path, query) in [
+            (&b"GET /a/b?x=1&y=?2 HTTP/1.1\r\nHost: a\r\n\r\n"[..], "/a/b", Some("x=1&y=?2")),
+            (b"GET /a? HTTP/1.1\r\nHost: a\r\n\r\n", "/a", Some("")),
+            (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", "/", None),
+        ] {
+            let (_, mut h) = req(bytes).unwrap().unwrap();
+            h.bytes = Bytes::copy_from_slice(bytes);
+            assert_eq!((h.path(), h.query()), (path, query));
+        }
     }
 
     #[test]
