@@ -107,7 +107,11 @@ fn trim_start_sp(v: &[u8]) -> &[u8] {
 }
 
 fn trim_end_sp(v: &[u8]) -> &[u8] {
-    let n = v.iter().rev().take_while(|&&b| b == b' ' || b == b'\t').count();
+    let n = v
+        .iter()
+        .rev()
+        .take_while(|&&b| b == b' ' || b == b'\t')
+        .count();
     &v[..v.len() - n]
 }
 

@@ -706,8 +706,11 @@ pub fn parse_request(bytes: &[u8], max_head: usize) -> Result<Option<(usize, Hea
 pub fn parse_response(bytes: &[u8], head_request: bool) -> Result<Option<(usize, Head)>, Invalid> {
     let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
-    let parsed =
-        httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, bytes, &mut fields);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        bytes,
+        &mut fields,
+    );
     let len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => {
@@ -893,7 +896,20 @@ static REG_NAME: [bool; 256] = {
         t[b] = c.is_ascii_alphanumeric()
             || matches!(
                 c,
-                b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'='
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
             );
         b += 1;
     }
@@ -926,7 +942,20 @@ static TCHAR: [bool; 256] = {
         t[b] = c.is_ascii_alphanumeric()
             || matches!(
                 c,
-                b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~'
+                b'!' | b'#'
+                    | b'$'
+                    | b'%'
+                    | b'&'
+                    | b'\''
+                    | b'*'
+                    | b'+'
+                    | b'-'
+                    | b'.'
+                    | b'^'
+                    | b'_'
+                    | b'`'
+                    | b'|'
+                    | b'~'
             );
         b += 1;
     }
@@ -1162,14 +1191,18 @@ mod tests {
                 resp.extend_from_slice(if at == 1 { end } else { b"\r\n" });
                 resp.extend_from_slice(if at >= 2 { end } else { b"\r\n" });
                 assert!(
-                    parse_response(&resp, false).map(|r| r.is_none()).unwrap_or(true),
+                    parse_response(&resp, false)
+                        .map(|r| r.is_none())
+                        .unwrap_or(true),
                     "{:?}",
                     String::from_utf8_lossy(&resp)
                 );
             }
         }
         // Empty lines before the request line: CRLF is skipped, a bare LF is not.
-        assert!(req(b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n").unwrap().is_some());
+        assert!(req(b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .unwrap()
+            .is_some());
         assert!(req(b"\nGET / HTTP/1.1\r\nHost: a\r\n\r\n").is_err());
         assert!(req(b"\rGET / HTTP/1.1\r\nHost: a\r\n\r\n").is_err());
         // A bare CR inside a value or the target.
@@ -1196,14 +1229,23 @@ mod tests {
             (b"User-Agent", Known::Other),
             (b"", Known::Other),
         ] {
-            assert_eq!(Known::of(name), known, "{:?}", String::from_utf8_lossy(name));
+            assert_eq!(
+                Known::of(name),
+                known,
+                "{:?}",
+                String::from_utf8_lossy(name)
+            );
         }
     }
 
     #[test]
     fn path_and_query() {
         for (bytes, path, query) in [
-            (&b"GET /a/b?x=1&y=?2 HTTP/1.1\r\nHost: a\r\n\r\n"[..], "/a/b", Some("x=1&y=?2")),
+            (
+                &b"GET /a/b?x=1&y=?2 HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+                "/a/b",
+                Some("x=1&y=?2"),
+            ),
             (b"GET /a? HTTP/1.1\r\nHost: a\r\n\r\n", "/a", Some("")),
             (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", "/", None),
         ] {
