@@ -39,9 +39,20 @@ pub(crate) const LIMIT_SENTENCE: &str =
 const AUTH_MODULE: &str = "internal_windows_authentication";
 
 /// What one client connection holds of a Windows handshake: the challenge it was given.
-#[derive(Default)]
 pub(crate) struct ConnAuth {
     challenge: std::sync::Mutex<Option<[u8; 8]>>,
+    /// A serial number, shown by `/__sim/echo`: tests see which connection a request came on.
+    id: u64,
+}
+
+impl Default for ConnAuth {
+    fn default() -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        ConnAuth {
+            challenge: Default::default(),
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        }
+    }
 }
 
 impl ConnAuth {
@@ -132,7 +143,7 @@ async fn route(
     let path = parts.uri.path().to_string();
     let (vp, rest) = route_vp(shared, &path);
     if rest == "__sim" || rest.starts_with("__sim/") {
-        return sim_endpoint(parts, rest, body).await;
+        return sim_endpoint(conn, parts, rest, body).await;
     }
     let Some(vp) = vp else {
         return html_page(
@@ -569,9 +580,9 @@ fn personal_api(shared: &Shared, parts: &Parts, vp: usize, now: Instant) -> Resp
 }
 
 /// Test endpoints that are not part of Qlik: no authentication, never a session.
-async fn sim_endpoint(parts: &Parts, rest: &str, body: &Bytes) -> Response<Body> {
+async fn sim_endpoint(conn: &ConnAuth, parts: &Parts, rest: &str, body: &Bytes) -> Response<Body> {
     match rest {
-        "__sim/echo" => echo(parts, body),
+        "__sim/echo" => echo(conn, parts, body),
         "__sim/slow" => {
             let ms = query_param(parts.uri.query(), "ms")
                 .and_then(|v| String::from_utf8(v).ok())
@@ -608,8 +619,9 @@ async fn sim_endpoint(parts: &Parts, rest: &str, body: &Bytes) -> Response<Body>
     }
 }
 
-/// `/__sim/echo`: the request exactly as received, plus optional status and Set-Cookie lines.
-fn echo(parts: &Parts, body: &Bytes) -> Response<Body> {
+/// `/__sim/echo`: the request exactly as received (and the serial number of the connection it
+/// came on), plus optional status and Set-Cookie lines.
+fn echo(conn: &ConnAuth, parts: &Parts, body: &Bytes) -> Response<Body> {
     let mut status = StatusCode::OK;
     let mut cookies = Vec::new();
     for (name, value) in query_pairs(parts.uri.query()) {
@@ -662,6 +674,7 @@ fn echo(parts: &Parts, body: &Bytes) -> Response<Body> {
             "version": format!("{:?}", parts.version),
             "headers": headers,
             "body_len": body.len(),
+            "connection": conn.id,
         }),
     );
     for c in cookies {
