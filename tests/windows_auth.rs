@@ -1,0 +1,234 @@
+//! Windows authentication through the guard, against the simulator's connection-bound NTLM
+//! handshake: logins at nine o'clock (many browsers at once, the pool cold or busy), an
+//! authenticated upstream connection never serving another client, and NTLM over HTTP/2.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::Full;
+use qsguard::sim::ntlm::{Browser, Scheme};
+
+const WIN: &str = "X-Qlik-Session-HTTP";
+
+/// `n` browsers of `n` users `CORP\<tag><i>` log in at the same moment, half with NTLM, half
+/// with Negotiate; returns (logins that ended on the hub, the slowest login).
+async fn logins_at_once(addr: std::net::SocketAddr, n: usize, tag: &str) -> (usize, Duration) {
+    let start = Arc::new(tokio::sync::Barrier::new(n));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let start = start.clone();
+        let user = format!("CORP\\{tag}{i}");
+        tasks.push(tokio::spawn(async move {
+            let scheme = if i % 2 == 0 {
+                Scheme::Ntlm
+            } else {
+                Scheme::Negotiate
+            };
+            let browser = Browser::new(&user, scheme);
+            let mut jar = Jar::new();
+            start.wait().await;
+            let t = Instant::now();
+            let r = Client::plain(addr)
+                .link()
+                .await
+                .browse_with("/hub/", &mut jar, &[], Some(&browser))
+                .await;
+            let ok = r.status == 200 && r.text().contains(&user);
+            (ok && jar_get(&jar, WIN).is_some(), t.elapsed())
+        }));
+    }
+    let mut ok = 0;
+    let mut slowest = Duration::ZERO;
+    for t in tasks {
+        let (good, took) = t.await.unwrap();
+        ok += good as usize;
+        slowest = slowest.max(took);
+    }
+    (ok, slowest)
+}
+
+/// Rounds of 20 simultaneous logins: every one gets in as its own user, no handshake fails.
+async fn rounds(
+    sim: &qsguard::sim::Simulator,
+    addr: std::net::SocketAddr,
+    tag: &str,
+    rounds: usize,
+) {
+    for round in 0..rounds {
+        let before = sim.counters();
+        let tag = format!("{tag}{round}x");
+        let (ok, slowest) = logins_at_once(addr, 20, &tag).await;
+        let c = sim.counters();
+        let failures = c.ntlm_failures() - before.ntlm_failures();
+        eprintln!(
+            "round {round}: {ok}/20 logged in, {} without a challenge, {} with another's, slowest {slowest:?}",
+            c.ntlm_no_challenge - before.ntlm_no_challenge,
+            c.ntlm_bad_answer - before.ntlm_bad_answer,
+        );
+        assert_eq!(
+            (ok, failures),
+            (20, 0),
+            "round {round}: logins that got in, handshakes that failed"
+        );
+        assert_eq!(c.ntlm_handshakes - before.ntlm_handshakes, 20);
+        for i in 0..20 {
+            assert_eq!(sim.live_sessions(&format!("CORP\\{tag}{i}")), 1);
+        }
+        assert!(
+            slowest < Duration::from_secs(5),
+            "round {round}: a login took {slowest:?}"
+        );
+    }
+    assert_eq!(sim.counters().limit_refusals, 0);
+}
+
+#[tokio::test]
+async fn twenty_browsers_log_in_at_once() {
+    let sim = sim().await;
+    let guard = guard(sim.addr()).await;
+    rounds(&sim, guard.addr, "nine", 5).await;
+    guard.shutdown().await;
+}
+
+#[tokio::test]
+async fn twenty_browsers_log_in_while_the_pool_is_busy() {
+    let sim = sim().await;
+    let guard = guard(sim.addr()).await;
+    let mut load = Load::default();
+    load.users(guard.addr, 8, "busy");
+    load.reaches("the pool is warm", 40).await;
+    rounds(&sim, guard.addr, "warm", 5).await;
+    assert_eq!(load.stop().await, 0, "the other traffic went on");
+    guard.shutdown().await;
+}
+
+fn get_req(path: &str, auth: Option<&str>) -> Request<Full<Bytes>> {
+    let mut b = Request::get(path).header("host", "qlik.example.com");
+    if let Some(a) = auth {
+        b = b.header("authorization", a);
+    }
+    b.body(Full::new(Bytes::new())).unwrap()
+}
+
+/// The serial number of the upstream connection `/__sim/echo` came on.
+fn upstream_conn(r: &Resp) -> u64 {
+    r.json()["connection"]
+        .as_u64()
+        .expect("the echo names its connection")
+}
+
+/// A client connection whose handshake has started owns its upstream connection: many other
+/// clients hammering the node never get it (so never replace its challenge), the owner's
+/// next requests go over it, and the Type 3 completes.
+#[tokio::test]
+async fn an_authenticated_upstream_connection_serves_no_other_client() {
+    let sim = sim().await;
+    let guard = guard(sim.addr()).await;
+    let client = Client::plain(guard.addr);
+    let login = client.get("/hub/", &[]).await;
+    let auth = login.header("location").expect("to the login");
+    let jane = Browser::new("CORP\\jane", Scheme::Ntlm);
+    let mut owner = client.h1_conn().await.unwrap();
+    let r = owner
+        .send(get_req(&auth, Some(&jane.negotiate())))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 401);
+    let www: Vec<Vec<u8>> = r
+        .headers
+        .get_all("www-authenticate")
+        .iter()
+        .map(|v| v.as_bytes().to_vec())
+        .collect();
+    let mine = upstream_conn(&owner.send(get_req("/__sim/echo", None)).await.unwrap());
+    // Others, on connections of their own, many at once.
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut c = client.h1_conn().await.unwrap();
+            for _ in 0..10 {
+                seen.push(upstream_conn(
+                    &c.send(get_req("/__sim/echo", None)).await.unwrap(),
+                ));
+            }
+            seen
+        }));
+    }
+    for t in tasks {
+        let seen = t.await.unwrap();
+        assert!(
+            !seen.contains(&mine),
+            "another client's request went over the authenticated connection"
+        );
+    }
+    let again = upstream_conn(&owner.send(get_req("/__sim/echo", None)).await.unwrap());
+    assert_eq!(again, mine, "the owner's requests keep to its connection");
+    let a3 = jane
+        .authenticate(www.iter().map(Vec::as_slice))
+        .expect("a challenge");
+    let r = owner.send(get_req(&auth, Some(&a3))).await.unwrap();
+    assert_eq!(r.status, 302, "{}", r.text());
+    assert_eq!(sim.counters().ntlm_failures(), 0);
+    // Its owner gone, the connection goes too: nobody else ever gets it.
+    drop(owner);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..20 {
+        let r = client.get("/__sim/echo", &[]).await;
+        assert_ne!(upstream_conn(&r), mine);
+    }
+    guard.shutdown().await;
+}
+
+static AFTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A Qlik node that closes the connection right after its NTLM challenge.
+fn closes_after_challenge(path: &str) -> (Vec<u8>, bool) {
+    match path {
+        "/hub/ntlm" => (
+            b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: NTLM\r\nContent-Length: 0\r\n\r\n"
+                .to_vec(),
+            true,
+        ),
+        "/hub/after" => {
+            AFTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+                false,
+            )
+        }
+        _ => (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".to_vec(),
+            false,
+        ),
+    }
+}
+
+/// The private connection breaks: the client connection is closed with it, and its next
+/// request never goes to another upstream connection.
+#[tokio::test]
+async fn a_broken_private_connection_closes_the_client_connection() {
+    let origin = scripted_origin(closes_after_challenge).await;
+    let guard = guard(origin).await;
+    let type1 = Browser::new("CORP\\jane", Scheme::Ntlm).negotiate();
+    let two = format!(
+        "GET /hub/ntlm HTTP/1.1\r\nHost: q\r\nAuthorization: {type1}\r\n\r\n\
+         GET /hub/after HTTP/1.1\r\nHost: q\r\n\r\n"
+    );
+    let out = raw(guard.addr, two.as_bytes(), Duration::from_secs(3)).await;
+    assert_eq!(
+        statuses(&out),
+        [401, 502],
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert!(String::from_utf8_lossy(&out).contains("connection: close"));
+    assert_eq!(AFTER.load(std::sync::atomic::Ordering::SeqCst), 0);
+    guard.shutdown().await;
+}
