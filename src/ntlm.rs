@@ -34,6 +34,21 @@ pub fn response_binds<H: HeadView>(status: u16, head: &H) -> bool {
     status == 401 && head.values("www-authenticate").any(is_connection_auth)
 }
 
+/// Qlik's Windows authentication module, `/<prefix/>internal_windows_authentication/`, where
+/// the NTLM / Negotiate handshake happens.
+pub fn is_windows_auth_path(path: &str) -> bool {
+    let mut segments = path.trim_start_matches('/').split('/');
+    let module = "internal_windows_authentication";
+    segments.next() == Some(module) || segments.next() == Some(module)
+}
+
+/// A request that cannot be served over HTTP/2: a connection-bound handshake needs one TCP
+/// connection per client, and HTTP/2 multiplexes clients' streams over shared state (RFC
+/// 9113 `HTTP_1_1_REQUIRED`, what IIS answers).
+pub fn needs_http1<H: HeadView>(path: &str, head: &H) -> bool {
+    is_windows_auth_path(path) || request_binds(head)
+}
+
 /// The (domain, user) an `Authorization: NTLM|Negotiate <Type 3>` names; `None` for any
 /// other value (a Type 1, a Kerberos ticket, an anonymous Type 3, something malformed).
 pub fn authenticate_user(value: &[u8]) -> Option<(String, String)> {
@@ -114,6 +129,20 @@ fn decode_base64(s: &[u8]) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
     use crate::sim::ntlm::{Browser, Scheme};
+
+    #[test]
+    fn windows_auth_paths() {
+        assert!(is_windows_auth_path("/internal_windows_authentication/"));
+        assert!(is_windows_auth_path(
+            "/win/internal_windows_authentication/"
+        ));
+        assert!(is_windows_auth_path("/internal_windows_authentication"));
+        assert!(!is_windows_auth_path("/hub/"));
+        assert!(!is_windows_auth_path(
+            "/a/b/internal_windows_authentication/"
+        ));
+        assert!(!is_windows_auth_path("/internal_forms_authentication/"));
+    }
 
     #[test]
     fn schemes() {

@@ -232,3 +232,67 @@ async fn a_broken_private_connection_closes_the_client_connection() {
     assert_eq!(AFTER.load(std::sync::atomic::Ordering::SeqCst), 0);
     guard.shutdown().await;
 }
+
+/// Over HTTP/2 the authentication path (and any NTLM leg) is refused with
+/// `RST_STREAM(HTTP_1_1_REQUIRED)`, the connection stays usable, and a browser that falls back
+/// to HTTP/1.1 for the handshake logs in and goes on over HTTP/2.
+#[tokio::test]
+async fn over_http2_the_handshake_is_sent_to_http1() {
+    let sim = sim().await;
+    let cert = TestCert::new();
+    let guard = guard_with(&cert.config(&[sim.addr()], "", "")).await;
+    let client = Client::tls(guard.addr, &cert, Proto::Http2);
+    let stream = tls_connect(guard.addr, &cert.connector(&[b"h2"])).await;
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let type1 = Browser::new("CORP\\h2", Scheme::Negotiate).negotiate();
+    for (path, auth) in [
+        ("/internal_windows_authentication/?targetId=x", None),
+        ("/win/internal_windows_authentication/", None),
+        ("/hub/", Some(type1.as_str())),
+    ] {
+        let mut b = Request::get(format!("https://qlik.example.com{path}"));
+        if let Some(a) = auth {
+            b = b.header("authorization", a);
+        }
+        h2.ready().await.unwrap();
+        let e = h2
+            .send_request(b.body(Full::new(Bytes::new())).unwrap())
+            .await
+            .expect_err("the stream is reset");
+        assert!(client::is_http_1_1_required(&e), "{path}: {e:?}");
+    }
+    // The connection itself goes on.
+    h2.ready().await.unwrap();
+    let r = h2
+        .send_request(
+            Request::get("https://qlik.example.com/__sim/echo")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .expect("another stream is served");
+    assert_eq!(r.status(), 200);
+    // A browser: the hub over HTTP/2, the handshake over HTTP/1.1, the hub again over HTTP/2.
+    let mut jar = Jar::new();
+    let link = client.link().await;
+    let browser = Browser::new("CORP\\h2", Scheme::Negotiate);
+    let r = link
+        .browse_with("/hub/", &mut jar, &[], Some(&browser))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("CORP\\h2"));
+    let r = link.browse("/hub/", &mut jar, &[]).await;
+    assert_eq!(r.status, 200);
+    let c = sim.counters();
+    assert_eq!(
+        (c.ntlm_handshakes, c.ntlm_failures(), c.sessions_created),
+        (1, 0, 1)
+    );
+    guard.shutdown().await;
+}
