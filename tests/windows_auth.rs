@@ -296,3 +296,97 @@ async fn over_http2_the_handshake_is_sent_to_http1() {
     );
     guard.shutdown().await;
 }
+
+/// A user with five sessions, each made by a browser of its own through the guard.
+async fn at_the_limit(addr: std::net::SocketAddr, user: &str) {
+    for _ in 0..5 {
+        let r = browse_windows(addr, "/hub/", &mut Jar::new(), user).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+}
+
+/// A user at the limit opens a private window (a browser the guard has never seen): the
+/// Type 3 names the user, so the guard's limit applies before the ticket makes a session.
+/// `error`: the guard's page, and Qlik refuses nothing.
+#[tokio::test]
+async fn a_private_window_at_the_limit_gets_the_guards_page() {
+    let sim = sim().await;
+    let guard = guard_with(&config_text(
+        &[sim.addr()],
+        "",
+        "[sessions]\non_limit = \"error\"\n",
+    ))
+    .await;
+    at_the_limit(guard.addr, "CORP\\full").await;
+    assert_eq!(sim.live_sessions("CORP\\full"), 5);
+    let r = browse_windows(guard.addr, "/hub/", &mut Jar::new(), "CORP\\full").await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    let c = sim.counters();
+    assert_eq!((c.sessions_created, c.limit_refusals), (5, 0));
+    assert_eq!(c.ntlm_failures(), 0);
+    // Another user's private window is not held up.
+    let r = browse_windows(guard.addr, "/hub/", &mut Jar::new(), "CORP\\other").await;
+    assert_eq!(r.status, 200);
+    guard.shutdown().await;
+}
+
+/// `evict`: the private window gets in, the least recently active idle session makes room,
+/// and Qlik refuses nothing.
+#[tokio::test]
+async fn a_private_window_at_the_limit_evicts_the_oldest_idle_session() {
+    let sim = sim().await;
+    let guard = guard_with(&config_text(
+        &[sim.addr()],
+        "",
+        "[sessions]\non_limit = \"evict\"\n",
+    ))
+    .await;
+    at_the_limit(guard.addr, "CORP\\busy").await;
+    let oldest = sim.session_ids("CORP\\busy");
+    let r = browse_windows(guard.addr, "/hub/", &mut Jar::new(), "CORP\\busy").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("CORP\\busy"));
+    let c = sim.counters();
+    assert_eq!((c.sessions_created, c.limit_refusals), (6, 0));
+    assert_eq!(sim.live_sessions("CORP\\busy"), 5);
+    assert_ne!(sim.session_ids("CORP\\busy"), oldest);
+    guard.shutdown().await;
+}
+
+/// Qlik refuses a user the guard knows (two of the five sessions were made without the
+/// guard): with `evict`, the guard ends the user's least recently active idle session it
+/// knows and sends the browser back to log in, which then gets in.
+#[tokio::test]
+async fn a_refusal_for_a_known_user_is_turned_into_a_login() {
+    let sim = sim().await;
+    let guard = guard_with(&config_text(
+        &[sim.addr()],
+        "",
+        "[sessions]\non_limit = \"evict\"\n",
+    ))
+    .await;
+    for _ in 0..3 {
+        let r = browse_windows(guard.addr, "/hub/", &mut Jar::new(), "CORP\\split").await;
+        assert_eq!(r.status, 200);
+    }
+    for _ in 0..2 {
+        let r = browse_windows(sim.addr(), "/hub/", &mut Jar::new(), "CORP\\split").await;
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(sim.live_sessions("CORP\\split"), 5);
+    let t = Instant::now();
+    let r = browse_windows(guard.addr, "/hub/", &mut Jar::new(), "CORP\\split").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Not held for `burst_wait` by the dance Qlik refused.
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(r.text().contains("CORP\\split"));
+    assert_eq!(
+        sim.counters().limit_refusals,
+        1,
+        "Qlik refused once, then let it in"
+    );
+    assert_eq!(sim.live_sessions("CORP\\split"), 5);
+    assert_eq!(events(&guard, "qps_limit_refusal").len(), 1);
+    assert_eq!(events(&guard, "session_evicted").len(), 1);
+    guard.shutdown().await;
+}

@@ -169,7 +169,11 @@ pub(crate) async fn exchange<T: Transport>(proxy: &Arc<Proxy>, t: &mut T, head: 
     x.private |= crate::ntlm::response_binds(head.status, &head);
     // 6. after
     let extra = match after(&mut x, &head, &mut conn).await {
-        Ok(extra) => extra,
+        Ok(After::Relay(extra)) => extra,
+        Ok(After::Answer(page)) => {
+            drop(busy);
+            return t.answer(x, page).await;
+        }
         Err(e) => {
             drop(busy);
             return fail(t, x, e).await;
@@ -430,13 +434,17 @@ async fn read_response_head(
     }
 }
 
+/// What phase 6 decided.
+enum After {
+    /// Qlik's answer goes on, with the guard's `Set-Cookie`s after Qlik's.
+    Relay(Vec<HeaderValue>),
+    /// Qlik's refusal was turned into another login (`on_limit = "evict"`): this instead.
+    Answer(Page),
+}
+
 /// Phase 6: what the response teaches the guard; the `Set-Cookie`s the guard adds. Fails only
 /// when a body it must look at does not come in time.
-async fn after(
-    x: &mut Exchange,
-    resp: &Head,
-    conn: &mut Conn,
-) -> Result<Vec<HeaderValue>, ProxyError> {
+async fn after(x: &mut Exchange, resp: &Head, conn: &mut Conn) -> Result<After, ProxyError> {
     let node = x.node.as_ref().expect("a node was chosen");
     let mut extra = match (&x.proxy.sessions, x.ctx.as_deref_mut()) {
         (Some(g), Some(c)) => g.after(c, &node.name_arc(), x.head.target(), resp.status, resp),
@@ -462,14 +470,16 @@ async fn after(
                 upstream: node.name.clone(),
             });
         }
-        let user = x.ctx.as_deref().and_then(|c| {
-            c.identity
-                .clone()
-                .or_else(|| c.session.as_ref().and_then(|s| s.owner()))
-        });
-        g.note_possible_qps_refusal(&conn.buf[..n.min(conn.buf.len())], user);
+        let body = &conn.buf[..n.min(conn.buf.len())];
+        let user = x.ctx.as_deref().and_then(|c| g.known_user(c));
+        g.note_possible_qps_refusal(body, user);
+        if let Some(c) = x.ctx.as_deref() {
+            if let Some(page) = g.refusal_to_login(c, body, x.head.path()).await {
+                return Ok(After::Answer(page));
+            }
+        }
     }
-    Ok(extra)
+    Ok(After::Relay(extra))
 }
 
 /// A small HTML 4xx from Qlik may be its "too many sessions" page: its length, if so.
