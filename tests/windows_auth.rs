@@ -390,3 +390,92 @@ async fn a_refusal_for_a_known_user_is_turned_into_a_login() {
     assert_eq!(events(&guard, "session_evicted").len(), 1);
     guard.shutdown().await;
 }
+
+/// Follows redirects on the one connection `c`, answering a Windows `401` with the handshake
+/// there too, as a browser on a kept-alive connection does.
+async fn browse_on(c: &mut client::H1, path: &str, jar: &mut Jar, extra: &[(&str, &str)]) -> Resp {
+    let b = Browser::new("CORP\\two", Scheme::Ntlm);
+    let mut path = path.to_string();
+    let mut auth: Option<String> = None;
+    for _ in 0..10 {
+        let mut req = Request::get(&path).header("host", "qlik.example.com");
+        let cookie = cookie_header(jar);
+        if !cookie.is_empty() {
+            req = req.header("cookie", cookie);
+        }
+        for (k, v) in extra {
+            req = req.header(*k, *v);
+        }
+        if let Some(a) = auth.take() {
+            req = req.header("authorization", a);
+        }
+        let r = c
+            .send(req.body(Full::new(Bytes::new())).unwrap())
+            .await
+            .unwrap();
+        for sc in r.all("set-cookie") {
+            let pair = sc.split(';').next().unwrap_or("");
+            if let Some((k, v)) = pair.split_once('=') {
+                jar.retain(|(n, _)| n != k);
+                jar.push((k.to_string(), v.to_string()));
+            }
+        }
+        if r.status == 401 {
+            let www: Vec<Vec<u8>> = r
+                .headers
+                .get_all("www-authenticate")
+                .iter()
+                .map(|v| v.as_bytes().to_vec())
+                .collect();
+            auth = Some(match b.authenticate(www.iter().map(Vec::as_slice)) {
+                Some(a3) => a3,
+                None => b.negotiate(),
+            });
+            continue;
+        }
+        if r.status.is_redirection() {
+            path = r.header("location").unwrap();
+            continue;
+        }
+        return r;
+    }
+    panic!("too many redirects");
+}
+
+/// Two nodes: a browser connection that logged in on one node (and owns a connection to it)
+/// sends a request of a session that lives on the other node: it goes there, not over the
+/// private connection, where the session would be unknown and a new one made.
+#[tokio::test]
+async fn a_private_connection_does_not_take_another_nodes_session() {
+    let (a, b) = (sim().await, sim().await);
+    let guard = guard_with(&config_text(&[a.addr(), b.addr()], "", "")).await;
+    let client = Client::plain(guard.addr);
+    let mut c = client.h1_conn().await.unwrap();
+    let mut jar = Jar::new();
+    let r = browse_on(&mut c, "/hub/", &mut jar, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (home, other) = if a.live_sessions("CORP\\two") == 1 {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    // The same browser, on another connection, opens the header-auth virtual proxy: its
+    // session goes to the other node (the least loaded).
+    let r = client.browse_as("/hdr/hub/", &mut jar, "CORP\\two").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(other.live_sessions("CORP\\two"), 1);
+    // Back on the first connection, with that session.
+    let r = browse_on(&mut c, "/hdr/hub/x", &mut jar, &[("hdr-usr", "CORP\\two")]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(home.counters().unknown_cookie_requests, 0);
+    assert_eq!(
+        a.counters().sessions_created + b.counters().sessions_created,
+        2,
+        "no session lost to the wrong node"
+    );
+    // The private connection is still the browser connection's own.
+    let r = browse_on(&mut c, "/hub/", &mut jar, &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(home.counters().ntlm_failures(), 0);
+    guard.shutdown().await;
+}

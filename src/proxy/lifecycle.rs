@@ -87,6 +87,11 @@ pub(crate) trait Transport: Send {
     fn take_private(&mut self) -> Option<Bound> {
         None
     }
+
+    /// The node of [`Transport::take_private`]'s connection, without taking it.
+    fn private_node(&self) -> Option<&Arc<Node>> {
+        None
+    }
 }
 
 /// One request on its way through the phases.
@@ -145,9 +150,17 @@ pub(crate) async fn exchange<T: Transport>(proxy: &Arc<Proxy>, t: &mut T, head: 
     if let Some(page) = guard(&mut x).await {
         return t.answer(x, page).await;
     }
-    // 3. choose node (a private connection's, whatever else would be chosen)
+    // 3. choose node: a private connection's, unless the request goes with a session that
+    // lives on another node (that one would be lost there; the private connection waits).
     x.sticky = proxy.sticky_in(&x.head);
-    let bound = t.take_private();
+    let session_node = x
+        .ctx
+        .as_deref()
+        .and_then(|c| c.session.as_ref().map(|s| &s.node));
+    let bound = match t.private_node() {
+        Some(n) if session_node.is_none_or(|s| **s == *n.name) => t.take_private(),
+        _ => None,
+    };
     x.private |= bound.is_some();
     let node = match &bound {
         Some(b) => b.node.clone(),

@@ -230,6 +230,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Transport for ClientConn<S> {
         self.private.take()
     }
 
+    fn private_node(&self) -> Option<&Arc<super::upstream::Node>> {
+        self.private.as_ref().map(|b| &b.node)
+    }
+
     async fn more_body(
         &mut self,
         out: &mut BytesMut,
