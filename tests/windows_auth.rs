@@ -479,3 +479,31 @@ async fn a_private_connection_does_not_take_another_nodes_session() {
     assert_eq!(home.counters().ntlm_failures(), 0);
     guard.shutdown().await;
 }
+
+/// A browser the guard knows logs in again (Qlik ended its session): the legs of its one
+/// handshake are one login, none of them is held as a second login of the browser.
+#[tokio::test]
+async fn the_legs_of_one_handshake_are_not_held_as_a_second_login() {
+    let sim = sim().await;
+    let guard = guard(sim.addr()).await;
+    let mut jar = Jar::new();
+    assert_eq!(
+        browse_windows(guard.addr, "/hub/", &mut jar, "CORP\\again")
+            .await
+            .status,
+        200
+    );
+    let id = sim.session_ids("CORP\\again")[0].clone();
+    end_in_qlik(&sim, "", &id).await;
+    let t = Instant::now();
+    let r = browse_windows(guard.addr, "/hub/", &mut jar, "CORP\\again").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    let held = session_guard(&guard)
+        .counters
+        .bursts_held
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(held, 0);
+    assert_eq!(sim.counters().ntlm_handshakes, 2);
+    guard.shutdown().await;
+}
