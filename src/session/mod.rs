@@ -1716,10 +1716,14 @@ fn is_qps_refusal(body: &[u8]) -> bool {
 }
 
 /// The user an `Authorization: NTLM|Negotiate` Type 3 names (domain and user both given).
+/// Only from a request with one `Authorization`: with two, the guard could read one user while
+/// Qlik checks the other's proof.
 fn windows_user<H: HeadView>(headers: &H) -> Option<User> {
-    let (domain, user) = headers
-        .values("authorization")
-        .find_map(crate::ntlm::authenticate_user)?;
+    let mut values = headers.values("authorization");
+    let (Some(only), None) = (values.next(), values.next()) else {
+        return None;
+    };
+    let (domain, user) = crate::ntlm::authenticate_user(only)?;
     (!domain.is_empty()).then(|| User::new(&domain, &user))
 }
 
@@ -1767,5 +1771,32 @@ mod tests {
         );
         assert!(has_param(Some("x=1&qlikTicket=abc"), "qlikTicket"));
         assert!(!has_param(Some("qlikTicketx=1"), "qlikTicket"));
+    }
+
+    #[test]
+    fn a_windows_user_only_from_one_authorization() {
+        use crate::sim::ntlm::{Browser, Scheme};
+        let b = Browser::new("CORP\\jane", Scheme::Ntlm);
+        let mut type2 = b"NTLMSSP\0\x02\0\0\0".to_vec();
+        type2.resize(56, 0);
+        let www = format!("NTLM {}", crate::sim::ntlm::b64_encode(&type2));
+        let a3 = b.authenticate([www.as_bytes()]).expect("a type 3");
+        let mut h = http::HeaderMap::new();
+        h.append("authorization", HeaderValue::from_str(&a3).unwrap());
+        assert_eq!(
+            windows_user(&h).map(|u| u.to_string()),
+            Some("CORP\\jane".into())
+        );
+        h.append(
+            "authorization",
+            HeaderValue::from_static("NTLM TlRMTVNTUAABAAAA"),
+        );
+        assert_eq!(windows_user(&h), None, "two: which one would Qlik check?");
+        let mut t1 = http::HeaderMap::new();
+        t1.append(
+            "authorization",
+            HeaderValue::from_str(&b.negotiate()).unwrap(),
+        );
+        assert_eq!(windows_user(&t1), None);
     }
 }
