@@ -7,6 +7,7 @@ pub mod config;
 pub mod diagnostics;
 pub mod head_view;
 pub mod logging;
+pub mod ntlm;
 pub mod ops;
 pub mod pages;
 pub mod proxy;

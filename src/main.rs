@@ -319,8 +319,13 @@ async fn run_until_signal(guard: Guard) {
 }
 
 async fn demo(listen: SocketAddr, admin: SocketAddr) -> ExitCode {
-    use qsguard::sim::{SimConfig, Simulator};
-    let sim_config = SimConfig::default();
+    use qsguard::sim::{SimAuth, SimConfig, Simulator};
+    let mut sim_config = SimConfig::default();
+    // A real browser answers with NTLMv2, which the simulator does not check: the demo takes
+    // the user its Type 3 names (still only on the connection that holds the challenge).
+    sim_config.virtual_proxies[0].auth = SimAuth::Windows {
+        accept_any_proof: true,
+    };
     let sim = match Simulator::start(sim_config, SocketAddr::from(([127, 0, 0, 1], 0))).await {
         Ok(s) => s,
         Err(e) => {
@@ -357,7 +362,7 @@ identity_header = "hdr-usr"
     };
     println!(
         "\nqsguard demo: the guard in front of a Qlik Sense simulator, all on loopback.\n\
-         \n  Hub through the guard (Windows-style login as DEMO\\alice):  http://{addr}/hub/\n  \
+         \n  Hub through the guard (Windows login: the browser asks for a user, e.g. DEMO\\alice, and any password):\n                               http://{addr}/hub/\n  \
          Header-auth virtual proxy:   curl -i -H 'hdr-usr: DEMO\\bob' http://{addr}/hdr/hub/\n  \
          Admin listener:              http://{admin}/healthz\n  \
          The simulator itself:        http://{sim}/  (QPS REST API on {api})\n\

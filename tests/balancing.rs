@@ -56,13 +56,7 @@ async fn a_windows_login_dance_stays_on_the_node_that_started_it() {
     let guard = guard_with(&two_nodes(a.addr(), b.addr(), "")).await;
     for i in 0..6 {
         let mut jar = Jar::new();
-        let r = browse(
-            guard.addr,
-            "/hub/",
-            &mut jar,
-            &[("x-sim-user", &format!("CORP\\w{i}"))],
-        )
-        .await;
+        let r = browse_windows(guard.addr, "/hub/", &mut jar, &format!("CORP\\w{i}")).await;
         assert_eq!(r.status, 200, "login {i} crossed nodes: {}", r.text());
     }
     let (ca, cb) = (a.counters(), b.counters());

@@ -70,10 +70,20 @@ async fn a_real_browser_keeps_its_qlik_session_across_a_restart() {
         );
         return;
     };
-    let sim = sim().await; // Windows-style login; the browser is DEMO\alice.
+    // Windows authentication: Chromium answers the NTLM challenge as DEMO\alice (the
+    // credentials in the URL) with a real NTLMv2 proof, which the simulator cannot check, so
+    // it takes any proof on the connection holding the challenge, as in the demo.
+    let mut config = qsguard::sim::SimConfig::default();
+    config.virtual_proxies[0].auth = qsguard::sim::SimAuth::Windows {
+        accept_any_proof: true,
+    };
+    let sim = sim_with(config).await;
     let guard = guard(sim.addr()).await;
     let profile = TempDir::new("chromium");
-    let hub = format!("http://127.0.0.1:{}/hub/stream/1", guard.addr.port());
+    let hub = format!(
+        "http://DEMO%5Calice:secret@127.0.0.1:{}/hub/stream/1",
+        guard.addr.port()
+    );
 
     let first = chromium_dom(&bin, &profile, &hub, 2000).await;
     assert!(
@@ -82,6 +92,7 @@ async fn a_real_browser_keeps_its_qlik_session_across_a_restart() {
     );
     assert_eq!(sim.counters().sessions_created, 1);
     assert_eq!(sim.live_sessions("DEMO\\alice"), 1);
+    assert_eq!(sim.counters().ntlm_handshakes, 1);
 
     // The browser is closed and started again with the same profile: its Qlik cookie (a
     // browser-session cookie) is gone, the guard's device cookie is not.

@@ -13,11 +13,13 @@ use common::*;
 async fn cookies_lost_modified_duplicated_and_folded_on_the_way() {
     let sim = sim().await;
     let guard = guard(sim.addr()).await;
-    let user = [("x-sim-user", "CORP\\ops")];
+    let user = "CORP\\ops";
     // A browser logs in through a clean path.
     let mut jar = Jar::new();
     assert_eq!(
-        browse(guard.addr, "/hub/", &mut jar, &user).await.status,
+        browse_windows(guard.addr, "/hub/", &mut jar, user)
+            .await
+            .status,
         200
     );
     let session = jar_get(&jar, "X-Qlik-Session-HTTP").unwrap();
@@ -130,13 +132,7 @@ async fn session_events_from_the_guards_decisions() {
     assert_eq!(q[0]["user"], "CORP\\q");
     // Replaced: Qlik forgets a live session; the next request is sent to log in again.
     let mut jar = Jar::new();
-    browse(
-        reuse.addr,
-        "/hub/",
-        &mut jar,
-        &[("x-sim-user", "CORP\\gone")],
-    )
-    .await;
+    browse_windows(reuse.addr, "/hub/", &mut jar, "CORP\\gone").await;
     let id = sim.session_ids("CORP\\gone")[0].clone();
     end_in_qlik(&sim, "", &id).await;
     // A burst of three parallel requests: one leads the new login, the others are held.
@@ -145,14 +141,9 @@ async fn session_events_from_the_guards_decisions() {
         let mut j = jar.clone();
         let addr = reuse.addr;
         tasks.push(tokio::spawn(async move {
-            browse(
-                addr,
-                &format!("/hub/p{i}"),
-                &mut j,
-                &[("x-sim-user", "CORP\\gone")],
-            )
-            .await
-            .status
+            browse_windows(addr, &format!("/hub/p{i}"), &mut j, "CORP\\gone")
+                .await
+                .status
         }));
     }
     for t in tasks {
@@ -358,7 +349,7 @@ async fn ops_commands_against_a_running_guard() {
     assert_eq!(sim.live_sessions("CORP\\cli"), 0);
     // Events: a restore makes two; `events` prints them one per line.
     let mut jar = Jar::new();
-    browse(guard.addr, "/hub/", &mut jar, &[("x-sim-user", "CORP\\ev")]).await;
+    browse_windows(guard.addr, "/hub/", &mut jar, "CORP\\ev").await;
     let mut restarted = without(&jar, "X-Qlik-Session-HTTP");
     browse(guard.addr, "/hub/", &mut restarted, &[]).await;
     let out = run(vec!["events".into(), "--admin".into(), admin.clone()]).await;

@@ -14,6 +14,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
+use qsguard::sim::ntlm::{Browser, Scheme};
 use qsguard::sim::Simulator;
 use qsguard::Guard;
 
@@ -214,7 +215,7 @@ async fn a_restarted_browser_gets_its_session_back_through_the_device_cookie() {
         let mut jar = Jar::new();
         let r = b
             .client
-            .browse("/hub/", &mut jar, &[("x-sim-user", "CORP\\jane")])
+            .browse_windows("/hub/", &mut jar, "CORP\\jane")
             .await;
         assert_eq!(r.status, 200, "{proto:?}");
         let session = jar_get(&jar, CENTRAL_COOKIE).expect("a session cookie");
@@ -262,15 +263,20 @@ async fn one_browsers_parallel_logins_make_one_session() {
     for proto in Proto::BOTH {
         let b = Bench::start(proto, "", "").await;
         let cases = [
-            ("/", "x-sim-user", "CORP\\burst"),
-            ("/hdr/", "hdr-usr", "CORP\\hb"),
+            ("/", None, "CORP\\burst"),
+            ("/hdr/", Some("hdr-usr"), "CORP\\hb"),
         ];
         for (prefix, header, user) in cases {
             let what = format!("{proto:?} {prefix}");
             let mut jar = Jar::new();
+            // Windows authentication: a browser logged on as `user`; else the header.
+            let windows = header.is_none().then(|| Browser::new(user, Scheme::Ntlm));
+            let extra: Vec<(&str, &str)> = header.map(|h| (h, user)).into_iter().collect();
             let r = b
                 .client
-                .browse(&format!("{prefix}hub/"), &mut jar, &[(header, user)])
+                .link()
+                .await
+                .browse_with(&format!("{prefix}hub/"), &mut jar, &extra, windows.as_ref())
                 .await;
             assert_eq!(r.status, 200, "{what}");
             if prefix == "/" {
@@ -287,9 +293,12 @@ async fn one_browsers_parallel_logins_make_one_session() {
             let mut tasks = Vec::new();
             for i in 0..8 {
                 let (link, mut jar) = (link.clone(), jar.clone());
+                let (windows, extra) = (windows.clone(), extra.clone());
                 let path = format!("{prefix}hub/page{i}");
                 tasks.push(tokio::spawn(async move {
-                    let r = link.browse(&path, &mut jar, &[(header, user)]).await;
+                    let r = link
+                        .browse_with(&path, &mut jar, &extra, windows.as_ref())
+                        .await;
                     (path, r)
                 }));
             }

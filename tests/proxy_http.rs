@@ -159,13 +159,7 @@ async fn windows_login_dance_through_the_guard() {
     let sim = sim().await;
     let guard = guard(sim.addr()).await;
     let mut jar = Vec::new();
-    let resp = browse(
-        guard.addr,
-        "/hub/stream/mine",
-        &mut jar,
-        &[("x-sim-user", "CORP\\jane")],
-    )
-    .await;
+    let resp = browse_windows(guard.addr, "/hub/stream/mine", &mut jar, "CORP\\jane").await;
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert!(
         resp.text().contains("/hub/stream/mine"),

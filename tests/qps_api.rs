@@ -173,13 +173,7 @@ async fn the_guard_resolves_owners_through_the_api_when_configured() {
     );
     let guard = guard_with(&config_text(&[sim.addr()], "", &extra)).await;
     let mut jar = Vec::new();
-    let r = browse(
-        guard.addr,
-        "/hub/",
-        &mut jar,
-        &[("x-sim-user", "CORP\\viaapi")],
-    )
-    .await;
+    let r = browse_windows(guard.addr, "/hub/", &mut jar, "CORP\\viaapi").await;
     assert_eq!(r.status, 200);
     let g = guard.proxy().sessions().unwrap().clone();
     eventually("owner learnt over mutual TLS", || {
@@ -305,13 +299,7 @@ async fn a_failing_rest_api_falls_back_to_the_personal_api_and_is_reported() {
     // Owner lookup: the REST API fails, the Personal API (through the node, with the
     // session's own cookie and the browser's Host) names the owner.
     let mut jar = Vec::new();
-    let r = browse(
-        guard.addr,
-        "/hub/",
-        &mut jar,
-        &[("x-sim-user", "CORP\\fallback")],
-    )
-    .await;
+    let r = browse_windows(guard.addr, "/hub/", &mut jar, "CORP\\fallback").await;
     assert_eq!(r.status, 200);
     let id = jar_get(&jar, "X-Qlik-Session-HTTP").unwrap();
     let g = guard.proxy().sessions().unwrap().clone();

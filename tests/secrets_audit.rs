@@ -30,3 +30,25 @@ async fn the_audit_finds_issued_values_wherever_they_stand() {
     assert!(audit::secrets_in(&format!("GET /qps/session/{unseen}")).is_empty());
     assert!(qsguard::sim::secrets::issued_count() >= 1);
 }
+
+/// NTLM and Negotiate tokens (every leg, both directions) are secrets too: the audit finds
+/// one wherever it stands, and a Windows login through the guard leaks none (the log, the
+/// answers, the events all went through the audit on the way).
+#[tokio::test]
+async fn the_audit_finds_ntlm_tokens_and_a_windows_login_leaks_none() {
+    let sim = sim().await;
+    let g = guard(sim.addr()).await;
+    let mut jar = Jar::default();
+    let r = browse_windows(g.addr, "/hub/", &mut jar, "CORP\\audit").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(sim.counters().ntlm_handshakes, 1);
+    let tokens = qsguard::sim::secrets::tokens();
+    assert!(tokens.len() >= 3, "Type 1, Type 2 and Type 3 are known");
+    for t in &tokens {
+        assert!(!audit::tokens_in(&format!("Authorization: NTLM {t}\r\n")).is_empty());
+    }
+    events(&g, "session_restored");
+    audit::scan("the log", &logged());
+    audit::assert_clean();
+    g.shutdown().await;
+}

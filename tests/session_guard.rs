@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use qsguard::sim::ntlm::{Browser, Scheme};
 use qsguard::sim::SimConfig;
 
 fn sessions_cfg(extra: &str) -> String {
@@ -17,13 +18,7 @@ async fn restore_after_browser_restarts_costs_no_session() {
     let sim = sim().await;
     let guard = guard(sim.addr()).await;
     let mut jar = Jar::new();
-    let r = browse(
-        guard.addr,
-        "/hub/",
-        &mut jar,
-        &[("x-sim-user", "CORP\\jane")],
-    )
-    .await;
+    let r = browse_windows(guard.addr, "/hub/", &mut jar, "CORP\\jane").await;
     assert_eq!(r.status, 200);
     assert_eq!(sim.counters().sessions_created, 1);
     eventually("the owner is learnt through the Personal API", || {
@@ -34,11 +29,11 @@ async fn restore_after_browser_restarts_costs_no_session() {
     // guard's device cookie is not.
     for i in 0..6 {
         let mut restarted = without(&jar, "X-Qlik-Session-HTTP");
-        let r = browse(
+        let r = browse_windows(
             guard.addr,
             &format!("/hub/stream/{i}"),
             &mut restarted,
-            &[("x-sim-user", "CORP\\jane")],
+            "CORP\\jane",
         )
         .await;
         assert_eq!(r.status, 200, "{}", r.text());
@@ -193,11 +188,11 @@ async fn reuse_is_not_given_on_a_device_cookie_alone() {
     ))
     .await;
     let g = session_guard(&guard);
-    let user = [("x-sim-user", "CORP\\win")];
+    let user = "CORP\\win";
     let mut first = Jar::new();
-    browse(guard.addr, "/hub/", &mut first, &user).await;
+    browse_windows(guard.addr, "/hub/", &mut first, user).await;
     let mut second = Jar::new();
-    browse(guard.addr, "/hub/", &mut second, &user).await;
+    browse_windows(guard.addr, "/hub/", &mut second, user).await;
     eventually("owners resolved", || g.table.live_count("corp\\win") == 2).await;
     // The second browser logs out: the guard still knows whose browser it is.
     let r = logout(guard.addr, "/", &second, None).await;
@@ -206,7 +201,7 @@ async fn reuse_is_not_given_on_a_device_cookie_alone() {
     // Four sessions made elsewhere; the guard adopts them when they pass through it.
     for _ in 0..4 {
         let mut other = Jar::new();
-        browse(sim.addr(), "/hub/", &mut other, &user).await;
+        browse_windows(sim.addr(), "/hub/", &mut other, user).await;
         let r = browse(guard.addr, "/hub/", &mut without(&other, "qsguard"), &[]).await;
         assert_eq!(r.status, 200);
     }
@@ -217,7 +212,7 @@ async fn reuse_is_not_given_on_a_device_cookie_alone() {
     assert_eq!(sim.live_sessions("CORP\\win"), 5);
     let created = sim.counters().sessions_created;
     let mut again = without(&second, "X-Qlik-Session-HTTP");
-    let r = browse(guard.addr, "/hub/", &mut again, &user).await;
+    let r = browse_windows(guard.addr, "/hub/", &mut again, user).await;
     assert_eq!(r.status, 429, "{}", r.text());
     assert_eq!(sim.counters().sessions_created, created);
     assert_eq!(sim.counters().limit_refusals, 0);
@@ -365,6 +360,7 @@ async fn burst(
     jar: &Jar,
     prefix: &str,
     extra: Vec<(&'static str, String)>,
+    windows: Option<&'static str>,
 ) -> Vec<Resp> {
     let mut tasks = Vec::new();
     for i in 0..10 {
@@ -373,7 +369,12 @@ async fn burst(
         let path = format!("{prefix}hub/page{i}");
         tasks.push(tokio::spawn(async move {
             let headers: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            let r = browse(addr, &path, &mut jar, &headers).await;
+            let browser = windows.map(|u| Browser::new(u, Scheme::Ntlm));
+            let r = Client::plain(addr)
+                .link()
+                .await
+                .browse_with(&path, &mut jar, &headers, browser.as_ref())
+                .await;
             assert!(
                 r.text().contains(&path),
                 "request {i} ends on the page it asked for: {}",
@@ -394,25 +395,13 @@ async fn dead_cookie_burst_makes_one_session_windows_login() {
     let sim = sim().await;
     let guard = guard(sim.addr()).await;
     let mut jar = Jar::new();
-    browse(
-        guard.addr,
-        "/hub/",
-        &mut jar,
-        &[("x-sim-user", "CORP\\burst")],
-    )
-    .await;
+    browse_windows(guard.addr, "/hub/", &mut jar, "CORP\\burst").await;
     assert_eq!(sim.counters().sessions_created, 1);
     // Qlik ends the session behind the guard's back (an admin, a QPS restart...).
     let id = sim.session_ids("CORP\\burst")[0].clone();
     end_in_qlik(&sim, "", &id).await;
     let before = sim.counters().sessions_created;
-    let rs = burst(
-        guard.addr,
-        &jar,
-        "/",
-        vec![("x-sim-user", "CORP\\burst".into())],
-    )
-    .await;
+    let rs = burst(guard.addr, &jar, "/", vec![], Some("CORP\\burst")).await;
     assert!(rs.iter().all(|r| r.status == 200));
     let c = sim.counters();
     assert_eq!(
@@ -440,6 +429,7 @@ async fn dead_cookie_burst_makes_one_session_header_auth() {
         &jar,
         "/hdr/",
         vec![("hdr-usr", "CORP\\hb".into())],
+        None,
     )
     .await;
     assert!(rs.iter().all(|r| r.status == 200));
@@ -623,6 +613,7 @@ async fn after_a_guard_restart_unknown_cookies_are_adopted_and_bursts_still_make
         &jar,
         "/hdr/",
         vec![("hdr-usr", "CORP\\rs".into())],
+        None,
     )
     .await;
     assert!(rs.iter().all(|r| r.status == 200));
@@ -645,6 +636,7 @@ async fn after_a_guard_restart_unknown_cookies_are_adopted_and_bursts_still_make
         &jar,
         "/hdr/",
         vec![("hdr-usr", "CORP\\rs".into())],
+        None,
     )
     .await;
     assert!(rs.iter().all(|r| r.status == 200));

@@ -18,7 +18,7 @@ fn with_cookie(jar: &Jar, name: &str, value: &str) -> Jar {
 
 /// A visit through the Windows-style login of the simulator (central proxy) as `user`.
 async fn win_login(addr: std::net::SocketAddr, path: &str, jar: &mut Jar, user: &str) -> Resp {
-    browse(addr, path, jar, &[("x-sim-user", user)]).await
+    browse_windows(addr, path, jar, user).await
 }
 
 /// The `Set-Cookie` line of the device cookie in an answer, if it sets one.
@@ -38,7 +38,7 @@ fn set_device(r: &Resp) -> Option<String> {
 /// A browser's visit that must not be handed `session`: it presents only `device`.
 async fn tries_device_alone(addr: std::net::SocketAddr, device: &str, user: &str) -> Jar {
     let mut jar = vec![(DEVICE.to_string(), device.to_string())];
-    browse(addr, "/hub/", &mut jar, &[("x-sim-user", user)]).await;
+    browse_windows(addr, "/hub/", &mut jar, user).await;
     jar
 }
 
@@ -346,12 +346,7 @@ async fn a_planted_device_cookie_does_not_let_its_holder_wait_for_a_login() {
     let planted = set_device(&get(guard.addr, "/__sim/echo", &[]).await).expect("a device");
     let cookie = format!("{DEVICE}={planted}");
     // The victim's browser, holding the planted value, starts its login dance...
-    let first = get(
-        guard.addr,
-        "/hub/",
-        &[("cookie", &cookie), ("x-sim-user", "CORP\\dancer")],
-    )
-    .await;
+    let first = get(guard.addr, "/hub/", &[("cookie", &cookie)]).await;
     assert_eq!(first.status, 302);
     let login = first.header("location").expect("to the login");
     // ... while the attacker, presenting the same value from elsewhere, waits on its flight.
@@ -361,11 +356,7 @@ async fn a_planted_device_cookie_does_not_let_its_holder_wait_for_a_login() {
         get(
             addr,
             "/hub/",
-            &[
-                ("cookie", &attacker_cookie),
-                ("user-agent", "evil/1.0"),
-                ("x-sim-user", "CORP\\mallory3"),
-            ],
+            &[("cookie", &attacker_cookie), ("user-agent", "evil/1.0")],
         )
         .await
     });

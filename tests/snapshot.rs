@@ -31,13 +31,7 @@ async fn a_user_at_the_limit_is_still_at_the_limit_after_a_restart() {
     }
     // And a Windows-auth browser, for a restore after the restart.
     let mut jar = Jar::new();
-    browse(
-        first.addr,
-        "/hub/",
-        &mut jar,
-        &[("x-sim-user", "CORP\\win")],
-    )
-    .await;
+    browse_windows(first.addr, "/hub/", &mut jar, "CORP\\win").await;
     let g = first.proxy().sessions().unwrap().clone();
     eventually("owner learnt", || g.table.live_count("corp\\win") == 1).await;
     first.shutdown().await;
@@ -62,13 +56,7 @@ async fn a_user_at_the_limit_is_still_at_the_limit_after_a_restart() {
     // The Windows browser restarts too: its device cookie still finds its session.
     let created = sim.counters().sessions_created;
     let mut restarted = without(&jar, "X-Qlik-Session-HTTP");
-    let r = browse(
-        second.addr,
-        "/hub/",
-        &mut restarted,
-        &[("x-sim-user", "CORP\\win")],
-    )
-    .await;
+    let r = browse_windows(second.addr, "/hub/", &mut restarted, "CORP\\win").await;
     assert_eq!(r.status, 200);
     assert_eq!(
         sim.counters().sessions_created,

@@ -16,7 +16,6 @@
 //! A connection-bound handshake or a WebSocket cannot be held per stream; browsers use
 //! HTTP/1.1 for those.
 
-use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -41,12 +40,13 @@ use crate::pages::Page;
 /// The body of every HTTP/2 response: Qlik's, streamed, or one the guard wrote.
 pub type ResponseBody = Either<RelayBody, Full<Bytes>>;
 
-/// The hyper service entry point for one HTTP/2 request.
+/// The hyper service entry point for one HTTP/2 request. `Err` resets the stream with the
+/// error's reason (hyper finds the `h2::Error` and sends its code in `RST_STREAM`).
 pub async fn handle(
     proxy: Arc<Proxy>,
     req: Request<Incoming>,
     info: ConnInfo,
-) -> Result<Response<ResponseBody>, Infallible> {
+) -> Result<Response<ResponseBody>, h2::Error> {
     let (parts, body) = req.into_parts();
     let max_head = proxy.settings().max_header_size;
     let head = match head_of(&parts, body.is_end_stream(), max_head) {
@@ -56,6 +56,11 @@ pub async fn handle(
             return Ok(e.to_response().map(Either::Right));
         }
     };
+    if crate::ntlm::needs_http1(head.path(), &head) {
+        // Browsers retry over HTTP/1.1, where the handshake gets a connection of its own.
+        tracing::debug!(client = %info.peer, "Windows authentication over HTTP/2: stream reset with HTTP_1_1_REQUIRED");
+        return Err(h2::Error::from(h2::Reason::HTTP_1_1_REQUIRED));
+    }
     let mut body = HoldLast::new(body);
     if head.length == Some(0) && !body.is_end_stream() {
         // `content-length: 0` completes the request for Qlik with its head alone: it goes
@@ -170,7 +175,7 @@ pub async fn handle_counted(
     req: Request<Incoming>,
     info: ConnInfo,
     streams: Streams,
-) -> Result<Response<Tracked<ResponseBody>>, Infallible> {
+) -> Result<Response<Tracked<ResponseBody>>, h2::Error> {
     let open = streams.open();
     let resp = handle(proxy, req, info).await?;
     Ok(resp.map(|body| Tracked { body, _open: open }))

@@ -34,6 +34,7 @@ use http::HeaderValue;
 use tokio::io::AsyncWriteExt;
 
 use super::access_log::Record;
+use super::bound::Bound;
 use super::error::ProxyError;
 use super::h1::parse::{self, Framing, Head};
 use super::headers;
@@ -77,8 +78,20 @@ pub(crate) trait Transport: Send {
     fn answer(&mut self, x: Exchange, page: Page) -> impl Future<Output = ()> + Send;
 
     /// Sends Qlik's answer: its head as [`headers`] filters it plus the guard's `extra`
-    /// cookies, then the body relayed from `conn`; ends with [`Finish::done`].
+    /// cookies, then the body relayed from `conn`; ends with [`Finish::done`]. A `private`
+    /// exchange's connection is the transport's to keep ([`super::bound`]), never the pool's.
     fn respond(&mut self, reply: Reply) -> impl Future<Output = ()> + Send;
+
+    /// The upstream connection private to this client connection, if it has one (HTTP/2
+    /// never does: an NTLM request is refused there).
+    fn take_private(&mut self) -> Option<Bound> {
+        None
+    }
+
+    /// The node of [`Transport::take_private`]'s connection, without taking it.
+    fn private_node(&self) -> Option<&Arc<Node>> {
+        None
+    }
 }
 
 /// One request on its way through the phases.
@@ -95,6 +108,9 @@ pub(crate) struct Exchange {
     /// The sticky cookie the request carried (only next to a session cookie).
     pub sticky: Option<String>,
     pub node: Option<Arc<Node>>,
+    /// The upstream connection belongs to this client connection (connection-bound
+    /// authentication): it is not pooled, and if it breaks the client connection closes.
+    pub private: bool,
 }
 
 /// Qlik's answer on its way to the client.
@@ -110,6 +126,7 @@ pub(crate) struct Reply {
 
 /// Runs the phases for one request whose head `head` came over `t`.
 pub(crate) async fn exchange<T: Transport>(proxy: &Arc<Proxy>, t: &mut T, head: Head) {
+    let private = crate::ntlm::request_binds(&head);
     let mut x = Exchange {
         proxy: proxy.clone(),
         head,
@@ -120,6 +137,7 @@ pub(crate) async fn exchange<T: Transport>(proxy: &Arc<Proxy>, t: &mut T, head: 
         ctx: None,
         sticky: None,
         node: None,
+        private,
     };
     // 1. admit
     if let Err(e) = admit(&x) {
@@ -132,25 +150,43 @@ pub(crate) async fn exchange<T: Transport>(proxy: &Arc<Proxy>, t: &mut T, head: 
     if let Some(page) = guard(&mut x).await {
         return t.answer(x, page).await;
     }
-    // 3. choose node
+    // 3. choose node: a private connection's, unless the request goes with a session that
+    // lives on another node (that one would be lost there; the private connection waits).
     x.sticky = proxy.sticky_in(&x.head);
-    let node = match proxy.node_for(x.ctx.as_deref(), x.sticky.as_deref()) {
-        Ok(n) => n,
-        Err(e) => return fail(t, x, e).await,
+    let session_node = x
+        .ctx
+        .as_deref()
+        .and_then(|c| c.session.as_ref().map(|s| &s.node));
+    let bound = match t.private_node() {
+        Some(n) if session_node.is_none_or(|s| **s == *n.name) => t.take_private(),
+        _ => None,
+    };
+    x.private |= bound.is_some();
+    let node = match &bound {
+        Some(b) => b.node.clone(),
+        None => match proxy.node_for(x.ctx.as_deref(), x.sticky.as_deref()) {
+            Ok(n) => n,
+            Err(e) => return fail(t, x, e).await,
+        },
     };
     x.node = Some(node.clone());
     let busy = node.busy();
     // 4. send, 5. read response head
-    let (head, mut conn) = match send(&x, t, &node).await {
+    let (head, mut conn) = match send(&x, t, &node, bound.map(|b| b.conn)).await {
         Ok(r) => r,
         Err(e) => {
             drop(busy);
             return fail(t, x, e).await;
         }
     };
+    x.private |= crate::ntlm::response_binds(head.status, &head);
     // 6. after
     let extra = match after(&mut x, &head, &mut conn).await {
-        Ok(extra) => extra,
+        Ok(After::Relay(extra)) => extra,
+        Ok(After::Answer(page)) => {
+            drop(busy);
+            return t.answer(x, page).await;
+        }
         Err(e) => {
             drop(busy);
             return fail(t, x, e).await;
@@ -230,11 +266,13 @@ async fn guard(x: &mut Exchange) -> Option<Page> {
     }
 }
 
-/// Phases 4 and 5: the request to `node`, and Qlik's response head.
+/// Phases 4 and 5: the request to `node` (over `private`, the client connection's own
+/// upstream connection, when it has one), and Qlik's response head.
 async fn send<T: Transport>(
     x: &Exchange,
     t: &mut T,
     node: &Arc<Node>,
+    private: Option<Conn>,
 ) -> Result<(Head, Conn), ProxyError> {
     let pool = &x.upstreams.pool;
     let failed = |detail: String| ProxyError::UpstreamFailed {
@@ -264,10 +302,15 @@ async fn send<T: Transport>(
     }
     let whole = first.done;
     // One retry on a fresh connection when a reused one turns out to be closed and the whole
-    // request is still in hand.
-    let mut conn = pool.checkout(node).await?;
+    // request is still in hand; never for a private one: a fresh connection would not hold
+    // the handshake, so the browser must start over.
+    let retry = whole && private.is_none();
+    let mut conn = match private {
+        Some(c) => c,
+        None => pool.checkout(node).await?,
+    };
     if let Err(e) = conn.io.write_all(&req).await {
-        if !(conn.reused && whole) {
+        if !(conn.reused && retry) {
             return Err(failed(e.to_string()));
         }
         conn = pool.connect(node).await?;
@@ -300,7 +343,7 @@ async fn send<T: Transport>(
     let timeout = x.settings.response_timeout;
     match read_response_head(&mut conn, timeout, is_head, node).await {
         Ok(h) => Ok((h, conn)),
-        Err(ProxyError::UpstreamFailed { .. }) if conn.reused && whole => {
+        Err(ProxyError::UpstreamFailed { .. }) if conn.reused && retry => {
             // A kept-alive connection Qlik closed just as it was reused: once more, fresh.
             let mut conn = pool.connect(node).await?;
             conn.io
@@ -404,13 +447,17 @@ async fn read_response_head(
     }
 }
 
+/// What phase 6 decided.
+enum After {
+    /// Qlik's answer goes on, with the guard's `Set-Cookie`s after Qlik's.
+    Relay(Vec<HeaderValue>),
+    /// Qlik's refusal was turned into another login (`on_limit = "evict"`): this instead.
+    Answer(Page),
+}
+
 /// Phase 6: what the response teaches the guard; the `Set-Cookie`s the guard adds. Fails only
 /// when a body it must look at does not come in time.
-async fn after(
-    x: &mut Exchange,
-    resp: &Head,
-    conn: &mut Conn,
-) -> Result<Vec<HeaderValue>, ProxyError> {
+async fn after(x: &mut Exchange, resp: &Head, conn: &mut Conn) -> Result<After, ProxyError> {
     let node = x.node.as_ref().expect("a node was chosen");
     let mut extra = match (&x.proxy.sessions, x.ctx.as_deref_mut()) {
         (Some(g), Some(c)) => g.after(c, &node.name_arc(), x.head.target(), resp.status, resp),
@@ -436,14 +483,16 @@ async fn after(
                 upstream: node.name.clone(),
             });
         }
-        let user = x.ctx.as_deref().and_then(|c| {
-            c.identity
-                .clone()
-                .or_else(|| c.session.as_ref().and_then(|s| s.owner()))
-        });
-        g.note_possible_qps_refusal(&conn.buf[..n.min(conn.buf.len())], user);
+        let body = &conn.buf[..n.min(conn.buf.len())];
+        let user = x.ctx.as_deref().and_then(|c| g.known_user(c));
+        g.note_possible_qps_refusal(body, user);
+        if let Some(c) = x.ctx.as_deref() {
+            if let Some(page) = g.refusal_to_login(c, body, x.head.path()).await {
+                return Ok(After::Answer(page));
+            }
+        }
     }
-    Ok(extra)
+    Ok(After::Relay(extra))
 }
 
 /// A small HTML 4xx from Qlik may be its "too many sessions" page: its length, if so.
@@ -509,6 +558,7 @@ pub(crate) struct Finish {
     path: String,
     peer: std::net::IpAddr,
     log: bool,
+    private: bool,
 }
 
 impl Finish {
@@ -526,6 +576,7 @@ impl Finish {
             upstreams: x.upstreams,
             node: x.node,
             started: x.started,
+            private: x.private,
         }
     }
 
@@ -553,9 +604,10 @@ impl Finish {
     }
 
     /// [`Finish::done`] for a relayed response; the connection goes back to the pool when its
-    /// response ended cleanly and neither side asked to close it.
+    /// response ended cleanly and neither side asked to close it, unless it is private (a
+    /// transport that keeps it has taken it already; any other closes it here).
     pub fn relayed(self, status: u16, bytes: u64, end: &'static str, conn: Option<Conn>) {
-        if let (Some(conn), Some(node)) = (conn, &self.node) {
+        if let (Some(conn), Some(node), false) = (conn, &self.node, self.private) {
             self.upstreams.pool.checkin(node, conn);
         }
         self.done(status, bytes, end)

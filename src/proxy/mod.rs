@@ -6,6 +6,7 @@
 //! Any failure is a [`ProxyError`], which becomes a status code and a readable page in one place.
 
 pub mod access_log;
+pub mod bound;
 pub mod error;
 pub mod h1;
 pub mod h2;

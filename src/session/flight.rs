@@ -51,6 +51,10 @@ pub struct Dance {
     pub reservation: Option<(User, u64)>,
     /// The node the login dance runs on: its `targetId` and ticket exist only there.
     pub node: Option<std::sync::Arc<str>>,
+    /// The user whose NTLM Type 3 Qlik accepted in this dance, when the limit was not
+    /// checked for that user at its start (a browser the guard did not know): checked at the
+    /// ticket, before Qlik makes the session.
+    pub windows_user: Option<User>,
 }
 
 impl Dance {

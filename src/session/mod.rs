@@ -84,6 +84,9 @@ pub struct Context {
     device_trusted: bool,
     /// The user named by a header-authentication identity header.
     pub identity: Option<User>,
+    /// The user an NTLM Type 3 to the authentication module names: a claim until Qlik
+    /// accepts it (its answer carries a ticket).
+    pub windows_user: Option<User>,
     /// The session this request goes upstream with.
     pub session: Option<Arc<Session>>,
     /// The guard put `session`'s cookie on the request (restore or reuse): set it back.
@@ -459,6 +462,18 @@ impl SessionGuard {
         }
         let ticket =
             has_param(req.query, "qlikTicket") || req.headers.first("x-qlik-ticket").is_some();
+        if ticket {
+            if let Some(user) = self.accepted_windows_user(&ctx) {
+                // The first the guard knows of this user in this browser: the limit applies
+                // now, before the ticket makes the session.
+                let (device, vp) = (ctx.device, ctx.vp);
+                let verdict = self.limit_for(ctx, req, user, false).await;
+                if matches!(verdict, Verdict::Answer(_)) {
+                    self.dance_failed(device, vp);
+                }
+                return verdict;
+            }
+        }
         if is_auth_module(rest) || ticket {
             return self.login_step(ctx, req.query, ticket).await;
         }
@@ -528,6 +543,9 @@ impl SessionGuard {
             device_sent: sent_device.first.is_some(),
             device_trusted,
             identity,
+            windows_user: is_auth_module(rest)
+                .then(|| windows_user(req.headers))
+                .flatten(),
             session: None,
             set_back: false,
             unknown: None,
@@ -541,6 +559,40 @@ impl SessionGuard {
             peer,
         };
         Ok((ctx, cookie))
+    }
+
+    /// Qlik accepted the browser's NTLM Type 3 (it answered with a ticket): the user is the
+    /// device's now, and, unless the dance was checked for this user at its start, its
+    /// ticket will be.
+    fn windows_login_accepted(&self, ctx: &Context, user: User) {
+        if !ctx.device_trusted {
+            return;
+        }
+        // Remembered (within `sessions.max_devices`) even before the browser has a session:
+        // a refusal of its login is then one of a user the guard knows.
+        self.table.seen_device(ctx.device, None, ctx.peer, true);
+        self.table.set_device_user(ctx.device, &user);
+        if let Some(f) = self.flights.get(ctx.device, ctx.vp) {
+            let mut d = f.dance();
+            let checked = d
+                .reservation
+                .as_ref()
+                .is_some_and(|(u, _)| u.key == user.key);
+            if !checked {
+                d.windows_user = Some(user);
+            }
+        }
+    }
+
+    /// The user of this browser's dance whose Type 3 Qlik accepted and whose limit is still
+    /// to be checked (taken: one check per dance).
+    fn accepted_windows_user(&self, ctx: &Context) -> Option<User> {
+        if ctx.new_device || !ctx.device_trusted {
+            return None;
+        }
+        let f = self.flights.get(ctx.device, ctx.vp)?;
+        let user = f.dance().windows_user.take();
+        user
     }
 
     /// The hot path: the request's cookie names a session the guard knows is live (and, on a
@@ -746,10 +798,9 @@ impl SessionGuard {
     /// This request makes a session: within the user's limit, or by `on_limit` at it.
     async fn new_session<H: HeadView>(
         self: &Arc<Self>,
-        mut ctx: Context,
+        ctx: Context,
         req: &Request<'_, H>,
     ) -> Verdict {
-        let prefix = &self.vps[ctx.vp].prefix;
         let trusted = ctx.identity.is_some();
         let user = ctx.identity.clone().or_else(|| {
             (!ctx.new_device)
@@ -760,6 +811,19 @@ impl SessionGuard {
         let Some(user) = user else {
             return Verdict::Forward(Box::new(ctx));
         };
+        self.limit_for(ctx, req, user, trusted).await
+    }
+
+    /// A session is about to be made for `user` (`trusted`: named on the request itself):
+    /// within the limit, or by `on_limit` at it.
+    async fn limit_for<H: HeadView>(
+        self: &Arc<Self>,
+        mut ctx: Context,
+        req: &Request<'_, H>,
+        user: User,
+        trusted: bool,
+    ) -> Verdict {
+        let prefix = &self.vps[ctx.vp].prefix;
         let mut limit = self.limit(&user, ctx.vp, trusted);
         if let Limit::WaitForPending = limit {
             limit = self.wait_for_pending(&user, ctx.vp).await;
@@ -955,6 +1019,11 @@ impl SessionGuard {
         headers: &H,
     ) -> Vec<HeaderValue> {
         let mut extra = Vec::new();
+        if let Some(user) = ctx.windows_user.take() {
+            if ticket_redirect(status, headers) {
+                self.windows_login_accepted(ctx, user);
+            }
+        }
         let info = &self.vps[ctx.vp];
         let set = cookies::set_cookies_named(headers, &info.cookie);
         let fresh = set.iter().rev().find(|c| !c.clears);
@@ -1258,11 +1327,7 @@ impl SessionGuard {
     /// gets through anyway (sessions made behind the guard's back), it must show in the log
     /// and the counters, with the user.
     pub fn note_possible_qps_refusal(&self, body: &[u8], user: Option<User>) {
-        const TEXT: &[u8] = b"too many sessions active in parallel";
-        if body
-            .windows(TEXT.len())
-            .any(|w| w.eq_ignore_ascii_case(TEXT))
-        {
+        if is_qps_refusal(body) {
             self.counters
                 .qps_limit_refusals
                 .fetch_add(1, Ordering::Relaxed);
@@ -1272,6 +1337,57 @@ impl SessionGuard {
                 "Qlik refused a session: too many sessions active in parallel"
             );
         }
+    }
+
+    /// Qlik refused a session (its page is `body`) for a user the guard knows, with
+    /// `on_limit = "evict"`: the user's least recently active session without an open app
+    /// that the guard knows is ended, and the browser is sent back to `path` to log in into
+    /// the freed slot. `None`: Qlik's refusal goes to the browser as it is (another policy, a
+    /// user the guard does not know, nothing it could end).
+    pub async fn refusal_to_login(&self, ctx: &Context, body: &[u8], path: &str) -> Option<Page> {
+        if self.policy().on_limit != OnLimit::Evict || !is_qps_refusal(body) {
+            return None;
+        }
+        let user = self.known_user(ctx)?;
+        let victim = self.table.with_user(&user, |e, t, now| {
+            let v = e
+                .sessions
+                .iter()
+                .filter(|s| t.is_live(s, now) && s.websockets() == 0)
+                .min_by_key(|s| s.last_active_ms())
+                .cloned()?;
+            t.end(&v, State::Evicted).then_some(v)
+        })?;
+        self.counters.evicted.fetch_add(1, Ordering::Relaxed);
+        self.emit(Kind::SessionEvicted, format!("Qlik refused {user} a session (too many sessions active in parallel): the least recently active session without an open app was ended and the browser sent back to log in"), Some(ctx), Some(&victim), Some(&user));
+        tracing::info!(session = %victim.hash, user = %user, "Qlik refused a session: least recently active session evicted, the browser logs in again");
+        if let Err(e) = self.end_in_qlik(&victim).await {
+            tracing::warn!(session = %victim.hash, user = %user, "eviction failed: {e}");
+        }
+        self.dance_failed(ctx.device, ctx.vp);
+        Some(crate::pages::back_to_page(path, None))
+    }
+
+    /// The browser's login dance ended without a session (the limit page, Qlik's refusal):
+    /// its flight ends, so its next try leads a new one instead of waiting for this one.
+    fn dance_failed(&self, device: DeviceId, vp: usize) {
+        if let Some(done) = self.flights.finish(device, vp, None, Outcome::Failed) {
+            self.release_flight(&done);
+        }
+    }
+
+    /// Whose request this is, as far as the guard knows: the identity header, the session's
+    /// owner, else the user last seen in this browser (its own device cookie), which a
+    /// Windows login names through its Type 3.
+    pub fn known_user(&self, ctx: &Context) -> Option<User> {
+        ctx.identity
+            .clone()
+            .or_else(|| ctx.session.as_ref().and_then(|s| s.owner()))
+            .or_else(|| {
+                (ctx.device_trusted && !ctx.new_device)
+                    .then(|| self.table.device_user(ctx.device))
+                    .flatten()
+            })
     }
 
     /// Watches an engine WebSocket for the notifications that end its session.
@@ -1475,6 +1591,7 @@ impl Context {
             device_sent: c.device_sent,
             device_trusted: c.device_trusted,
             identity: c.identity.clone(),
+            windows_user: None,
             session: None,
             set_back: false,
             unknown: None,
@@ -1593,6 +1710,36 @@ fn has_param(query: Option<&str>, name: &str) -> bool {
     })
 }
 
+/// Qlik's "too many sessions" page.
+fn is_qps_refusal(body: &[u8]) -> bool {
+    const TEXT: &[u8] = b"too many sessions active in parallel";
+    body.windows(TEXT.len())
+        .any(|w| w.eq_ignore_ascii_case(TEXT))
+}
+
+/// The user an `Authorization: NTLM|Negotiate` Type 3 names (domain and user both given).
+/// Only from a request with one `Authorization`: with two, the guard could read one user while
+/// Qlik checks the other's proof.
+fn windows_user<H: HeadView>(headers: &H) -> Option<User> {
+    let mut values = headers.values("authorization");
+    let (Some(only), None) = (values.next(), values.next()) else {
+        return None;
+    };
+    let (domain, user) = crate::ntlm::authenticate_user(only)?;
+    (!domain.is_empty()).then(|| User::new(&domain, &user))
+}
+
+/// Qlik's answer to a login step that carries a ticket: it accepted the authentication.
+fn ticket_redirect<H: HeadView>(status: u16, headers: &H) -> bool {
+    (300..400).contains(&status)
+        && headers.first("location").is_some_and(|l| {
+            std::str::from_utf8(l)
+                .ok()
+                .and_then(|l| l.split_once('?'))
+                .is_some_and(|(_, q)| has_param(Some(q), "qlikTicket"))
+        })
+}
+
 /// The `targetId` of a redirect to Qlik's authentication module.
 fn auth_redirect_target<H: HeadView>(status: u16, headers: &H) -> Option<String> {
     if !(300..400).contains(&status) {
@@ -1626,5 +1773,32 @@ mod tests {
         );
         assert!(has_param(Some("x=1&qlikTicket=abc"), "qlikTicket"));
         assert!(!has_param(Some("qlikTicketx=1"), "qlikTicket"));
+    }
+
+    #[test]
+    fn a_windows_user_only_from_one_authorization() {
+        use crate::sim::ntlm::{Browser, Scheme};
+        let b = Browser::new("CORP\\jane", Scheme::Ntlm);
+        let mut type2 = b"NTLMSSP\0\x02\0\0\0".to_vec();
+        type2.resize(56, 0);
+        let www = format!("NTLM {}", crate::sim::ntlm::b64_encode(&type2));
+        let a3 = b.authenticate([www.as_bytes()]).expect("a type 3");
+        let mut h = http::HeaderMap::new();
+        h.append("authorization", HeaderValue::from_str(&a3).unwrap());
+        assert_eq!(
+            windows_user(&h).map(|u| u.to_string()),
+            Some("CORP\\jane".into())
+        );
+        h.append(
+            "authorization",
+            HeaderValue::from_static("NTLM TlRMTVNTUAABAAAA"),
+        );
+        assert_eq!(windows_user(&h), None, "two: which one would Qlik check?");
+        let mut t1 = http::HeaderMap::new();
+        t1.append(
+            "authorization",
+            HeaderValue::from_str(&b.negotiate()).unwrap(),
+        );
+        assert_eq!(windows_user(&t1), None);
     }
 }

@@ -43,9 +43,15 @@ pub struct SimVirtualProxy {
 /// Authentication method of a virtual proxy.
 #[derive(Clone, Debug)]
 pub enum SimAuth {
-    /// Windows-auth-like redirect dance; the user comes from the request header `X-Sim-User`
-    /// (in place of NTLM) on the /internal_windows_authentication/ request, else `default_user`.
-    Windows { default_user: Option<String> },
+    /// Windows authentication: the redirect to `/internal_windows_authentication/`, where the
+    /// browser does a connection-bound NTLM handshake (`WWW-Authenticate: Negotiate` and
+    /// `NTLM`; see `ntlm.rs`), then the ticket redirect.
+    Windows {
+        /// The demo's only: a Type 3 whose proof the simulator cannot check (a real browser's
+        /// NTLMv2) is taken as the user it names, still only on the connection holding the
+        /// challenge. Tests leave it off, so a proof that does not fit is refused.
+        accept_any_proof: bool,
+    },
     /// Header authentication: this header carries `DIRECTORY\userid` on every request.
     Header { header: String },
 }
@@ -61,7 +67,7 @@ impl Default for SimConfig {
                     prefix: String::new(),
                     cookie_name: "X-Qlik-Session-HTTP".to_string(),
                     auth: SimAuth::Windows {
-                        default_user: Some("DEMO\\alice".to_string()),
+                        accept_any_proof: false,
                     },
                     inactivity_timeout: None,
                     same_site: Some("Lax".to_string()),

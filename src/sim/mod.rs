@@ -18,6 +18,7 @@ mod api;
 mod config;
 mod engine;
 mod http;
+pub mod ntlm;
 mod proxy;
 pub mod secrets;
 mod sessions;
@@ -61,6 +62,23 @@ pub struct SimCounters {
     /// Engine WebSockets open right now.
     pub websockets_open: u64,
     pub tickets_redeemed: u64,
+    /// NTLM challenges (Type 2) sent.
+    pub ntlm_challenges: u64,
+    /// Windows handshakes completed: a Type 3 that fit the challenge of its connection.
+    pub ntlm_handshakes: u64,
+    /// Type 3 messages that arrived on a connection holding no challenge (the legs of one
+    /// handshake went over different connections).
+    pub ntlm_no_challenge: u64,
+    /// Type 3 messages whose answer did not fit the challenge of their connection (another
+    /// browser's challenge, a wrong password) or that could not be read.
+    pub ntlm_bad_answer: u64,
+}
+
+impl SimCounters {
+    /// Windows logins refused at the handshake, for any reason.
+    pub fn ntlm_failures(&self) -> u64 {
+        self.ntlm_no_challenge + self.ntlm_bad_answer
+    }
 }
 
 /// One request as the proxy (or the QPS REST API) listener received it.
@@ -279,9 +297,12 @@ async fn accept_proxy(shared: Arc<Shared>, listener: TcpListener) {
 
 async fn serve_proxy_conn(shared: Arc<Shared>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
+    // The NTLM challenge lives with the TCP connection, as it does in HTTP.sys.
+    let conn = Arc::new(proxy::ConnAuth::default());
     let svc = service_fn(move |req| {
         let s = shared.clone();
-        async move { Ok::<_, Infallible>(proxy::handle(s, req).await) }
+        let c = conn.clone();
+        async move { Ok::<_, Infallible>(proxy::handle(s, &c, req).await) }
     });
     let _ = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())

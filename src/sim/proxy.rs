@@ -25,6 +25,7 @@ use super::http::{
     bad_host, first_cookie, host_problem, html_escape, html_page, json, query_pairs, query_param,
     redirect, response, strip_query_param, Body,
 };
+use super::ntlm::{self, ClientMessage, Scheme};
 use super::sessions::{EndReason, SessionInfo, User};
 use super::{Shared, SimRequest};
 
@@ -35,11 +36,39 @@ const MAX_SLOW_MS: u64 = 120_000;
 /// The exact sentence of Qlik's limit page.
 pub(crate) const LIMIT_SENTENCE: &str =
     "You cannot access Qlik Sense because you have too many sessions active in parallel";
-/// Stands in for NTLM on the Windows authentication module.
-const SIM_USER_HEADER: &str = "x-sim-user";
 const AUTH_MODULE: &str = "internal_windows_authentication";
 
-pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+/// What one client connection holds of a Windows handshake: the challenge it was given.
+pub(crate) struct ConnAuth {
+    challenge: std::sync::Mutex<Option<[u8; 8]>>,
+    /// A serial number, shown by `/__sim/echo`: tests see which connection a request came on.
+    id: u64,
+}
+
+impl Default for ConnAuth {
+    fn default() -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        ConnAuth {
+            challenge: Default::default(),
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+}
+
+impl ConnAuth {
+    fn set(&self, c: Option<[u8; 8]>) -> Option<[u8; 8]> {
+        std::mem::replace(
+            &mut *self.challenge.lock().unwrap_or_else(|e| e.into_inner()),
+            c,
+        )
+    }
+}
+
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    conn: &ConnAuth,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
     let (body, body_err) = match Limited::new(body, MAX_BODY).collect().await {
         Ok(c) => (c.to_bytes(), None),
@@ -79,7 +108,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
     if let Some(status) = body_err {
         return html_page(status, "Bad request", "The request body could not be read.");
     }
-    route(&shared, &mut parts, &body).await
+    route(&shared, conn, &mut parts, &body).await
 }
 
 /// Splits the path into (virtual proxy index, rest below the prefix without a leading '/').
@@ -105,11 +134,16 @@ fn route_vp<'a>(shared: &Shared, path: &'a str) -> (Option<usize>, &'a str) {
     (central, p)
 }
 
-async fn route(shared: &Arc<Shared>, parts: &mut Parts, body: &Bytes) -> Response<Body> {
+async fn route(
+    shared: &Arc<Shared>,
+    conn: &ConnAuth,
+    parts: &mut Parts,
+    body: &Bytes,
+) -> Response<Body> {
     let path = parts.uri.path().to_string();
     let (vp, rest) = route_vp(shared, &path);
     if rest == "__sim" || rest.starts_with("__sim/") {
-        return sim_endpoint(parts, rest, body).await;
+        return sim_endpoint(conn, parts, rest, body).await;
     }
     let Some(vp) = vp else {
         return html_page(
@@ -128,9 +162,9 @@ async fn route(shared: &Arc<Shared>, parts: &mut Parts, body: &Bytes) -> Respons
         (rest.starts_with("app/") || rest == "app") && engine::is_upgrade(&parts.headers);
 
     match &vpc.auth {
-        SimAuth::Windows { default_user } => {
+        SimAuth::Windows { accept_any_proof } => {
             if rest == AUTH_MODULE || rest.starts_with("internal_windows_authentication/") {
-                return auth_module(shared, parts, vp, default_user.as_deref(), now);
+                return auth_module(shared, conn, parts, vp, *accept_any_proof, now);
             }
             let ticket = query_param(parts.uri.query(), "qlikTicket").or_else(|| {
                 parts
@@ -256,12 +290,15 @@ fn limit_page() -> Response<Body> {
     )
 }
 
-/// `/<prefix/>internal_windows_authentication/?targetId=...`: the stand-in for NTLM.
+/// `/<prefix/>internal_windows_authentication/?targetId=...`: Windows authentication, a
+/// connection-bound NTLM handshake (Type 1, the `401` with a Type 2 challenge kept for this
+/// connection, Type 3), then the redirect with a one-time ticket.
 fn auth_module(
     shared: &Shared,
+    conn: &ConnAuth,
     parts: &Parts,
     vp: usize,
-    default_user: Option<&str>,
+    accept_any_proof: bool,
     now: Instant,
 ) -> Response<Body> {
     if parts.method != Method::GET && parts.method != Method::HEAD {
@@ -281,30 +318,85 @@ fn auth_module(
             "Unknown or expired authentication target.",
         );
     };
-    let user = match parts.headers.get(SIM_USER_HEADER) {
-        Some(v) => User::parse(v.as_bytes()),
-        None => default_user.and_then(User::lenient),
+    let offered = parts
+        .headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| Scheme::split(v.as_bytes()));
+    let Some((scheme, token)) = offered else {
+        // A browser that has not authenticated yet gets the schemes on offer.
+        return challenge(None);
     };
-    let Some(user) = user else {
-        // A browser without Windows credentials gets the challenge and nothing else.
-        let mut r = html_page(
-            StatusCode::UNAUTHORIZED,
-            "Unauthorized",
-            "Windows authentication required.",
-        );
-        r.headers_mut().insert(
-            http::header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("NTLM"),
-        );
-        return r;
+    let user = match ntlm::read_client(scheme, token) {
+        Ok(ClientMessage::Negotiate { flags }) => {
+            // A new Type 1 starts over: whatever this connection held is replaced.
+            let c = ntlm::new_challenge();
+            conn.set(Some(c));
+            let type2 = ntlm::challenge_message(c, flags, "DEMO");
+            let t = ntlm::server_token(scheme, &type2);
+            super::secrets::note_token(&t);
+            shared.lock().counters.ntlm_challenges += 1;
+            return challenge(Some(format!("{} {t}", scheme.name())));
+        }
+        Ok(ClientMessage::Authenticate(a)) => {
+            // The challenge is good for one answer, on this connection only.
+            let Some(c) = conn.set(None) else {
+                shared.lock().counters.ntlm_no_challenge += 1;
+                return challenge(None);
+            };
+            if !(ntlm::answer_fits(&a, &c) || accept_any_proof) {
+                shared.lock().counters.ntlm_bad_answer += 1;
+                return challenge(None);
+            }
+            match User::from_parts(&a.domain, &a.user) {
+                Some(u) => u,
+                // An anonymous Type 3 (no user name) is no Windows login.
+                None => {
+                    shared.lock().counters.ntlm_bad_answer += 1;
+                    return challenge(None);
+                }
+            }
+        }
+        Err(_) => {
+            conn.set(None);
+            shared.lock().counters.ntlm_bad_answer += 1;
+            return challenge(None);
+        }
     };
     let ticket = {
         let mut st = shared.lock();
+        st.counters.ntlm_handshakes += 1;
         st.consume_target(&target_id);
         st.issue_ticket(vp, &user, now)
     };
     let sep = if original.contains('?') { '&' } else { '?' };
     redirect(&format!("{original}{sep}qlikTicket={ticket}"))
+}
+
+/// The `401` of the authentication module: both schemes on offer, or the next leg of the
+/// scheme the browser chose. The target stays usable for the browser's next leg.
+fn challenge(next_leg: Option<String>) -> Response<Body> {
+    let mut r = html_page(
+        StatusCode::UNAUTHORIZED,
+        "Unauthorized",
+        "Windows authentication required.",
+    );
+    let h = r.headers_mut();
+    match next_leg.and_then(|v| HeaderValue::from_str(&v).ok()) {
+        Some(v) => {
+            h.insert(http::header::WWW_AUTHENTICATE, v);
+        }
+        None => {
+            h.append(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Negotiate"),
+            );
+            h.append(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("NTLM"),
+            );
+        }
+    }
+    r
 }
 
 /// Redeems a ticket into a new session, then sends the browser back without the ticket.
@@ -488,9 +580,9 @@ fn personal_api(shared: &Shared, parts: &Parts, vp: usize, now: Instant) -> Resp
 }
 
 /// Test endpoints that are not part of Qlik: no authentication, never a session.
-async fn sim_endpoint(parts: &Parts, rest: &str, body: &Bytes) -> Response<Body> {
+async fn sim_endpoint(conn: &ConnAuth, parts: &Parts, rest: &str, body: &Bytes) -> Response<Body> {
     match rest {
-        "__sim/echo" => echo(parts, body),
+        "__sim/echo" => echo(conn, parts, body),
         "__sim/slow" => {
             let ms = query_param(parts.uri.query(), "ms")
                 .and_then(|v| String::from_utf8(v).ok())
@@ -527,8 +619,9 @@ async fn sim_endpoint(parts: &Parts, rest: &str, body: &Bytes) -> Response<Body>
     }
 }
 
-/// `/__sim/echo`: the request exactly as received, plus optional status and Set-Cookie lines.
-fn echo(parts: &Parts, body: &Bytes) -> Response<Body> {
+/// `/__sim/echo`: the request exactly as received (and the serial number of the connection it
+/// came on), plus optional status and Set-Cookie lines.
+fn echo(conn: &ConnAuth, parts: &Parts, body: &Bytes) -> Response<Body> {
     let mut status = StatusCode::OK;
     let mut cookies = Vec::new();
     for (name, value) in query_pairs(parts.uri.query()) {
@@ -581,6 +674,7 @@ fn echo(parts: &Parts, body: &Bytes) -> Response<Body> {
             "version": format!("{:?}", parts.version),
             "headers": headers,
             "body_len": body.len(),
+            "connection": conn.id,
         }),
     );
     for c in cookies {

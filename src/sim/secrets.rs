@@ -33,3 +33,19 @@ pub fn issued_count() -> usize {
         .as_ref()
         .map_or(0, |s| s.len())
 }
+
+static TOKENS: Mutex<Vec<Box<str>>> = Mutex::new(Vec::new());
+
+/// Remembers an NTLM / Negotiate token (base64, as it travels in `Authorization` or
+/// `WWW-Authenticate`): the guard must pass it on, never write it anywhere.
+pub(crate) fn note_token(token: &str) {
+    let mut t = TOKENS.lock().unwrap_or_else(|e| e.into_inner());
+    if !t.iter().any(|x| &**x == token) {
+        t.push(token.into());
+    }
+}
+
+/// Every NTLM / Negotiate token the simulators and their browser clients of this process sent.
+pub fn tokens() -> Vec<Box<str>> {
+    TOKENS.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}

@@ -87,10 +87,32 @@ async fn send_on<I>(
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+    let mut sender = open(io).await;
+    send_with(&mut sender, host, method, path, headers, body).await
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// A kept-alive HTTP/1.1 connection, for exchanges that must share one (NTLM).
+async fn open<I>(io: I) -> Sender
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .expect("handshake");
     tokio::spawn(conn);
+    sender
+}
+
+async fn send_with(
+    sender: &mut Sender,
+    host: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Resp {
     let mut b = Request::builder()
         .method(method)
         .uri(path)
@@ -98,6 +120,7 @@ where
     for (n, v) in headers {
         b = b.header(*n, *v);
     }
+    sender.ready().await.expect("connection ready");
     let resp = sender
         .send_request(
             b.body(Full::new(Bytes::from(body.to_string())))
@@ -145,8 +168,51 @@ async fn api(s: &Simulator, method: &str, path: &str, body: &str) -> Resp {
     .await
 }
 
-/// The whole Windows dance for the central proxy; returns the session cookie value.
-async fn windows_login(addr: SocketAddr, user: Option<&str>) -> String {
+/// The browser's first leg on `sender`: its Type 1, answered by a `401` with the challenge.
+async fn type1(sender: &mut Sender, addr: SocketAddr, auth: &str, b: &ntlm::Browser) -> Resp {
+    let r = send_with(
+        sender,
+        &addr.to_string(),
+        "GET",
+        auth,
+        &[("authorization", &b.negotiate())],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{r:?}");
+    r
+}
+
+/// The browser's Type 3 answering the challenge of `r`.
+fn type3(r: &Resp, b: &ntlm::Browser) -> String {
+    b.authenticate(
+        r.headers
+            .get_all("www-authenticate")
+            .iter()
+            .map(|v| v.as_bytes()),
+    )
+    .expect("a challenge in the 401")
+}
+
+/// The whole NTLM handshake at `auth` on one connection; Qlik's answer to the Type 3.
+async fn ntlm_handshake(addr: SocketAddr, auth: &str, user: &str, scheme: ntlm::Scheme) -> Resp {
+    let b = ntlm::Browser::new(user, scheme);
+    let mut c = open(TcpStream::connect(addr).await.expect("connect")).await;
+    let r = type1(&mut c, addr, auth, &b).await;
+    let a3 = type3(&r, &b);
+    send_with(
+        &mut c,
+        &addr.to_string(),
+        "GET",
+        auth,
+        &[("authorization", &a3)],
+        "",
+    )
+    .await
+}
+
+/// The whole Windows dance for the central proxy as `user`; returns the session cookie value.
+async fn windows_login(addr: SocketAddr, user: &str) -> String {
     let r = get(addr, "/hub/stream/x?a=1", &[]).await;
     assert_eq!(r.status, StatusCode::FOUND);
     let auth = r.header("location").to_string();
@@ -154,8 +220,7 @@ async fn windows_login(addr: SocketAddr, user: Option<&str>) -> String {
         auth.starts_with("/internal_windows_authentication/?targetId="),
         "{auth}"
     );
-    let sim_user: Vec<(&str, &str)> = user.map(|u| vec![("x-sim-user", u)]).unwrap_or_default();
-    let r = get(addr, &auth, &sim_user).await;
+    let r = ntlm_handshake(addr, &auth, user, ntlm::Scheme::Ntlm).await;
     assert_eq!(r.status, StatusCode::FOUND, "{r:?}");
     let ticketed = r.header("location").to_string();
     assert!(
@@ -189,17 +254,12 @@ async fn windows_dance_end_to_end() {
     let addr = s.addr();
     let r = get(addr, "/hub/", &[]).await;
     let auth = r.header("location").to_string();
-    let r = get(addr, &auth, &[("x-sim-user", "CORP\\bob")]).await;
+    let r = ntlm_handshake(addr, &auth, "CORP\\bob", ntlm::Scheme::Negotiate).await;
     assert_eq!(r.status, StatusCode::FOUND);
     let ticketed = r.header("location").to_string();
     assert!(ticketed.starts_with("/hub/?qlikTicket="), "{ticketed}");
     // The target id is single use.
-    assert_eq!(
-        get(addr, &auth, &[("x-sim-user", "CORP\\bob")])
-            .await
-            .status,
-        StatusCode::FORBIDDEN
-    );
+    assert_eq!(get(addr, &auth, &[]).await.status, StatusCode::FORBIDDEN);
 
     let r = get(addr, &ticketed, &[]).await;
     assert_eq!(r.status, StatusCode::FOUND);
@@ -227,34 +287,124 @@ async fn windows_dance_end_to_end() {
     assert!(r.body.contains("app/engineData"));
     assert!(r.set_cookies().is_empty());
 
-    // The dance keeps the original path and query; the default user applies without X-Sim-User.
-    let id2 = windows_login(addr, None).await;
+    // The dance keeps the original path and query.
+    let id2 = windows_login(addr, "DEMO\\alice").await;
     assert_eq!(s.session_ids("demo\\ALICE"), vec![id2]);
     let c = s.counters();
     assert_eq!(
         (
             c.sessions_created,
             c.tickets_redeemed,
-            c.unknown_cookie_requests
+            c.unknown_cookie_requests,
+            c.ntlm_handshakes,
+            c.ntlm_failures()
         ),
-        (2, 2, 0)
+        (2, 2, 0, 2, 0)
     );
     assert_eq!(s.live_sessions("CORP\\bob"), 1);
 }
 
 #[tokio::test]
-async fn windows_auth_without_credentials_gets_ntlm_challenge() {
-    let mut cfg = SimConfig::default();
-    cfg.virtual_proxies[0].auth = SimAuth::Windows { default_user: None };
-    let s = sim(cfg).await;
-    let r = get(s.addr(), "/qmc/", &[]).await;
+async fn windows_auth_is_a_connection_bound_ntlm_handshake() {
+    let s = sim(SimConfig::default()).await;
+    let addr = s.addr();
+    let r = get(addr, "/qmc/", &[]).await;
     let auth = r.header("location").to_string();
-    let r = get(s.addr(), &auth, &[]).await;
+    // No credentials: both schemes on offer, and nothing else.
+    let r = get(addr, &auth, &[]).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
-    assert_eq!(r.header("www-authenticate"), "NTLM");
-    // The challenge leaves the target usable for the retry with credentials.
-    let r = get(s.addr(), &auth, &[("x-sim-user", "D\\u")]).await;
-    assert_eq!(r.status, StatusCode::FOUND);
+    let offered: Vec<_> = r.headers.get_all("www-authenticate").iter().collect();
+    assert_eq!(offered, ["Negotiate", "NTLM"]);
+    // The old header shortcut names nobody.
+    let r = get(addr, &auth, &[("x-sim-user", "D\\u")]).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+
+    let jane = ntlm::Browser::new("CORP\\jane", ntlm::Scheme::Ntlm);
+    // Type 1 on one connection, Type 3 on another: no challenge there.
+    let mut c1 = open(TcpStream::connect(addr).await.expect("connect")).await;
+    let r = type1(&mut c1, addr, &auth, &jane).await;
+    let a3 = type3(&r, &jane);
+    let r = get(addr, &auth, &[("authorization", &a3)]).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(s.counters().ntlm_no_challenge, 1);
+    // ...and the first connection's challenge is still waiting for it.
+    let r = send_with(
+        &mut c1,
+        &addr.to_string(),
+        "GET",
+        &auth,
+        &[("authorization", &a3)],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FOUND, "{r:?}");
+    // A challenge is good for one answer.
+    let r2 = send_with(
+        &mut c1,
+        &addr.to_string(),
+        "GET",
+        &auth,
+        &[("authorization", &a3)],
+        "",
+    )
+    .await;
+    assert_eq!(
+        r2.status,
+        StatusCode::FORBIDDEN,
+        "the target was used: {r2:?}"
+    );
+
+    let r = get(addr, "/qmc/", &[]).await;
+    let auth = r.header("location").to_string();
+    // A Type 3 answering another connection's challenge does not fit this one.
+    let mut c2 = open(TcpStream::connect(addr).await.expect("connect")).await;
+    let mut c3 = open(TcpStream::connect(addr).await.expect("connect")).await;
+    let bob = ntlm::Browser::new("CORP\\bob", ntlm::Scheme::Ntlm);
+    let r_bob = type1(&mut c2, addr, &auth, &bob).await;
+    type1(&mut c3, addr, &auth, &jane).await;
+    let a3 = type3(&r_bob, &bob);
+    let r = send_with(
+        &mut c3,
+        &addr.to_string(),
+        "GET",
+        &auth,
+        &[("authorization", &a3)],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(s.counters().ntlm_bad_answer, 1);
+    // A Type 3 whose user name was changed on the way does not fit either.
+    let r = type1(&mut c2, addr, &auth, &bob).await;
+    let a3 = type3(&r, &bob);
+    let forged = {
+        let token = a3.strip_prefix("NTLM ").expect("NTLM");
+        let mut raw = ntlm::b64_decode(token.as_bytes()).expect("base64");
+        let at = raw
+            .windows(6)
+            .position(|w| w == [b'b', 0, b'o', 0, b'b', 0])
+            .expect("the user name");
+        raw[at] = b'r';
+        format!("NTLM {}", ntlm::b64_encode(&raw))
+    };
+    let r = send_with(
+        &mut c2,
+        &addr.to_string(),
+        "GET",
+        &auth,
+        &[("authorization", &forged)],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(s.counters().ntlm_bad_answer, 2);
+    // Negotiate (NTLM in SPNEGO) completes like NTLM.
+    let r = ntlm_handshake(addr, &auth, "CORP\\bob", ntlm::Scheme::Negotiate).await;
+    assert_eq!(r.status, StatusCode::FOUND, "{r:?}");
+    let c = s.counters();
+    assert_eq!((c.ntlm_challenges, c.ntlm_handshakes), (5, 2));
+    assert_eq!(c.tickets_redeemed, 0);
+
     // Unknown target ids and tickets are refused with an HTML page.
     let r = get(
         s.addr(),
@@ -281,8 +431,8 @@ async fn windows_auth_without_credentials_gets_ntlm_challenge() {
 async fn limit_is_counted_across_virtual_proxies() {
     let s = sim(SimConfig::default()).await;
     let addr = s.addr();
-    windows_login(addr, None).await; // DEMO\alice
-    windows_login(addr, Some("demo\\Alice")).await;
+    windows_login(addr, "DEMO\\alice").await; // DEMO\alice
+    windows_login(addr, "demo\\Alice").await;
     for _ in 0..3 {
         let r = get(addr, "/hdr/hub/", &[("hdr-usr", "DEMO\\ALICE")]).await;
         assert_eq!(r.status, StatusCode::OK);
@@ -322,7 +472,7 @@ async fn unknown_cookie_is_counted_and_reauthenticates() {
     assert_eq!((c.unknown_cookie_requests, c.sessions_created), (1, 1));
 
     // A live session of another virtual proxy under this vp's name is not a session here.
-    let central = windows_login(addr, None).await;
+    let central = windows_login(addr, "DEMO\\alice").await;
     let r = get(
         addr,
         "/hdr/hub/",
@@ -535,7 +685,7 @@ async fn inactivity_timeout_and_open_websocket_keepalive() {
 async fn logout_ends_the_session() {
     let s = sim(SimConfig::default()).await;
     let addr = s.addr();
-    let id = windows_login(addr, None).await;
+    let id = windows_login(addr, "DEMO\\alice").await;
     let c = cookie(CENTRAL_COOKIE, &id);
     let r = send(addr, "DELETE", "/qps/user", &[("cookie", &c)], "").await;
     assert_eq!(r.status, StatusCode::OK);
@@ -749,7 +899,7 @@ async fn rest_api_sessions_and_tickets() {
 async fn websocket_connects_echoes_and_hears_logout() {
     let s = sim(SimConfig::default()).await;
     let addr = s.addr();
-    let id = windows_login(addr, None).await;
+    let id = windows_login(addr, "DEMO\\alice").await;
     let c = cookie(CENTRAL_COOKIE, &id);
     let mut ws = ws_connect(addr, "/app/engineData", &[("cookie", &c)])
         .await
@@ -845,7 +995,7 @@ async fn websocket_refusals_and_api_close() {
 async fn stop_then_start_again_on_the_same_address() {
     let s = sim(SimConfig::default()).await;
     let addr = s.addr();
-    let id = windows_login(addr, None).await;
+    let id = windows_login(addr, "DEMO\\alice").await;
     // A keep-alive connection that stays open across the stop.
     let mut conn = TcpStream::connect(addr).await.expect("connect");
     conn.write_all(b"GET /__sim/echo HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -1035,7 +1185,9 @@ async fn prefixed_windows_virtual_proxy_dance() {
     cfg.virtual_proxies.push(SimVirtualProxy {
         prefix: "win".to_string(),
         cookie_name: "X-Qlik-Session-win-HTTP".to_string(),
-        auth: SimAuth::Windows { default_user: None },
+        auth: SimAuth::Windows {
+            accept_any_proof: false,
+        },
         inactivity_timeout: None,
         same_site: None,
     });
@@ -1051,11 +1203,8 @@ async fn prefixed_windows_virtual_proxy_dance() {
     // A target id is only known to the virtual proxy that issued it.
     let target = auth.split("targetId=").nth(1).unwrap_or("");
     let central = format!("/internal_windows_authentication/?targetId={target}");
-    assert_eq!(
-        get(addr, &central, &[("x-sim-user", "W\\x")]).await.status,
-        StatusCode::FORBIDDEN
-    );
-    let r = get(addr, &auth, &[("x-sim-user", "W\\x")]).await;
+    assert_eq!(get(addr, &central, &[]).await.status, StatusCode::FORBIDDEN);
+    let r = ntlm_handshake(addr, &auth, "W\\x", ntlm::Scheme::Ntlm).await;
     let ticketed = r.header("location").to_string();
     assert!(ticketed.starts_with("/win/hub/?qlikTicket="), "{ticketed}");
     // ...and so is a ticket.

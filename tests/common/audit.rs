@@ -1,8 +1,9 @@
 //! The secrets audit: no cookie value may appear in anything the guard writes.
 //!
 //! Every session id a simulator of this test process issued (the simulator records them, see
-//! `qsguard::sim::secrets`) and every long cookie value the guard set in a browser (its device
-//! cookie, a restored session) is a secret. The shared helpers pass everything the guard says
+//! `qsguard::sim::secrets`), every NTLM / Negotiate token its Windows authentication and its
+//! browser client sent (`Authorization`, `WWW-Authenticate`), and every long cookie value the
+//! guard set in a browser (its device cookie, a restored session) is a secret. The shared helpers pass everything the guard says
 //! through [`scan`]: each log line (in-process and from qsguard processes), each event, each
 //! admin reply and each page or response head (except `Set-Cookie`, where the values belong).
 //! A secret found is a leak: the next helper call fails the test with [`assert_clean`], and the
@@ -84,17 +85,28 @@ pub fn secrets_in(text: &str) -> Vec<String> {
     found
 }
 
+/// The NTLM / Negotiate tokens in `text` (base64: `+`, `/` and `=` end no token here).
+pub fn tokens_in(text: &str) -> Vec<String> {
+    qsguard::sim::secrets::tokens()
+        .iter()
+        .filter(|t| text.contains(&***t))
+        .map(|t| t.to_string())
+        .collect()
+}
+
 /// Looks for secrets in what the guard wrote (`source` says where it came from).
 pub fn scan(source: &str, text: &str) {
-    let found = secrets_in(text);
+    let mut found = secrets_in(text);
+    found.extend(tokens_in(text));
     if found.is_empty() {
         return;
     }
-    let mut shown: String = text.chars().take(400).collect();
+    let mut shown = text.to_string();
     for s in &found {
         shown = shown.replace(s.as_str(), "<SECRET>");
     }
-    let leak = format!("{source}: a cookie value appeared in: {shown}");
+    let shown: String = shown.chars().take(400).collect();
+    let leak = format!("{source}: a cookie value or an NTLM token appeared in: {shown}");
     eprintln!("SECRETS AUDIT: {leak}");
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("secrets-audit");
     let _ = std::fs::create_dir_all(&dir);
@@ -110,13 +122,14 @@ pub fn scan(source: &str, text: &str) {
     lock(&LEAKS).push(leak);
 }
 
-/// A response head and body from the guard: every field but `Set-Cookie`, and the body
+/// A response head and body from the guard: every field but `Set-Cookie` and
+/// `WWW-Authenticate` (Qlik's challenge, passed on: where that value belongs), and the body
 /// (unless it is the simulator's echo of the request).
 pub fn scan_response(source: &str, headers: &http::HeaderMap, body: &[u8]) {
     for (name, value) in headers {
         if name == http::header::SET_COOKIE {
             note_set_cookie(value.as_bytes());
-        } else {
+        } else if name != http::header::WWW_AUTHENTICATE {
             scan(source, &String::from_utf8_lossy(value.as_bytes()));
         }
     }
@@ -140,6 +153,7 @@ pub fn scan_raw(source: &str, raw: &[u8]) {
             Some((name, value)) if name.eq_ignore_ascii_case("set-cookie") => {
                 note_set_cookie(value.trim().as_bytes())
             }
+            Some((name, _)) if name.eq_ignore_ascii_case("www-authenticate") => {}
             Some((name, _)) if name.eq_ignore_ascii_case("x-sim-reflects") => echo = true,
             _ if echo => {}
             _ => scan(source, line),

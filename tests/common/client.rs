@@ -14,6 +14,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use qsguard::sim::ntlm::{Browser, Scheme};
+
 use super::{Jar, Resp, TestCert};
 
 /// The protocol between the test client and the guard (the guard speaks HTTP/1.1 to Qlik
@@ -33,6 +35,8 @@ impl Proto {
 pub struct Client {
     addr: SocketAddr,
     tls: Option<TlsConnector>,
+    /// TLS with ALPN `http/1.1`: where a browser goes when HTTP/2 is refused for NTLM.
+    tls_h1: Option<TlsConnector>,
     proto: Proto,
 }
 
@@ -42,6 +46,7 @@ impl Client {
         Client {
             addr,
             tls: None,
+            tls_h1: None,
             proto: Proto::Http1,
         }
     }
@@ -55,6 +60,7 @@ impl Client {
         Client {
             addr,
             tls: Some(cert.connector(&[alpn])),
+            tls_h1: Some(cert.connector(&[b"http/1.1"])),
             proto,
         }
     }
@@ -86,7 +92,7 @@ impl Client {
                 .await
                 .expect("HTTP/2 handshake with the guard");
                 tokio::spawn(conn);
-                Link::Http2(sender)
+                Link::Http2(sender, self.clone())
             }
         }
     }
@@ -104,6 +110,12 @@ impl Client {
     /// Follows redirects (keeping cookies like a browser would) until a non-redirect answer.
     pub async fn browse(&self, path: &str, jar: &mut Jar, extra: &[(&str, &str)]) -> Resp {
         self.link().await.browse(path, jar, extra).await
+    }
+
+    /// [`Client::browse`] by a browser logged on to Windows as `user`: it answers Qlik's
+    /// `401` with an NTLM handshake on one connection.
+    pub async fn browse_windows(&self, path: &str, jar: &mut Jar, user: &str) -> Resp {
+        self.link().await.browse_windows(path, jar, user).await
     }
 
     /// [`Client::browse`] as `user` on the header-authentication virtual proxy (`hdr-usr`).
@@ -125,6 +137,51 @@ impl Client {
             .unwrap_or_else(|e| panic!("logout: {e}"))
     }
 
+    /// A kept-alive HTTP/1.1 connection to the guard (TLS with ALPN `http/1.1` if TLS).
+    pub async fn h1_conn(&self) -> Result<H1, String> {
+        let tcp = TcpStream::connect(self.addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let tls = self.tls_h1.as_ref().or(self.tls.as_ref());
+        let sender = match tls {
+            None => handshake_h1(tcp).await?,
+            Some(connector) => {
+                let stream = connector
+                    .connect(
+                        rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+                        tcp,
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                handshake_h1(stream).await?
+            }
+        };
+        Ok(H1 {
+            sender,
+            addr: self.addr,
+        })
+    }
+
+    /// The browser's NTLM handshake for `req` (GET) on one new HTTP/1.1 connection: Type 1,
+    /// Qlik's challenge, Type 3; Qlik's answer to the Type 3.
+    pub async fn ntlm(&self, req: &Request<Full<Bytes>>, b: &Browser) -> Result<Resp, String> {
+        let mut c = self.h1_conn().await?;
+        let r = c.send(with_auth(req, &b.negotiate())).await?;
+        if r.status != 401 {
+            return Ok(r);
+        }
+        let www: Vec<Vec<u8>> = r
+            .headers
+            .get_all("www-authenticate")
+            .iter()
+            .map(|v| v.as_bytes().to_vec())
+            .collect();
+        let Some(a3) = b.authenticate(www.iter().map(Vec::as_slice)) else {
+            return Ok(r);
+        };
+        c.send(with_auth(req, &a3)).await
+    }
+
     /// One HTTP/1.1 exchange on a new connection.
     async fn send_h1(&self, req: Request<Full<Bytes>>) -> Result<Resp, String> {
         let tcp = TcpStream::connect(self.addr)
@@ -144,6 +201,83 @@ impl Client {
             }
         }
     }
+}
+
+/// A kept-alive HTTP/1.1 connection to the guard: requests go one after the other on it.
+pub struct H1 {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    addr: SocketAddr,
+}
+
+impl H1 {
+    pub async fn send(&mut self, req: Request<Full<Bytes>>) -> Result<Resp, String> {
+        self.sender.ready().await.map_err(|e| e.to_string())?;
+        let resp = self
+            .sender
+            .send_request(req)
+            .await
+            .map_err(|e| e.to_string())?;
+        collect(resp, Some(self.addr)).await
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+}
+
+async fn handshake_h1<S>(
+    io: S,
+) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+/// A copy of the GET `req` without its `Authorization`.
+fn copy_get(req: &Request<Full<Bytes>>) -> Request<Full<Bytes>> {
+    let mut b = Request::get(req.uri().clone());
+    for (n, v) in req.headers() {
+        if n != http::header::AUTHORIZATION {
+            b = b.header(n, v);
+        }
+    }
+    b.body(Full::new(Bytes::new())).unwrap()
+}
+
+/// A copy of the GET `req` with `Authorization: value`.
+fn with_auth(req: &Request<Full<Bytes>>, value: &str) -> Request<Full<Bytes>> {
+    let mut r = copy_get(req);
+    r.headers_mut().insert(
+        http::header::AUTHORIZATION,
+        http::HeaderValue::from_str(value).unwrap(),
+    );
+    r
+}
+
+/// Whether a `401` asks for Windows authentication.
+fn asks_windows(r: &Resp) -> bool {
+    r.status == 401
+        && r.all("www-authenticate").iter().any(|v| {
+            let s = v.split(' ').next().unwrap_or("");
+            s.eq_ignore_ascii_case("NTLM") || s.eq_ignore_ascii_case("Negotiate")
+        })
+}
+
+/// Whether an HTTP/2 request failed with `RST_STREAM(HTTP_1_1_REQUIRED)`.
+pub fn is_http_1_1_required(e: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(h2e) = s.downcast_ref::<h2::Error>() {
+            return h2e.reason() == Some(h2::Reason::HTTP_1_1_REQUIRED);
+        }
+        source = s.source();
+    }
+    false
 }
 
 async fn exchange_h1<S>(
@@ -185,15 +319,16 @@ async fn collect(
 pub enum Link {
     /// HTTP/1.1: a new connection for every request.
     Http1(Client),
-    /// HTTP/2: every request a stream of this one connection.
-    Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+    /// HTTP/2: every request a stream of this one connection (and the client, for the
+    /// HTTP/1.1 a browser falls back to when a stream is refused with `HTTP_1_1_REQUIRED`).
+    Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>, Client),
 }
 
 impl Link {
     pub async fn send(&self, req: Request<Full<Bytes>>) -> Result<Resp, String> {
         match self {
             Link::Http1(client) => client.send_h1(req).await,
-            Link::Http2(sender) => {
+            Link::Http2(sender, _) => {
                 let mut sender = sender.clone();
                 sender.ready().await.map_err(|e| e.to_string())?;
                 let resp = sender
@@ -201,6 +336,24 @@ impl Link {
                     .await
                     .map_err(|e| e.to_string())?;
                 collect(resp, None).await
+            }
+        }
+    }
+
+    /// [`Link::send`] as a browser does it: over HTTP/2, a stream refused with
+    /// `HTTP_1_1_REQUIRED` is sent again over HTTP/1.1.
+    pub async fn send_or_fall_back(&self, req: Request<Full<Bytes>>) -> Result<Resp, String> {
+        match self {
+            Link::Http1(client) => client.send_h1(req).await,
+            Link::Http2(sender, client) => {
+                let mut sender = sender.clone();
+                sender.ready().await.map_err(|e| e.to_string())?;
+                let again = copy_get(&req);
+                match sender.send_request(for_h2(req)).await {
+                    Ok(resp) => collect(resp, None).await,
+                    Err(e) if is_http_1_1_required(&e) => client.h1_conn().await?.send(again).await,
+                    Err(e) => Err(e.to_string()),
+                }
             }
         }
     }
@@ -235,6 +388,25 @@ impl Link {
 
     /// Follows redirects (keeping cookies like a browser would) until a non-redirect answer.
     pub async fn browse(&self, path: &str, jar: &mut Jar, extra: &[(&str, &str)]) -> Resp {
+        self.browse_with(path, jar, extra, None).await
+    }
+
+    /// [`Link::browse`] by a browser logged on to Windows as `user` (NTLM).
+    pub async fn browse_windows(&self, path: &str, jar: &mut Jar, user: &str) -> Resp {
+        self.browse_with(path, jar, &[], Some(&Browser::new(user, Scheme::Ntlm)))
+            .await
+    }
+
+    /// [`Link::browse`]; a browser with Windows credentials (`windows`) answers a `401` that
+    /// asks for NTLM or Negotiate with the handshake, on one HTTP/1.1 connection (over
+    /// HTTP/2 the guard refuses the authentication path, and the browser falls back).
+    pub async fn browse_with(
+        &self,
+        path: &str,
+        jar: &mut Jar,
+        extra: &[(&str, &str)],
+        windows: Option<&Browser>,
+    ) -> Resp {
         let mut path = path.to_string();
         for _ in 0..10 {
             let cookie = super::cookie_header(jar);
@@ -242,7 +414,28 @@ impl Link {
             if !cookie.is_empty() {
                 headers.push(("cookie", &cookie));
             }
-            let resp = self.get(&path, &headers).await;
+            let mut b = Request::get(&path);
+            if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+                b = b.header("host", "qlik.example.com");
+            }
+            for (k, v) in &headers {
+                b = b.header(*k, *v);
+            }
+            let req = b.body(Full::new(Bytes::new())).unwrap();
+            let again = copy_get(&req);
+            let mut resp = self
+                .send_or_fall_back(req)
+                .await
+                .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+            if let (Some(w), true) = (windows, asks_windows(&resp)) {
+                let client = match self {
+                    Link::Http1(c) | Link::Http2(_, c) => c,
+                };
+                resp = client
+                    .ntlm(&again, w)
+                    .await
+                    .unwrap_or_else(|e| panic!("NTLM at {path}: {e}"));
+            }
             for sc in resp.all("set-cookie") {
                 let pair = sc.split(';').next().unwrap_or("");
                 if let Some((k, v)) = pair.split_once('=') {

@@ -156,6 +156,12 @@ pub async fn browse(
     Client::plain(addr).browse(path, jar, extra).await
 }
 
+/// [`browse`] by a browser logged on to Windows as `user`: it answers Qlik's `401` with an
+/// NTLM handshake on one connection, as a browser does.
+pub async fn browse_windows(addr: SocketAddr, path: &str, jar: &mut Jar, user: &str) -> Resp {
+    Client::plain(addr).browse_windows(path, jar, user).await
+}
+
 /// What a cookie-mangling middlebox does (for the "lost on the way" tests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mangle {

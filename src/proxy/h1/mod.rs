@@ -26,6 +26,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
+use super::bound::Bound;
 use super::error::ProxyError;
 use super::headers;
 use super::lifecycle::{self, BodyPart, Exchange, Finish, Reply, Transport};
@@ -67,6 +68,9 @@ struct ClientConn<S> {
     /// The request asked to close the connection after its answer.
     close_asked: bool,
     next: Next,
+    /// The upstream connection this client connection owns (connection-bound
+    /// authentication); dropped, so closed, with it.
+    private: Option<Bound>,
 }
 
 /// Serves one client connection until it closes, the guard stops, or it becomes a tunnel.
@@ -85,6 +89,7 @@ where
         expect_continue: false,
         close_asked: false,
         next: Next::Close,
+        private: None,
     };
     loop {
         let head = match read_head(&mut c, &proxy).await {
@@ -221,6 +226,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Transport for ClientConn<S> {
         self.body.take(&mut self.buf, out)
     }
 
+    fn take_private(&mut self) -> Option<Bound> {
+        self.private.take()
+    }
+
+    fn private_node(&self) -> Option<&Arc<super::upstream::Node>> {
+        self.private.as_ref().map(|b| &b.node)
+    }
+
     async fn more_body(
         &mut self,
         out: &mut BytesMut,
@@ -270,8 +283,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Transport for ClientConn<S> {
 
     async fn answer(&mut self, x: Exchange, page: Page) {
         // An unread body would be read as the next request: close instead. So does a
-        // refused request (what follows it cannot be trusted) and a stopping guard.
+        // refused request (what follows it cannot be trusted) and a stopping guard, and a
+        // failed leg of a connection-bound handshake (the browser starts it again).
         let close = !self.body.done()
+            || (x.private && self.private.is_none())
             || self.close_asked
             || self.stop.is_cancelled()
             || page
@@ -324,6 +339,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Transport for ClientConn<S> {
         };
         // A 101 nobody asked for leaves the connection in another protocol: not reusable.
         let clean = relay == Relay::Complete && head.status != 101;
+        let private = x.node.clone().filter(|_| x.private);
         let finish = Finish::new(x);
         if switching {
             finish.done(head.status, sent, relay.end());
@@ -331,8 +347,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Transport for ClientConn<S> {
             return;
         }
         let keep = clean && !head.close;
-        finish.relayed(head.status, sent, relay.end(), keep.then_some(conn));
-        self.next = if close || !clean {
+        let conn = keep.then_some(conn);
+        // A private connection that ends takes its client connection with it.
+        let lost_private = private.is_some() && conn.is_none();
+        match private {
+            Some(node) => {
+                self.private = conn.map(|conn| Bound { node, conn });
+                finish.relayed(head.status, sent, relay.end(), None);
+            }
+            None => finish.relayed(head.status, sent, relay.end(), conn),
+        }
+        self.next = if close || !clean || lost_private {
             Next::Close
         } else {
             Next::KeepAlive
