@@ -189,6 +189,8 @@ pub enum Known {
     XForwardedFor,
     XForwardedProto,
     XForwardedHost,
+    /// Looked up on every request (connection-bound authentication, [`crate::ntlm`]).
+    Authorization,
 }
 
 impl Known {
@@ -208,6 +210,7 @@ impl Known {
             (10, b'c') => (Known::Connection, b"connection"),
             (10, b's') => (Known::SetCookie, b"set-cookie"),
             (10, b'k') => (Known::KeepAlive, b"keep-alive"),
+            (13, b'a') => (Known::Authorization, b"authorization"),
             (14, b'c') => (Known::ContentLength, b"content-length"),
             (15, b'x') => (Known::XForwardedFor, b"x-forwarded-for"),
             (16, b'x') => (Known::XForwardedHost, b"x-forwarded-host"),
@@ -1222,6 +1225,8 @@ mod tests {
             (b"Proxy-Connection", Known::ProxyConnection),
             (b"Set-Cookie", Known::SetCookie),
             (b"TE", Known::Te),
+            (b"Authorization", Known::Authorization),
+            (b"Accept-Ranges", Known::Other),
             (b"Hosts", Known::Other),
             (b"hast", Known::Other),
             (b"Content_Length", Known::Other),
