@@ -90,6 +90,7 @@ fn bench(c: &mut Criterion) {
                 path: parts.uri.path(),
                 query: parts.uri.query(),
                 headers: &parts.headers,
+                device_memo: None,
             };
             let verdict = g
                 .before(&req, peer, true)

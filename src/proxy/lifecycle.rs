@@ -88,11 +88,19 @@ pub(crate) trait Transport: Send {
         None
     }
 
+    /// The connection's memory of its device cookie ([`session::device::DeviceMemo`]); HTTP/2
+    /// streams have none of their own.
+    fn device_memo(&self) -> Option<&DeviceMemoCell> {
+        None
+    }
+
     /// The node of [`Transport::take_private`]'s connection, without taking it.
     fn private_node(&self) -> Option<&Arc<Node>> {
         None
     }
 }
+
+pub(crate) type DeviceMemoCell = std::sync::Mutex<session::device::DeviceMemo>;
 
 /// One request on its way through the phases.
 pub(crate) struct Exchange {
@@ -147,7 +155,7 @@ pub(crate) async fn exchange<T: Transport>(proxy: &Arc<Proxy>, t: &mut T, head: 
         return t.answer(x, page).await;
     }
     // 2. guard
-    if let Some(page) = guard(&mut x).await {
+    if let Some(page) = guard(&mut x, t.device_memo()).await {
         return t.answer(x, page).await;
     }
     // 3. choose node: a private connection's, unless the request goes with a session that
@@ -246,13 +254,14 @@ async fn own_endpoint<T: Transport>(x: &Exchange, t: &mut T) -> Option<Page> {
 }
 
 /// Phase 2: the session guard's decision; `Some` when it answers itself.
-async fn guard(x: &mut Exchange) -> Option<Page> {
+async fn guard(x: &mut Exchange, device_memo: Option<&DeviceMemoCell>) -> Option<Page> {
     let guard = x.proxy.sessions.as_ref()?;
     let view = session::Request {
         method: x.head.method(),
         path: x.head.path(),
         query: x.head.query(),
         headers: &x.head,
+        device_memo,
     };
     // The scheme the browser used: TLS here, or what a trusted proxy in front says.
     let https = headers::browser_used_https(&x.head, &x.settings.trusted, x.info);

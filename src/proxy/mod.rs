@@ -7,6 +7,7 @@
 
 pub mod access_log;
 pub mod bound;
+pub(crate) mod datetime;
 pub mod error;
 pub mod h1;
 pub mod h2;

@@ -79,7 +79,14 @@ pub fn find<'a, H: HeadView, const N: usize>(headers: &'a H, names: [&str; N]) -
     for field in headers.values("cookie") {
         // Bytes, not text: a pair with a byte that is not UTF-8 (obs-text) does not hide the
         // other pairs of its field.
-        for pair in field.split(|&b| b == b';') {
+        for pair in memchr::memchr_iter(b';', field)
+            .chain([field.len()])
+            .scan(0, |start, end| {
+                let pair = &field[*start..end];
+                *start = end + 1;
+                Some(pair)
+            })
+        {
             let pair = trim_start_sp(pair);
             let Some(eq) = memchr::memchr(b'=', pair) else {
                 continue;

@@ -17,6 +17,8 @@
 //! cookie lost before that request is no longer possible.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use arc_swap::ArcSwap;
 
@@ -26,7 +28,16 @@ use super::table::DeviceId;
 pub struct DeviceKeys {
     key: ArcSwap<[u8; 32]>,
     file: Option<PathBuf>,
+    /// Bumped by every rotation, so that a [`DeviceMemo`] of the old key is not believed.
+    generation: AtomicU64,
 }
+
+/// The last device cookie value one client connection showed, and what it verified to: a
+/// browser sends the same value with every request of a keep-alive connection, so its tag is
+/// checked once per connection (and key) rather than once per request. It holds the value,
+/// so it has no `Debug` and is never logged.
+#[derive(Default)]
+pub struct DeviceMemo(Option<(u64, Box<str>, Option<DeviceId>)>);
 
 impl DeviceKeys {
     /// The key kept beside `snapshot` (made there on first use), or a key in memory.
@@ -35,6 +46,7 @@ impl DeviceKeys {
             return Ok(DeviceKeys {
                 key: ArcSwap::from_pointee(rand::random()),
                 file: None,
+                generation: AtomicU64::new(0),
             });
         };
         let file = key_file(snapshot);
@@ -60,6 +72,7 @@ impl DeviceKeys {
         Ok(DeviceKeys {
             key: ArcSwap::from_pointee(key),
             file: Some(file),
+            generation: AtomicU64::new(0),
         })
     }
 
@@ -82,6 +95,28 @@ impl DeviceKeys {
         (tag == self.tag(id)).then_some(id)
     }
 
+    /// [`DeviceKeys::verify`], remembered in `memo` for the connection's next requests.
+    pub fn verify_remembered(
+        &self,
+        value: &str,
+        memo: Option<&Mutex<DeviceMemo>>,
+    ) -> Option<DeviceId> {
+        let Some(memo) = memo else {
+            return self.verify(value);
+        };
+        // Read before the key: a rotation in between makes this entry stale, never wrong.
+        let generation = self.generation.load(Ordering::SeqCst);
+        let mut memo = memo.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((g, seen, id)) = &memo.0 {
+            if *g == generation && **seen == *value {
+                return *id;
+            }
+        }
+        let id = self.verify(value);
+        memo.0 = Some((generation, value.into(), id));
+        id
+    }
+
     /// A new key: written first (so a restart keeps it), then used.
     pub fn rotate(&self) -> Result<(), String> {
         let key: [u8; 32] = rand::random();
@@ -89,6 +124,7 @@ impl DeviceKeys {
             write_key(file, &key)?;
         }
         self.key.store(std::sync::Arc::new(key));
+        self.generation.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
@@ -227,6 +263,24 @@ mod tests {
         for junk in ["", "0123", &format!("{id:032x}0"), &format!("{id:031x}g.")] {
             assert_eq!(id_of(junk), None, "{junk}");
         }
+    }
+
+    #[test]
+    fn a_remembered_verdict_is_the_verdict_and_forgotten_on_rotation() {
+        let k = DeviceKeys::load(None).unwrap();
+        let memo = Mutex::new(DeviceMemo::default());
+        let v = k.sign(7);
+        let forged = format!("{}{}", &v[..33], &k.sign(8)[33..]);
+        for _ in 0..2 {
+            assert_eq!(k.verify_remembered(&v, Some(&memo)), Some(7));
+            assert_eq!(k.verify_remembered(&forged, Some(&memo)), None);
+            assert_eq!(k.verify_remembered(&v, Some(&memo)), Some(7));
+        }
+        k.rotate().unwrap();
+        // The same value, remembered as good under the old key, is checked again.
+        assert_eq!(k.verify_remembered(&v, Some(&memo)), None);
+        assert_eq!(k.verify_remembered(&k.sign(7), Some(&memo)), Some(7));
+        assert_eq!(k.verify_remembered(&v, None), None);
     }
 
     #[test]

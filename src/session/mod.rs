@@ -186,6 +186,8 @@ pub struct Request<'a, H> {
     pub path: &'a str,
     pub query: Option<&'a str>,
     pub headers: &'a H,
+    /// The client connection's memory of its device cookie (HTTP/1 keep-alive), if any.
+    pub device_memo: Option<&'a std::sync::Mutex<device::DeviceMemo>>,
 }
 
 /// The decision before the upstream.
@@ -505,7 +507,7 @@ impl SessionGuard {
         let [cookie, sent_device] = cookies::find(req.headers, [&info.cookie, &self.device_cookie]);
         // A device cookie the guard did not sign is never honoured (see `device_trusted`).
         let (device, new_device, device_trusted) = match sent_device.first {
-            Some(v) => match self.device_keys.verify(v) {
+            Some(v) => match self.device_keys.verify_remembered(v, req.device_memo) {
                 Some(d) => (d, false, true),
                 None => match device::id_of(v) {
                     Some(d) => (d, false, false),

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use super::bound::Bound;
 use super::error::ProxyError;
 use super::headers;
-use super::lifecycle::{self, BodyPart, Exchange, Finish, Reply, Transport};
+use super::lifecycle::{self, BodyPart, DeviceMemoCell, Exchange, Finish, Reply, Transport};
 use super::pool::Conn;
 use super::{ConnInfo, Proxy, Settings};
 use crate::pages::Page;
@@ -71,6 +71,7 @@ struct ClientConn<S> {
     /// The upstream connection this client connection owns (connection-bound
     /// authentication); dropped, so closed, with it.
     private: Option<Bound>,
+    device_memo: DeviceMemoCell,
 }
 
 /// Serves one client connection until it closes, the guard stops, or it becomes a tunnel.
@@ -90,6 +91,7 @@ where
         close_asked: false,
         next: Next::Close,
         private: None,
+        device_memo: Default::default(),
     };
     loop {
         let head = match read_head(&mut c, &proxy).await {
@@ -228,6 +230,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Transport for ClientConn<S> {
 
     fn take_private(&mut self) -> Option<Bound> {
         self.private.take()
+    }
+
+    fn device_memo(&self) -> Option<&DeviceMemoCell> {
+        Some(&self.device_memo)
     }
 
     fn private_node(&self) -> Option<&Arc<super::upstream::Node>> {
@@ -558,17 +564,7 @@ fn httpdate(t: std::time::SystemTime) -> String {
     let days = secs / 86400;
     let (h, m, s) = ((secs % 86400) / 3600, (secs % 3600) / 60, secs % 60);
     let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days % 7) as usize];
-    // Civil from days (Howard Hinnant).
-    let z = days as i64 + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if mo <= 2 { y + 1 } else { y };
+    let (y, mo, d) = crate::proxy::datetime::civil_from_days(days);
     let month = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ][(mo - 1) as usize];
