@@ -496,7 +496,10 @@ async fn after(x: &mut Exchange, resp: &Head, conn: &mut Conn) -> Result<After, 
         let user = x.ctx.as_deref().and_then(|c| g.known_user(c));
         g.note_possible_qps_refusal(body, user);
         if let Some(c) = x.ctx.as_deref() {
-            if let Some(page) = g.refusal_to_login(c, body, x.head.path()).await {
+            // Boxed: ending a session in Qlik is a QPS API call whose future is several KB,
+            // and without the box every exchange would carry (and every HTTP/2 stream's spawn
+            // copy) that much for a path taken once in a while.
+            if let Some(page) = Box::pin(g.refusal_to_login(c, body, x.head.path())).await {
                 return Ok(After::Answer(page));
             }
         }

@@ -828,7 +828,7 @@ impl SessionGuard {
         let prefix = &self.vps[ctx.vp].prefix;
         let mut limit = self.limit(&user, ctx.vp, trusted);
         if let Limit::WaitForPending = limit {
-            limit = self.wait_for_pending(&user, ctx.vp).await;
+            limit = Box::pin(self.wait_for_pending(&user, ctx.vp)).await;
         }
         let max = self.policy().max;
         match limit {
@@ -847,7 +847,7 @@ impl SessionGuard {
                 self.counters.evicted.fetch_add(1, Ordering::Relaxed);
                 self.emit(Kind::SessionEvicted, format!("{user} reached the limit of {max} (headroom {}): the least recently active session without an open app was ended", self.policy().headroom), Some(&ctx), Some(&victim), Some(&user));
                 tracing::info!(session = %victim.hash, user = %user, vp = %self.vps[victim.vp].prefix, "user at the session limit: least recently active session evicted");
-                if let Err(e) = self.end_in_qlik(&victim).await {
+                if let Err(e) = Box::pin(self.end_in_qlik(&victim)).await {
                     tracing::warn!(session = %victim.hash, user = %user, "eviction failed: {e}");
                 }
                 self.keep_reservation(&mut ctx, &user, Some(reservation));
