@@ -19,6 +19,7 @@ pub mod cookies;
 pub mod device;
 pub mod engine;
 pub mod flight;
+pub mod fold;
 pub mod identity;
 pub mod page;
 pub mod snapshot;
@@ -448,7 +449,7 @@ impl SessionGuard {
             Ok(read) => read,
             Err(page) => return Verdict::Answer(*page),
         };
-        if let Some(s) = self.known_live(&mut ctx, &cookie, req.headers) {
+        if let Some(s) = self.known_live(&mut ctx, &cookie, req.path, req.headers) {
             ctx.session = Some(s);
             return Verdict::Forward(Box::new(ctx));
         }
@@ -550,6 +551,7 @@ impl SessionGuard {
         &self,
         ctx: &mut Context,
         cookie: &cookies::Found<'_>,
+        path: &str,
         headers: &H,
     ) -> Option<Arc<Session>> {
         let value = cookie.first?;
@@ -572,8 +574,8 @@ impl SessionGuard {
                 return None;
             }
         }
-        if ctx.new_device && !ctx.device_sent && cookie.count == 1 {
-            self.check_folded(&s, ctx, || requester_of(headers, ctx.peer));
+        if cookie.count == 1 {
+            self.check_folded(&s, ctx, path, headers);
         }
         if cookie.count > 1 {
             ctx.client = Some(requester_of(headers, ctx.peer));
@@ -967,6 +969,13 @@ impl SessionGuard {
                 // A new session, a new device id: a value planted in this browser before
                 // its user logged in names nothing after it.
                 self.new_device_for(ctx, &s);
+                // Whatever else this response sets must come back with the session cookie:
+                // if only the session cookie does, a device on the way folded the fields.
+                let mut with = fold::companions(headers, &info.cookie, target, ctx.tls);
+                if ctx.new_device {
+                    with.push(fold::Companion::everywhere(&self.device_cookie));
+                }
+                s.meta().set_with = with;
                 new_session = Some(s);
             }
         } else if let Some(target_id) = auth_redirect_target(status, headers) {
@@ -1171,9 +1180,6 @@ impl SessionGuard {
         if let Some(h) = &ctx.host {
             s.meta().host = Some(h.clone());
         }
-        // A new device cookie goes out in the same response (see `new_device_for`): if only
-        // this cookie comes back, a device on the way folded the Set-Cookie headers.
-        s.meta().set_with_device = true;
         tracing::info!(session = %s.hash, user = %ctx.identity.as_ref().map(|u| u.to_string()).unwrap_or_else(|| "(resolving)".into()), vp = %self.vps[ctx.vp].prefix, node = %node, "session created");
         if let Some(f) = self
             .flights
@@ -1316,6 +1322,19 @@ impl SessionGuard {
         session: Option<&Session>,
         user: Option<&User>,
     ) {
+        self.events
+            .emit(self.event(kind, cause, ctx, session, user));
+    }
+
+    /// An event with what is known of the request.
+    fn event(
+        &self,
+        kind: Kind,
+        cause: impl Into<String>,
+        ctx: Option<&Context>,
+        session: Option<&Session>,
+        user: Option<&User>,
+    ) -> events::NewEvent {
         let mut e = events::NewEvent::new(kind, cause);
         if let Some(c) = ctx {
             e.virtual_proxy = Some(self.vps[c.vp].prefix.clone());
@@ -1339,31 +1358,37 @@ impl SessionGuard {
                 e.virtual_proxy = Some(self.vps[s.vp].prefix.clone());
             }
         }
-        self.events.emit(e);
+        e
     }
 
-    /// A session cookie came back without the device cookie that was set with it.
-    fn check_folded(&self, s: &Session, ctx: &Context, client: impl FnOnce() -> events::Requester) {
-        let report = {
+    /// A session cookie came back, for the first time on a path: the cookies set with it that
+    /// did not come back with it were folded away on the way (reported once per cookie).
+    fn check_folded<H: HeadView>(&self, s: &Session, ctx: &Context, path: &str, headers: &H) {
+        let missing = {
             let mut m = s.meta();
-            let fold = m.set_with_device && !m.fold_reported;
-            m.fold_reported |= fold;
-            fold
+            if m.set_with.is_empty() {
+                return;
+            }
+            fold::not_returned(&mut m.set_with, path, headers)
         };
-        if report {
-            let mut c = Context::shallow(ctx);
-            c.client = Some(client());
-            self.emit(
-                Kind::SetCookieFolded,
-                format!(
-                    "the session cookie came back but the {} cookie set in the same response did not: a device on the way folded the Set-Cookie headers into one (the browser kept only the first)",
-                    self.device_cookie
-                ),
-                Some(&c),
-                Some(s),
-                None,
-            );
+        if missing.is_empty() {
+            return;
         }
+        let mut c = Context::shallow(ctx);
+        c.client = Some(requester_of(headers, ctx.peer));
+        let names = missing.join(", ");
+        let mut e = self.event(
+            Kind::SetCookieFolded,
+            format!(
+                "the session cookie {} came back but {names} set in the same response did not: a device on the way folded the Set-Cookie headers into one (the browser kept only the first)",
+                self.vps[s.vp].cookie
+            ),
+            Some(&c),
+            Some(s),
+            None,
+        );
+        e.not_returned = missing;
+        self.events.emit(e);
     }
 
     /// A node went down: its sessions are gone (Qlik keeps sessions in the node's memory).

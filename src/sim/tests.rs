@@ -1038,6 +1038,7 @@ async fn prefixed_windows_virtual_proxy_dance() {
         auth: SimAuth::Windows { default_user: None },
         inactivity_timeout: None,
         same_site: None,
+        also_sets: Vec::new(),
     });
     let s = sim(cfg).await;
     let addr = s.addr();
