@@ -471,7 +471,8 @@ pub struct SessionsConfig {
     #[serde(default = "default_max_flights")]
     pub max_flights: usize,
     /// Where the session table is kept across restarts (mode 0600: it holds cookie values).
-    /// Unset: a restart forgets every session.
+    /// Unset: `$STATE_DIRECTORY/sessions.json` when systemd gives the unit a state directory
+    /// (see [`Config::load`]), else none, and a restart forgets every session.
     pub snapshot_file: Option<PathBuf>,
     /// How often the snapshot is written while running (and always at shutdown).
     #[serde(default = "default_snapshot_interval", with = "duration")]
@@ -544,7 +545,31 @@ impl Config {
             .map_err(|e| err("", format!("cannot read {}: {e}", path.display())))?;
         let mut config = Config::parse(&text)?;
         config.source = Some(path.to_path_buf());
+        config.snapshot_in_state_directory(std::env::var_os("STATE_DIRECTORY"));
         Ok(config)
+    }
+
+    /// A guard that forgets its sessions on a restart sends every browser to a node that
+    /// does not know it (with several nodes) and loses what it knew of every user: where the
+    /// service has a place for state (systemd's `StateDirectory=`, given as `$STATE_DIRECTORY`,
+    /// colon-separated when there are several), the snapshot goes there unless the file says
+    /// where.
+    pub fn snapshot_in_state_directory(&mut self, state_directory: Option<std::ffi::OsString>) {
+        if self.sessions.snapshot_file.is_some() {
+            return;
+        }
+        let Some(dirs) = state_directory else { return };
+        if let Some(first) = std::env::split_paths(&dirs).find(|d| d.is_absolute()) {
+            self.sessions.snapshot_file = Some(first.join("sessions.json"));
+        }
+    }
+
+    /// Where the session table is kept across restarts, in words (for `check-config`).
+    pub fn snapshot_text(&self) -> String {
+        match &self.sessions.snapshot_file {
+            Some(f) => format!("sessions are kept across restarts in {}", f.display()),
+            None => "no session snapshot: a restart forgets every session (set [sessions] snapshot_file, or run under systemd with StateDirectory=)".into(),
+        }
     }
 
     /// The keys that differ from `new` and that only a restart applies (a reload says so in
@@ -1117,6 +1142,29 @@ listen = "127.0.0.1:8443"
 [[upstream]]
 url = "http://127.0.0.1:4280"
 "#;
+
+    #[test]
+    fn the_snapshot_goes_to_the_state_directory_unless_the_file_says_where() {
+        let mut c = Config::parse(MIN).unwrap();
+        c.snapshot_in_state_directory(None);
+        assert_eq!(c.sessions.snapshot_file, None);
+        assert!(c.snapshot_text().starts_with("no session snapshot"));
+        c.snapshot_in_state_directory(Some("relative:/var/lib/qsguard:/var/lib/other".into()));
+        assert_eq!(
+            c.sessions.snapshot_file.as_deref(),
+            Some(Path::new("/var/lib/qsguard/sessions.json"))
+        );
+        assert!(c.snapshot_text().contains("/var/lib/qsguard/sessions.json"));
+        let mut set = Config::parse(&format!(
+            "{MIN}[sessions]\nsnapshot_file = \"/srv/s.json\"\n"
+        ))
+        .unwrap();
+        set.snapshot_in_state_directory(Some("/var/lib/qsguard".into()));
+        assert_eq!(
+            set.sessions.snapshot_file.as_deref(),
+            Some(Path::new("/srv/s.json"))
+        );
+    }
 
     #[test]
     fn minimal_config_gets_defaults() {
