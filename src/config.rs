@@ -408,6 +408,22 @@ pub struct VirtualProxyConfig {
     /// Overrides `[sessions] inactivity_timeout` for this virtual proxy.
     #[serde(default, with = "opt_duration")]
     pub inactivity_timeout: Option<Duration>,
+    /// Header authentication: what a request with neither a session cookie nor a device
+    /// cookie (a script without a cookie jar) gets. Unset: `reuse`.
+    #[serde(default)]
+    pub cookieless: Option<Cookieless>,
+}
+
+/// Clients that keep no cookies, on a header-authentication virtual proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cookieless {
+    /// The user's most recently active session on the virtual proxy that was itself made for a
+    /// cookie-less client: a script calling once a second does not make a session per call.
+    Reuse,
+    /// A new session per request, as Qlik does (each counts towards the user's limit for the
+    /// inactivity timeout).
+    New,
 }
 
 /// What happens to the sessions of a node that goes down.
@@ -593,7 +609,7 @@ impl Config {
                 let vps: Vec<_> = c
                     .virtual_proxies_or_default()
                     .into_iter()
-                    .map(|v| (v.prefix, v.session_cookie, v.identity_header))
+                    .map(|v| (v.prefix, v.session_cookie, v.identity_header, v.cookieless))
                     .collect();
                 format!("{vps:?}")
             }),
@@ -833,6 +849,11 @@ impl Config {
                     format!("virtual_proxy[{i}].identity_from"),
                     "only means something with identity_header",
                 ));
+            } else if vp.cookieless.is_some() {
+                return Err(err(
+                    format!("virtual_proxy[{i}].cookieless"),
+                    "only means something with identity_header: without it Qlik cannot tell who a request without a cookie is",
+                ));
             }
         }
         Ok(())
@@ -983,6 +1004,7 @@ impl Config {
                 identity_from: None,
                 restore: true,
                 inactivity_timeout: None,
+                cookieless: None,
             }]
         } else {
             self.virtual_proxies.clone()

@@ -10,6 +10,7 @@
 //! | none, or a dead one, and the browser has a live session here | **restore** it |
 //! | the same, and the user is at the limit | `on_limit`: **reuse**, **evict** or the **limit page** |
 //! | the same, while another request of the browser is (re)creating its session | **wait** for it |
+//! | no cookie at all, header authentication (`cookieless = "reuse"`) | the user's cookie-less session, or **wait** for it |
 //!
 //! Responses: a new session cookie records a session (its node, its browser; its owner from the
 //! identity header, else looked up off the hot path); a logout, a replaced cookie or an engine
@@ -54,6 +55,9 @@ pub struct VirtualProxy {
     pub identity_header: Option<HeaderName>,
     /// `restore`: a browser that lost its cookie gets its own live session back.
     pub restore: bool,
+    /// `cookieless = "reuse"` on a header-authentication virtual proxy: a request without
+    /// any cookie goes with the user's latest session made for such a request.
+    pub cookieless_reuse: bool,
 }
 
 /// Counts of what the guard did, for logs now and metrics later.
@@ -67,6 +71,8 @@ pub struct Counters {
     pub qps_limit_refusals: AtomicU64,
     pub adopted: AtomicU64,
     pub replaced: AtomicU64,
+    /// Requests without cookies sent with a session made for an earlier one.
+    pub cookieless_attached: AtomicU64,
 }
 
 /// What the guard decided for one request, carried to the response phase.
@@ -85,6 +91,9 @@ pub struct Context {
     device_trusted: bool,
     /// The user named by a header-authentication identity header.
     pub identity: Option<User>,
+    /// The request carries neither a session cookie nor a device cookie and names a believed
+    /// user: a client that keeps no cookies (a script), or a browser's very first request.
+    cookieless: bool,
     /// The session this request goes upstream with.
     pub session: Option<Arc<Session>>,
     /// The guard put `session`'s cookie on the request (restore or reuse): set it back.
@@ -300,6 +309,8 @@ impl SessionGuard {
             .map(|v| VirtualProxy {
                 prefix: v.prefix,
                 cookie: v.session_cookie,
+                cookieless_reuse: v.identity_header.is_some()
+                    && v.cookieless != Some(crate::config::Cookieless::New),
                 identity_header: v
                     .identity_header
                     .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
@@ -463,6 +474,12 @@ impl SessionGuard {
         if is_auth_module(rest) || ticket {
             return self.login_step(ctx, req.query, ticket).await;
         }
+        if ctx.cookieless && self.vps[vp].cookieless_reuse {
+            match self.cookieless(ctx).await {
+                Ok(verdict) => return verdict,
+                Err(back) => ctx = *back,
+            }
+        }
         if !ctx.new_device {
             match self.restore_or_wait(ctx, &cookie, req.headers).await {
                 Ok(verdict) => return verdict,
@@ -528,6 +545,7 @@ impl SessionGuard {
             new_device,
             device_sent: sent_device.first.is_some(),
             device_trusted,
+            cookieless: cookie.count == 0 && sent_device.count == 0 && identity.is_some(),
             identity,
             session: None,
             set_back: false,
@@ -743,6 +761,84 @@ impl SessionGuard {
             }
         }
         Err(Box::new(ctx))
+    }
+
+    /// A client without cookies on a header-authentication virtual proxy: Qlik would make a
+    /// session per request, each counting towards the user's limit for the inactivity
+    /// timeout, so a few scripts would fill the user's five. It goes with the user's latest
+    /// session made for such a client (never one made for a browser, never another user's:
+    /// the identity header is believed and names the session's owner), or, while one is being
+    /// made, waits for it (the user's cookie-less flight). `Err` gives the context back when
+    /// this request is to make the session (it leads the flight now).
+    async fn cookieless(self: &Arc<Self>, mut ctx: Context) -> Result<Verdict, Box<Context>> {
+        let Some(user) = ctx.identity.clone() else {
+            return Err(Box::new(ctx));
+        };
+        let flight = self.cookieless_flight(&user);
+        for _ in 0..2 {
+            if let Some(s) = self.cookieless_session(&user, ctx.vp) {
+                return Ok(Verdict::Forward(Box::new(self.attach_cookieless(ctx, s))));
+            }
+            match self.flights.lead(flight, ctx.vp) {
+                Lead::Lead(f) => {
+                    let h = self.hold(&mut ctx);
+                    h.device = flight;
+                    h.lead = Some(f);
+                    return Err(Box::new(ctx));
+                }
+                Lead::Full => return Err(Box::new(ctx)),
+                Lead::Wait(open) => {
+                    if let Outcome::Session(s) = open.wait(self.policy().burst_wait).await {
+                        if self.is_cookieless_of(&s, &user, ctx.vp, self.table.now_ms()) {
+                            return Ok(Verdict::Forward(Box::new(self.attach_cookieless(ctx, s))));
+                        }
+                    }
+                }
+            }
+        }
+        Err(Box::new(ctx))
+    }
+
+    /// The key of a user's cookie-less flight: keyed, so that no device cookie can name it.
+    fn cookieless_flight(&self, user: &User) -> DeviceId {
+        let mut h = blake3::Hasher::new_keyed(&self.csrf_key);
+        h.update(b"cookieless flight\0");
+        h.update(user.key.as_bytes());
+        let b = h.finalize();
+        u128::from_le_bytes(b.as_bytes()[..16].try_into().unwrap_or([0; 16]))
+    }
+
+    /// The user's most recently active session on `vp` that was made for a cookie-less client.
+    fn cookieless_session(&self, user: &User, vp: usize) -> Option<Arc<Session>> {
+        let now = self.table.now_ms();
+        self.table
+            .user_sessions(&user.key)
+            .into_iter()
+            .filter(|s| self.is_cookieless_of(s, user, vp, now))
+            .max_by_key(|s| s.last_active_ms())
+    }
+
+    fn is_cookieless_of(&self, s: &Session, user: &User, vp: usize, now: u64) -> bool {
+        let m = s.meta();
+        s.vp == vp
+            && m.cookieless
+            && m.owner.as_ref().is_some_and(|o| o.key == user.key)
+            && self.table.is_restorable(s, now)
+    }
+
+    /// Like [`SessionGuard::attach`], but no device is linked (the client keeps none), and the
+    /// session's pending fold check ends: its cookie now also goes to clients that never got
+    /// the answer that set it with its companions.
+    fn attach_cookieless(&self, mut ctx: Context, s: Arc<Session>) -> Context {
+        self.table.touch(&s);
+        s.meta().set_with.clear();
+        self.counters
+            .cookieless_attached
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(session = %s.hash, vp = %self.vps[ctx.vp].prefix, "a request without cookies goes with the user's cookie-less session");
+        ctx.set_back = true;
+        ctx.session = Some(s);
+        ctx
     }
 
     /// This request makes a session: within the user's limit, or by `on_limit` at it.
@@ -964,7 +1060,9 @@ impl SessionGuard {
         if let Some(c) = fresh {
             if ctx.session.as_deref().map(|s| &*s.id) != Some(c.value.as_str()) {
                 let s = self.record_new(ctx, node, c);
-                // `record_new` ended the browser's flight, whoever led it.
+                // `record_new` ended the browser's flight, whoever led it; a user's cookie-less
+                // flight is this request's to end.
+                ctx.holds.finish_flight(Outcome::Session(s.clone()));
                 ctx.holds.lead = None;
                 // A new session, a new device id: a value planted in this browser before
                 // its user logged in names nothing after it.
@@ -1177,8 +1275,12 @@ impl SessionGuard {
             ctx.identity.clone(),
             c.attributes.clone(),
         );
-        if let Some(h) = &ctx.host {
-            s.meta().host = Some(h.clone());
+        {
+            let mut m = s.meta();
+            if let Some(h) = &ctx.host {
+                m.host = Some(h.clone());
+            }
+            m.cookieless = ctx.cookieless;
         }
         tracing::info!(session = %s.hash, user = %ctx.identity.as_ref().map(|u| u.to_string()).unwrap_or_else(|| "(resolving)".into()), vp = %self.vps[ctx.vp].prefix, node = %node, "session created");
         if let Some(f) = self
@@ -1499,6 +1601,7 @@ impl Context {
             new_device: c.new_device,
             device_sent: c.device_sent,
             device_trusted: c.device_trusted,
+            cookieless: c.cookieless,
             identity: c.identity.clone(),
             session: None,
             set_back: false,

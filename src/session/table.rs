@@ -100,6 +100,9 @@ pub struct Meta {
     /// The cookies set in the same response as its cookie, until the cookie first comes back
     /// on their path (then the ones missing are a fold: see [`super::fold`]).
     pub set_with: Vec<super::fold::Companion>,
+    /// Made for a request without any cookie (header authentication): other such requests of
+    /// its owner may go with it (`cookieless = "reuse"`).
+    pub cookieless: bool,
 }
 
 /// One Qlik session.
