@@ -22,6 +22,7 @@ pub mod engine;
 pub mod flight;
 pub mod fold;
 pub mod identity;
+mod locate;
 pub mod page;
 pub mod snapshot;
 pub mod table;
@@ -233,6 +234,11 @@ pub struct SessionGuard {
     identity: identity::IdentitySources,
     /// Lookups of unconfirmed cookie values in flight (made-up values cannot start more).
     lookups: Arc<tokio::sync::Semaphore>,
+    /// Which node holds a cookie the guard does not know (several nodes).
+    locator: locate::Locator,
+    /// `proxy.sticky_cookie`: a request that carries it names its node already (a reload
+    /// replaces it).
+    sticky_cookie: arc_swap::ArcSwapOption<String>,
     /// One snapshot writer at a time (the periodic one, shutdown, an upgrade).
     pub(crate) snapshot_lock: std::sync::Mutex<()>,
     events: Arc<Events>,
@@ -353,6 +359,10 @@ impl SessionGuard {
             device_keys: device::DeviceKeys::load(s.snapshot_file.as_deref())?,
             identity,
             lookups: Arc::new(tokio::sync::Semaphore::new(MAX_LOOKUPS)),
+            locator: locate::Locator::new(),
+            sticky_cookie: arc_swap::ArcSwapOption::from(
+                config.proxy.sticky_cookie.clone().map(Arc::new),
+            ),
             snapshot_lock: std::sync::Mutex::new(()),
             events,
         })
@@ -389,6 +399,8 @@ impl SessionGuard {
                 .collect(),
         );
         self.nodes.store(Arc::new(nodes));
+        self.sticky_cookie
+            .store(config.proxy.sticky_cookie.clone().map(Arc::new));
         self.qps_health.set_configured(config.qps_api.is_some());
         self.policy.store(Arc::new(Policy::new(&config.sessions)));
     }
@@ -465,6 +477,23 @@ impl SessionGuard {
             return Verdict::Forward(Box::new(ctx));
         }
         self.note_browser(&mut ctx, &cookie, req.headers);
+        // A cookie the guard does not know (a restart without a snapshot, a session made
+        // around it): with several nodes, only the node that made it knows it; find that one
+        // before the balancer sends it to another, which would make a new session.
+        // The sticky cookie, where the browser sends one, is the shortcut: no lookup.
+        let sticky = self.sticky_cookie.load();
+        let sticky_sent = sticky
+            .as_deref()
+            .is_some_and(|name| cookies::find(req.headers, [name])[0].first.is_some());
+        if let (Some(value), false) = (ctx.unknown.clone(), sticky_sent) {
+            if self.locate(&ctx, &value).await.is_some() {
+                ctx.unknown = None;
+                if let Some(s) = self.known_live(&mut ctx, &cookie, req.path, req.headers) {
+                    ctx.session = Some(s);
+                    return Verdict::Forward(Box::new(ctx));
+                }
+            }
+        }
         // The Personal API never creates a session: nothing to guard.
         if is_personal_api(rest) {
             return Verdict::Forward(Box::new(ctx));
