@@ -621,15 +621,19 @@ impl SessionGuard {
                 return None;
             }
         }
-        if cookie.count == 1 {
-            self.check_folded(&s, ctx, path, headers);
-        }
         if cookie.count > 1 {
             ctx.client = Some(requester_of(headers, ctx.peer));
             self.duplicated(ctx, cookie.count, Some(&s));
         }
         self.table.touch_at(&s, now);
-        let linked = s.meta().devices.contains(&ctx.device);
+        // One look under the lock for both (this is the hot path).
+        let (linked, fold_pending) = {
+            let m = s.meta();
+            (m.devices.contains(&ctx.device), !m.set_with.is_empty())
+        };
+        if fold_pending && cookie.count == 1 {
+            self.check_folded(&s, ctx, path, headers);
+        }
         if !linked && ctx.new_device {
             // The id is the guard's new one, going out with this answer: nobody else has it.
             if s.meta().devices.len() < MAX_DEVICES_PER_SESSION {
