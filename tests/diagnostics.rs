@@ -140,6 +140,27 @@ async fn every_cookie_set_with_a_session_is_named_when_it_does_not_come_back() {
     guard.shutdown().await;
 }
 
+/// A session handed to another client at the limit (`on_limit = "reuse"`) comes back from a
+/// client that never got Qlik's other cookies: their absence is no fold.
+#[tokio::test]
+async fn a_reused_session_coming_back_without_the_others_cookies_is_no_fold() {
+    let mut cfg = qsguard::sim::SimConfig::default();
+    cfg.virtual_proxies[1].also_sets = vec!["qlik-lb=n1; Path=/".into()];
+    let sim = sim_with(cfg).await;
+    let guard = guard(sim.addr()).await;
+    for _ in 0..5 {
+        browse_as(guard.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\full").await;
+    }
+    let mut sixth = Jar::new();
+    browse_as(guard.addr, "/hdr/hub/", &mut sixth, "CORP\\full").await;
+    assert_eq!(events(&guard, "session_reused").len(), 1);
+    assert!(jar_get(&sixth, "qlik-lb").is_none());
+    browse_as(guard.addr, "/hdr/hub/", &mut sixth, "CORP\\full").await;
+    assert!(events(&guard, "set_cookie_folded").is_empty());
+    assert_eq!(sim.counters().sessions_created, 5);
+    guard.shutdown().await;
+}
+
 #[tokio::test]
 async fn session_events_from_the_guards_decisions() {
     let sim = sim().await;

@@ -906,6 +906,9 @@ impl SessionGuard {
                 self.emit(Kind::SessionReused, format!("{user} is at the limit of {max}: the request was attached to their most recently active session"), Some(&ctx), Some(&s), Some(&user));
                 tracing::info!(session = %s.hash, user = %user, vp = %prefix, "user at the session limit: request attached to their most recent session");
                 ctx.holds.finish_flight(Outcome::Session(s.clone()));
+                // From now on the cookie also comes back from a client that never got the
+                // answer that set the other cookies with it: their absence proves no fold.
+                s.meta().set_with.clear();
                 Verdict::Forward(Box::new(self.attach(ctx, s)))
             }
             Limit::Evict(victim, reservation) => {
