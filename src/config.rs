@@ -408,6 +408,22 @@ pub struct VirtualProxyConfig {
     /// Overrides `[sessions] inactivity_timeout` for this virtual proxy.
     #[serde(default, with = "opt_duration")]
     pub inactivity_timeout: Option<Duration>,
+    /// Header authentication: what a request with neither a session cookie nor a device
+    /// cookie (a script without a cookie jar) gets. Unset: `reuse`.
+    #[serde(default)]
+    pub cookieless: Option<Cookieless>,
+}
+
+/// Clients that keep no cookies, on a header-authentication virtual proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cookieless {
+    /// The user's most recently active session on the virtual proxy that was itself made for a
+    /// cookie-less client: a script calling once a second does not make a session per call.
+    Reuse,
+    /// A new session per request, as Qlik does (each counts towards the user's limit for the
+    /// inactivity timeout).
+    New,
 }
 
 /// What happens to the sessions of a node that goes down.
@@ -471,7 +487,8 @@ pub struct SessionsConfig {
     #[serde(default = "default_max_flights")]
     pub max_flights: usize,
     /// Where the session table is kept across restarts (mode 0600: it holds cookie values).
-    /// Unset: a restart forgets every session.
+    /// Unset: `$STATE_DIRECTORY/sessions.json` when systemd gives the unit a state directory
+    /// (see [`Config::load`]), else none, and a restart forgets every session.
     pub snapshot_file: Option<PathBuf>,
     /// How often the snapshot is written while running (and always at shutdown).
     #[serde(default = "default_snapshot_interval", with = "duration")]
@@ -544,7 +561,31 @@ impl Config {
             .map_err(|e| err("", format!("cannot read {}: {e}", path.display())))?;
         let mut config = Config::parse(&text)?;
         config.source = Some(path.to_path_buf());
+        config.snapshot_in_state_directory(std::env::var_os("STATE_DIRECTORY"));
         Ok(config)
+    }
+
+    /// A guard that forgets its sessions on a restart sends every browser to a node that
+    /// does not know it (with several nodes) and loses what it knew of every user: where the
+    /// service has a place for state (systemd's `StateDirectory=`, given as `$STATE_DIRECTORY`,
+    /// colon-separated when there are several), the snapshot goes there unless the file says
+    /// where.
+    pub fn snapshot_in_state_directory(&mut self, state_directory: Option<std::ffi::OsString>) {
+        if self.sessions.snapshot_file.is_some() {
+            return;
+        }
+        let Some(dirs) = state_directory else { return };
+        if let Some(first) = std::env::split_paths(&dirs).find(|d| d.is_absolute()) {
+            self.sessions.snapshot_file = Some(first.join("sessions.json"));
+        }
+    }
+
+    /// Where the session table is kept across restarts, in words (for `check-config`).
+    pub fn snapshot_text(&self) -> String {
+        match &self.sessions.snapshot_file {
+            Some(f) => format!("sessions are kept across restarts in {}", f.display()),
+            None => "no session snapshot: a restart forgets every session (set [sessions] snapshot_file, or run under systemd with StateDirectory=)".into(),
+        }
     }
 
     /// The keys that differ from `new` and that only a restart applies (a reload says so in
@@ -568,7 +609,7 @@ impl Config {
                 let vps: Vec<_> = c
                     .virtual_proxies_or_default()
                     .into_iter()
-                    .map(|v| (v.prefix, v.session_cookie, v.identity_header))
+                    .map(|v| (v.prefix, v.session_cookie, v.identity_header, v.cookieless))
                     .collect();
                 format!("{vps:?}")
             }),
@@ -808,6 +849,11 @@ impl Config {
                     format!("virtual_proxy[{i}].identity_from"),
                     "only means something with identity_header",
                 ));
+            } else if vp.cookieless.is_some() {
+                return Err(err(
+                    format!("virtual_proxy[{i}].cookieless"),
+                    "only means something with identity_header: without it Qlik cannot tell who a request without a cookie is",
+                ));
             }
         }
         Ok(())
@@ -958,6 +1004,7 @@ impl Config {
                 identity_from: None,
                 restore: true,
                 inactivity_timeout: None,
+                cookieless: None,
             }]
         } else {
             self.virtual_proxies.clone()
@@ -1117,6 +1164,29 @@ listen = "127.0.0.1:8443"
 [[upstream]]
 url = "http://127.0.0.1:4280"
 "#;
+
+    #[test]
+    fn the_snapshot_goes_to_the_state_directory_unless_the_file_says_where() {
+        let mut c = Config::parse(MIN).unwrap();
+        c.snapshot_in_state_directory(None);
+        assert_eq!(c.sessions.snapshot_file, None);
+        assert!(c.snapshot_text().starts_with("no session snapshot"));
+        c.snapshot_in_state_directory(Some("relative:/var/lib/qsguard:/var/lib/other".into()));
+        assert_eq!(
+            c.sessions.snapshot_file.as_deref(),
+            Some(Path::new("/var/lib/qsguard/sessions.json"))
+        );
+        assert!(c.snapshot_text().contains("/var/lib/qsguard/sessions.json"));
+        let mut set = Config::parse(&format!(
+            "{MIN}[sessions]\nsnapshot_file = \"/srv/s.json\"\n"
+        ))
+        .unwrap();
+        set.snapshot_in_state_directory(Some("/var/lib/qsguard".into()));
+        assert_eq!(
+            set.sessions.snapshot_file.as_deref(),
+            Some(Path::new("/srv/s.json"))
+        );
+    }
 
     #[test]
     fn minimal_config_gets_defaults() {

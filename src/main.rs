@@ -163,8 +163,9 @@ fn main() -> ExitCode {
     logging::init(cli.log_format, &cli.log_level);
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig { file } => match Config::load(&file) {
-            Ok(_) => {
+            Ok(c) => {
                 println!("{}: ok", file.display());
+                println!("{}", c.snapshot_text());
                 ExitCode::SUCCESS
             }
             Err(e) => {

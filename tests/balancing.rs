@@ -321,3 +321,91 @@ async fn a_sticky_cookie_without_a_session_does_not_send_a_new_login_to_a_draini
     assert!(on.counters().requests > before);
     guard.shutdown().await;
 }
+
+/// A restart of the guard without a snapshot: it no longer knows which node holds each
+/// session, so it asks the nodes (the Personal API with the browser's cookie) before sending a
+/// session cookie it does not know; no browser loses its session to a node that does not
+/// know it.
+#[tokio::test]
+async fn a_restart_without_a_snapshot_keeps_every_session_on_its_node() {
+    let (a, b) = (sim().await, sim().await);
+    let config = two_nodes(a.addr(), b.addr(), "");
+    let guard = guard_with(&config).await;
+    let mut jars = Vec::new();
+    for i in 0..5 {
+        let mut jar = Jar::new();
+        let user = format!("CORP\\b{i}");
+        let r = browse(guard.addr, "/hub/", &mut jar, &[("x-sim-user", &user)]).await;
+        assert_eq!(r.status, 200);
+        jars.push((user, jar));
+    }
+    let made = || a.counters().sessions_created + b.counters().sessions_created;
+    assert_eq!(made(), 5);
+    assert!(a.counters().sessions_created > 0 && b.counters().sessions_created > 0);
+    guard.shutdown().await;
+
+    let guard = guard_with(&config).await;
+    let mut kept = 0;
+    for (user, jar) in jars.iter_mut() {
+        let before = jar_get(jar, "X-Qlik-Session-HTTP");
+        let r = browse(guard.addr, "/hub/", jar, &[("x-sim-user", user)]).await;
+        assert_eq!(r.status, 200);
+        if jar_get(jar, "X-Qlik-Session-HTTP") == before && r.text().contains(user.as_str()) {
+            kept += 1;
+        }
+    }
+    eprintln!("browsers that kept their session over a restart of a two-node guard: {kept} of 5");
+    assert_eq!(kept, 5);
+    assert_eq!(made(), 5, "no new session in Qlik");
+    // The answer is kept: the next requests go straight to the session's node, nothing else.
+    let requests = || a.counters().requests + b.counters().requests;
+    let (before, unknown) = (
+        requests(),
+        a.counters().unknown_cookie_requests + b.counters().unknown_cookie_requests,
+    );
+    for (user, jar) in jars.iter_mut() {
+        let r = browse(guard.addr, "/hub/x", jar, &[("x-sim-user", user)]).await;
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(requests(), before + 5);
+    assert_eq!(
+        a.counters().unknown_cookie_requests + b.counters().unknown_cookie_requests,
+        unknown
+    );
+    guard.shutdown().await;
+}
+
+/// Only a value shaped like a Qlik session id is looked up, once: a made-up value is asked of
+/// each node at most once, and one of any other shape never.
+#[tokio::test]
+async fn an_unknown_cookie_is_looked_up_once_and_only_when_it_could_be_a_session() {
+    let (a, b) = (sim().await, sim().await);
+    let guard = guard_with(&two_nodes(a.addr(), b.addr(), "")).await;
+    let requests = || a.counters().requests + b.counters().requests;
+    let send = |value: &'static str| async move {
+        let cookie = format!("X-Qlik-Session-hdr-HTTP={value}");
+        let r = get(
+            guard.addr,
+            "/hdr/hub/",
+            &[("hdr-usr", "CORP\\made"), ("cookie", &cookie)],
+        )
+        .await;
+        assert_eq!(r.status, 200);
+    };
+    let start = requests();
+    send("0b9c3f1e-5a4d-4e2b-9c8f-7d6e5f4a3b2c").await;
+    assert_eq!(
+        requests(),
+        start + 3,
+        "one lookup per node, then the request"
+    );
+    send("0b9c3f1e-5a4d-4e2b-9c8f-7d6e5f4a3b2c").await;
+    assert_eq!(requests(), start + 4, "the answer is kept");
+    send("not-a-session-id").await;
+    assert_eq!(
+        requests(),
+        start + 5,
+        "no lookup for a value of another shape"
+    );
+    guard.shutdown().await;
+}

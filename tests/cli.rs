@@ -22,12 +22,34 @@ fn check_config_accepts_the_example_and_names_bad_keys() {
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
+    // The example sets the snapshot; under systemd an unset one goes to the state directory,
+    // and check-config says where (or that there is none).
+    assert!(String::from_utf8_lossy(&ok.stdout)
+        .contains("sessions are kept across restarts in /var/lib/qsguard/sessions.json"));
 
     let dir = TempDir::new("cli");
     let bad = dir.write(
         "bad.toml",
         "[server]\nlisten = \"127.0.0.1:8443\"\nmax_conections = 5\n[[upstream]]\nurl = \"http://127.0.0.1:1\"\n",
     );
+    let unset = dir.write(
+        "unset.toml",
+        "[server]\nlisten = \"127.0.0.1:8443\"\n[[upstream]]\nurl = \"http://127.0.0.1:1\"\n",
+    );
+    let said = |state: Option<&str>| {
+        let mut c = qsguard();
+        c.args(["check-config", unset.to_str().unwrap()]);
+        match state {
+            Some(d) => c.env("STATE_DIRECTORY", d),
+            None => c.env_remove("STATE_DIRECTORY"),
+        };
+        let out = c.output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert!(said(None).contains("no session snapshot"));
+    assert!(said(Some("/var/lib/qsguard"))
+        .contains("sessions are kept across restarts in /var/lib/qsguard/sessions.json"));
     let out = qsguard()
         .args(["check-config", bad.to_str().unwrap()])
         .output()

@@ -88,6 +88,81 @@ async fn cookies_lost_modified_duplicated_and_folded_on_the_way() {
     guard.shutdown().await;
 }
 
+/// Qlik (and the systems around it) set more than one cookie with a session: whichever of
+/// them does not come back while the session cookie does is named, by name only.
+#[tokio::test]
+async fn every_cookie_set_with_a_session_is_named_when_it_does_not_come_back() {
+    let mut cfg = qsguard::sim::SimConfig::default();
+    cfg.virtual_proxies[1].also_sets = vec!["qlik-lb=n1; Path=/; HttpOnly".into()];
+    let sim = sim_with(cfg).await;
+    let guard = guard(sim.addr()).await;
+    let twice = |via: std::net::SocketAddr, user: &'static str| async move {
+        let mut jar = Jar::new();
+        assert_eq!(
+            browse_as(via, "/hdr/hub/", &mut jar, user).await.status,
+            200
+        );
+        browse_as(via, "/hdr/hub/", &mut jar, user).await;
+        jar
+    };
+
+    // A clean path: every cookie comes back, nothing to report.
+    let jar = twice(guard.addr, "CORP\\clean").await;
+    assert!(jar_get(&jar, "qlik-lb").is_some() && jar_get(&jar, "qsguard").is_some());
+    assert!(events(&guard, "set_cookie_folded").is_empty());
+
+    // A middlebox folds the Set-Cookie fields: only Qlik's session cookie survives; both the
+    // other cookie Qlik set and the guard's device cookie are named.
+    twice(
+        mangler(guard.addr, Mangle::FoldSetCookie).await,
+        "CORP\\fold",
+    )
+    .await;
+    let f = events(&guard, "set_cookie_folded");
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert_eq!(f[0]["user"], "CORP\\fold");
+    assert_eq!(
+        f[0]["not_returned"],
+        serde_json::json!(["qlik-lb", "qsguard"])
+    );
+    assert!(f[0]["cause"].as_str().unwrap().contains("qlik-lb, qsguard"));
+    assert_eq!(f[0]["cookies"][0]["name"], "X-Qlik-Session-hdr-HTTP");
+
+    // The device cookie comes back but Qlik's other one never does: still a fold, named alone
+    // (before, only a lost device cookie raised it).
+    twice(
+        mangler(guard.addr, Mangle::StripCookie("qlik-lb")).await,
+        "CORP\\strip",
+    )
+    .await;
+    let f = events(&guard, "set_cookie_folded");
+    assert_eq!(f.len(), 2, "{f:?}");
+    assert_eq!(f[1]["user"], "CORP\\strip");
+    assert_eq!(f[1]["not_returned"], serde_json::json!(["qlik-lb"]));
+    guard.shutdown().await;
+}
+
+/// A session handed to another client at the limit (`on_limit = "reuse"`) comes back from a
+/// client that never got Qlik's other cookies: their absence is no fold.
+#[tokio::test]
+async fn a_reused_session_coming_back_without_the_others_cookies_is_no_fold() {
+    let mut cfg = qsguard::sim::SimConfig::default();
+    cfg.virtual_proxies[1].also_sets = vec!["qlik-lb=n1; Path=/".into()];
+    let sim = sim_with(cfg).await;
+    let guard = guard(sim.addr()).await;
+    for _ in 0..5 {
+        browse_as(guard.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\full").await;
+    }
+    let mut sixth = Jar::new();
+    browse_as(guard.addr, "/hdr/hub/", &mut sixth, "CORP\\full").await;
+    assert_eq!(events(&guard, "session_reused").len(), 1);
+    assert!(jar_get(&sixth, "qlik-lb").is_none());
+    browse_as(guard.addr, "/hdr/hub/", &mut sixth, "CORP\\full").await;
+    assert!(events(&guard, "set_cookie_folded").is_empty());
+    assert_eq!(sim.counters().sessions_created, 5);
+    guard.shutdown().await;
+}
+
 #[tokio::test]
 async fn session_events_from_the_guards_decisions() {
     let sim = sim().await;

@@ -117,6 +117,9 @@ pub struct Event {
     pub device: Option<String>,
     pub client: Requester,
     pub cookies: Vec<CookieRef>,
+    /// Names (never values) of cookies set with a session that the browser did not send back.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_returned: Vec<String>,
 }
 
 /// A new event, before it gets its id and time.
@@ -129,6 +132,7 @@ pub struct NewEvent {
     pub device: Option<String>,
     pub client: Requester,
     pub cookies: Vec<CookieRef>,
+    pub not_returned: Vec<String>,
 }
 
 impl NewEvent {
@@ -141,6 +145,7 @@ impl NewEvent {
             device: None,
             client: Requester::default(),
             cookies: Vec::new(),
+            not_returned: Vec::new(),
         }
     }
 }
@@ -184,6 +189,7 @@ impl Events {
             forwarded_for = e.client.forwarded_for.as_deref().unwrap_or("-"),
             via = e.client.via.as_deref().unwrap_or("-"),
             cookies = %e.cookies.iter().map(|c| format!("{}#{}", c.name, c.hash)).collect::<Vec<_>>().join(","),
+            not_returned = %e.not_returned.join(","),
         );
         let event = Event {
             id,
@@ -195,6 +201,7 @@ impl Events {
             device: e.device,
             client: e.client,
             cookies: e.cookies,
+            not_returned: e.not_returned,
         };
         {
             let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());

@@ -10,6 +10,7 @@
 //! | none, or a dead one, and the browser has a live session here | **restore** it |
 //! | the same, and the user is at the limit | `on_limit`: **reuse**, **evict** or the **limit page** |
 //! | the same, while another request of the browser is (re)creating its session | **wait** for it |
+//! | no cookie at all, header authentication (`cookieless = "reuse"`) | the user's cookie-less session, or **wait** for it |
 //!
 //! Responses: a new session cookie records a session (its node, its browser; its owner from the
 //! identity header, else looked up off the hot path); a logout, a replaced cookie or an engine
@@ -19,7 +20,9 @@ pub mod cookies;
 pub mod device;
 pub mod engine;
 pub mod flight;
+pub mod fold;
 pub mod identity;
+mod locate;
 pub mod page;
 pub mod snapshot;
 pub mod table;
@@ -53,6 +56,9 @@ pub struct VirtualProxy {
     pub identity_header: Option<HeaderName>,
     /// `restore`: a browser that lost its cookie gets its own live session back.
     pub restore: bool,
+    /// `cookieless = "reuse"` on a header-authentication virtual proxy: a request without
+    /// any cookie goes with the user's latest session made for such a request.
+    pub cookieless_reuse: bool,
 }
 
 /// Counts of what the guard did, for logs now and metrics later.
@@ -66,6 +72,8 @@ pub struct Counters {
     pub qps_limit_refusals: AtomicU64,
     pub adopted: AtomicU64,
     pub replaced: AtomicU64,
+    /// Requests without cookies sent with a session made for an earlier one.
+    pub cookieless_attached: AtomicU64,
 }
 
 /// What the guard decided for one request, carried to the response phase.
@@ -87,6 +95,9 @@ pub struct Context {
     /// The user an NTLM Type 3 to the authentication module names: a claim until Qlik
     /// accepts it (its answer carries a ticket).
     pub windows_user: Option<User>,
+    /// The request carries neither a session cookie nor a device cookie and names a believed
+    /// user: a client that keeps no cookies (a script), or a browser's very first request.
+    cookieless: bool,
     /// The session this request goes upstream with.
     pub session: Option<Arc<Session>>,
     /// The guard put `session`'s cookie on the request (restore or reuse): set it back.
@@ -228,6 +239,11 @@ pub struct SessionGuard {
     identity: identity::IdentitySources,
     /// Lookups of unconfirmed cookie values in flight (made-up values cannot start more).
     lookups: Arc<tokio::sync::Semaphore>,
+    /// Which node holds a cookie the guard does not know (several nodes).
+    locator: locate::Locator,
+    /// `proxy.sticky_cookie`: a request that carries it names its node already (a reload
+    /// replaces it).
+    sticky_cookie: arc_swap::ArcSwapOption<String>,
     /// One snapshot writer at a time (the periodic one, shutdown, an upgrade).
     pub(crate) snapshot_lock: std::sync::Mutex<()>,
     events: Arc<Events>,
@@ -304,6 +320,8 @@ impl SessionGuard {
             .map(|v| VirtualProxy {
                 prefix: v.prefix,
                 cookie: v.session_cookie,
+                cookieless_reuse: v.identity_header.is_some()
+                    && v.cookieless != Some(crate::config::Cookieless::New),
                 identity_header: v
                     .identity_header
                     .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
@@ -346,6 +364,10 @@ impl SessionGuard {
             device_keys: device::DeviceKeys::load(s.snapshot_file.as_deref())?,
             identity,
             lookups: Arc::new(tokio::sync::Semaphore::new(MAX_LOOKUPS)),
+            locator: locate::Locator::new(),
+            sticky_cookie: arc_swap::ArcSwapOption::from(
+                config.proxy.sticky_cookie.clone().map(Arc::new),
+            ),
             snapshot_lock: std::sync::Mutex::new(()),
             events,
         })
@@ -382,6 +404,8 @@ impl SessionGuard {
                 .collect(),
         );
         self.nodes.store(Arc::new(nodes));
+        self.sticky_cookie
+            .store(config.proxy.sticky_cookie.clone().map(Arc::new));
         self.qps_health.set_configured(config.qps_api.is_some());
         self.policy.store(Arc::new(Policy::new(&config.sessions)));
     }
@@ -453,11 +477,28 @@ impl SessionGuard {
             Ok(read) => read,
             Err(page) => return Verdict::Answer(*page),
         };
-        if let Some(s) = self.known_live(&mut ctx, &cookie, req.headers) {
+        if let Some(s) = self.known_live(&mut ctx, &cookie, req.path, req.headers) {
             ctx.session = Some(s);
             return Verdict::Forward(Box::new(ctx));
         }
         self.note_browser(&mut ctx, &cookie, req.headers);
+        // A cookie the guard does not know (a restart without a snapshot, a session made
+        // around it): with several nodes, only the node that made it knows it; find that one
+        // before the balancer sends it to another, which would make a new session.
+        // The sticky cookie, where the browser sends one, is the shortcut: no lookup.
+        let sticky = self.sticky_cookie.load();
+        let sticky_sent = sticky
+            .as_deref()
+            .is_some_and(|name| cookies::find(req.headers, [name])[0].first.is_some());
+        if let (Some(value), false) = (ctx.unknown.clone(), sticky_sent) {
+            if self.locate(&ctx, &value).await.is_some() {
+                ctx.unknown = None;
+                if let Some(s) = self.known_live(&mut ctx, &cookie, req.path, req.headers) {
+                    ctx.session = Some(s);
+                    return Verdict::Forward(Box::new(ctx));
+                }
+            }
+        }
         // The Personal API never creates a session: nothing to guard.
         if is_personal_api(rest) {
             return Verdict::Forward(Box::new(ctx));
@@ -478,6 +519,12 @@ impl SessionGuard {
         }
         if is_auth_module(rest) || ticket {
             return self.login_step(ctx, req.query, ticket).await;
+        }
+        if ctx.cookieless && self.vps[vp].cookieless_reuse {
+            match self.cookieless(ctx).await {
+                Ok(verdict) => return verdict,
+                Err(back) => ctx = *back,
+            }
         }
         if !ctx.new_device {
             match self.restore_or_wait(ctx, &cookie, req.headers).await {
@@ -544,6 +591,7 @@ impl SessionGuard {
             new_device,
             device_sent: sent_device.first.is_some(),
             device_trusted,
+            cookieless: cookie.count == 0 && sent_device.count == 0 && identity.is_some(),
             identity,
             windows_user: is_auth_module(rest)
                 .then(|| windows_user(req.headers))
@@ -604,6 +652,7 @@ impl SessionGuard {
         &self,
         ctx: &mut Context,
         cookie: &cookies::Found<'_>,
+        path: &str,
         headers: &H,
     ) -> Option<Arc<Session>> {
         let value = cookie.first?;
@@ -626,15 +675,19 @@ impl SessionGuard {
                 return None;
             }
         }
-        if ctx.new_device && !ctx.device_sent && cookie.count == 1 {
-            self.check_folded(&s, ctx, || requester_of(headers, ctx.peer));
-        }
         if cookie.count > 1 {
             ctx.client = Some(requester_of(headers, ctx.peer));
             self.duplicated(ctx, cookie.count, Some(&s));
         }
         self.table.touch_at(&s, now);
-        let linked = s.meta().devices.contains(&ctx.device);
+        // One look under the lock for both (this is the hot path).
+        let (linked, fold_pending) = {
+            let m = s.meta();
+            (m.devices.contains(&ctx.device), !m.set_with.is_empty())
+        };
+        if fold_pending && cookie.count == 1 {
+            self.check_folded(&s, ctx, path, headers);
+        }
         if !linked && ctx.new_device {
             // The id is the guard's new one, going out with this answer: nobody else has it.
             if s.meta().devices.len() < MAX_DEVICES_PER_SESSION {
@@ -797,6 +850,84 @@ impl SessionGuard {
         Err(Box::new(ctx))
     }
 
+    /// A client without cookies on a header-authentication virtual proxy: Qlik would make a
+    /// session per request, each counting towards the user's limit for the inactivity
+    /// timeout, so a few scripts would fill the user's five. It goes with the user's latest
+    /// session made for such a client (never one made for a browser, never another user's:
+    /// the identity header is believed and names the session's owner), or, while one is being
+    /// made, waits for it (the user's cookie-less flight). `Err` gives the context back when
+    /// this request is to make the session (it leads the flight now).
+    async fn cookieless(self: &Arc<Self>, mut ctx: Context) -> Result<Verdict, Box<Context>> {
+        let Some(user) = ctx.identity.clone() else {
+            return Err(Box::new(ctx));
+        };
+        let flight = self.cookieless_flight(&user);
+        for _ in 0..2 {
+            if let Some(s) = self.cookieless_session(&user, ctx.vp) {
+                return Ok(Verdict::Forward(Box::new(self.attach_cookieless(ctx, s))));
+            }
+            match self.flights.lead(flight, ctx.vp) {
+                Lead::Lead(f) => {
+                    let h = self.hold(&mut ctx);
+                    h.device = flight;
+                    h.lead = Some(f);
+                    return Err(Box::new(ctx));
+                }
+                Lead::Full => return Err(Box::new(ctx)),
+                Lead::Wait(open) => {
+                    if let Outcome::Session(s) = open.wait(self.policy().burst_wait).await {
+                        if self.is_cookieless_of(&s, &user, ctx.vp, self.table.now_ms()) {
+                            return Ok(Verdict::Forward(Box::new(self.attach_cookieless(ctx, s))));
+                        }
+                    }
+                }
+            }
+        }
+        Err(Box::new(ctx))
+    }
+
+    /// The key of a user's cookie-less flight: keyed, so that no device cookie can name it.
+    fn cookieless_flight(&self, user: &User) -> DeviceId {
+        let mut h = blake3::Hasher::new_keyed(&self.csrf_key);
+        h.update(b"cookieless flight\0");
+        h.update(user.key.as_bytes());
+        let b = h.finalize();
+        u128::from_le_bytes(b.as_bytes()[..16].try_into().unwrap_or([0; 16]))
+    }
+
+    /// The user's most recently active session on `vp` that was made for a cookie-less client.
+    fn cookieless_session(&self, user: &User, vp: usize) -> Option<Arc<Session>> {
+        let now = self.table.now_ms();
+        self.table
+            .user_sessions(&user.key)
+            .into_iter()
+            .filter(|s| self.is_cookieless_of(s, user, vp, now))
+            .max_by_key(|s| s.last_active_ms())
+    }
+
+    fn is_cookieless_of(&self, s: &Session, user: &User, vp: usize, now: u64) -> bool {
+        let m = s.meta();
+        s.vp == vp
+            && m.cookieless
+            && m.owner.as_ref().is_some_and(|o| o.key == user.key)
+            && self.table.is_restorable(s, now)
+    }
+
+    /// Like [`SessionGuard::attach`], but no device is linked (the client keeps none), and the
+    /// session's pending fold check ends: its cookie now also goes to clients that never got
+    /// the answer that set it with its companions.
+    fn attach_cookieless(&self, mut ctx: Context, s: Arc<Session>) -> Context {
+        self.table.touch(&s);
+        s.meta().set_with.clear();
+        self.counters
+            .cookieless_attached
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(session = %s.hash, vp = %self.vps[ctx.vp].prefix, "a request without cookies goes with the user's cookie-less session");
+        ctx.set_back = true;
+        ctx.session = Some(s);
+        ctx
+    }
+
     /// This request makes a session: within the user's limit, or by `on_limit` at it.
     async fn new_session<H: HeadView>(
         self: &Arc<Self>,
@@ -841,6 +972,9 @@ impl SessionGuard {
                 self.emit(Kind::SessionReused, format!("{user} is at the limit of {max}: the request was attached to their most recently active session"), Some(&ctx), Some(&s), Some(&user));
                 tracing::info!(session = %s.hash, user = %user, vp = %prefix, "user at the session limit: request attached to their most recent session");
                 ctx.holds.finish_flight(Outcome::Session(s.clone()));
+                // From now on the cookie also comes back from a client that never got the
+                // answer that set the other cookies with it: their absence proves no fold.
+                s.meta().set_with.clear();
                 Verdict::Forward(Box::new(self.attach(ctx, s)))
             }
             Limit::Evict(victim, reservation) => {
@@ -1033,11 +1167,20 @@ impl SessionGuard {
         if let Some(c) = fresh {
             if ctx.session.as_deref().map(|s| &*s.id) != Some(c.value.as_str()) {
                 let s = self.record_new(ctx, node, c);
-                // `record_new` ended the browser's flight, whoever led it.
+                // `record_new` ended the browser's flight, whoever led it; a user's cookie-less
+                // flight is this request's to end.
+                ctx.holds.finish_flight(Outcome::Session(s.clone()));
                 ctx.holds.lead = None;
                 // A new session, a new device id: a value planted in this browser before
                 // its user logged in names nothing after it.
                 self.new_device_for(ctx, &s);
+                // Whatever else this response sets must come back with the session cookie:
+                // if only the session cookie does, a device on the way folded the fields.
+                let mut with = fold::companions(headers, &info.cookie, target, ctx.tls);
+                if ctx.new_device {
+                    with.push(fold::Companion::everywhere(&self.device_cookie));
+                }
+                s.meta().set_with = with;
                 new_session = Some(s);
             }
         } else if let Some(target_id) = auth_redirect_target(status, headers) {
@@ -1239,12 +1382,13 @@ impl SessionGuard {
             ctx.identity.clone(),
             c.attributes.clone(),
         );
-        if let Some(h) = &ctx.host {
-            s.meta().host = Some(h.clone());
+        {
+            let mut m = s.meta();
+            if let Some(h) = &ctx.host {
+                m.host = Some(h.clone());
+            }
+            m.cookieless = ctx.cookieless;
         }
-        // A new device cookie goes out in the same response (see `new_device_for`): if only
-        // this cookie comes back, a device on the way folded the Set-Cookie headers.
-        s.meta().set_with_device = true;
         tracing::info!(session = %s.hash, user = %ctx.identity.as_ref().map(|u| u.to_string()).unwrap_or_else(|| "(resolving)".into()), vp = %self.vps[ctx.vp].prefix, node = %node, "session created");
         if let Some(f) = self
             .flights
@@ -1434,6 +1578,19 @@ impl SessionGuard {
         session: Option<&Session>,
         user: Option<&User>,
     ) {
+        self.events
+            .emit(self.event(kind, cause, ctx, session, user));
+    }
+
+    /// An event with what is known of the request.
+    fn event(
+        &self,
+        kind: Kind,
+        cause: impl Into<String>,
+        ctx: Option<&Context>,
+        session: Option<&Session>,
+        user: Option<&User>,
+    ) -> events::NewEvent {
         let mut e = events::NewEvent::new(kind, cause);
         if let Some(c) = ctx {
             e.virtual_proxy = Some(self.vps[c.vp].prefix.clone());
@@ -1457,31 +1614,37 @@ impl SessionGuard {
                 e.virtual_proxy = Some(self.vps[s.vp].prefix.clone());
             }
         }
-        self.events.emit(e);
+        e
     }
 
-    /// A session cookie came back without the device cookie that was set with it.
-    fn check_folded(&self, s: &Session, ctx: &Context, client: impl FnOnce() -> events::Requester) {
-        let report = {
+    /// A session cookie came back, for the first time on a path: the cookies set with it that
+    /// did not come back with it were folded away on the way (reported once per cookie).
+    fn check_folded<H: HeadView>(&self, s: &Session, ctx: &Context, path: &str, headers: &H) {
+        let missing = {
             let mut m = s.meta();
-            let fold = m.set_with_device && !m.fold_reported;
-            m.fold_reported |= fold;
-            fold
+            if m.set_with.is_empty() {
+                return;
+            }
+            fold::not_returned(&mut m.set_with, path, headers)
         };
-        if report {
-            let mut c = Context::shallow(ctx);
-            c.client = Some(client());
-            self.emit(
-                Kind::SetCookieFolded,
-                format!(
-                    "the session cookie came back but the {} cookie set in the same response did not: a device on the way folded the Set-Cookie headers into one (the browser kept only the first)",
-                    self.device_cookie
-                ),
-                Some(&c),
-                Some(s),
-                None,
-            );
+        if missing.is_empty() {
+            return;
         }
+        let mut c = Context::shallow(ctx);
+        c.client = Some(requester_of(headers, ctx.peer));
+        let names = missing.join(", ");
+        let mut e = self.event(
+            Kind::SetCookieFolded,
+            format!(
+                "the session cookie {} came back but {names} set in the same response did not: a device on the way folded the Set-Cookie headers into one (the browser kept only the first)",
+                self.vps[s.vp].cookie
+            ),
+            Some(&c),
+            Some(s),
+            None,
+        );
+        e.not_returned = missing;
+        self.events.emit(e);
     }
 
     /// A node went down: its sessions are gone (Qlik keeps sessions in the node's memory).
@@ -1592,6 +1755,7 @@ impl Context {
             new_device: c.new_device,
             device_sent: c.device_sent,
             device_trusted: c.device_trusted,
+            cookieless: c.cookieless,
             identity: c.identity.clone(),
             windows_user: None,
             session: None,

@@ -41,6 +41,9 @@ struct Saved {
     idle_ms: u64,
     attributes: String,
     host: Option<String>,
+    /// Made for a client without cookies (absent in snapshots of earlier versions: false).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    cookieless: bool,
 }
 
 fn unix_ms() -> u64 {
@@ -143,6 +146,7 @@ impl SessionGuard {
                         .as_ref()
                         .and_then(|h| h.to_str().ok())
                         .map(str::to_string),
+                    cookieless: m.cookieless,
                 }
             })
             .collect();
@@ -241,7 +245,11 @@ impl SessionGuard {
             for d in devices.iter().skip(1) {
                 self.table.link_device(&session, *d);
             }
-            session.meta().host = s.host.and_then(|h| http::HeaderValue::from_str(&h).ok());
+            {
+                let mut m = session.meta();
+                m.host = s.host.and_then(|h| http::HeaderValue::from_str(&h).ok());
+                m.cookieless = s.cookieless;
+            }
             self.table.touch_at(&session, now.saturating_sub(idle));
             loaded += 1;
         }

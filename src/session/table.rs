@@ -97,10 +97,12 @@ pub struct Meta {
     /// The Host the browser used (Qlik's host allow list checks it on the guard's own calls).
     pub host: Option<http::HeaderValue>,
     pub ended_ms: u64,
-    /// Its cookie was set in the same response as a new device cookie.
-    pub set_with_device: bool,
-    /// A folded Set-Cookie was reported for it already.
-    pub fold_reported: bool,
+    /// The cookies set in the same response as its cookie, until the cookie first comes back
+    /// on their path (then the ones missing are a fold: see [`super::fold`]).
+    pub set_with: Vec<super::fold::Companion>,
+    /// Made for a request without any cookie (header authentication): other such requests of
+    /// its owner may go with it (`cookieless = "reuse"`).
+    pub cookieless: bool,
 }
 
 /// One Qlik session.

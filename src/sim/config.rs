@@ -38,6 +38,9 @@ pub struct SimVirtualProxy {
     pub inactivity_timeout: Option<Duration>,
     /// The cookie's SameSite attribute value, e.g. `Some("Lax")`; `None` leaves it out.
     pub same_site: Option<String>,
+    /// Other cookies set after the session cookie when a header-authentication login makes a
+    /// session (`name=value; attributes`): Qlik and the systems around it set more than one.
+    pub also_sets: Vec<String>,
 }
 
 /// Authentication method of a virtual proxy.
@@ -71,6 +74,7 @@ impl Default for SimConfig {
                     },
                     inactivity_timeout: None,
                     same_site: Some("Lax".to_string()),
+                    also_sets: Vec::new(),
                 },
                 SimVirtualProxy {
                     prefix: "hdr".to_string(),
@@ -80,6 +84,7 @@ impl Default for SimConfig {
                     },
                     inactivity_timeout: None,
                     same_site: Some("Lax".to_string()),
+                    also_sets: Vec::new(),
                 },
             ],
             api_tls: None,

@@ -222,7 +222,13 @@ async fn route(
             match created {
                 Ok(s) => {
                     let cookie = set_cookie(shared, vp, &s.id);
-                    authenticated(shared, parts, vp, rest, &s, cookie, is_engine)
+                    let mut r = authenticated(shared, parts, vp, rest, &s, cookie, is_engine);
+                    for c in &vpc.also_sets {
+                        if let Ok(v) = HeaderValue::from_str(c) {
+                            r.headers_mut().append(SET_COOKIE, v);
+                        }
+                    }
+                    r
                 }
                 Err(_) if is_engine => engine::accept(shared, parts, None, None),
                 Err(_) => limit_page(),

@@ -1190,6 +1190,7 @@ async fn prefixed_windows_virtual_proxy_dance() {
         },
         inactivity_timeout: None,
         same_site: None,
+        also_sets: Vec::new(),
     });
     let s = sim(cfg).await;
     let addr = s.addr();

@@ -49,7 +49,10 @@ pub async fn sim_with(config: SimConfig) -> Simulator {
 }
 
 /// The guard's config for the given upstreams, with the simulator's two virtual proxies, plus
-/// `extra` TOML appended (sections not already present).
+/// `extra` TOML appended (sections not already present). The header-authentication virtual
+/// proxy has `cookieless = "new"`: a test client with an empty jar stands for a browser or a
+/// script of its own, with its own session, as most tests need (the default, `reuse`, has its
+/// own tests: [`cookieless_reuse`]).
 pub fn config_text(upstreams: &[SocketAddr], server_extra: &str, extra: &str) -> String {
     let mut t = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\ngrace_period = \"5s\"\n{server_extra}\n[admin]\nlisten = \"127.0.0.1:0\"\n"
@@ -59,10 +62,16 @@ pub fn config_text(upstreams: &[SocketAddr], server_extra: &str, extra: &str) ->
     }
     t.push_str(
         "[[virtual_proxy]]\nprefix = \"\"\nsession_cookie = \"X-Qlik-Session-HTTP\"\n\
-         [[virtual_proxy]]\nprefix = \"hdr\"\nsession_cookie = \"X-Qlik-Session-hdr-HTTP\"\nidentity_header = \"hdr-usr\"\n",
+         [[virtual_proxy]]\nprefix = \"hdr\"\nsession_cookie = \"X-Qlik-Session-hdr-HTTP\"\nidentity_header = \"hdr-usr\"\ncookieless = \"new\"\n",
     );
     t.push_str(extra);
     t
+}
+
+/// `text` (from [`config_text`]) with the header-authentication virtual proxy's `cookieless`
+/// at its default, `reuse`.
+pub fn cookieless_reuse(text: &str) -> String {
+    text.replace("cookieless = \"new\"\n", "")
 }
 
 pub async fn guard(upstream: SocketAddr) -> Guard {
