@@ -530,8 +530,15 @@ run_load_phase() {
     (
         exec 3<>"/dev/tcp/127.0.0.1/$P_QSGUARD" || exit 0
         printf 'GET /login HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: qsguard=%s\r\nConnection: close\r\n\r\n' "$BENCH_DEVICE" >&3
-        timeout 5 cat <&3 >/dev/null || true
+        timeout 5 cat <&3 >"$WORK/login.answer" || true
     )
+    # The guard signs the device cookie it issues with the new session (an id the browser chose
+    # is never trusted): wrk's browser sends that one, as a real browser would.
+    local device
+    device="$(tr -d '\r' <"$WORK/login.answer" | grep -i '^set-cookie: qsguard=' | head -n1 | sed -E 's/^[^=]*=([^;[:space:]]*).*/\1/')"
+    if [[ -n $device && ${#WRK_EXTRA[@]} -gt 0 ]]; then
+        WRK_EXTRA=(-H "${WRK_HEADER//qsguard=$BENCH_DEVICE/qsguard=$device}")
+    fi
 
     start_qsguard qsguard-noguard "$PROXY_CORE" "$P_QSGUARD_OFF" "$P_QSGUARD_OFF_ADMIN" "$P_UPSTREAM" false
     PIDS_OF[qsguard-noguard]="${STARTED_PIDS[*]}"

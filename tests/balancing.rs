@@ -335,7 +335,7 @@ async fn a_restart_without_a_snapshot_keeps_every_session_on_its_node() {
     for i in 0..5 {
         let mut jar = Jar::new();
         let user = format!("CORP\\b{i}");
-        let r = browse(guard.addr, "/hub/", &mut jar, &[("x-sim-user", &user)]).await;
+        let r = browse_windows(guard.addr, "/hub/", &mut jar, &user).await;
         assert_eq!(r.status, 200);
         jars.push((user, jar));
     }
@@ -348,7 +348,7 @@ async fn a_restart_without_a_snapshot_keeps_every_session_on_its_node() {
     let mut kept = 0;
     for (user, jar) in jars.iter_mut() {
         let before = jar_get(jar, "X-Qlik-Session-HTTP");
-        let r = browse(guard.addr, "/hub/", jar, &[("x-sim-user", user)]).await;
+        let r = browse_windows(guard.addr, "/hub/", jar, user).await;
         assert_eq!(r.status, 200);
         if jar_get(jar, "X-Qlik-Session-HTTP") == before && r.text().contains(user.as_str()) {
             kept += 1;
@@ -364,7 +364,7 @@ async fn a_restart_without_a_snapshot_keeps_every_session_on_its_node() {
         a.counters().unknown_cookie_requests + b.counters().unknown_cookie_requests,
     );
     for (user, jar) in jars.iter_mut() {
-        let r = browse(guard.addr, "/hub/x", jar, &[("x-sim-user", user)]).await;
+        let r = browse_windows(guard.addr, "/hub/x", jar, user).await;
         assert_eq!(r.status, 200);
     }
     assert_eq!(requests(), before + 5);

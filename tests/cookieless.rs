@@ -106,13 +106,7 @@ async fn a_browsers_session_and_another_users_are_never_handed_over() {
     // A browser that has the guard's device cookie (from the central virtual proxy) opens the
     // hub on the header-authentication one: a browser's session.
     let mut browser = Jar::new();
-    browse(
-        guard.addr,
-        "/hub/",
-        &mut browser,
-        &[("x-sim-user", "CORP\\robot")],
-    )
-    .await;
+    browse_windows(guard.addr, "/hub/", &mut browser, "CORP\\robot").await;
     assert!(jar_get(&browser, "qsguard").is_some());
     let r = browse_as(guard.addr, "/hdr/hub/", &mut browser, "CORP\\robot").await;
     assert_eq!(r.status, 200);
