@@ -535,7 +535,7 @@ run_load_phase() {
     # The guard signs the device cookie it issues with the new session (an id the browser chose
     # is never trusted): wrk's browser sends that one, as a real browser would.
     local device
-    device="$(tr -d '\r' <"$WORK/login.answer" | grep -i '^set-cookie: qsguard=' | head -n1 | sed -E 's/^[^=]*=([^;[:space:]]*).*/\1/')"
+    device="$(tr -d '\r' <"$WORK/login.answer" | grep -i '^set-cookie: qsguard=' | head -n1 | sed -E 's/^[^=]*=([^;[:space:]]*).*/\1/')" || true
     if [[ -n $device && ${#WRK_EXTRA[@]} -gt 0 ]]; then
         WRK_EXTRA=(-H "${WRK_HEADER//qsguard=$BENCH_DEVICE/qsguard=$device}")
     fi
