@@ -493,6 +493,12 @@ run_load_phase() {
             add_header Set-Cookie \"X-Qlik-Session=$BENCH_SESSION; Path=/; HttpOnly; SameSite=Lax\";
             return 200 \"ok\\n\";
         }
+        # The Personal API, as Qlik answers it: the guard learns the session's owner, as it
+        # does on a real site (without it the session stays unresolved).
+        location = /qps/user {
+            default_type application/json;
+            return 200 '{\"userDirectory\":\"BENCH\",\"userId\":\"alice\",\"session\":\"active\"}';
+        }
     }"
     start_nginx upstream "$LOAD_CORE" "$P_UPSTREAM"
     UPSTREAM_PIDS=("${STARTED_PIDS[@]}")
