@@ -60,18 +60,23 @@ impl Record {
                     });
                 }
             }
-            None => tracing::info!(
-                target: "qsguard::access",
-                method = %self.method,
-                path = %self.path,
-                status = self.status.as_u16(),
-                upstream = self.upstream.as_deref().unwrap_or("-"),
-                ms = micros as f64 / 1000.0,
-                bytes = self.bytes,
-                client = %self.peer,
-                end = self.end,
-            ),
+            None => self.trace(micros),
         }
+    }
+
+    /// The line as a tracing event, for whatever subscriber is installed.
+    fn trace(&self, micros: u64) {
+        tracing::info!(
+            target: "qsguard::access",
+            method = %self.method,
+            path = %self.path,
+            status = self.status.as_u16(),
+            upstream = self.upstream.as_deref().unwrap_or("-"),
+            ms = micros as f64 / 1000.0,
+            bytes = self.bytes,
+            client = %self.peer,
+            end = self.end,
+        )
     }
 }
 
@@ -112,7 +117,7 @@ impl<'a> Line<'a> {
                 out.extend_from_slice(b" bytes=");
                 out.extend_from_slice(n.format(r.bytes).as_bytes());
                 out.extend_from_slice(b" client=");
-                ip(r.peer, out);
+                super::headers::write_ip(out, r.peer);
                 out.extend_from_slice(b" end=");
                 debug_str(r.end, out);
                 out.push(b'\n');
@@ -133,7 +138,7 @@ impl<'a> Line<'a> {
                 out.extend_from_slice(b",\"bytes\":");
                 out.extend_from_slice(n.format(r.bytes).as_bytes());
                 out.extend_from_slice(b",\"client\":\"");
-                ip(r.peer, out);
+                super::headers::write_ip(out, r.peer);
                 out.extend_from_slice(b"\",\"end\":");
                 json_str(r.end, out);
                 out.extend_from_slice(b",\"target\":\"qsguard::access\"}\n");
@@ -194,23 +199,6 @@ fn millis(micros: u64, out: &mut Vec<u8>) {
     let keep = 3 - digits.iter().rev().take_while(|&&d| d == b'0').count();
     out.push(b'.');
     out.extend_from_slice(&digits[..keep]);
-}
-
-fn ip(ip: std::net::IpAddr, out: &mut Vec<u8>) {
-    match ip {
-        std::net::IpAddr::V4(v4) => {
-            let mut n = itoa::Buffer::new();
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b'.');
-                }
-                out.extend_from_slice(n.format(octet).as_bytes());
-            }
-        }
-        v6 => {
-            let _ = write!(out, "{v6}");
-        }
-    }
 }
 
 /// A string as `{:?}` writes it (what tracing-subscriber does with a `&str` field).
@@ -275,19 +263,7 @@ mod tests {
         let builder = tracing_subscriber::fmt()
             .with_ansi(false)
             .with_writer(move || writer.clone());
-        let emit = || {
-            tracing::info!(
-                target: "qsguard::access",
-                method = %r.method,
-                path = %r.path,
-                status = r.status.as_u16(),
-                upstream = r.upstream.as_deref().unwrap_or("-"),
-                ms = micros as f64 / 1000.0,
-                bytes = r.bytes,
-                client = %r.peer,
-                end = r.end,
-            )
-        };
+        let emit = || r.trace(micros);
         match format {
             LogFormat::Text => tracing::subscriber::with_default(builder.finish(), emit),
             LogFormat::Json => {

@@ -203,7 +203,7 @@ fn cookie_field_for(head: &Head, name: &str) -> usize {
 
 /// The address as text; IPv4 by hand, because it is written on every request and
 /// `core::fmt` costs several hundred instructions for it.
-fn write_ip(out: &mut BytesMut, ip: IpAddr) {
+pub(crate) fn write_ip<B: BufMut>(out: &mut B, ip: IpAddr) {
     match ip {
         IpAddr::V4(v4) => {
             let mut digits = itoa::Buffer::new();

@@ -891,33 +891,23 @@ pub fn valid_host(v: &[u8]) -> bool {
 }
 
 /// The bytes of an RFC 3986 reg-name other than `%`: unreserved and sub-delims.
-static REG_NAME: [bool; 256] = {
+static REG_NAME: [bool; 256] = alphanumeric_and(b"-._~!$&'()*+,;=");
+
+/// A byte table: ASCII letters and digits, and `extra`.
+const fn alphanumeric_and(extra: &[u8]) -> [bool; 256] {
     let mut t = [false; 256];
     let mut b = 0;
     while b < 256 {
-        let c = b as u8;
-        t[b] = c.is_ascii_alphanumeric()
-            || matches!(
-                c,
-                b'-' | b'.'
-                    | b'_'
-                    | b'~'
-                    | b'!'
-                    | b'$'
-                    | b'&'
-                    | b'\''
-                    | b'('
-                    | b')'
-                    | b'*'
-                    | b'+'
-                    | b','
-                    | b';'
-                    | b'='
-            );
+        t[b] = (b as u8).is_ascii_alphanumeric();
         b += 1;
     }
+    let mut i = 0;
+    while i < extra.len() {
+        t[extra[i] as usize] = true;
+        i += 1;
+    }
     t
-};
+}
 
 /// `v` without surrounding spaces and tabs (RFC 9110's OWS).
 pub(crate) fn trim_ows(v: &[u8]) -> &[u8] {
@@ -937,33 +927,7 @@ pub(crate) fn is_tchar(b: u8) -> bool {
 }
 
 /// RFC 9110's tchar: the bytes of a token.
-static TCHAR: [bool; 256] = {
-    let mut t = [false; 256];
-    let mut b = 0;
-    while b < 256 {
-        let c = b as u8;
-        t[b] = c.is_ascii_alphanumeric()
-            || matches!(
-                c,
-                b'!' | b'#'
-                    | b'$'
-                    | b'%'
-                    | b'&'
-                    | b'\''
-                    | b'*'
-                    | b'+'
-                    | b'-'
-                    | b'.'
-                    | b'^'
-                    | b'_'
-                    | b'`'
-                    | b'|'
-                    | b'~'
-            );
-        b += 1;
-    }
-    t
-};
+static TCHAR: [bool; 256] = alphanumeric_and(b"!#$%&'*+-.^_`|~");
 
 pub(crate) fn is_ctl(b: u8) -> bool {
     b < 0x20 || b == 0x7f
@@ -1239,6 +1203,24 @@ mod tests {
                 known,
                 "{:?}",
                 String::from_utf8_lossy(name)
+            );
+        }
+    }
+
+    /// The byte tables against the grammar written out (RFC 9110 tchar, RFC 3986 reg-name).
+    #[test]
+    fn byte_tables_match_the_grammar() {
+        for b in 0..=255u8 {
+            let alnum = b.is_ascii_alphanumeric();
+            assert_eq!(
+                is_tchar(b),
+                alnum || b"!#$%&'*+-.^_`|~".contains(&b),
+                "{b:#04x}"
+            );
+            assert_eq!(
+                REG_NAME[b as usize],
+                alnum || b"-._~!$&'()*+,;=".contains(&b),
+                "{b:#04x}"
             );
         }
     }
