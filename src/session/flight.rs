@@ -10,6 +10,14 @@
 //! redirect to the authentication module (`targetId`), the ticket redirect, and the response
 //! that finally sets the cookie. Other requests of the burst that were already redirected to
 //! the authentication module are held there and then sent back to the page they asked for.
+//!
+//! A flight that made a session is remembered a while after it ends, as a [`Landing`]. A
+//! browser's requests follow their redirects each on its own clock, sharing one cookie jar:
+//! a request of the burst may reach the authentication module, or come back with its ticket,
+//! only after the first login has ended, with the dead cookie or already with the new one.
+//! Forwarded, Qlik would issue it a ticket, and each ticket makes a session. The landing is
+//! what lets the guard answer such a late step itself: the session its browser already has,
+//! and the page the request had asked for.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -36,6 +44,10 @@ pub enum Outcome {
 /// keeps one browser (or one made-up device cookie) from storing thousands.
 pub const MAX_TARGETS: usize = 16;
 
+/// Dead session cookies remembered per login dance: a burst carries one (a page's requests
+/// share the browser's jar), a few if the jar changed while it started.
+pub const MAX_REPLACED: usize = 4;
+
 /// The longest target remembered. Qlik's hub and app URLs are far shorter; a longer one is not
 /// stored, and its held login is sent to the hub instead of back to it.
 pub const MAX_TARGET_LEN: usize = 2048;
@@ -55,9 +67,19 @@ pub struct Dance {
     /// checked for that user at its start (a browser the guard did not know): checked at the
     /// ticket, before Qlik makes the session.
     pub windows_user: Option<User>,
+    /// The dead session cookies the burst's requests carried when Qlik sent them to log in:
+    /// only a request carrying one of them is a late step of this burst.
+    replaced: Vec<Box<str>>,
 }
 
 impl Dance {
+    /// Remembers a dead session cookie a request of this burst carried.
+    pub fn remember_replaced(&mut self, value: &str) {
+        if self.replaced.len() < MAX_REPLACED && !self.replaced.iter().any(|v| **v == *value) {
+            self.replaced.push(value.into());
+        }
+    }
+
     /// Remembers the page a login step asked for, within [`MAX_TARGETS`] and
     /// [`MAX_TARGET_LEN`]; false when it was not kept (its browser goes to the hub instead).
     pub fn remember_target(&mut self, target_id: String, target: &str) -> bool {
@@ -117,8 +139,48 @@ pub enum Lead {
     Full,
 }
 
+/// A flight that ended with a session, for the late steps of its burst (see the module docs).
+#[derive(Debug)]
+pub struct Landing {
+    pub session: Arc<Session>,
+    until: Instant,
+    /// `targetId` -> the page asked for: the dance's, and those of Qlik's later redirects of
+    /// the same burst to the authentication module.
+    targets: Mutex<HashMap<String, String>>,
+    /// The dance's dead cookies ([`Dance::remember_replaced`]).
+    replaced: Vec<Box<str>>,
+}
+
+impl Landing {
+    /// Whether `carried` is a cookie this landing's login replaced.
+    pub fn replaced(&self, carried: &str) -> bool {
+        self.replaced.iter().any(|v| **v == *carried)
+    }
+
+    /// The page a login step with this `targetId` had asked for.
+    pub fn target(&self, target_id: &str) -> Option<String> {
+        let t = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        t.get(target_id).cloned()
+    }
+
+    /// Remembers the page of a late redirect to the authentication module, within the same
+    /// caps as a dance's.
+    pub fn remember_target(&self, target_id: String, target: &str) {
+        let mut t = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        if target.len() > MAX_TARGET_LEN || target_id.len() > MAX_TARGET_LEN {
+            return;
+        }
+        if t.len() < MAX_TARGETS || t.contains_key(&target_id) {
+            t.insert(target_id, target.to_string());
+        }
+    }
+}
+
 /// The flights of every browser.
 pub struct Flights {
+    /// Flights that made a session, kept a while after they end (at most `max`).
+    landed: DashMap<(DeviceId, usize), Arc<Landing>>,
+    landed_count: AtomicUsize,
     map: DashMap<(DeviceId, usize), Arc<Flight>>,
     next: std::sync::atomic::AtomicU64,
     /// How long a flight may last before it is abandoned (the login dance included).
@@ -135,6 +197,8 @@ impl Flights {
     /// (and each flight's targets) for as long as a flight lives.
     pub fn new(lifetime: Duration, max: usize) -> Flights {
         Flights {
+            landed: DashMap::new(),
+            landed_count: AtomicUsize::new(0),
             map: DashMap::new(),
             next: std::sync::atomic::AtomicU64::new(1),
             lifetime,
@@ -205,9 +269,74 @@ impl Flights {
         Some(f)
     }
 
+    /// Remembers for `window` that `flight` (this browser's, now ended) made `session`: its
+    /// burst's late steps find it with [`Flights::landing`].
+    pub fn land(
+        &self,
+        device: DeviceId,
+        vp: usize,
+        flight: &Flight,
+        session: Arc<Session>,
+        window: Duration,
+    ) {
+        let (targets, replaced) = {
+            let mut d = flight.dance();
+            (
+                std::mem::take(&mut d.targets),
+                std::mem::take(&mut d.replaced),
+            )
+        };
+        let landing = Arc::new(Landing {
+            session,
+            until: Instant::now() + window,
+            targets: Mutex::new(targets),
+            replaced,
+        });
+        self.put_landing((device, vp), landing);
+    }
+
+    /// The same landing under the browser's new device id (issued with the session), so a
+    /// late step that already carries the new cookies finds the pages asked for too.
+    pub fn alias(&self, from: DeviceId, to: DeviceId, vp: usize) {
+        if let Some(l) = self.landing(from, vp) {
+            self.put_landing((to, vp), l);
+        }
+    }
+
+    fn put_landing(&self, key: (DeviceId, usize), landing: Arc<Landing>) {
+        match self.landed.entry(key) {
+            dashmap::Entry::Occupied(mut e) => {
+                e.insert(landing);
+            }
+            dashmap::Entry::Vacant(e) => {
+                let room =
+                    self.landed_count
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                            (n < self.max).then_some(n + 1)
+                        });
+                if room.is_ok() {
+                    e.insert(landing);
+                }
+            }
+        }
+    }
+
+    /// This browser's recent landing on this virtual proxy, if any.
+    pub fn landing(&self, device: DeviceId, vp: usize) -> Option<Arc<Landing>> {
+        let l = self.landed.get(&(device, vp))?;
+        (Instant::now() < l.until).then(|| l.clone())
+    }
+
     /// Drops flights past their deadline; returns them (their reservations are to release).
     pub fn sweep(&self) -> Vec<Arc<Flight>> {
         let now = Instant::now();
+        let mut landed_gone = 0;
+        self.landed.retain(|_, l| {
+            let keep = now < l.until;
+            landed_gone += usize::from(!keep);
+            keep
+        });
+        self.landed_count.fetch_sub(landed_gone, Ordering::AcqRel);
         let mut gone = Vec::new();
         self.map.retain(|_, f| {
             if f.is_open(now) {
@@ -321,5 +450,45 @@ mod tests {
             d.remember_target("t0".into(), "/hub/again"),
             "a known id is updated"
         );
+    }
+
+    #[tokio::test]
+    async fn a_landing_keeps_the_session_and_targets_for_its_window_only() {
+        use crate::session::table::Table;
+        let table = Table::new(vec![Duration::from_secs(60)], Duration::from_secs(60));
+        let s = table.insert(0, "v", "n1".into(), None, None, String::new());
+        let flights = Flights::new(Duration::from_secs(60), 2);
+        let Lead::Lead(f) = flights.lead(1, 0) else {
+            panic!("leads")
+        };
+        f.dance().remember_target("t1".into(), "/hub/page1");
+        for dead in ["d1", "d2", "d1", "d3", "d4", "d5"] {
+            f.dance().remember_replaced(dead);
+        }
+        flights.finish(1, 0, Some(f.id), Outcome::Session(s.clone()));
+        flights.land(1, 0, &f, s.clone(), Duration::from_millis(50));
+        let l = flights.landing(1, 0).expect("landed");
+        assert!(Arc::ptr_eq(&l.session, &s));
+        assert_eq!(l.target("t1").as_deref(), Some("/hub/page1"));
+        assert!(l.replaced("d1") && l.replaced("d4"));
+        assert!(!l.replaced("d5"), "at most {MAX_REPLACED} dead cookies");
+        assert!(!l.replaced("v"), "the live one is not a replaced one");
+        l.remember_target("t2".into(), "/hub/page2");
+        // The browser's new device id finds the same landing.
+        flights.alias(1, 7, 0);
+        assert_eq!(
+            flights.landing(7, 0).unwrap().target("t2").as_deref(),
+            Some("/hub/page2")
+        );
+        assert!(flights.landing(1, 1).is_none(), "per virtual proxy");
+        // At most `max` landings.
+        flights.alias(1, 8, 0);
+        assert!(flights.landing(8, 0).is_none());
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(flights.landing(1, 0).is_none(), "the window is over");
+        flights.sweep();
+        assert!(flights.landed.is_empty());
+        flights.alias(1, 8, 0);
+        assert_eq!(flights.landed_count.load(Ordering::Acquire), 0);
     }
 }

@@ -74,6 +74,8 @@ pub struct Counters {
     pub replaced: AtomicU64,
     /// Requests without cookies sent with a session made for an earlier one.
     pub cookieless_attached: AtomicU64,
+    /// Late login steps of a burst the guard answered with the session the browser has.
+    pub stragglers_answered: AtomicU64,
 }
 
 /// What the guard decided for one request, carried to the response phase.
@@ -104,6 +106,9 @@ pub struct Context {
     pub set_back: bool,
     /// A session cookie the guard did not know.
     pub unknown: Option<Box<str>>,
+    /// The session cookie the request carried, when it was not a live one: what ties a late
+    /// step of a login burst to the browser that started it (see [`flight::Landing`]).
+    carried: Option<Box<str>>,
     pub logout: bool,
     pub host: Option<HeaderValue>,
     /// `/app/<id>` of an engine WebSocket upgrade.
@@ -478,10 +483,18 @@ impl SessionGuard {
             Err(page) => return Verdict::Answer(*page),
         };
         if let Some(s) = self.known_live(&mut ctx, &cookie, req.path, req.headers) {
+            // A login step with a live cookie: the browser has its session already, and a
+            // ticket Qlik issued now would make another one.
+            if let Some(step) = LoginStep::of(rest, req) {
+                if let Some(page) = self.late_step(&ctx, &s, step, req, true) {
+                    return Verdict::Answer(page);
+                }
+            }
             ctx.session = Some(s);
             return Verdict::Forward(Box::new(ctx));
         }
         self.note_browser(&mut ctx, &cookie, req.headers);
+        ctx.carried = cookie.first.map(Box::from);
         // A cookie the guard does not know (a restart without a snapshot, a session made
         // around it): with several nodes, only the node that made it knows it; find that one
         // before the balancer sends it to another, which would make a new session.
@@ -518,6 +531,9 @@ impl SessionGuard {
             }
         }
         if is_auth_module(rest) || ticket {
+            if let Some(page) = self.late_step_of_landed(&ctx, rest, req) {
+                return Verdict::Answer(page);
+            }
             return self.login_step(ctx, req.query, ticket).await;
         }
         if ctx.cookieless && self.vps[vp].cookieless_reuse {
@@ -599,6 +615,7 @@ impl SessionGuard {
             session: None,
             set_back: false,
             unknown: None,
+            carried: None,
             logout: req.method == b"DELETE" && is_personal_api(rest),
             host: None,
             app: app_of(rest),
@@ -775,6 +792,91 @@ impl SessionGuard {
         Verdict::Forward(Box::new(ctx))
     }
 
+    /// This browser's recent landing whose session is still live, for a request of the burst
+    /// that made it: one that carried a cookie the burst's login replaced (a secret of that
+    /// browser: a device cookie alone, which another browser may have been planted with, or
+    /// no cookie at all, is not enough).
+    fn landing_for(&self, ctx: &Context) -> Option<Arc<flight::Landing>> {
+        if ctx.new_device || !ctx.device_trusted {
+            return None;
+        }
+        let carried = self.carried(ctx)?;
+        let l = self.flights.landing(ctx.device, ctx.vp)?;
+        (l.replaced(carried) && self.table.is_live(&l.session, self.table.now_ms())).then_some(l)
+    }
+
+    /// The session cookie the request went with, unless it is a live one the guard knows.
+    fn carried<'c>(&self, ctx: &'c Context) -> Option<&'c str> {
+        match &ctx.session {
+            // Taken for live, then sent to log in: dead in Qlik.
+            Some(s) if s.state() != State::Live => Some(&s.id),
+            Some(_) => None,
+            None => ctx.carried.as_deref(),
+        }
+    }
+
+    /// A login step without a live cookie from a browser whose burst has just made its
+    /// session (the signed device cookie, and the browser's address and User-Agent, tie it
+    /// to that login): answered with that session.
+    fn late_step_of_landed<H: HeadView>(
+        &self,
+        ctx: &Context,
+        rest: &str,
+        req: &Request<'_, H>,
+    ) -> Option<Page> {
+        let step = LoginStep::of(rest, req)?;
+        let l = self.landing_for(ctx)?;
+        if !self.same_browser(ctx, &l.session) {
+            return None;
+        }
+        self.late_step(ctx, &l.session, step, req, false)
+    }
+
+    /// Answers a late login step with `s`, the browser's session: back to the page the step
+    /// had asked for, with the cookie. `live_cookie`: the step carried `s` itself (the hot
+    /// path); a ticket is then only taken for late when `s` is the session the browser's last
+    /// login made, since a ticket may also be a portal logging in another user.
+    fn late_step<H: HeadView>(
+        &self,
+        ctx: &Context,
+        s: &Arc<Session>,
+        step: LoginStep,
+        req: &Request<'_, H>,
+        live_cookie: bool,
+    ) -> Option<Page> {
+        let landing = self
+            .flights
+            .landing(ctx.device, ctx.vp)
+            .filter(|l| Arc::ptr_eq(&l.session, s));
+        let hub = hub_of(&self.vps[ctx.vp].prefix);
+        let location = match step {
+            LoginStep::AuthModule => match param(req.query, "targetId") {
+                Some(t) => landing.as_ref().and_then(|l| l.target(&t)).unwrap_or(hub),
+                None => return None,
+            },
+            LoginStep::Ticket => {
+                if live_cookie && landing.is_none() {
+                    return None;
+                }
+                match without_param(req.query.unwrap_or(""), "qlikTicket") {
+                    q if q.is_empty() => req.path.to_string(),
+                    q => format!("{}?{q}", req.path),
+                }
+            }
+        };
+        self.counters
+            .stragglers_answered
+            .fetch_add(1, Ordering::Relaxed);
+        self.emit(
+            Kind::BurstHeld,
+            "a late login step of a burst answered by the guard: the browser already has its session, and Qlik would have made another",
+            Some(ctx),
+            Some(s),
+            None,
+        );
+        Some(self.redirect_with(s, &location))
+    }
+
     /// A browser the guard knows, without a live cookie: its own session back (restore), or,
     /// while another request of the browser is (re)creating its session, a wait for that one.
     /// `Err` gives the context back when neither applies: this request leads the browser's
@@ -816,6 +918,15 @@ impl SessionGuard {
             self.emit(Kind::SessionRestored, "the browser's own session was put back on the request and set again in the browser", Some(&ctx), Some(&s), None);
             tracing::info!(session = %s.hash, user = %owner_text(&s), vp = %info.prefix, "session restored for a browser that lost its cookie");
             return Ok(Verdict::Forward(Box::new(self.attach(ctx, s))));
+        }
+        // A request of a burst that comes after the burst's login has made the session: as if
+        // it had waited for it.
+        if let Some(l) = self.landing_for(&ctx) {
+            if self.same_browser(&ctx, &l.session) {
+                return Ok(Verdict::Forward(Box::new(
+                    self.attach(ctx, l.session.clone()),
+                )));
+            }
         }
         // A burst: one request (re)creates the session, the others wait for it.
         for _ in 0..2 {
@@ -1173,7 +1284,11 @@ impl SessionGuard {
                 ctx.holds.lead = None;
                 // A new session, a new device id: a value planted in this browser before
                 // its user logged in names nothing after it.
+                let old_device = ctx.device;
                 self.new_device_for(ctx, &s);
+                if ctx.device != old_device {
+                    self.flights.alias(old_device, ctx.device, ctx.vp);
+                }
                 // Whatever else this response sets must come back with the session cookie:
                 // if only the session cookie does, a device on the way folded the fields.
                 let mut with = fold::companions(headers, &info.cookie, target, ctx.tls);
@@ -1192,12 +1307,20 @@ impl SessionGuard {
                     tracing::info!(session = %s.hash, user = %owner_text(s), "Qlik no longer knows the session: the browser is sent to log in again");
                 }
             }
+            // A request of a burst whose login has already made the browser's session, sent
+            // to log in because it carried the dead cookie: its login step will be answered
+            // with that session (`late_step_of_landed`), so it starts no flight of its own.
+            let landed = self.landing_for(ctx);
+            if let Some(l) = &landed {
+                l.remember_target(target_id.clone(), target);
+            }
             // The login dance is this browser's flight: the rest of its burst waits for it.
             // (A new browser gets its device cookie with this answer: its flight is keyed by it.)
             // The flight goes on without this request (it ends when the cookie is set, or is
             // swept after a minute): the request lets go of it without ending it.
             let flight = match ctx.holds.lead.take() {
                 Some(f) => Some(f),
+                None if landed.is_some() => None,
                 None => match self.flights.lead(ctx.device, ctx.vp) {
                     Lead::Lead(f) | Lead::Wait(f) => Some(f),
                     Lead::Full => None,
@@ -1210,6 +1333,9 @@ impl SessionGuard {
                 }
                 if d.leader_target.is_none() {
                     d.leader_target = Some(target_id.clone());
+                }
+                if let Some(c) = self.carried(ctx) {
+                    d.remember_replaced(c);
                 }
                 d.remember_target(target_id, target);
             }
@@ -1395,6 +1521,9 @@ impl SessionGuard {
             .finish(ctx.device, ctx.vp, None, Outcome::Session(s.clone()))
         {
             self.release_flight(&f);
+            // The burst's late steps come within the time its held requests would wait.
+            let window = self.policy().burst_wait;
+            self.flights.land(ctx.device, ctx.vp, &f, s.clone(), window);
         }
         if ctx.identity.is_none() {
             self.resolve_owner(s.clone(), ctx.host.clone());
@@ -1701,6 +1830,15 @@ impl SessionGuard {
 
     /// A 302 to `location` that also sets `s`'s cookie.
     fn redirect_with(&self, s: &Session, location: &str) -> crate::pages::Page {
+        // A page the client asked for: never a location that leaves this site
+        // (`//host/...` is another host to a browser).
+        let hub;
+        let location = if is_local_path(location) {
+            location
+        } else {
+            hub = hub_of(&self.vps[s.vp].prefix);
+            &hub
+        };
         let attrs = s.meta().cookie_attributes.clone();
         crate::pages::back_to_page(
             location,
@@ -1761,6 +1899,7 @@ impl Context {
             session: None,
             set_back: false,
             unknown: None,
+            carried: None,
             logout: false,
             host: None,
             app: None,
@@ -1846,6 +1985,51 @@ fn is_personal_api(rest: &str) -> bool {
     r == "/qps/user"
 }
 
+/// A step of a login dance, as a request shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LoginStep {
+    /// A GET of Qlik's authentication module (`?targetId=`).
+    AuthModule,
+    /// A GET that brings Qlik's ticket back (`?qlikTicket=`).
+    Ticket,
+}
+
+impl LoginStep {
+    /// Only what a browser's redirect makes: a GET (or HEAD) with the step in its URL; a
+    /// form posting credentials, or a WebSocket with a ticket, is no redirect to answer.
+    fn of<H: HeadView>(rest: &str, req: &Request<'_, H>) -> Option<LoginStep> {
+        if !(req.method == b"GET" || req.method == b"HEAD") {
+            return None;
+        }
+        if is_auth_module(rest) {
+            return Some(LoginStep::AuthModule);
+        }
+        let q = req.query?;
+        has_param(Some(q), "qlikTicket")
+            .then_some(LoginStep::Ticket)
+            .filter(|_| req.headers.first("upgrade").is_none())
+    }
+}
+
+/// A path on this site: `/...`, but not `//...` or `/\...` (another host to a browser).
+fn is_local_path(location: &str) -> bool {
+    let b = location.as_bytes();
+    b.first() == Some(&b'/') && !matches!(b.get(1), Some(b'/') | Some(b'\\'))
+}
+
+/// `query` without the parameter `name` (any case).
+fn without_param(query: &str, name: &str) -> String {
+    query
+        .split('&')
+        .filter(|kv| {
+            !kv.split('=')
+                .next()
+                .is_some_and(|k| k.eq_ignore_ascii_case(name))
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
 fn is_auth_module(rest: &str) -> bool {
     rest.starts_with("/internal_windows_authentication")
         || rest.starts_with("/internal_forms_authentication")
@@ -1924,6 +2108,27 @@ fn auth_redirect_target<H: HeadView>(status: u16, headers: &H) -> Option<String>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_paths_and_ticket_removal() {
+        assert!(is_local_path("/hub/"));
+        assert!(is_local_path("/"));
+        for other in [
+            "//evil.example/x",
+            "/\\evil",
+            "https://evil.example/",
+            "",
+            "hub",
+        ] {
+            assert!(!is_local_path(other), "{other}");
+        }
+        assert_eq!(
+            without_param("x=1&qlikTicket=a&y=2", "qlikticket"),
+            "x=1&y=2"
+        );
+        assert_eq!(without_param("QLIKTICKET=a", "qlikTicket"), "");
+        assert_eq!(without_param("a=1", "qlikTicket"), "a=1");
+    }
 
     #[test]
     fn paths() {

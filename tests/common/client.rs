@@ -407,9 +407,33 @@ impl Link {
         extra: &[(&str, &str)],
         windows: Option<&Browser>,
     ) -> Resp {
+        let shared = std::sync::Mutex::new(std::mem::take(jar));
+        let r = self
+            .browse_shared(path, &shared, extra, windows, &mut |_| None)
+            .await;
+        *jar = shared.into_inner().unwrap();
+        r
+    }
+
+    /// [`Link::browse_with`] for one of several parallel requests of one browser: the jar is
+    /// the browser's, read before each step and updated by every answer (as a real browser's
+    /// is, so a straggler of a burst carries whatever cookie the others got meanwhile), and
+    /// `pause(step)` may hold the request before step `step` (0: the first request, then one
+    /// per redirect followed), to put it at any moment of another request's login.
+    pub async fn browse_shared(
+        &self,
+        path: &str,
+        jar: &std::sync::Mutex<Jar>,
+        extra: &[(&str, &str)],
+        windows: Option<&Browser>,
+        pause: &mut (dyn FnMut(usize) -> Option<std::time::Duration> + Send),
+    ) -> Resp {
         let mut path = path.to_string();
-        for _ in 0..10 {
-            let cookie = super::cookie_header(jar);
+        for step in 0..10 {
+            if let Some(d) = pause(step) {
+                tokio::time::sleep(d).await;
+            }
+            let cookie = super::cookie_header(&jar.lock().unwrap());
             let mut headers: Vec<(&str, &str)> = extra.to_vec();
             if !cookie.is_empty() {
                 headers.push(("cookie", &cookie));
@@ -436,11 +460,14 @@ impl Link {
                     .await
                     .unwrap_or_else(|e| panic!("NTLM at {path}: {e}"));
             }
-            for sc in resp.all("set-cookie") {
-                let pair = sc.split(';').next().unwrap_or("");
-                if let Some((k, v)) = pair.split_once('=') {
-                    jar.retain(|(n, _)| n != k);
-                    jar.push((k.to_string(), v.to_string()));
+            {
+                let mut jar = jar.lock().unwrap();
+                for sc in resp.all("set-cookie") {
+                    let pair = sc.split(';').next().unwrap_or("");
+                    if let Some((k, v)) = pair.split_once('=') {
+                        jar.retain(|(n, _)| n != k);
+                        jar.push((k.to_string(), v.to_string()));
+                    }
                 }
             }
             if resp.status.is_redirection() {
