@@ -126,6 +126,31 @@ async fn a_browsers_session_and_another_users_are_never_handed_over() {
     guard.shutdown().await;
 }
 
+/// A browser's very first request carries no cookie at all, as a script's does: its session is
+/// made as one for a cookie-less client. Once the browser's next request brings the guard's
+/// device cookie back, it is a browser's session, and a script no longer goes with it.
+#[tokio::test]
+async fn a_browser_whose_first_request_had_no_cookie_keeps_its_session_to_itself() {
+    let sim = sim().await;
+    let guard = guard_with(&cookieless_reuse(&config_text(&[sim.addr()], "", ""))).await;
+    let mut browser = Jar::new();
+    browse_as(guard.addr, "/hdr/hub/", &mut browser, "CORP\\fresh").await;
+    assert!(jar_get(&browser, "qsguard").is_some());
+    let r = browse_as(guard.addr, "/hdr/hub/next", &mut browser, "CORP\\fresh").await;
+    assert_eq!(r.status, 200);
+    let browsers = jar_get(&browser, HDR_COOKIE).unwrap();
+    assert_eq!(sim.counters().sessions_created, 1);
+    let (status, scripts) = script(guard.addr, "/hdr/hub/", "CORP\\fresh").await;
+    assert_eq!(status, 200);
+    assert_ne!(
+        scripts.as_deref(),
+        Some(browsers.as_str()),
+        "a browser's session went to a script"
+    );
+    assert_eq!(sim.counters().sessions_created, 2);
+    guard.shutdown().await;
+}
+
 /// The session the scripts share ended in Qlik (an admin, a QPS restart): Qlik makes a new one
 /// for the next call, and the guard goes on with that one.
 #[tokio::test]

@@ -330,6 +330,82 @@ async fn a_private_window_at_the_limit_gets_the_guards_page() {
     guard.shutdown().await;
 }
 
+/// `reuse`: the private window goes with the user's most recently active session. Qlik
+/// accepted the Type 3 and answered with a ticket; the browser brings that very ticket back,
+/// so the guard sends it to its page with the reused session instead (Qlik would have turned
+/// the ticket into a sixth session and refused it).
+#[tokio::test]
+async fn a_private_window_at_the_limit_goes_with_the_users_latest_session() {
+    let sim = sim().await;
+    let guard = guard_with(&config_text(
+        &[sim.addr()],
+        "",
+        "[sessions]\non_limit = \"reuse\"\n",
+    ))
+    .await;
+    at_the_limit(guard.addr, "CORP\\reuse").await;
+    let mut jar = Jar::new();
+    let r = browse_windows(guard.addr, "/hub/private", &mut jar, "CORP\\reuse").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("/hub/private") && r.text().contains("CORP\\reuse"));
+    let c = sim.counters();
+    assert_eq!((c.sessions_created, c.limit_refusals), (5, 0));
+    let got = jar_get(&jar, "X-Qlik-Session-HTTP").unwrap();
+    assert!(sim.session_ids("CORP\\reuse").contains(&got));
+    guard.shutdown().await;
+}
+
+/// Reuse at the ticket is for the browser Qlik gave the ticket to: a request with the same
+/// device cookie (planted in another browser) but another ticket gets the limit page, never
+/// one of the user's sessions.
+#[tokio::test]
+async fn reuse_at_the_ticket_needs_the_ticket_qlik_issued() {
+    let sim = sim().await;
+    let guard = guard_with(&config_text(
+        &[sim.addr()],
+        "",
+        "[sessions]\non_limit = \"reuse\"\n",
+    ))
+    .await;
+    at_the_limit(guard.addr, "CORP\\victim").await;
+    // The victim's private window, step by step: Qlik's redirect to log in (the guard sets
+    // a device cookie), the handshake, Qlik's ticket.
+    let first = get(guard.addr, "/hub/", &[]).await;
+    assert_eq!(first.status, 302);
+    let device = first
+        .all("set-cookie")
+        .into_iter()
+        .find(|c| c.starts_with("qsguard="))
+        .map(|c| c.split(';').next().unwrap().to_string())
+        .expect("a device cookie");
+    let login = first.header("location").unwrap();
+    let req = http::Request::get(&login)
+        .header("host", "qlik.example.com")
+        .header("cookie", &device)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let ticketed = Client::plain(guard.addr)
+        .ntlm(&req, &Browser::new("CORP\\victim", Scheme::Ntlm))
+        .await
+        .unwrap();
+    assert_eq!(ticketed.status, 302);
+    assert!(ticketed.header("location").unwrap().contains("qlikTicket="));
+    // Another browser holding the same device cookie, with a ticket of its own making.
+    let r = get(
+        guard.addr,
+        "/hub/?qlikTicket=0123456789",
+        &[("cookie", &device)],
+    )
+    .await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert!(r
+        .all("set-cookie")
+        .iter()
+        .all(|c| !c.starts_with("X-Qlik-Session-HTTP=")));
+    assert_eq!(sim.counters().limit_refusals, 0);
+    guard.shutdown().await;
+}
+
 /// `evict`: the private window gets in, the least recently active idle session makes room,
 /// and Qlik refuses nothing.
 #[tokio::test]

@@ -67,6 +67,8 @@ pub struct Dance {
     /// checked for that user at its start (a browser the guard did not know): checked at the
     /// ticket, before Qlik makes the session.
     pub windows_user: Option<User>,
+    /// The ticket Qlik answered that user's Type 3 with.
+    pub ticket: Option<Box<str>>,
     /// The dead session cookies the burst's requests carried when Qlik sent them to log in:
     /// only a request carrying one of them is a late step of this burst.
     replaced: Vec<Box<str>>,

@@ -519,15 +519,29 @@ impl SessionGuard {
         let ticket =
             has_param(req.query, "qlikTicket") || req.headers.first("x-qlik-ticket").is_some();
         if ticket {
-            if let Some(user) = self.accepted_windows_user(&ctx) {
+            if let Some((user, confirmed)) = self.accepted_windows_user(&ctx, req.query) {
                 // The first the guard knows of this user in this browser: the limit applies
                 // now, before the ticket makes the session.
                 let (device, vp) = (ctx.device, ctx.vp);
-                let verdict = self.limit_for(ctx, req, user, false).await;
-                if matches!(verdict, Verdict::Answer(_)) {
-                    self.dance_failed(device, vp);
-                }
-                return verdict;
+                let verdict = self.limit_for(ctx, req, user, confirmed).await;
+                return match verdict {
+                    Verdict::Answer(page) => {
+                        self.dance_failed(device, vp);
+                        Verdict::Answer(page)
+                    }
+                    // Reused: Qlik would turn the ticket into a new session whatever cookie
+                    // came with it, so the browser goes back to its page with the reused one.
+                    Verdict::Forward(ctx) if ctx.set_back => {
+                        match (ctx.session.clone(), LoginStep::of(rest, req)) {
+                            (Some(s), Some(LoginStep::Ticket)) => {
+                                self.dance_landed(&ctx, &s);
+                                Verdict::Answer(self.redirect_with(&s, &without_ticket(req)))
+                            }
+                            _ => Verdict::Forward(ctx),
+                        }
+                    }
+                    other => other,
+                };
             }
         }
         if is_auth_module(rest) || ticket {
@@ -628,10 +642,10 @@ impl SessionGuard {
         Ok((ctx, cookie))
     }
 
-    /// Qlik accepted the browser's NTLM Type 3 (it answered with a ticket): the user is the
+    /// Qlik accepted the browser's NTLM Type 3 (it answered with `ticket`): the user is the
     /// device's now, and, unless the dance was checked for this user at its start, its
     /// ticket will be.
-    fn windows_login_accepted(&self, ctx: &Context, user: User) {
+    fn windows_login_accepted(&self, ctx: &Context, user: User, ticket: String) {
         if !ctx.device_trusted {
             return;
         }
@@ -647,19 +661,27 @@ impl SessionGuard {
                 .is_some_and(|(u, _)| u.key == user.key);
             if !checked {
                 d.windows_user = Some(user);
+                d.ticket = Some(ticket.into());
             }
         }
     }
 
     /// The user of this browser's dance whose Type 3 Qlik accepted and whose limit is still
-    /// to be checked (taken: one check per dance).
-    fn accepted_windows_user(&self, ctx: &Context) -> Option<User> {
+    /// to be checked (taken: one check per dance), and whether the request brings the very
+    /// ticket Qlik answered that Type 3 with. Only then is it that browser's login, confirmed
+    /// by Qlik, and may go with one of the user's sessions: a device cookie alone may have
+    /// been planted in another browser, and the ticket is a secret of the one Qlik gave it to.
+    fn accepted_windows_user(&self, ctx: &Context, query: Option<&str>) -> Option<(User, bool)> {
         if ctx.new_device || !ctx.device_trusted {
             return None;
         }
         let f = self.flights.get(ctx.device, ctx.vp)?;
-        let user = f.dance().windows_user.take();
-        user
+        let mut d = f.dance();
+        let user = d.windows_user.take()?;
+        let issued = d.ticket.take();
+        let brought = param(query, "qlikTicket");
+        let confirmed = issued.is_some() && issued.as_deref() == brought.as_deref();
+        Some((user, confirmed))
     }
 
     /// The hot path: the request's cookie names a session the guard knows is live (and, on a
@@ -699,7 +721,12 @@ impl SessionGuard {
         self.table.touch_at(&s, now);
         // One look under the lock for both (this is the hot path).
         let (linked, fold_pending) = {
-            let m = s.meta();
+            let mut m = s.meta();
+            if m.cookieless && ctx.device_sent {
+                // It was made for a request without cookies, but its client keeps them: a
+                // browser (whose first request has none), never again one for scripts.
+                m.cookieless = false;
+            }
             (m.devices.contains(&ctx.device), !m.set_with.is_empty())
         };
         if fold_pending && cookie.count == 1 {
@@ -858,10 +885,7 @@ impl SessionGuard {
                 if live_cookie && landing.is_none() {
                     return None;
                 }
-                match without_param(req.query.unwrap_or(""), "qlikTicket") {
-                    q if q.is_empty() => req.path.to_string(),
-                    q => format!("{}?{q}", req.path),
-                }
+                without_ticket(req)
             }
         };
         self.counters
@@ -1267,8 +1291,8 @@ impl SessionGuard {
     ) -> Vec<HeaderValue> {
         let mut extra = Vec::new();
         if let Some(user) = ctx.windows_user.take() {
-            if ticket_redirect(status, headers) {
-                self.windows_login_accepted(ctx, user);
+            if let Some(ticket) = ticket_of_redirect(status, headers) {
+                self.windows_login_accepted(ctx, user, ticket);
             }
         }
         let info = &self.vps[ctx.vp];
@@ -1641,6 +1665,19 @@ impl SessionGuard {
         }
         self.dance_failed(ctx.device, ctx.vp);
         Some(crate::pages::back_to_page(path, None))
+    }
+
+    /// The browser's login dance ended with `s`, a session the guard handed it (a reuse at the
+    /// ticket): as when Qlik makes one, its held steps go with it, and late ones find it.
+    fn dance_landed(&self, ctx: &Context, s: &Arc<Session>) {
+        if let Some(f) = self
+            .flights
+            .finish(ctx.device, ctx.vp, None, Outcome::Session(s.clone()))
+        {
+            self.release_flight(&f);
+            let window = self.policy().burst_wait;
+            self.flights.land(ctx.device, ctx.vp, &f, s.clone(), window);
+        }
     }
 
     /// The browser's login dance ended without a session (the limit page, Qlik's refusal):
@@ -2079,15 +2116,23 @@ fn windows_user<H: HeadView>(headers: &H) -> Option<User> {
     (!domain.is_empty()).then(|| User::new(&domain, &user))
 }
 
-/// Qlik's answer to a login step that carries a ticket: it accepted the authentication.
-fn ticket_redirect<H: HeadView>(status: u16, headers: &H) -> bool {
-    (300..400).contains(&status)
-        && headers.first("location").is_some_and(|l| {
-            std::str::from_utf8(l)
-                .ok()
-                .and_then(|l| l.split_once('?'))
-                .is_some_and(|(_, q)| has_param(Some(q), "qlikTicket"))
-        })
+/// The ticket of Qlik's answer to a login step that carries one: it accepted the
+/// authentication.
+fn ticket_of_redirect<H: HeadView>(status: u16, headers: &H) -> Option<String> {
+    if !(300..400).contains(&status) {
+        return None;
+    }
+    let l = std::str::from_utf8(headers.first("location")?).ok()?;
+    let (_, q) = l.split_once('?')?;
+    param(Some(q), "qlikTicket").filter(|t| !t.is_empty())
+}
+
+/// The request's path and query without its ticket: where a ticket step goes back to.
+fn without_ticket<H: HeadView>(req: &Request<'_, H>) -> String {
+    match without_param(req.query.unwrap_or(""), "qlikTicket") {
+        q if q.is_empty() => req.path.to_string(),
+        q => format!("{}?{q}", req.path),
+    }
 }
 
 /// The `targetId` of a redirect to Qlik's authentication module.

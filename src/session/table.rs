@@ -32,7 +32,14 @@ const TOMBSTONE: Duration = Duration::from_secs(300);
 
 /// Slack on Qlik's inactivity timeout: Qlik's clock for a session starts a little after the
 /// guard's, so the guard counts a session a little longer and restores it a little less long.
+/// At most a fiftieth of the timeout: the gap between the two clocks is a request's transit
+/// time, and a slack near the timeout itself (a test's compressed day) would have the guard
+/// take a session Qlik has dropped for live for a good share of its life.
 const CLOCK_SLACK_MS: u64 = 2_000;
+
+fn slack_ms(timeout_ms: u64) -> u64 {
+    CLOCK_SLACK_MS.min(timeout_ms / 50)
+}
 
 /// How long an unconfirmed cookie value is remembered while Qlik is asked about it.
 const UNCONFIRMED_MS: u64 = 60_000;
@@ -346,16 +353,20 @@ impl Table {
     pub fn is_live(&self, s: &Session, now_ms: u64) -> bool {
         s.state() == State::Live
             && (s.websockets() > 0
-                || now_ms.saturating_sub(s.last_active_ms())
-                    <= self.timeout_ms(s.vp) + CLOCK_SLACK_MS)
+                || now_ms.saturating_sub(s.last_active_ms()) <= {
+                    let t = self.timeout_ms(s.vp);
+                    t + slack_ms(t)
+                })
     }
 
     /// Safe to hand to a browser: Qlik surely still knows it.
     pub fn is_restorable(&self, s: &Session, now_ms: u64) -> bool {
         s.state() == State::Live
             && (s.websockets() > 0
-                || now_ms.saturating_sub(s.last_active_ms())
-                    < self.timeout_ms(s.vp).saturating_sub(CLOCK_SLACK_MS))
+                || now_ms.saturating_sub(s.last_active_ms()) < {
+                    let t = self.timeout_ms(s.vp);
+                    t - slack_ms(t)
+                })
     }
 
     /// Milliseconds until `s` times out (0 when it has an open WebSocket: it will not).
@@ -363,7 +374,8 @@ impl Table {
         if s.websockets() > 0 {
             return None;
         }
-        Some((s.last_active_ms() + self.timeout_ms(s.vp) + CLOCK_SLACK_MS).saturating_sub(now_ms))
+        let t = self.timeout_ms(s.vp);
+        Some((s.last_active_ms() + t + slack_ms(t)).saturating_sub(now_ms))
     }
 
     pub fn get(&self, vp: usize, value: &str) -> Option<Arc<Session>> {
@@ -872,6 +884,19 @@ mod tests {
         assert_eq!(t.live_count(&jane.key), 0);
         assert_ne!(&*s.hash, "abc");
         assert_eq!(s.hash.len(), 12);
+    }
+
+    #[test]
+    fn the_clock_slack_is_two_seconds_at_most_and_a_fiftieth_of_the_timeout() {
+        assert_eq!(slack_ms(30 * 60_000), CLOCK_SLACK_MS);
+        assert_eq!(slack_ms(60_000), 1_200);
+        assert_eq!(slack_ms(3_000), 60);
+        let t = Table::new(vec![Duration::from_millis(500)], Duration::from_secs(60));
+        let s = t.insert(0, "a", "n1".into(), None, None, String::new());
+        let at = s.last_active_ms();
+        assert!(t.is_live(&s, at + 510) && !t.is_live(&s, at + 511));
+        assert!(t.is_restorable(&s, at + 489) && !t.is_restorable(&s, at + 490));
+        assert_eq!(t.expires_in_ms(&s, at), Some(510));
     }
 
     #[test]
