@@ -219,20 +219,43 @@ pub fn session_set_cookie(name: &str, value: &str, attributes: &str) -> Option<H
 }
 
 /// The device cookie: long-lived so it outlives a browser restart (the Qlik cookie does not).
+/// Written as the `cookie` crate writes it (a test holds the two equal), without its
+/// formatting machinery: a client without cookies gets one with every answer.
 pub fn device_set_cookie(name: &str, device: &str, tls: bool) -> Option<HeaderValue> {
-    let c = cookie::Cookie::build((name, device))
-        .path("/")
-        .http_only(true)
-        .same_site(cookie::SameSite::Lax)
-        .max_age(cookie::time::Duration::days(400))
-        .secure(tls)
-        .build();
-    HeaderValue::from_str(&c.to_string()).ok()
+    const LAX: &str = "; HttpOnly; SameSite=Lax";
+    const KEPT: &str = "; Path=/; Max-Age=34560000";
+    let mut c = String::with_capacity(name.len() + device.len() + 64);
+    c.push_str(name);
+    c.push('=');
+    c.push_str(device);
+    c.push_str(LAX);
+    if tls {
+        c.push_str("; Secure");
+    }
+    c.push_str(KEPT);
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(c)).ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_device_cookie_is_written_as_the_cookie_crate_writes_it() {
+        for tls in [false, true] {
+            let c = cookie::Cookie::build(("qsguard", "0a1b.2c3d"))
+                .path("/")
+                .http_only(true)
+                .same_site(cookie::SameSite::Lax)
+                .max_age(cookie::time::Duration::days(400))
+                .secure(tls)
+                .build();
+            assert_eq!(
+                device_set_cookie("qsguard", "0a1b.2c3d", tls).unwrap(),
+                c.to_string().as_str()
+            );
+        }
+    }
 
     fn headers(cookies: &[&str]) -> HeaderMap {
         let mut h = HeaderMap::new();

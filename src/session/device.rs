@@ -78,9 +78,11 @@ impl DeviceKeys {
 
     /// The cookie value for `id`.
     pub fn sign(&self, id: DeviceId) -> String {
-        let mut out = format!("{id:032x}.");
-        out.push_str(&self.tag(id).to_hex());
-        out
+        let mut out = [b'.'; 32 + 1 + 64];
+        hex_into(&mut out[..32], &id.to_be_bytes());
+        hex_into(&mut out[33..], self.tag(id).as_bytes());
+        // Hex digits and a dot: ASCII.
+        String::from_utf8(out.to_vec()).unwrap_or_default()
     }
 
     /// The device a cookie value names, if the guard signed it with its current key.
@@ -169,6 +171,16 @@ fn hex<const N: usize>(digits: &[u8]) -> Option<[u8; N]> {
 }
 
 /// A hex digit's value; 0x10 for any other byte.
+/// Lower-case hex of `bytes` into `out` (twice as long): a device cookie is minted for every
+/// answer to a client without cookies, so no `core::fmt` on that path.
+fn hex_into(out: &mut [u8], bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 15)];
+    }
+}
+
 static NIBBLE: [u8; 256] = {
     let mut t = [0x10u8; 256];
     let mut i = 0;
@@ -233,6 +245,11 @@ mod tests {
         let id: DeviceId = 0x0123_4567_89ab_cdef_0011_2233_4455_6677;
         let v = k.sign(id);
         assert_eq!(v.len(), 32 + 1 + 64);
+        assert_eq!(
+            v,
+            format!("{id:032x}.{}", k.tag(id).to_hex()),
+            "the hex of both"
+        );
         assert_eq!(k.verify(&v), Some(id));
         // The unsigned form the guard used to issue, an altered id, an altered tag.
         assert_eq!(k.verify(&format!("{id:032x}")), None);

@@ -1415,7 +1415,7 @@ impl SessionGuard {
             .client
             .as_ref()
             .and_then(|c| c.user_agent.as_deref())
-            .map(|u| u.chars().take(200).collect());
+            .map(|u| clipped(u.as_bytes(), 200));
         let devices = s.meta().devices.clone();
         devices.iter().any(|d| {
             let (their_ua, addr) = self.table.device_info(*d);
@@ -1949,22 +1949,28 @@ impl Context {
     }
 }
 
+/// `v` as text, its first `max` characters (invalid UTF-8 replaced). A value short enough is
+/// copied as it is: this runs for every request without a live session.
+pub(crate) fn clipped(v: &[u8], max: usize) -> String {
+    if v.len() <= max {
+        if let Ok(s) = std::str::from_utf8(v) {
+            return s.to_owned();
+        }
+    }
+    String::from_utf8_lossy(v).chars().take(max).collect()
+}
+
 /// The address chain and User-Agent of a request.
 fn requester_of<H: HeadView>(headers: &H, peer: IpAddr) -> events::Requester {
     let joined = |name: &'static str| -> Option<String> {
-        let v: Vec<String> = headers
-            .values(name)
-            .map(|v| String::from_utf8_lossy(v).chars().take(300).collect())
-            .collect();
+        let v: Vec<String> = headers.values(name).map(|v| clipped(v, 300)).collect();
         (!v.is_empty()).then(|| v.join(", "))
     };
     events::Requester {
         peer: Some(peer),
         forwarded_for: joined("x-forwarded-for"),
         via: joined("via"),
-        user_agent: headers
-            .first("user-agent")
-            .map(|v| String::from_utf8_lossy(v).chars().take(200).collect()),
+        user_agent: headers.first("user-agent").map(|v| clipped(v, 200)),
     }
 }
 
@@ -2153,6 +2159,15 @@ fn auth_redirect_target<H: HeadView>(status: u16, headers: &H) -> Option<String>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clipped_values_keep_their_first_characters() {
+        assert_eq!(clipped(b"Mozilla/5.0", 200), "Mozilla/5.0");
+        assert_eq!(clipped("\u{e9}\u{e9}\u{e9}".as_bytes(), 2), "\u{e9}\u{e9}");
+        assert_eq!(clipped(b"abc", 2), "ab");
+        assert_eq!(clipped(b"a\xffb", 200), "a\u{fffd}b");
+        assert_eq!(clipped(&[b'x'; 500], 300).len(), 300);
+    }
 
     #[test]
     fn local_paths_and_ticket_removal() {

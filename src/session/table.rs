@@ -643,7 +643,7 @@ impl Table {
         d.addr = Some(addr);
         if let Some(ua) = user_agent {
             if d.user_agent.as_deref() != Some(ua) {
-                d.user_agent = Some(ua.chars().take(200).collect());
+                d.user_agent = Some(super::clipped(ua.as_bytes(), 200));
             }
         }
     }
