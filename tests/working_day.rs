@@ -218,12 +218,12 @@ fn plan() -> Vec<User> {
     users
 }
 
-/// The fewest sessions the plan allows: one per browser per stretch of activity without a
+/// The fewest sessions the day allowed: one per browser per stretch of activity without a
 /// pause of Qlik's timeout (a restarted browser keeps its stretch: its session is alive in
 /// Qlik), one per private window of a user below the limit, and one per user for their
-/// scripts per stretch of calls.
-fn fewest(users: &[Arc<User>]) -> usize {
-    let timeout_ticks = (TIMEOUT.as_millis() / TICK.as_millis()) as u32;
+/// scripts per stretch of calls. Pauses are measured on the run's own clock (`started`: when
+/// each tick began), so a loaded machine whose ticks run late is held to what it really did.
+fn fewest(users: &[Arc<User>], started: &[Instant]) -> usize {
     let mut n = 0;
     for u in users {
         // A user with five browsers in use is at the limit: a private window goes with one
@@ -250,7 +250,8 @@ fn fewest(users: &[Arc<User>]) -> usize {
                 }
                 Act::RestartBrowser { .. } | Act::Logout { .. } => continue,
             };
-            if last.get(&key).is_none_or(|&l| t - l >= timeout_ticks) {
+            let paused = |l: u32| started[*t as usize] - started[l as usize] >= TIMEOUT;
+            if last.get(&key).is_none_or(|&l| paused(l)) {
                 n += 1;
             }
             last.insert(key, *t);
@@ -422,6 +423,8 @@ struct Report {
     refusals: u64,
     sessions: u64,
     stretched: u32,
+    /// When each tick began.
+    started: Vec<Instant>,
 }
 
 async fn play(sim: &Simulator, mut front: Front, users: &[Arc<User>]) -> Report {
@@ -429,6 +432,7 @@ async fn play(sim: &Simulator, mut front: Front, users: &[Arc<User>]) -> Report 
     let jars: Vec<Jars> = users.iter().map(|_| Jars::default()).collect();
     let start = Instant::now();
     let mut stretched = 0;
+    let mut started = Vec::new();
     for tick in 0..TICKS {
         if tick == NOON {
             if let Front::Guard { guard, config } = &mut front {
@@ -437,6 +441,7 @@ async fn play(sim: &Simulator, mut front: Front, users: &[Arc<User>]) -> Report 
             }
         }
         let addr = front.addr();
+        started.push(Instant::now());
         let mut tasks = Vec::new();
         for (u, user) in users.iter().enumerate() {
             for (_, a) in user.plan.iter().filter(|(t, _)| *t == tick) {
@@ -475,6 +480,7 @@ async fn play(sim: &Simulator, mut front: Front, users: &[Arc<User>]) -> Report 
         refusals: c.limit_refusals,
         sessions: c.sessions_created,
         stretched,
+        started,
     }
 }
 
@@ -507,7 +513,10 @@ async fn a_working_day_through_the_guard_has_no_refusal_and_few_sessions() {
     let straight = play(&straight_sim, Front::Straight(straight_sim.addr()), &users).await;
     let through = play(&guarded_sim, guarded, &users).await;
     let planned: usize = users.iter().map(|u| u.plan.len()).sum();
-    let fewest = fewest(&users);
+    let (fewest_straight, fewest) = (
+        fewest(&users, &straight.started),
+        fewest(&users, &through.started),
+    );
     let table = format!(
         "A working day, 40 users, {planned} planned actions, {TICKS} ticks of 2 minutes ({} ms each)\n\
          | | straight to Qlik | through qsguard |\n\
@@ -516,7 +525,7 @@ async fn a_working_day_through_the_guard_has_no_refusal_and_few_sessions() {
          | Qlik refusals (too many sessions) | {} | {} |\n\
          | failed requests | {} | {} |\n\
          | sessions Qlik made | {} | {} |\n\
-         | the fewest the plan allows | {fewest} | {fewest} |\n\
+         | the fewest the day allowed | {fewest_straight} | {fewest} |\n\
          | ticks that ran late | {} | {} |\n\
          failures straight: {:?}\nfailures through the guard: {:?}",
         TICK.as_millis(),
