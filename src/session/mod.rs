@@ -491,7 +491,7 @@ impl SessionGuard {
                 }
             }
             ctx.session = Some(s);
-            return Verdict::Forward(Box::new(ctx));
+            return Verdict::Forward(ctx);
         }
         self.note_browser(&mut ctx, &cookie, req.headers);
         ctx.carried = cookie.first.map(Box::from);
@@ -508,13 +508,13 @@ impl SessionGuard {
                 ctx.unknown = None;
                 if let Some(s) = self.known_live(&mut ctx, &cookie, req.path, req.headers) {
                     ctx.session = Some(s);
-                    return Verdict::Forward(Box::new(ctx));
+                    return Verdict::Forward(ctx);
                 }
             }
         }
         // The Personal API never creates a session: nothing to guard.
         if is_personal_api(rest) {
-            return Verdict::Forward(Box::new(ctx));
+            return Verdict::Forward(ctx);
         }
         let ticket =
             has_param(req.query, "qlikTicket") || req.headers.first("x-qlik-ticket").is_some();
@@ -553,19 +553,19 @@ impl SessionGuard {
         if ctx.cookieless && self.vps[vp].cookieless_reuse {
             match self.cookieless(ctx).await {
                 Ok(verdict) => return verdict,
-                Err(back) => ctx = *back,
+                Err(back) => ctx = back,
             }
         }
         if !ctx.new_device {
             match self.restore_or_wait(ctx, &cookie, req.headers).await {
                 Ok(verdict) => return verdict,
-                Err(back) => ctx = *back,
+                Err(back) => ctx = back,
             }
         }
         // An unknown cookie may well be live (made before a guard restart, or elsewhere):
         // forward it and learn from the answer. Otherwise this request creates a session.
         if ctx.unknown.is_some() {
-            return Verdict::Forward(Box::new(ctx));
+            return Verdict::Forward(ctx);
         }
         self.new_session(ctx, req).await
     }
@@ -579,7 +579,7 @@ impl SessionGuard {
         req: &Request<'r, H>,
         peer: IpAddr,
         tls: bool,
-    ) -> Result<(Context, cookies::Found<'r>), Box<Page>> {
+    ) -> Result<(Box<Context>, cookies::Found<'r>), Box<Page>> {
         let info = &self.vps[vp];
         let [cookie, sent_device] = cookies::find(req.headers, [&info.cookie, &self.device_cookie]);
         // A device cookie the guard did not sign is never honoured (see `device_trusted`).
@@ -615,7 +615,7 @@ impl SessionGuard {
                 }
             }
         };
-        let ctx = Context {
+        let ctx = Box::new(Context {
             vp,
             device,
             new_device,
@@ -638,7 +638,7 @@ impl SessionGuard {
             client: None,
             node_hint: None,
             peer,
-        };
+        });
         Ok((ctx, cookie))
     }
 
@@ -786,7 +786,7 @@ impl SessionGuard {
     /// A step of a login dance (Qlik's authentication module, a ticket). The leader's steps
     /// pass; a second login of the same burst is held, then sent back to the page it asked for
     /// with the session the first one got.
-    async fn login_step(&self, ctx: Context, query: Option<&str>, ticket: bool) -> Verdict {
+    async fn login_step(&self, ctx: Box<Context>, query: Option<&str>, ticket: bool) -> Verdict {
         let flight = (!ctx.new_device)
             .then(|| self.flights.get(ctx.device, ctx.vp))
             .flatten();
@@ -807,7 +807,7 @@ impl SessionGuard {
                 let back = target.and_then(|t| f.dance().targets.get(&t).cloned());
                 if let Outcome::Session(s) = f.wait(self.policy().burst_wait).await {
                     if !self.same_browser(&ctx, &s) {
-                        return Verdict::Forward(Box::new(ctx));
+                        return Verdict::Forward(ctx);
                     }
                     let hub = hub_of(&self.vps[ctx.vp].prefix);
                     return Verdict::Answer(
@@ -816,7 +816,7 @@ impl SessionGuard {
                 }
             }
         }
-        Verdict::Forward(Box::new(ctx))
+        Verdict::Forward(ctx)
     }
 
     /// This browser's recent landing whose session is still live, for a request of the burst
@@ -907,7 +907,7 @@ impl SessionGuard {
     /// flight now and goes on to make a session.
     async fn restore_or_wait<H: HeadView>(
         self: &Arc<Self>,
-        mut ctx: Context,
+        mut ctx: Box<Context>,
         cookie: &cookies::Found<'_>,
         headers: &H,
     ) -> Result<Verdict, Box<Context>> {
@@ -941,15 +941,13 @@ impl SessionGuard {
             }
             self.emit(Kind::SessionRestored, "the browser's own session was put back on the request and set again in the browser", Some(&ctx), Some(&s), None);
             tracing::info!(session = %s.hash, user = %owner_text(&s), vp = %info.prefix, "session restored for a browser that lost its cookie");
-            return Ok(Verdict::Forward(Box::new(self.attach(ctx, s))));
+            return Ok(Verdict::Forward(self.attach(ctx, s)));
         }
         // A request of a burst that comes after the burst's login has made the session: as if
         // it had waited for it.
         if let Some(l) = self.landing_for(&ctx) {
             if self.same_browser(&ctx, &l.session) {
-                return Ok(Verdict::Forward(Box::new(
-                    self.attach(ctx, l.session.clone()),
-                )));
+                return Ok(Verdict::Forward(self.attach(ctx, l.session.clone())));
             }
         }
         // A burst: one request (re)creates the session, the others wait for it.
@@ -957,11 +955,11 @@ impl SessionGuard {
             match self.flights.lead(ctx.device, ctx.vp) {
                 Lead::Lead(f) => {
                     self.hold(&mut ctx).lead = Some(f);
-                    return Err(Box::new(ctx));
+                    return Err(ctx);
                 }
                 // No room for another flight (a flood of new browsers): this one goes on
                 // uncoalesced rather than the flights growing without bound.
-                Lead::Full => return Err(Box::new(ctx)),
+                Lead::Full => return Err(ctx),
                 Lead::Wait(open) => {
                     self.counters.bursts_held.fetch_add(1, Ordering::Relaxed);
                     self.emit(
@@ -976,13 +974,13 @@ impl SessionGuard {
                         if self.table.is_restorable(&s, self.table.now_ms())
                             && self.same_browser(&ctx, &s)
                         {
-                            return Ok(Verdict::Forward(Box::new(self.attach(ctx, s))));
+                            return Ok(Verdict::Forward(self.attach(ctx, s)));
                         }
                     }
                 }
             }
         }
-        Err(Box::new(ctx))
+        Err(ctx)
     }
 
     /// A client without cookies on a header-authentication virtual proxy: Qlik would make a
@@ -992,33 +990,33 @@ impl SessionGuard {
     /// the identity header is believed and names the session's owner), or, while one is being
     /// made, waits for it (the user's cookie-less flight). `Err` gives the context back when
     /// this request is to make the session (it leads the flight now).
-    async fn cookieless(self: &Arc<Self>, mut ctx: Context) -> Result<Verdict, Box<Context>> {
+    async fn cookieless(self: &Arc<Self>, mut ctx: Box<Context>) -> Result<Verdict, Box<Context>> {
         let Some(user) = ctx.identity.clone() else {
-            return Err(Box::new(ctx));
+            return Err(ctx);
         };
         let flight = self.cookieless_flight(&user);
         for _ in 0..2 {
             if let Some(s) = self.cookieless_session(&user, ctx.vp) {
-                return Ok(Verdict::Forward(Box::new(self.attach_cookieless(ctx, s))));
+                return Ok(Verdict::Forward(self.attach_cookieless(ctx, s)));
             }
             match self.flights.lead(flight, ctx.vp) {
                 Lead::Lead(f) => {
                     let h = self.hold(&mut ctx);
                     h.device = flight;
                     h.lead = Some(f);
-                    return Err(Box::new(ctx));
+                    return Err(ctx);
                 }
-                Lead::Full => return Err(Box::new(ctx)),
+                Lead::Full => return Err(ctx),
                 Lead::Wait(open) => {
                     if let Outcome::Session(s) = open.wait(self.policy().burst_wait).await {
                         if self.is_cookieless_of(&s, &user, ctx.vp, self.table.now_ms()) {
-                            return Ok(Verdict::Forward(Box::new(self.attach_cookieless(ctx, s))));
+                            return Ok(Verdict::Forward(self.attach_cookieless(ctx, s)));
                         }
                     }
                 }
             }
         }
-        Err(Box::new(ctx))
+        Err(ctx)
     }
 
     /// The key of a user's cookie-less flight: keyed, so that no device cookie can name it.
@@ -1051,7 +1049,7 @@ impl SessionGuard {
     /// Like [`SessionGuard::attach`], but no device is linked (the client keeps none), and the
     /// session's pending fold check ends: its cookie now also goes to clients that never got
     /// the answer that set it with its companions.
-    fn attach_cookieless(&self, mut ctx: Context, s: Arc<Session>) -> Context {
+    fn attach_cookieless(&self, mut ctx: Box<Context>, s: Arc<Session>) -> Box<Context> {
         self.table.touch(&s);
         s.meta().set_with.clear();
         self.counters
@@ -1066,7 +1064,7 @@ impl SessionGuard {
     /// This request makes a session: within the user's limit, or by `on_limit` at it.
     async fn new_session<H: HeadView>(
         self: &Arc<Self>,
-        ctx: Context,
+        ctx: Box<Context>,
         req: &Request<'_, H>,
     ) -> Verdict {
         let trusted = ctx.identity.is_some();
@@ -1077,7 +1075,7 @@ impl SessionGuard {
                 .flatten()
         });
         let Some(user) = user else {
-            return Verdict::Forward(Box::new(ctx));
+            return Verdict::Forward(ctx);
         };
         self.limit_for(ctx, req, user, trusted).await
     }
@@ -1086,7 +1084,7 @@ impl SessionGuard {
     /// within the limit, or by `on_limit` at it.
     async fn limit_for<H: HeadView>(
         self: &Arc<Self>,
-        mut ctx: Context,
+        mut ctx: Box<Context>,
         req: &Request<'_, H>,
         user: User,
         trusted: bool,
@@ -1100,7 +1098,7 @@ impl SessionGuard {
         match limit {
             Limit::Proceed(reservation) => {
                 self.keep_reservation(&mut ctx, &user, reservation);
-                Verdict::Forward(Box::new(ctx))
+                Verdict::Forward(ctx)
             }
             Limit::Reuse(s) => {
                 self.counters.reused.fetch_add(1, Ordering::Relaxed);
@@ -1110,7 +1108,7 @@ impl SessionGuard {
                 // From now on the cookie also comes back from a client that never got the
                 // answer that set the other cookies with it: their absence proves no fold.
                 s.meta().set_with.clear();
-                Verdict::Forward(Box::new(self.attach(ctx, s)))
+                Verdict::Forward(self.attach(ctx, s))
             }
             Limit::Evict(victim, reservation) => {
                 self.counters.evicted.fetch_add(1, Ordering::Relaxed);
@@ -1120,7 +1118,7 @@ impl SessionGuard {
                     tracing::warn!(session = %victim.hash, user = %user, "eviction failed: {e}");
                 }
                 self.keep_reservation(&mut ctx, &user, Some(reservation));
-                Verdict::Forward(Box::new(ctx))
+                Verdict::Forward(ctx)
             }
             Limit::Refuse | Limit::WaitForPending => {
                 self.counters
@@ -1146,7 +1144,7 @@ impl SessionGuard {
 
     /// The request goes upstream with `s`'s cookie (the caller puts it on, see
     /// [`SessionGuard::cookie_to_send`]); the response sets it back in the browser.
-    fn attach(&self, mut ctx: Context, s: Arc<Session>) -> Context {
+    fn attach(&self, mut ctx: Box<Context>, s: Arc<Session>) -> Box<Context> {
         self.table.touch(&s);
         if ctx.device_trusted && s.meta().devices.len() < MAX_DEVICES_PER_SESSION {
             self.table.link_device(&s, ctx.device);
