@@ -14,12 +14,12 @@ use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// Bytes moved by one tunnel, reported when it ends.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -67,15 +67,40 @@ where
         },
         idle: idle_timeout.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
         fin: None,
+        stop: Stop {
+            token: shutdown.clone(),
+            cancelled: Box::pin(shutdown.cancelled_owned()),
+            waker: None,
+        },
     };
-    tokio::select! {
-        r = &mut copy => {
-            let t = Transferred { to_upstream: copy.up.bytes, to_client: copy.down.bytes };
-            (r, t)
-        }
-        _ = shutdown.cancelled() => {
-            let t = Transferred { to_upstream: copy.up.bytes, to_client: copy.down.bytes };
-            (Ending::Shutdown, t)
+    let ending = (&mut copy).await;
+    let t = Transferred {
+        to_upstream: copy.up.bytes,
+        to_client: copy.down.bytes,
+    };
+    (ending, t)
+}
+
+/// Shutdown, watched without a cost per message: the cancellation future holds the task's waker
+/// once it has been polled, so it is polled again only when the waker changes; on every other
+/// wake-up the token's flag says whether shutdown is what woke the task.
+struct Stop {
+    token: CancellationToken,
+    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
+    waker: Option<Waker>,
+}
+
+impl Stop {
+    fn requested(&mut self, cx: &mut Context<'_>) -> bool {
+        match &self.waker {
+            Some(w) if w.will_wake(cx.waker()) => self.token.is_cancelled(),
+            _ => {
+                if self.cancelled.as_mut().poll(cx).is_ready() {
+                    return true;
+                }
+                self.waker = Some(cx.waker().clone());
+                false
+            }
         }
     }
 }
@@ -86,6 +111,8 @@ struct Direction {
     pending: Vec<u8>,
     written: usize,
     read_done: bool,
+    /// Bytes went to the writer since its last flush (only a TLS writer holds any back).
+    unflushed: bool,
     done: bool,
     bytes: u64,
     observer: Option<Observer>,
@@ -99,6 +126,7 @@ struct Copy<C, U> {
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
     /// Armed when one side has closed: the other gets [`FIN_TIMEOUT`] to follow.
     fin: Option<Pin<Box<Sleep>>>,
+    stop: Stop,
 }
 
 /// After one side closed, how long the other may keep its half open (HAProxy's
@@ -130,6 +158,7 @@ impl Direction {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                     Poll::Ready(Ok(n)) => {
                         self.written += n;
+                        self.unflushed = true;
                         *moved = true;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -154,7 +183,9 @@ impl Direction {
             match Pin::new(&mut *reader).poll_read(cx, &mut buf) {
                 Poll::Pending => {
                     // Data written without a flush would sit in a TLS layer's buffer.
-                    let _ = Pin::new(&mut *writer).poll_flush(cx);
+                    if self.unflushed && Pin::new(&mut *writer).poll_flush(cx).is_ready() {
+                        self.unflushed = false;
+                    }
                     return Poll::Pending;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -174,7 +205,10 @@ impl Direction {
             while off < data.len() {
                 match Pin::new(&mut *writer).poll_write(cx, &data[off..]) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                    Poll::Ready(Ok(n)) => off += n,
+                    Poll::Ready(Ok(n)) => {
+                        off += n;
+                        self.unflushed = true;
+                    }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => break,
                 }
@@ -196,6 +230,9 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Ending> {
         let this = self.get_mut();
+        if this.stop.requested(cx) {
+            return Poll::Ready(Ending::Shutdown);
+        }
         let mut moved = false;
         let up = this
             .up
@@ -319,5 +356,30 @@ mod tests {
         let t = tokio::spawn(run(client_side, upstream_side, None, token.clone(), None));
         token.cancel();
         assert_eq!(t.await.unwrap().0, Ending::Shutdown);
+    }
+
+    #[tokio::test]
+    async fn shutdown_ends_a_tunnel_that_has_been_woken_by_traffic() {
+        // After its first poll the tunnel no longer polls the cancellation future on every
+        // wake-up: shutdown must still end it once messages have gone through.
+        let (mut client, client_side) = duplex(64);
+        let (upstream_side, mut server) = duplex(64);
+        let token = CancellationToken::new();
+        let t = tokio::spawn(run(client_side, upstream_side, None, token.clone(), None));
+        for _ in 0..3 {
+            client.write_all(b"ping").await.unwrap();
+            let mut got = [0u8; 4];
+            server.read_exact(&mut got).await.unwrap();
+            server.write_all(b"pong").await.unwrap();
+            client.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"pong");
+        }
+        token.cancel();
+        let (ending, moved) = tokio::time::timeout(Duration::from_secs(5), t)
+            .await
+            .expect("the tunnel ends on shutdown")
+            .unwrap();
+        assert_eq!(ending, Ending::Shutdown);
+        assert_eq!((moved.to_upstream, moved.to_client), (12, 12));
     }
 }

@@ -5,6 +5,10 @@
 //! the frame boundaries (RFC 6455 5.2) without buffering payloads, and keeps at most
 //! [`PEEK`] bytes of a text frame to look for `"method":"On...`.
 
+use std::sync::LazyLock;
+
+use memchr::memmem;
+
 /// What the engine told the browser.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Notice {
@@ -117,27 +121,39 @@ fn header_complete(h: &[u8]) -> Option<(u8, u64)> {
     Some((opcode, len))
 }
 
+/// The notification a text frame's first bytes carry, if any: the value of its `"method"` member
+/// (JSON-RPC puts it first or close to it), compared byte for byte. Only the method's own value
+/// counts: a result that quotes a method name in its data is not a notice.
 fn notice(peek: &[u8]) -> Option<Notice> {
-    let text = std::str::from_utf8(peek).unwrap_or_else(|e| {
-        // A cut in the middle of a character: look at the whole part before it.
-        std::str::from_utf8(&peek[..e.valid_up_to()]).unwrap_or("")
-    });
-    let i = text.find("\"method\"")?;
-    let rest = &text[i..];
-    for (name, n) in [
-        ("OnSessionLoggedOut", Notice::LoggedOut),
-        ("OnSessionTimedOut", Notice::TimedOut),
-        ("OnSessionClosed", Notice::Closed),
+    static METHOD: LazyLock<memmem::Finder<'static>> =
+        LazyLock::new(|| memmem::Finder::new(b"\"method\""));
+    let i = METHOD.find(peek)?;
+    let rest = skip_json_space(&peek[i + b"\"method\"".len()..]);
+    let rest = skip_json_space(rest.strip_prefix(b":")?);
+    let value = rest.strip_prefix(b"\"")?;
+    const NAMES: [(&[u8], Notice); 4] = [
+        (b"OnSessionLoggedOut", Notice::LoggedOut),
+        (b"OnSessionTimedOut", Notice::TimedOut),
+        (b"OnSessionClosed", Notice::Closed),
         (
-            "OnMaxParallelSessionsExceeded",
+            b"OnMaxParallelSessionsExceeded",
             Notice::MaxParallelSessionsExceeded,
         ),
-    ] {
-        if rest.contains(name) {
-            return Some(n);
-        }
-    }
-    None
+    ];
+    NAMES.iter().find_map(|&(name, n)| {
+        let after = value.strip_prefix(name)?;
+        // The closing quote, or the end of what was kept of the frame.
+        matches!(after.first(), None | Some(b'"')).then_some(n)
+    })
+}
+
+/// JSON's insignificant whitespace (RFC 8259 section 2).
+fn skip_json_space(b: &[u8]) -> &[u8] {
+    let n = b
+        .iter()
+        .take_while(|c| matches!(c, b' ' | b'\t' | b'\n' | b'\r'))
+        .count();
+    &b[n..]
 }
 
 #[cfg(test)]
@@ -197,6 +213,30 @@ mod tests {
                 "step {step}"
             );
         }
+    }
+
+    #[test]
+    fn only_the_method_value_names_the_notice() {
+        let frame_of = |json: &str| frame(1, json.as_bytes());
+        for (json, want) in [
+            (
+                r#"{"method" : "OnSessionTimedOut" ,"params":{}}"#,
+                vec![Notice::TimedOut],
+            ),
+            (r#"{"method":"OnSessionClosed"}"#, vec![Notice::Closed]),
+            (
+                r#"{"method":"OnConnected","params":{"x":"OnSessionClosed"}}"#,
+                vec![],
+            ),
+            (r#"{"method":"OnSessionClosedSoon"}"#, vec![]),
+            (r#"{"method":OnSessionClosed}"#, vec![]),
+        ] {
+            assert_eq!(notices(&frame_of(json), 5), want, "{json}");
+        }
+        // A name that the kept bytes cut after its last letter still counts.
+        let mut cut = vec![b' '; PEEK - r#""method":"OnSessionClosed"#.len()];
+        cut.extend_from_slice(br#""method":"OnSessionClosed"}"#);
+        assert_eq!(notices(&frame(1, &cut), 64), vec![Notice::Closed]);
     }
 
     #[test]
