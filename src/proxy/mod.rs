@@ -15,6 +15,7 @@ pub mod headers;
 pub mod hold_last;
 pub mod lifecycle;
 pub mod pool;
+pub(crate) mod shutdown_watch;
 pub mod tunnel;
 pub mod upstream;
 

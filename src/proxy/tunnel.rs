@@ -14,12 +14,14 @@ use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::CancellationToken;
+
+use super::shutdown_watch::ShutdownWatch;
 
 /// Bytes moved by one tunnel, reported when it ends.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -67,11 +69,7 @@ where
         },
         idle: idle_timeout.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
         fin: None,
-        stop: Stop {
-            token: shutdown.clone(),
-            cancelled: Box::pin(shutdown.cancelled_owned()),
-            waker: None,
-        },
+        stop: ShutdownWatch::new(shutdown),
     };
     let ending = (&mut copy).await;
     let t = Transferred {
@@ -79,30 +77,6 @@ where
         to_client: copy.down.bytes,
     };
     (ending, t)
-}
-
-/// Shutdown, watched without a cost per message: the cancellation future holds the task's waker
-/// once it has been polled, so it is polled again only when the waker changes; on every other
-/// wake-up the token's flag says whether shutdown is what woke the task.
-struct Stop {
-    token: CancellationToken,
-    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
-    waker: Option<Waker>,
-}
-
-impl Stop {
-    fn requested(&mut self, cx: &mut Context<'_>) -> bool {
-        match &self.waker {
-            Some(w) if w.will_wake(cx.waker()) => self.token.is_cancelled(),
-            _ => {
-                if self.cancelled.as_mut().poll(cx).is_ready() {
-                    return true;
-                }
-                self.waker = Some(cx.waker().clone());
-                false
-            }
-        }
-    }
 }
 
 #[derive(Default)]
@@ -126,7 +100,7 @@ struct Copy<C, U> {
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
     /// Armed when one side has closed: the other gets [`FIN_TIMEOUT`] to follow.
     fin: Option<Pin<Box<Sleep>>>,
-    stop: Stop,
+    stop: ShutdownWatch,
 }
 
 /// After one side closed, how long the other may keep its half open (HAProxy's
@@ -230,7 +204,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Ending> {
         let this = self.get_mut();
-        if this.stop.requested(cx) {
+        if this.stop.poll_requested(cx) {
             return Poll::Ready(Ending::Shutdown);
         }
         let mut moved = false;

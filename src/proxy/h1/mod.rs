@@ -31,6 +31,7 @@ use super::error::ProxyError;
 use super::headers;
 use super::lifecycle::{self, BodyPart, DeviceMemoCell, Exchange, Finish, Reply, Transport};
 use super::pool::Conn;
+use super::shutdown_watch::ShutdownWatch;
 use super::{ConnInfo, Proxy, Settings};
 use crate::pages::Page;
 use chunked::Chunked;
@@ -60,7 +61,7 @@ struct ClientConn<S> {
     info: ConnInfo,
     /// Requests answered on this connection so far.
     served: u64,
-    stop: CancellationToken,
+    stop: ShutdownWatch,
     /// The request body still to come.
     body: BodyState,
     /// `Expect: 100-continue` not answered yet.
@@ -85,7 +86,7 @@ where
         out: BytesMut::with_capacity(4096),
         info,
         served: 0,
-        stop,
+        stop: ShutdownWatch::new(stop),
         body: BodyState::Done,
         expect_continue: false,
         close_asked: false,
@@ -162,7 +163,7 @@ async fn read_head<S: AsyncRead + Unpin>(c: &mut ClientConn<S>, proxy: &Proxy) -
             // not: its client opened it to send a request now, and closing it unanswered
             // would fail that request (a handover under load would show it). Its first
             // request is served, with `Connection: close`, within the head deadline.
-            _ = c.stop.cancelled(), if idle && c.served > 0 => return ReadHead::Closed,
+            _ = c.stop.requested(), if idle && c.served > 0 => return ReadHead::Closed,
         }
     }
 }
@@ -294,7 +295,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Transport for ClientConn<S> {
         let close = !self.body.done()
             || (x.private && self.private.is_none())
             || self.close_asked
-            || self.stop.is_cancelled()
+            || self.stop.is_requested()
             || page
                 .headers()
                 .get(http::header::CONNECTION)
@@ -320,7 +321,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Transport for ClientConn<S> {
         let close = self.close_asked
             || head.framing == Framing::UntilClose
             || (upgrade && !switching)
-            || self.stop.is_cancelled();
+            || self.stop.is_requested();
         self.out.clear();
         headers::write_response_head(&mut self.out, &head, &extra, close, switching);
         let st = x.settings.send_timeout;
