@@ -17,8 +17,10 @@
 //! HTTP/1.1 for those.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
@@ -91,43 +93,63 @@ pub async fn handle(
 /// A stream counts from its request until its response body has been sent or reset, so a
 /// long download or a slow Qlik answer keeps the connection, and only a connection with no
 /// stream at all is idle.
-#[derive(Clone, Default)]
+///
+/// Nothing is notified per stream: the last stream to close notes the time, and the idle
+/// watch, asleep for most of the connection's life, reads it when its own timer fires (a
+/// notification and a fresh timer per request cost about a thousand instructions each).
+#[derive(Clone)]
 pub struct Streams(Arc<StreamsInner>);
 
-#[derive(Default)]
 struct StreamsInner {
-    open: std::sync::atomic::AtomicUsize,
-    changed: tokio::sync::Notify,
+    open: AtomicUsize,
+    /// When the connection last had no stream: nanoseconds after `born`.
+    quiet_since: AtomicU64,
+    born: Instant,
+}
+
+impl Default for Streams {
+    fn default() -> Self {
+        Streams(Arc::new(StreamsInner {
+            open: AtomicUsize::new(0),
+            quiet_since: AtomicU64::new(0),
+            born: Instant::now(),
+        }))
+    }
 }
 
 impl Streams {
     /// A stream opens; it closes when the returned guard is dropped.
     pub fn open(&self) -> StreamOpen {
-        self.0
-            .open
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        self.0.changed.notify_waiters();
+        self.0.open.fetch_add(1, Ordering::AcqRel);
         StreamOpen(self.clone())
     }
 
     pub fn count(&self) -> usize {
-        self.0.open.load(std::sync::atomic::Ordering::Acquire)
+        self.0.open.load(Ordering::Acquire)
+    }
+
+    fn quiet_since(&self) -> Instant {
+        self.0.born + Duration::from_nanos(self.0.quiet_since.load(Ordering::Acquire))
     }
 
     /// Returns once the connection has had no open stream for `idle` in a row.
-    pub async fn idle_for(&self, idle: std::time::Duration) {
+    pub async fn idle_for(&self, idle: Duration) {
         loop {
-            let changed = self.0.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if self.count() == 0 {
-                tokio::select! {
-                    _ = tokio::time::sleep(idle) => return,
-                    _ = changed => {}
-                }
-            } else {
-                changed.await;
+            if self.count() > 0 {
+                // Busy: look again in a while (the stream that closes notes the time).
+                tokio::time::sleep(idle).await;
+                continue;
             }
+            let until = self.quiet_since() + idle;
+            if Instant::now() >= until {
+                // Quiet since then; a stream opened meanwhile would show in the count or,
+                // closed already, in a later quiet_since.
+                if self.count() == 0 && self.quiet_since() + idle <= Instant::now() {
+                    return;
+                }
+                continue;
+            }
+            tokio::time::sleep_until(until.into()).await;
         }
     }
 }
@@ -138,8 +160,15 @@ pub struct StreamOpen(Streams);
 impl Drop for StreamOpen {
     fn drop(&mut self) {
         let s = &self.0 .0;
-        s.open.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-        s.changed.notify_waiters();
+        let at = s.born.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+        // Noted before the count drops (the watch must never see no stream with an old
+        // time), and again after if another stream closed at the same moment.
+        if s.open.load(Ordering::Acquire) == 1 {
+            s.quiet_since.fetch_max(at, Ordering::AcqRel);
+        }
+        if s.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            s.quiet_since.fetch_max(at, Ordering::AcqRel);
+        }
     }
 }
 
@@ -561,5 +590,44 @@ impl Drop for RelayBody {
             // The client went away (stream reset, connection closed) before the end.
             self.end("client_gone", false);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn idle_counts_from_the_last_stream_closed() {
+        let idle = Duration::from_millis(150);
+        let streams = Streams::default();
+        let watch = {
+            let s = streams.clone();
+            tokio::spawn(async move {
+                s.idle_for(idle).await;
+                Instant::now()
+            })
+        };
+        // Busy for twice the idle time, with a stream that opens as another closes.
+        let first = streams.open();
+        tokio::time::sleep(idle).await;
+        let second = streams.open();
+        drop(first);
+        tokio::time::sleep(idle).await;
+        assert!(
+            !watch.is_finished(),
+            "a connection with an open stream is not idle"
+        );
+        drop(second);
+        let closed = Instant::now();
+        let idle_at = tokio::time::timeout(Duration::from_secs(5), watch)
+            .await
+            .expect("idle once no stream is open for the idle time")
+            .unwrap();
+        let quiet = idle_at - closed;
+        assert!(
+            quiet >= idle,
+            "idle after {quiet:?}, before {idle:?} without a stream"
+        );
     }
 }

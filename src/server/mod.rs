@@ -449,9 +449,10 @@ async fn serve_http2<S>(
         .keep_alive_interval(Some(Duration::from_secs(60)))
         .serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
+    let mut stop = crate::proxy::shutdown_watch::ShutdownWatch::new(stop);
     let result = tokio::select! {
         r = conn.as_mut() => r,
-        _ = stop.cancelled() => {
+        _ = stop.requested() => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }
