@@ -206,6 +206,76 @@ async fn slowloris_is_cut_off_after_the_header_timeout() {
     guard.shutdown().await;
 }
 
+/// On a kept-alive connection each request head gets `server.header_read_timeout` from the
+/// moment the connection waits for it (the previous answer sent): requests 800 ms apart on a
+/// 1 s timeout are all served, and the idle connection is closed 1 s after the last answer,
+/// not before. The guard keeps one timer per connection and moves its deadline lazily; this
+/// holds it to the exact times.
+#[tokio::test(start_paused = true)]
+async fn each_kept_alive_request_gets_the_header_timeout_anew() {
+    let clock = ManualClock::hold();
+    let sim = sim().await;
+    let guard = guard_with(&config_text(
+        &[sim.addr()],
+        "header_read_timeout = \"1s\"",
+        "",
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(guard.addr).await.unwrap();
+    for i in 0..3 {
+        if i > 0 {
+            clock.advance(Duration::from_millis(800)).await;
+        }
+        s.write_all(b"GET /__sim/echo HTTP/1.1\r\nHost: q\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_answer(&mut s).await;
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200"),
+            "request {i} after 800 ms idle: {}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    real_sleep(SETTLE).await;
+    clock.advance(Duration::from_millis(999)).await;
+    real_sleep(SETTLE).await;
+    assert!(still_open(&s), "closed before header_read_timeout");
+    clock.advance(Duration::from_millis(1)).await;
+    assert!(
+        closed_by_guard(&mut s).await,
+        "the idle connection was kept"
+    );
+    guard.shutdown().await;
+}
+
+/// One whole answer with a Content-Length, read in real time.
+async fn read_answer(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    real_timeout(Duration::from_secs(10), async {
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before the answer ended");
+            got.extend_from_slice(&buf[..n]);
+            let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .unwrap_or(0);
+            if got.len() >= end + 4 + len {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("an answer within 10 s");
+    got
+}
+
 /// A request body that stops coming for `server.header_read_timeout` is cut off then.
 #[tokio::test(start_paused = true)]
 async fn a_stalled_request_body_is_cut_off() {

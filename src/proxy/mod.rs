@@ -8,6 +8,7 @@
 pub mod access_log;
 pub mod bound;
 pub(crate) mod datetime;
+pub(crate) mod deadline;
 pub mod error;
 pub mod h1;
 pub mod h2;

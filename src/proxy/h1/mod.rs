@@ -27,6 +27,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::bound::Bound;
+use super::deadline::LazyDeadline;
 use super::error::ProxyError;
 use super::headers;
 use super::lifecycle::{self, BodyPart, DeviceMemoCell, Exchange, Finish, Reply, Transport};
@@ -62,6 +63,8 @@ struct ClientConn<S> {
     /// Requests answered on this connection so far.
     served: u64,
     stop: ShutdownWatch,
+    /// The current request head's deadline (one timer for the connection's life).
+    head_deadline: LazyDeadline,
     /// The request body still to come.
     body: BodyState,
     /// `Expect: 100-continue` not answered yet.
@@ -87,6 +90,7 @@ where
         info,
         served: 0,
         stop: ShutdownWatch::new(stop),
+        head_deadline: LazyDeadline::new(tokio::time::Instant::now()),
         body: BodyState::Done,
         expect_continue: false,
         close_asked: false,
@@ -129,7 +133,8 @@ where
 /// bounds idle keep-alive time (and slow-drip clients).
 async fn read_head<S: AsyncRead + Unpin>(c: &mut ClientConn<S>, proxy: &Proxy) -> ReadHead {
     let settings = proxy.settings();
-    let deadline = tokio::time::Instant::now() + settings.header_read_timeout;
+    c.head_deadline
+        .set(tokio::time::Instant::now() + settings.header_read_timeout);
     let max_header_size = settings.max_header_size;
     drop(settings);
     loop {
@@ -148,16 +153,17 @@ async fn read_head<S: AsyncRead + Unpin>(c: &mut ClientConn<S>, proxy: &Proxy) -
         }
         let idle = c.buf.is_empty();
         tokio::select! {
-            r = tokio::time::timeout_at(deadline, c.io.read_buf(&mut c.buf)) => match r {
-                Ok(Ok(0)) | Ok(Err(_)) => return ReadHead::Closed,
-                Ok(Ok(_)) => {}
-                Err(_) => {
-                    if !idle {
-                        tracing::debug!(client = %c.info.peer, "request head not complete within server.header_read_timeout");
-                    }
-                    return ReadHead::Closed;
-                }
+            biased;
+            r = c.io.read_buf(&mut c.buf) => match r {
+                Ok(0) | Err(_) => return ReadHead::Closed,
+                Ok(_) => {}
             },
+            _ = c.head_deadline.expired() => {
+                if !idle {
+                    tracing::debug!(client = %c.info.peer, "request head not complete within server.header_read_timeout");
+                }
+                return ReadHead::Closed;
+            }
             // Shutting down, an idle kept-alive connection is closed (a client retries a
             // request on a kept-alive connection that closes before answering). A new one is
             // not: its client opened it to send a request now, and closing it unanswered
