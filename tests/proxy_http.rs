@@ -283,6 +283,35 @@ async fn slow_upstream_gets_504_and_unreachable_gets_502() {
     lonely.shutdown().await;
 }
 
+/// `proxy.response_timeout` runs from each request's send on a kept-alive connection to Qlik:
+/// a connection that sat idle in the pool for longer than the timeout still gives its next
+/// request the whole timeout, and a slow answer on it still gets its 504. (The guard keeps one
+/// timer per Qlik connection and moves its deadline lazily.)
+#[tokio::test]
+async fn the_response_timeout_starts_anew_on_a_reused_connection() {
+    let sim = sim().await;
+    let guard = guard_with(&config_text(
+        &[sim.addr()],
+        "",
+        "[proxy]\nresponse_timeout = \"400ms\"\n",
+    ))
+    .await;
+    assert_eq!(get(guard.addr, "/__sim/echo", &[]).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        get(guard.addr, "/__sim/slow?ms=250", &[]).await.status,
+        200,
+        "an answer within the timeout, after the pooled connection sat idle past it"
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        get(guard.addr, "/__sim/slow?ms=1200", &[]).await.status,
+        504
+    );
+    assert_eq!(get(guard.addr, "/__sim/echo", &[]).await.status, 200);
+    guard.shutdown().await;
+}
+
 #[tokio::test]
 async fn admin_health() {
     let sim = sim().await;

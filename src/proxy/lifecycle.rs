@@ -419,7 +419,8 @@ async fn read_response_head(
     node: &Node,
 ) -> Result<Head, ProxyError> {
     use tokio::io::AsyncReadExt;
-    let deadline = tokio::time::Instant::now() + timeout;
+    conn.answer_deadline
+        .set(tokio::time::Instant::now() + timeout);
     let failed = |detail: String| ProxyError::UpstreamFailed {
         upstream: node.name.clone(),
         detail,
@@ -443,15 +444,19 @@ async fn read_response_head(
         if conn.buf.capacity() - conn.buf.len() < 1024 {
             conn.buf.reserve(8192);
         }
-        match tokio::time::timeout_at(deadline, conn.io.read_buf(&mut conn.buf)).await {
-            Err(_) => {
+        let read = tokio::select! {
+            biased;
+            r = conn.io.read_buf(&mut conn.buf) => r,
+            _ = conn.answer_deadline.expired() => {
                 return Err(ProxyError::UpstreamTimeout {
                     upstream: node.name.clone(),
                 })
             }
-            Ok(Ok(0)) => return Err(failed("the connection was closed before an answer".into())),
-            Ok(Err(e)) => return Err(failed(e.to_string())),
-            Ok(Ok(_)) => {}
+        };
+        match read {
+            Ok(0) => return Err(failed("the connection was closed before an answer".into())),
+            Err(e) => return Err(failed(e.to_string())),
+            Ok(_) => {}
         }
     }
 }

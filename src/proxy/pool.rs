@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
+use super::deadline::LazyDeadline;
 use super::error::ProxyError;
 use super::upstream::Node;
 
@@ -85,6 +86,8 @@ pub struct Conn {
     /// It served a request before (a failure before any answer may be a stale close).
     pub reused: bool,
     idle_since: Instant,
+    /// The deadline of the answer being waited for (one timer for the connection's life).
+    pub(crate) answer_deadline: LazyDeadline,
 }
 
 /// How connections to the nodes are made and kept. The idle connections themselves live on
@@ -166,6 +169,7 @@ impl Pool {
             buf: BytesMut::with_capacity(8 * 1024),
             reused: false,
             idle_since: Instant::now(),
+            answer_deadline: LazyDeadline::new(tokio::time::Instant::now()),
         })
     }
 
