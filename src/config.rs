@@ -40,6 +40,9 @@ pub struct Config {
     pub diagnostics: DiagnosticsConfig,
     #[serde(default)]
     pub health: HealthConfig,
+    /// An active/active pair sharing the session table through Redis; unset: one guard, the
+    /// table in memory.
+    pub cluster: Option<ClusterConfig>,
     /// The file this was read from (a reload reads it again).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -438,6 +441,48 @@ pub enum OnNodeDown {
     Error,
 }
 
+/// `[cluster]`: the store two guards share so that a user's limit holds across both.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `redis://host:port/db`. Checked by the client crate's own URL parser, so what passes
+    /// here is what the store connection will accept.
+    pub redis_url: String,
+    /// This guard's name in the store (whose reservations and sessions are whose); unset: the
+    /// host name.
+    pub name: Option<String>,
+    /// Put before every key, so one Redis can hold several sites (prod, test) apart.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    /// The longest a request waits on the store; past it the guard decides from its own
+    /// table (a store that is slow must not make Qlik slow).
+    #[serde(default = "default_store_timeout", with = "duration")]
+    pub store_timeout: Duration,
+}
+
+fn default_key_prefix() -> String {
+    "qsguard:".into()
+}
+
+fn default_store_timeout() -> Duration {
+    Duration::from_millis(80)
+}
+
+impl ClusterConfig {
+    /// The name given, else the host name (`/proc/sys/kernel/hostname`, `$HOSTNAME`).
+    pub fn guard_name(&self) -> String {
+        if let Some(n) = &self.name {
+            return n.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "qsguard".into())
+    }
+}
+
 /// What to do when a user is about to pass Qlik's session limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -593,7 +638,7 @@ impl Config {
     pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
         // Each key with what is compared, as Debug text (every config type has it). Each
         // virtual proxy's own inactivity_timeout is left out: a reload applies it.
-        let keys: [(&'static str, Compared); 14] = [
+        let keys: [(&'static str, Compared); 15] = [
             ("server.workers", |c| format!("{:?}", c.server.workers)),
             ("server.max_connections", |c| {
                 format!("{:?}", c.server.max_connections)
@@ -633,6 +678,7 @@ impl Config {
                 format!("{:?}", c.sessions.snapshot_interval)
             }),
             ("diagnostics", |c| format!("{:?}", c.diagnostics)),
+            ("cluster", |c| format!("{:?}", c.cluster)),
         ];
         keys.into_iter()
             .filter(|(_, of)| of(self) != of(new))
@@ -670,7 +716,67 @@ impl Config {
         self.validate_admin_and_diagnostics()?;
         self.validate_sessions()?;
         self.validate_health()?;
-        self.validate_qps_api()
+        self.validate_qps_api()?;
+        self.validate_cluster()
+    }
+
+    /// `[cluster]`: a URL the Redis client takes, a name and prefix usable inside a key, a
+    /// deadline short enough that a dead store does not stall requests.
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let Some(c) = &self.cluster else {
+            return Ok(());
+        };
+        if c.redis_url.starts_with("rediss://") {
+            return Err(err(
+                "cluster.redis_url",
+                "TLS to the store (rediss://) is not supported by this build yet; use redis:// on a trusted network",
+            ));
+        }
+        if !c.redis_url.starts_with("redis://") {
+            return Err(err(
+                "cluster.redis_url",
+                format!("`{}` is not a redis:// URL", redacted_url(&c.redis_url)),
+            ));
+        }
+        if let Err(e) = redis::Client::open(c.redis_url.as_str()) {
+            return Err(err("cluster.redis_url", format!("not a Redis URL: {e}")));
+        }
+        let key_safe = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic());
+        if let Some(name) = &c.name {
+            if !key_safe(name) || name.len() > 64 {
+                return Err(err(
+                    "cluster.name",
+                    "must be 1 to 64 visible ASCII characters (it goes into store keys)",
+                ));
+            }
+        }
+        if !key_safe(&c.key_prefix) || c.key_prefix.len() > 64 {
+            return Err(err(
+                "cluster.key_prefix",
+                "must be 1 to 64 visible ASCII characters",
+            ));
+        }
+        if c.store_timeout.is_zero() || c.store_timeout > Duration::from_secs(2) {
+            return Err(err(
+                "cluster.store_timeout",
+                "must be more than 0 and at most 2s (requests wait on the store this long)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether this guard shares its table, in words (for `check-config`).
+    pub fn cluster_text(&self) -> String {
+        match &self.cluster {
+            Some(c) => format!(
+                "cluster: guard `{}` would share sessions through the store at {} (keys `{}*`, deadline {:?}); this build does not serve a pair yet and `run` refuses [cluster]",
+                c.guard_name(),
+                redacted_url(&c.redis_url),
+                c.key_prefix,
+                c.store_timeout
+            ),
+            None => "cluster: none, a single guard (the session table in memory)".into(),
+        }
     }
 
     /// `[server]`: TLS certificates and names, limits and timeouts.
@@ -1087,6 +1193,20 @@ fn default_body_min_rate() -> u64 {
     500
 }
 
+/// A Redis URL without its password (`redis://:secret@host` shows `redis://:***@host`).
+pub fn redacted_url(url: &str) -> String {
+    let Some(rest) = url.split_once("://") else {
+        return url.into();
+    };
+    match rest.1.rsplit_once('@') {
+        Some((auth, host)) => {
+            let user = auth.split_once(':').map_or(auth, |(u, _)| u);
+            format!("{}://{user}:***@{host}", rest.0)
+        }
+        None => url.into(),
+    }
+}
+
 /// `"30m"`, `"10s"`, `"1h 30m"` (humantime).
 mod duration {
     use super::*;
@@ -1338,6 +1458,61 @@ url = "http://127.0.0.1:4280"
             "max_per_user is applied by a reload"
         );
         assert!(a.restart_only_changes(&a).is_empty());
+    }
+
+    #[test]
+    fn cluster_values_are_checked_by_key() {
+        let unset = Config::parse(MIN).unwrap();
+        assert!(unset.cluster.is_none());
+        assert!(unset.cluster_text().contains("single guard"));
+        let set = Config::parse(&format!(
+            "{MIN}[cluster]\nredis_url = \"redis://:pw@10.0.0.5:6379/0\"\nname = \"guard-a\"\n"
+        ))
+        .unwrap();
+        let c = set.cluster.as_ref().unwrap();
+        assert_eq!(c.key_prefix, "qsguard:");
+        assert_eq!(c.store_timeout, Duration::from_millis(80));
+        assert_eq!(c.guard_name(), "guard-a");
+        let text = set.cluster_text();
+        assert!(
+            text.contains("guard-a") && text.contains("10.0.0.5"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("pw"),
+            "the store's password is not shown: {text}"
+        );
+        let cases = [
+            ("redis_url = \"http://10.0.0.5\"", "cluster.redis_url"),
+            ("redis_url = \"rediss://10.0.0.5\"", "cluster.redis_url"),
+            (
+                "redis_url = \"redis://h\"\nname = \"guard a\"",
+                "cluster.name",
+            ),
+            (
+                "redis_url = \"redis://h\"\nkey_prefix = \"\"",
+                "cluster.key_prefix",
+            ),
+            (
+                "redis_url = \"redis://h\"\nstore_timeout = \"0s\"",
+                "cluster.store_timeout",
+            ),
+            (
+                "redis_url = \"redis://h\"\nstore_timeout = \"10s\"",
+                "cluster.store_timeout",
+            ),
+        ];
+        for (body, key) in cases {
+            let e = Config::parse(&format!("{MIN}[cluster]\n{body}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(key), "{body}: {e}");
+        }
+        assert_eq!(
+            unset.restart_only_changes(&set),
+            vec!["cluster"],
+            "the store connection is made at start"
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! map of the code.
 
 pub mod admin;
+pub mod cluster;
 pub mod config;
 pub mod diagnostics;
 pub mod head_view;

@@ -62,6 +62,48 @@ fn check_config_accepts_the_example_and_names_bad_keys() {
     );
 }
 
+#[test]
+fn check_config_says_what_a_pair_shares_and_run_refuses_it_for_now() {
+    let dir = TempDir::new("cli-cluster");
+    let base = "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[[upstream]]\nurl = \"http://127.0.0.1:1\"\n";
+    let pair = dir.write(
+        "pair.toml",
+        format!("{base}[cluster]\nredis_url = \"redis://:hunter2@10.0.0.5:6379/0\"\nname = \"guard-a\"\n"),
+    );
+    let out = qsguard()
+        .args(["check-config", pair.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("cluster: guard `guard-a`"), "{said}");
+    assert!(!said.contains("hunter2"), "the store's password: {said}");
+
+    let bad = dir.write(
+        "bad.toml",
+        format!("{base}[cluster]\nredis_url = \"http://10.0.0.5\"\n"),
+    );
+    let out = qsguard()
+        .args(["check-config", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cluster.redis_url"), "{err}");
+
+    // Two guards counting alone would let a user past the limit: no silent single guard.
+    let out = qsguard()
+        .args(["run", "--config", pair.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("[cluster]") && !err.contains("hunter2"),
+        "{err}"
+    );
+}
+
 /// `qsguard demo` on ephemeral ports (plus `extra` arguments), killed on drop.
 struct Demo {
     child: std::process::Child,

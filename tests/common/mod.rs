@@ -8,6 +8,7 @@ pub mod audit;
 pub mod client;
 pub mod clock;
 pub mod process;
+pub mod redis;
 pub mod tls;
 
 #[allow(unused_imports)]

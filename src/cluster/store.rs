@@ -1,0 +1,337 @@
+//! The session store two guards share, in Redis: per user, the sessions that count towards
+//! the limit and the reservations (creations on their way to Qlik); per session, its owner and
+//! node, so the other guard can send a browser it has never seen to the node that knows it.
+//!
+//! Why Lua scripts: a limit check and the reservation it grants must be one step in the store,
+//! or two guards read "4 of 5" at once and both reserve. A script runs alone in Redis, and it
+//! reads the time from Redis itself (`TIME`), so two guards with clocks apart agree on what has
+//! expired. Everything a guard leaves behind expires by itself: a reservation after its TTL (a
+//! guard that died mid-login), a session after its inactivity timeout unless activity is
+//! written back.
+//!
+//! Session keys are the keyed hash of the cookie value, never the value: the other guard gets
+//! the cookie from the browser anyway, so the store never needs it, and a dump of the store
+//! gives no one a session. Every call has a deadline (`store_timeout`): past it the caller
+//! decides from its own table.
+
+use std::fmt;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+
+use crate::config::ClusterConfig;
+
+/// Prunes what has expired, counts sessions and reservations; under `max` (ARGV[1]) adds a
+/// reservation (ARGV[2]) for ARGV[3] ms. Returns {granted, count before}. With max 0 it only
+/// counts.
+const RESERVE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local n = redis.call('ZCARD', KEYS[1]) + redis.call('ZCARD', KEYS[2])
+local max = tonumber(ARGV[1])
+if n >= max then return {0, n} end
+local ttl = tonumber(ARGV[3])
+redis.call('ZADD', KEYS[2], now + ttl, ARGV[2])
+if redis.call('PTTL', KEYS[2]) < ttl then redis.call('PEXPIRE', KEYS[2], ttl) end
+return {1, n}
+"#;
+
+/// A session made (or met) by a guard: its reservation (ARGV[1], may be empty) becomes the
+/// session ARGV[2], live for ARGV[3] ms, owned by ARGV[4] on node ARGV[5] through guard ARGV[6].
+const COMMIT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[3])
+if ARGV[1] ~= '' then redis.call('ZREM', KEYS[2], ARGV[1]) end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[2])
+if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+redis.call('HSET', KEYS[3], 'owner', ARGV[4], 'node', ARGV[5], 'guard', ARGV[6])
+redis.call('PEXPIRE', KEYS[3], ttl)
+return 1
+"#;
+
+/// Activity written back: per session, its user's set (KEYS[2i-1]) and record (KEYS[2i]),
+/// the session key (ARGV[2i-1]) and how long it now lives (ARGV[2i], ms). Only sessions still
+/// in the store are extended (`XX`): one ended meanwhile by the other guard stays ended.
+const TOUCH: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = 0
+for i = 1, #ARGV, 2 do
+  local ttl = tonumber(ARGV[i + 1])
+  if redis.call('ZSCORE', KEYS[i], ARGV[i]) then
+    redis.call('ZADD', KEYS[i], 'XX', now + ttl, ARGV[i])
+    if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
+    redis.call('PEXPIRE', KEYS[i + 1], ttl)
+    n = n + 1
+  end
+end
+return n
+"#;
+
+/// Why a store call gave no answer; the caller goes on from its own table either way.
+#[derive(Debug)]
+pub enum StoreError {
+    /// No answer within `store_timeout`.
+    Timeout,
+    /// Redis or the connection failed (the text is Redis's, which never holds a key's value).
+    Redis(String),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Timeout => write!(f, "the store did not answer in time"),
+            StoreError::Redis(e) => write!(f, "the store failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl From<redis::RedisError> for StoreError {
+    fn from(e: redis::RedisError) -> Self {
+        StoreError::Redis(e.to_string())
+    }
+}
+
+/// A slot a guard holds in its user's count while a session is made. Its id names the guard,
+/// so an operator reading the store sees whose it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    user: String,
+    id: String,
+}
+
+/// What the store says of a session one guard made: whose it is and on which node it lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    pub owner: String,
+    pub node: String,
+    /// The guard that made or met it.
+    pub guard: String,
+}
+
+/// Activity of one session, written back in a batch.
+pub struct Touch<'a> {
+    pub user: &'a str,
+    pub session: &'a str,
+    pub lives: Duration,
+}
+
+/// The connection to the shared store (reconnected by the client crate's `ConnectionManager`).
+#[derive(Clone)]
+pub struct Store {
+    conn: ConnectionManager,
+    prefix: String,
+    guard: String,
+    deadline: Duration,
+    reserve: Script,
+    commit: Script,
+    touch: Script,
+}
+
+impl Store {
+    /// Does not wait for the store: a guard starts and serves while the store is down, and
+    /// the first call that finds it back uses it.
+    pub fn new(config: &ClusterConfig) -> Result<Store, StoreError> {
+        let client = redis::Client::open(config.redis_url.as_str())?;
+        let manager = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.store_timeout))
+            .set_response_timeout(Some(config.store_timeout))
+            // Reconnects are retried by the next call, not in a loop inside this one.
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client, manager)?;
+        Ok(Store {
+            conn,
+            prefix: config.key_prefix.clone(),
+            guard: config.guard_name(),
+            deadline: config.store_timeout,
+            reserve: Script::new(RESERVE),
+            commit: Script::new(COMMIT),
+            touch: Script::new(TOUCH),
+        })
+    }
+
+    /// Users are compared without case (as Qlik does), so both guards key `DIR\Ann` and
+    /// `dir\ann` alike.
+    fn user_keys(&self, user: &str) -> (String, String) {
+        let user = user.to_lowercase();
+        (
+            format!("{}u:{user}:s", self.prefix),
+            format!("{}u:{user}:r", self.prefix),
+        )
+    }
+
+    fn session_key(&self, session: &str) -> String {
+        format!("{}s:{session}", self.prefix)
+    }
+
+    async fn within<T>(
+        &self,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.deadline, call).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(StoreError::Timeout),
+        }
+    }
+
+    /// Takes a slot for a new session of `user` when the pair's count (live sessions and
+    /// reservations through either guard) is under `max`; `None` when the user is at the limit.
+    /// The slot is given back by [`Store::commit`] or [`Store::release`], or expires after
+    /// `ttl` if this guard dies first.
+    pub async fn reserve(
+        &self,
+        user: &str,
+        max: usize,
+        ttl: Duration,
+    ) -> Result<Option<Reservation>, StoreError> {
+        let (sessions, reservations) = self.user_keys(user);
+        let id = format!("{}:{:016x}", self.guard, rand::random::<u64>());
+        let mut conn = self.conn.clone();
+        let (granted, _count): (i64, i64) = self
+            .within(
+                self.reserve
+                    .key(&sessions)
+                    .key(&reservations)
+                    .arg(max)
+                    .arg(&id)
+                    .arg(ttl.as_millis().max(1) as u64)
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+        Ok((granted == 1).then(|| Reservation {
+            user: user.to_string(),
+            id,
+        }))
+    }
+
+    /// Sessions and reservations the pair counts for `user` now.
+    pub async fn count(&self, user: &str) -> Result<usize, StoreError> {
+        let (sessions, reservations) = self.user_keys(user);
+        let mut conn = self.conn.clone();
+        let (_, count): (i64, i64) = self
+            .within(
+                self.reserve
+                    .key(&sessions)
+                    .key(&reservations)
+                    .arg(0)
+                    .arg("")
+                    .arg(1)
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+        Ok(count.max(0) as usize)
+    }
+
+    /// A slot given back without a session (the login was abandoned or Qlik refused).
+    pub async fn release(&self, reservation: &Reservation) -> Result<(), StoreError> {
+        let (_, reservations) = self.user_keys(&reservation.user);
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .within(
+                redis::cmd("ZREM")
+                    .arg(&reservations)
+                    .arg(&reservation.id)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Records a session of `owner` on `node` (its key: the keyed hash of its cookie), live
+    /// for `lives`; the reservation it was made under, if any, becomes it. A session met
+    /// without one (adopted) is recorded the same way.
+    pub async fn commit(
+        &self,
+        owner: &str,
+        reservation: Option<&Reservation>,
+        session: &str,
+        node: &str,
+        lives: Duration,
+    ) -> Result<(), StoreError> {
+        let (sessions, reservations) = self.user_keys(owner);
+        let record = self.session_key(session);
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .within(
+                self.commit
+                    .key(&sessions)
+                    .key(&reservations)
+                    .key(&record)
+                    .arg(reservation.map_or("", |r| r.id.as_str()))
+                    .arg(session)
+                    .arg(lives.as_millis().max(1) as u64)
+                    .arg(owner)
+                    .arg(node)
+                    .arg(&self.guard)
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Whose a session is and where it lives, when a guard meets a cookie it does not know.
+    pub async fn lookup(&self, session: &str) -> Result<Option<SessionRecord>, StoreError> {
+        let mut conn = self.conn.clone();
+        let fields: std::collections::HashMap<String, String> = self
+            .within(
+                redis::cmd("HGETALL")
+                    .arg(self.session_key(session))
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(match (fields.get("owner"), fields.get("node")) {
+            (Some(owner), Some(node)) => Some(SessionRecord {
+                owner: owner.clone(),
+                node: node.clone(),
+                guard: fields.get("guard").cloned().unwrap_or_default(),
+            }),
+            _ => None,
+        })
+    }
+
+    /// A session ended (logout, eviction, Qlik replaced it): it stops counting for both guards.
+    pub async fn end(&self, owner: &str, session: &str) -> Result<(), StoreError> {
+        let (sessions, _) = self.user_keys(owner);
+        let mut conn = self.conn.clone();
+        let _: () = self
+            .within(
+                redis::pipe()
+                    .atomic()
+                    .cmd("ZREM")
+                    .arg(&sessions)
+                    .arg(session)
+                    .ignore()
+                    .cmd("DEL")
+                    .arg(self.session_key(session))
+                    .ignore()
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Activity of many sessions in one round trip; returns how many the store still had.
+    pub async fn touch(&self, batch: &[Touch<'_>]) -> Result<usize, StoreError> {
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let mut invocation = self.touch.prepare_invoke();
+        for t in batch {
+            invocation
+                .key(self.user_keys(t.user).0)
+                .key(self.session_key(t.session))
+                .arg(t.session)
+                .arg(t.lives.as_millis().max(1) as u64);
+        }
+        let mut conn = self.conn.clone();
+        let n: i64 = self.within(invocation.invoke_async(&mut conn)).await?;
+        Ok(n.max(0) as usize)
+    }
+}
