@@ -140,14 +140,11 @@ impl Streams {
                 tokio::time::sleep(idle).await;
                 continue;
             }
+            // No stream now, none since `quiet_since` (a stream that opened and closed in
+            // between moved it later, and the loop looks again after it).
             let until = self.quiet_since() + idle;
             if Instant::now() >= until {
-                // Quiet since then; a stream opened meanwhile would show in the count or,
-                // closed already, in a later quiet_since.
-                if self.count() == 0 && self.quiet_since() + idle <= Instant::now() {
-                    return;
-                }
-                continue;
+                return;
             }
             tokio::time::sleep_until(until.into()).await;
         }

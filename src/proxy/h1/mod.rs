@@ -90,7 +90,9 @@ where
         info,
         served: 0,
         stop: ShutdownWatch::new(stop),
-        head_deadline: LazyDeadline::new(tokio::time::Instant::now()),
+        head_deadline: LazyDeadline::new(
+            tokio::time::Instant::now() + proxy.settings().header_read_timeout,
+        ),
         body: BodyState::Done,
         expect_continue: false,
         close_asked: false,
