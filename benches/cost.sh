@@ -77,11 +77,11 @@ set -euo pipefail
 # Settings
 # ---------------------------------------------------------------------------------------------
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-ALL_ROWS=(nginx haproxy noguard guard-browser guard-api
+ALL_ROWS=(nginx haproxy noguard guard-browser guard-api guard-browser-pair
           nginx-log noguard-log guard-browser-log
           nginx-h2 guard-h2
           nginx-ws haproxy-ws guard-ws)
-PLAIN_ROWS=(nginx haproxy noguard guard-browser guard-api)
+PLAIN_ROWS=(nginx haproxy noguard guard-browser guard-api guard-browser-pair)
 ROWS="${ROWS:-${ALL_ROWS[*]}}"
 N1="${N1:-4000}"
 N2="${N2:-12000}"
@@ -109,6 +109,7 @@ BODY_TEXT="$(printf 'qsguard-cost-origin-%080d' 0)"
 P_ORIGIN=$((BASE_PORT + 0))      # static nginx origin (HTTP rows)
 P_WS_ORIGIN=$((BASE_PORT + 1))   # cost_client origin: WebSocket echo (+ /login, /qps/user)
 P_ADMIN=$((BASE_PORT + 2))       # qsguard's admin listener
+P_REDIS=$((BASE_PORT + 3))       # redis-server, the pair's store (guard-browser-pair)
 P_FIRST=$((BASE_PORT + 8))       # proxies: a fresh port per start, from here ...
 P_COUNT=40                       # ... rotating over this many
 NEXT_PORT=0
@@ -218,6 +219,7 @@ install_tools() {
     command -v haproxy >/dev/null || need+=(haproxy)
     command -v openssl >/dev/null || need+=(openssl)
     command -v curl >/dev/null || need+=(curl)
+    command -v redis-server >/dev/null || need+=(redis-server)
     command -v taskset >/dev/null || need+=(util-linux)
     if command -v nginx >/dev/null && [[ "$(nginx -V 2>&1)" != *--with-http_v2_module* ]]; then
         need+=(nginx-full)   # Debian's nginx flavour with http_v2
@@ -230,7 +232,7 @@ install_tools() {
             || die "apt-get install ${need[*]} failed"
     fi
     local t
-    for t in valgrind strace nginx haproxy openssl curl taskset cg_diff; do
+    for t in valgrind strace nginx haproxy openssl curl taskset cg_diff redis-server; do
         command -v "$t" >/dev/null || die "'$t' is still missing after installing; install it by hand"
     done
     [[ "$(nginx -V 2>&1)" == *--with-http_v2_module* ]] || die "this nginx has no http_v2 module"
@@ -382,6 +384,11 @@ wait_port origin "$STARTED_PID" "$P_ORIGIN"
 [[ "$(curl -s --max-time 5 "http://127.0.0.1:$P_ORIGIN/")" == "$BODY_TEXT" ]] || die "the origin does not answer its body"
 
 # The WebSocket rows' origin: echo, plus /login and /qps/user like the HTTP origin.
+# The pair's store, only when a pair row runs (in memory, nothing written to disk).
+if [[ " ${SEL_ROWS[*]} " == *-pair\ * ]]; then
+    start redis "$LOAD_CORE" redis-server --bind 127.0.0.1 --port "$P_REDIS" --save "" --appendonly no
+    wait_port redis "$STARTED_PID" "$P_REDIS"
+fi
 start ws-origin "$LOAD_CORE" "$CLIENT" origin "127.0.0.1:$P_WS_ORIGIN" --body-file "$WORK/body" --session "$BENCH_SESSION"
 wait_port ws-origin "$STARTED_PID" "$P_WS_ORIGIN"
 
@@ -391,13 +398,14 @@ wait_port ws-origin "$STARTED_PID" "$P_WS_ORIGIN"
 # row_spec ROW: sets R_PROXY (nginx|haproxy|qsguard), R_KIND (plain|log|h2|ws), R_PROTO
 # (h1|h2|ws), R_GUARD, R_LOG (0|1), R_COOKIE (the Cookie value or ""), R_LOGIN (0|1), R_WHAT.
 row_spec() {
-    R_GUARD=true; R_LOG=0; R_COOKIE="$BROWSER_COOKIE"; R_LOGIN=0; R_PROTO=h1; R_KIND=plain
+    R_GUARD=true; R_LOG=0; R_COOKIE="$BROWSER_COOKIE"; R_LOGIN=0; R_PROTO=h1; R_KIND=plain; R_CLUSTER=0
     case "$1" in
         nginx) R_PROXY=nginx; R_WHAT="nginx, 1 process, keep-alive pool, no access log" ;;
         haproxy) R_PROXY=haproxy; R_WHAT="HAProxy, nbthread 1, http-reuse always, no log" ;;
         noguard) R_PROXY=qsguard; R_GUARD=false; R_WHAT="qsguard, guard off, no request log" ;;
         guard-browser) R_PROXY=qsguard; R_LOGIN=1; R_WHAT="qsguard, guard on, browser (live session + device cookie)" ;;
         guard-api) R_PROXY=qsguard; R_COOKIE=""; R_WHAT="qsguard, guard on, cookie-less API client" ;;
+        guard-browser-pair) R_PROXY=qsguard; R_LOGIN=1; R_CLUSTER=1; R_WHAT="qsguard, guard on, browser, one guard of a pair ([cluster] on a local redis-server)" ;;
         nginx-log) R_PROXY=nginx; R_LOG=1; R_KIND=log; R_WHAT="nginx, access log (combined) to a file" ;;
         noguard-log) R_PROXY=qsguard; R_GUARD=false; R_LOG=1; R_KIND=log; R_WHAT="qsguard, guard off, request log to a file" ;;
         guard-browser-log) R_PROXY=qsguard; R_LOGIN=1; R_LOG=1; R_KIND=log; R_WHAT="qsguard, guard on, browser, request log to a file" ;;
@@ -510,6 +518,13 @@ EOF
             echo "requests = $( ((R_LOG)) && echo true || echo false)"
             echo "[sessions]"
             echo "guard = $R_GUARD"
+            if ((R_CLUSTER)); then
+                echo "[cluster]"
+                echo "redis_url = \"redis://127.0.0.1:$P_REDIS/0\""
+                echo "name = \"cost-$name\""
+                # Each start its own keys: no row inherits another's sessions.
+                echo "key_prefix = \"qsguard:cost:$name:\""
+            fi
         } >"$CFG"
         ;;
     esac
@@ -764,6 +779,12 @@ headline() {
         [[ $(vs_nginx "$row" "$label" 6) != - ]] || continue
         out+="${out:+; }$what $(vs_nginx "$row" "$label" 6) instructions, $(vs_nginx "$row" "$label" 8) syscalls"
     done
+    # The pair's browser path against the single guard's (issue 14: within 10%).
+    local single paired
+    single="$(get guard-browser "$label" 1 6)"; paired="$(get guard-browser-pair "$label" 1 6)"
+    if [[ -n $single && -n $paired ]]; then
+        out+="${out:+; }one of a pair vs a single guard, browser $(awk -v a="$single" -v b="$paired" 'BEGIN { printf "%.2fx", b / a }') instructions"
+    fi
     if [[ -n $out ]]; then
         echo "**Headline${BIN_B:+ ($label)}** (qsguard per request, instructions and syscalls, vs nginx): $out."
     fi

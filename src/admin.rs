@@ -357,14 +357,40 @@ async fn readyz(state: &State) -> Response<Full<Bytes>> {
         ),
         None => ("not used (sessions.guard = false)".to_string(), Vec::new()),
     };
+    let cluster = cluster_json(state);
+    let degraded = cluster["store"] != "ok" && cluster["store"] != "not a pair";
     json(
         if any {
             StatusCode::OK
         } else {
             StatusCode::SERVICE_UNAVAILABLE
         },
-        json!({"ready": any, "upstreams": up, "qps_api": qps_api, "qps_api_failing": failing}),
+        json!({"ready": any, "degraded": degraded, "upstreams": up, "qps_api": qps_api, "qps_api_failing": failing, "cluster": cluster}),
     )
+}
+
+/// The pair's store as `/readyz` and `/sessions` show it. A store that does not answer makes
+/// the guard degraded, not unready: it serves from its own table (a balancer that took it out
+/// would leave the other guard alone with every user).
+fn cluster_json(state: &State) -> serde_json::Value {
+    match state.proxy.sessions().and_then(|g| g.cluster()) {
+        None => json!({"store": "not a pair"}),
+        Some(c) => {
+            let store = match c.down_since() {
+                None => "ok".to_string(),
+                Some((since, why)) => format!(
+                    "unreachable since {}: {why}",
+                    humantime::format_rfc3339_seconds(since)
+                ),
+            };
+            json!({
+                "store": store,
+                "guard": c.name(),
+                "key_prefix": c.key_prefix(),
+                "shows": "the limit is counted for the whole pair in the store; /sessions, /events and /metrics show this guard's own view",
+            })
+        }
+    }
 }
 
 fn session_json(state: &State, s: &Session) -> serde_json::Value {
@@ -421,7 +447,7 @@ fn sessions(state: &State, query: &str) -> Response<Full<Bytes>> {
         .collect();
     json(
         StatusCode::OK,
-        json!({ "limit": g.max_per_user(), "users": users }),
+        json!({ "limit": g.max_per_user(), "users": users, "cluster": cluster_json(state) }),
     )
 }
 
@@ -553,6 +579,11 @@ fn metrics(state: &State) -> Response<Full<Bytes>> {
         .collect();
     if let Some(g) = state.proxy.sessions() {
         d.metrics.qps_api_failures(&g.qps_health.failure_counts());
+        if let Some(c) = g.cluster() {
+            use std::sync::atomic::Ordering::Relaxed;
+            d.metrics
+                .cluster(c.is_up(), c.calls.load(Relaxed), c.errors.load(Relaxed));
+        }
     }
     let text = d.metrics.render(
         &d.events,

@@ -442,7 +442,7 @@ pub enum OnNodeDown {
 }
 
 /// `[cluster]`: the store two guards share so that a user's limit holds across both.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// `redis://host:port/db`. Checked by the client crate's own URL parser, so what passes
@@ -462,6 +462,18 @@ pub struct ClusterConfig {
 
 fn default_key_prefix() -> String {
     "qsguard:".into()
+}
+
+/// By hand: the URL may carry the store's password, and a debug line must not.
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("redis_url", &redacted_url(&self.redis_url))
+            .field("name", &self.name)
+            .field("key_prefix", &self.key_prefix)
+            .field("store_timeout", &self.store_timeout)
+            .finish()
+    }
 }
 
 fn default_store_timeout() -> Duration {
@@ -769,7 +781,7 @@ impl Config {
     pub fn cluster_text(&self) -> String {
         match &self.cluster {
             Some(c) => format!(
-                "cluster: guard `{}` would share sessions through the store at {} (keys `{}*`, deadline {:?}); this build does not serve a pair yet and `run` refuses [cluster]",
+                "cluster: guard `{}` shares sessions through the store at {} (keys `{}*`, deadline {:?})",
                 c.guard_name(),
                 redacted_url(&c.redis_url),
                 c.key_prefix,
@@ -1474,6 +1486,11 @@ url = "http://127.0.0.1:4280"
         assert_eq!(c.store_timeout, Duration::from_millis(80));
         assert_eq!(c.guard_name(), "guard-a");
         let text = set.cluster_text();
+        let debug = format!("{:?}", set.cluster);
+        assert!(
+            !debug.contains("pw@") && debug.contains("guard-a"),
+            "{debug}"
+        );
         assert!(
             text.contains("guard-a") && text.contains("10.0.0.5"),
             "{text}"

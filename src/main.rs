@@ -188,15 +188,6 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            // A pair whose guards each count alone lets a user past Qlik's limit while the
-            // admin believes it is held: refused until the guard serves from the store.
-            if config.cluster.is_some() {
-                eprintln!(
-                    "{}: [cluster]: a pair sharing the store is not served by this build yet; remove [cluster] to run a single guard",
-                    path.display()
-                );
-                return ExitCode::from(2);
-            }
             let workers = config.server.workers;
             runtime(workers).block_on(async move {
                 match Guard::start(config).await {

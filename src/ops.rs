@@ -113,6 +113,15 @@ guard -> Qlik (from {}/readyz):",
         } else {
             let _ = writeln!(out, "  {:<22} {api}", "qps_api");
         }
+        // A pair's store that does not answer: degraded (each guard keeps its own count).
+        if let Some(store) = v["cluster"]["store"].as_str() {
+            if store.starts_with("unreachable") {
+                ok = false;
+                let _ = writeln!(out, "  {:<22} DEGRADED: {store}", "cluster store");
+            } else {
+                let _ = writeln!(out, "  {:<22} {store}", "cluster store");
+            }
+        }
         ok
     }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::redis::Redis;
-use qsguard::cluster::store::{Store, Touch};
+use qsguard::cluster::store::{NewSession, Store, Touch};
 use qsguard::config::ClusterConfig;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -24,6 +24,18 @@ fn store(redis: &Redis, name: &str) -> Store {
     .expect("store client")
 }
 
+/// A session of `owner` on `node` as a guard commits it (no virtual proxy prefix, no device).
+fn rec<'a>(owner: &'a str, session: &'a str, node: &'a str, lives: Duration) -> NewSession<'a> {
+    NewSession {
+        owner,
+        session,
+        node,
+        vp: "",
+        lives,
+        devices: &[],
+    }
+}
+
 /// Commits `n` sessions of `user` through `s`, each under a reservation as a login makes it.
 async fn logins(s: &Store, user: &str, tag: &str, n: usize) {
     for i in 0..n {
@@ -32,7 +44,7 @@ async fn logins(s: &Store, user: &str, tag: &str, n: usize) {
             .await
             .unwrap()
             .expect("under the limit");
-        s.commit(user, Some(&r), &format!("{tag}{i}"), "node-1", MINUTE)
+        s.commit(Some(&r), &rec(user, &format!("{tag}{i}"), "node-1", MINUTE))
             .await
             .unwrap();
     }
@@ -109,7 +121,7 @@ async fn the_other_guard_learns_owner_and_node_of_a_session() {
     let redis = Redis::start().await;
     let (a, b) = (store(&redis, "guard-a"), store(&redis, "guard-b"));
     assert_eq!(b.lookup("k1").await.unwrap(), None);
-    a.commit("DIR\\ann", None, "k1", "node-2", MINUTE)
+    a.commit(None, &rec("DIR\\ann", "k1", "node-2", MINUTE))
         .await
         .unwrap();
     let r = b.lookup("k1").await.unwrap().expect("recorded by A");
@@ -127,10 +139,10 @@ async fn activity_written_back_keeps_a_session_counted() {
     let redis = Redis::start().await;
     let a = store(&redis, "guard-a");
     let short = Duration::from_millis(400);
-    a.commit("DIR\\ann", None, "busy", "n", short)
+    a.commit(None, &rec("DIR\\ann", "busy", "n", short))
         .await
         .unwrap();
-    a.commit("DIR\\ann", None, "idle", "n", short)
+    a.commit(None, &rec("DIR\\ann", "idle", "n", short))
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;

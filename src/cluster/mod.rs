@@ -3,6 +3,543 @@
 //! lets a user past Qlik's limit that each guard alone would have held.
 //!
 //! `store` is the shared part (Redis): the limit decision made atomically in the store, so
-//! that concurrent logins through both guards cannot both take the last slot.
+//! that concurrent logins through both guards cannot both take the last slot. This module is
+//! the guard's side of it, [`Cluster`]:
+//!
+//! - On a request, the store is asked only to **reserve** a slot for a new session (the limit
+//!   decision) and to **look up** a cookie this guard does not know (a session made through
+//!   the other guard). Both are bounded by `store_timeout`; a store that is down is not asked
+//!   at all, and the guard decides from its own table.
+//! - Everything else is written behind the requests by one task ([`Cluster::run`]), in order:
+//!   sessions made, owned, linked to a device, ended (the [`Change`]s the table reports), and
+//!   once a second the activity of the sessions used since the last second, in one batch.
+//!   The live-cookie path makes no store call at all.
+//! - When the store is unreachable the task says so (an event, `/metrics`, `/readyz`), keeps
+//!   the ends it could not write, probes once a second, and when the store answers again
+//!   writes every live session it knows (and a store that came back empty gets all of them:
+//!   each guard keeps a mark in the store whose absence says so).
 
 pub mod store;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ClusterConfig;
+use crate::diagnostics::events::{Events, Kind, NewEvent};
+use crate::session::identity::User;
+use crate::session::table::{Session, State, Table};
+use crate::session::SessionGuard;
+use store::{NewSession, Reservation, SessionRecord, Store, StoreError, Touch};
+
+/// What the table reports to the store's writer (see [`Table::set_journal`]).
+pub enum Change {
+    /// A live session whose owner is known now (made, adopted, owner resolved).
+    Owned(Arc<Session>),
+    /// A session made under a slot the store granted: the slot becomes the session.
+    Made(Arc<Session>, User, Reservation),
+    /// A session ended by a logout, an eviction, Qlik or an admin (not by the timeout: the
+    /// other guard may have kept it alive).
+    Ended { owner: User, value: Box<str> },
+    /// A device linked to a session.
+    Linked(Arc<Session>, u128),
+}
+
+/// The store's answer to a reservation.
+pub enum Slot {
+    Granted,
+    /// The pair counts `max` for the user already.
+    AtLimit,
+    /// No answer (down, slow): the guard decides from its own table.
+    Unavailable,
+}
+
+/// Ends kept while the store is down, at most (beyond, the store's TTL ends them).
+const MAX_PENDING_ENDS: usize = 100_000;
+
+/// Activity written back in one call, at most.
+const TOUCH_BATCH: usize = 256;
+
+/// How often activity is written back and a down store probed.
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+/// A reservation in the store lives this long unless a session or a release ends it sooner
+/// (as the guard's own reservations: a login dance may take a while).
+const RESERVATION_TTL: Duration = Duration::from_secs(60);
+
+/// The guard's side of the pair.
+pub struct Cluster {
+    store: Store,
+    name: String,
+    key_prefix: String,
+    up: AtomicBool,
+    /// Since when and why the store is unreachable.
+    down: Mutex<Option<(SystemTime, String)>>,
+    /// Store calls that failed (a metric).
+    pub errors: AtomicU64,
+    /// Store calls made (a metric: with the requests served, the calls per request).
+    pub calls: AtomicU64,
+    /// Of `calls`, those of the once-a-second flush (the mark, activity, re-synchronisation).
+    pub flush_calls: AtomicU64,
+    tx: mpsc::UnboundedSender<Change>,
+    rx: Mutex<Option<mpsc::UnboundedReceiver<Change>>>,
+    /// The store's reservations by the id of the table's own reservation they go with.
+    slots: Mutex<HashMap<u64, Reservation>>,
+    events: Arc<Events>,
+}
+
+impl Cluster {
+    pub fn new(config: &ClusterConfig, events: Arc<Events>) -> Result<Cluster, String> {
+        let store = Store::new(config).map_err(|e| format!("cluster.redis_url: {e}"))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        Ok(Cluster {
+            store,
+            name: config.guard_name(),
+            key_prefix: config.key_prefix.clone(),
+            up: AtomicBool::new(true),
+            down: Mutex::new(None),
+            errors: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
+            flush_calls: AtomicU64::new(0),
+            tx,
+            rx: Mutex::new(Some(rx)),
+            slots: Mutex::new(HashMap::new()),
+            events,
+        })
+    }
+
+    /// This guard's name in the pair.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn key_prefix(&self) -> &str {
+        &self.key_prefix
+    }
+
+    /// Where the table reports its changes.
+    pub fn journal(&self) -> mpsc::UnboundedSender<Change> {
+        self.tx.clone()
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// Since when and why the store does not answer, while it does not.
+    pub fn down_since(&self) -> Option<(SystemTime, String)> {
+        self.down.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn failed(&self, what: &str, e: &StoreError) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        if self.up.swap(false, Ordering::AcqRel) {
+            let why = format!("{what}: {e}");
+            *self.down.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((SystemTime::now(), why.clone()));
+            tracing::warn!(guard = %self.name, "the cluster store is unreachable ({why}): this guard decides from its own table until it answers again");
+            self.events.emit(NewEvent::new(
+                Kind::StoreUnreachable,
+                format!("the cluster store did not answer ({why}): the limit is kept from this guard's own table, and the store is written again when it is back"),
+            ));
+        }
+    }
+
+    fn answered(&self) {
+        if !self.up.swap(true, Ordering::AcqRel) {
+            let since = self
+                .down
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .map(|(t, _)| t.elapsed().unwrap_or_default());
+            tracing::info!(guard = %self.name, down_for = ?since, "the cluster store answers again: writing this guard's sessions to it");
+            self.events.emit(NewEvent::new(
+                Kind::StoreBack,
+                format!(
+                    "the cluster store answers again after {}: this guard's live sessions are written to it",
+                    humantime::format_duration(Duration::from_secs(
+                        since.unwrap_or_default().as_secs()
+                    ))
+                ),
+            ));
+        }
+    }
+
+    async fn call<T>(
+        &self,
+        what: &str,
+        f: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Option<T> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        match f.await {
+            Ok(v) => {
+                self.answered();
+                Some(v)
+            }
+            Err(e) => {
+                self.failed(what, &e);
+                None
+            }
+        }
+    }
+
+    /// The pair's device-cookie key, when the store gives it (at start; see
+    /// [`Store::device_signing_key`]).
+    pub async fn device_signing_key(&self) -> Option<[u8; 32]> {
+        self.call("device key", self.store.device_signing_key())
+            .await
+    }
+
+    /// A slot for a new session of `user` in the pair's count (under `max`), going with the
+    /// table's own reservation `local`. Not asked while the store is down.
+    pub async fn reserve(&self, user: &User, max: usize, local: u64) -> Slot {
+        if !self.is_up() {
+            return Slot::Unavailable;
+        }
+        let name = owner_name(user);
+        match self
+            .call("reserve", self.store.reserve(&name, max, RESERVATION_TTL))
+            .await
+        {
+            Some(Some(r)) => {
+                self.lock_slots().insert(local, r);
+                Slot::Granted
+            }
+            Some(None) => Slot::AtLimit,
+            None => Slot::Unavailable,
+        }
+    }
+
+    fn lock_slots(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Reservation>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The table's reservation `local` was given back: so is the store's that went with it
+    /// (written behind the request).
+    pub fn release(self: &Arc<Self>, local: u64) {
+        let Some(r) = self.lock_slots().remove(&local) else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let me = self.clone();
+        rt.spawn(async move {
+            if me.is_up() {
+                me.call("release", me.store.release(&r)).await;
+            }
+        });
+    }
+
+    /// A session was made under the table's reservation `local`: the store's slot becomes it.
+    pub fn made(&self, s: &Arc<Session>, user: &User, local: u64) {
+        if let Some(r) = self.lock_slots().remove(&local) {
+            let _ = self.tx.send(Change::Made(s.clone(), user.clone(), r));
+        }
+    }
+
+    /// Ends a session in the store now (an eviction, before the slot it frees is asked for).
+    pub async fn end_now(&self, s: &Session) {
+        if let (Some(owner), true) = (s.owner(), self.is_up()) {
+            let key = store::session_key(&s.id);
+            self.call("end", self.store.end(&owner_name(&owner), &key))
+                .await;
+        }
+    }
+
+    /// What the store knows of a cookie value this guard does not know. Not asked while the
+    /// store is down.
+    pub async fn lookup(&self, value: &str) -> Option<SessionRecord> {
+        if !self.is_up() {
+            return None;
+        }
+        self.call("lookup", self.store.lookup(&store::session_key(value)))
+            .await
+            .flatten()
+    }
+
+    /// The writer: the table's changes in order, activity once a second, the probe and the
+    /// re-synchronisation. Runs until `stop`.
+    pub async fn run(self: Arc<Self>, guard: Arc<SessionGuard>, stop: CancellationToken) {
+        let Some(mut rx) = self.rx.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return;
+        };
+        let prefixes: Vec<String> = guard
+            .virtual_proxies()
+            .iter()
+            .map(|v| v.prefix.clone())
+            .collect();
+        let mut w = Writer {
+            c: &self,
+            table: &guard.table,
+            prefixes: &prefixes,
+            pending_ends: Vec::new(),
+            flushed_ms: 0,
+            resync: true,
+            last: None,
+        };
+        let mut tick = tokio::time::interval(FLUSH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                change = rx.recv() => match change {
+                    Some(c) => w.apply(c).await,
+                    None => return,
+                },
+                _ = tick.tick() => {
+                    let before = self.calls.load(Ordering::Relaxed);
+                    w.flush().await;
+                    let made = self.calls.load(Ordering::Relaxed) - before;
+                    self.flush_calls.fetch_add(made, Ordering::Relaxed);
+                }
+                _ = stop.cancelled() => {
+                    // What is queued still goes (bounded: each call has its deadline).
+                    while let Ok(c) = rx.try_recv() {
+                        w.apply(c).await;
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The owner as the store keeps it (`DIR\id`, as Qlik writes it).
+fn owner_name(u: &User) -> String {
+    format!("{}\\{}", u.dir, u.id)
+}
+
+/// The owner the store names.
+pub fn owner_of(name: &str) -> Option<User> {
+    let (dir, id) = name.split_once('\\')?;
+    (!dir.is_empty() && !id.is_empty()).then(|| User::new(dir, id))
+}
+
+/// The writer task's state.
+struct Writer<'a> {
+    c: &'a Cluster,
+    table: &'a Table,
+    prefixes: &'a [String],
+    /// Ends the store did not take (it was down): written when it is back.
+    pending_ends: Vec<(String, String)>,
+    /// Activity up to this table time is written.
+    flushed_ms: u64,
+    /// Every live session is to be written (start, the store back, a store that lost it).
+    resync: bool,
+    /// The session last committed, its owner and devices: a login reports the session made,
+    /// then its owner and its device, which that one commit has written already.
+    last: Option<(Arc<Session>, Arc<str>, Vec<u128>)>,
+}
+
+impl Writer<'_> {
+    fn lives(&self, s: &Session, now: u64) -> Duration {
+        let idle = now.saturating_sub(s.last_active_ms());
+        Duration::from_millis(self.table.timeout_ms(s.vp).saturating_sub(idle).max(1))
+    }
+
+    async fn commit(&mut self, s: &Arc<Session>, owner: &User, reservation: Option<&Reservation>) {
+        if s.state() != State::Live {
+            return;
+        }
+        let (name, key) = (owner_name(owner), store::session_key(&s.id));
+        let ids = s.meta().devices.clone();
+        let devices: Vec<String> = ids.iter().map(|d| store::device_key(*d)).collect();
+        let now = self.table.now_ms();
+        let record = NewSession {
+            owner: &name,
+            session: &key,
+            node: &s.node,
+            vp: self.prefixes.get(s.vp).map_or("", |p| p.as_str()),
+            lives: self.lives(s, now),
+            devices: &devices,
+        };
+        if self
+            .c
+            .call("commit", self.c.store.commit(reservation, &record))
+            .await
+            .is_none()
+        {
+            self.resync = true;
+            self.last = None;
+        } else {
+            self.last = Some((s.clone(), owner.key.clone(), ids));
+        }
+    }
+
+    /// Whether the last commit wrote `s` with `owner` (and `device`) already.
+    fn written(&self, s: &Arc<Session>, owner: &User, device: Option<u128>) -> bool {
+        self.last.as_ref().is_some_and(|(l, o, ids)| {
+            Arc::ptr_eq(l, s) && *o == owner.key && device.is_none_or(|d| ids.contains(&d))
+        })
+    }
+
+    async fn apply(&mut self, change: Change) {
+        if !self.c.is_up() {
+            // Made, owned and linked sessions are all written by the re-synchronisation.
+            if let Change::Ended { owner, value } = change {
+                if self.pending_ends.len() < MAX_PENDING_ENDS {
+                    self.pending_ends
+                        .push((owner_name(&owner), store::session_key(&value)));
+                }
+            }
+            self.resync = true;
+            return;
+        }
+        match change {
+            Change::Owned(s) => {
+                if let Some(owner) = s.owner() {
+                    if !self.written(&s, &owner, None) {
+                        self.commit(&s, &owner, None).await;
+                    }
+                }
+            }
+            Change::Made(s, user, r) => {
+                // The owner Qlik names later wins (`Owned`); until then the user the slot was
+                // reserved for is the best the guard knows.
+                let owner = s.owner().unwrap_or(user);
+                self.commit(&s, &owner, Some(&r)).await;
+            }
+            Change::Ended { owner, value } => {
+                let (name, key) = (owner_name(&owner), store::session_key(&value));
+                if self
+                    .c
+                    .call("end", self.c.store.end(&name, &key))
+                    .await
+                    .is_none()
+                {
+                    self.pending_ends.push((name, key));
+                }
+            }
+            Change::Linked(s, device) => {
+                let owner = s.owner();
+                if owner
+                    .as_ref()
+                    .is_some_and(|o| self.written(&s, o, Some(device)))
+                {
+                    return;
+                }
+                if s.state() == State::Live && owner.is_some() {
+                    let key = store::session_key(&s.id);
+                    self.c
+                        .call("link", self.c.store.link(&key, &store::device_key(device)))
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// Once a second: probe a down store; write what is owed to one that answers (ends kept
+    /// while it was down, every live session after an outage or into a store that lost them),
+    /// then the activity since the last flush.
+    async fn flush(&mut self) {
+        let Some(fresh) = self.c.call("mark", self.c.store.mark()).await else {
+            return;
+        };
+        if fresh || self.resync {
+            if fresh {
+                tracing::info!(guard = %self.c.name, "the cluster store has nothing of this guard yet (first start, or a store restarted empty): writing its live sessions");
+            }
+            self.resync = false;
+            for (name, key) in std::mem::take(&mut self.pending_ends) {
+                if self
+                    .c
+                    .call("end", self.c.store.end(&name, &key))
+                    .await
+                    .is_none()
+                {
+                    self.resync = true;
+                    return;
+                }
+            }
+            let now = self.table.now_ms();
+            for s in self.table.all() {
+                if !self.table.is_live(&s, now) {
+                    continue;
+                }
+                if let Some(owner) = s.owner() {
+                    self.commit(&s, &owner, None).await;
+                    if self.resync {
+                        return;
+                    }
+                }
+            }
+        }
+        self.touch().await;
+    }
+
+    /// The activity of the sessions used since the last flush, in batches.
+    async fn touch(&mut self) {
+        let now = self.table.now_ms();
+        let since = self.flushed_ms;
+        let used: Vec<(Arc<Session>, String, String)> = self
+            .table
+            .all()
+            .into_iter()
+            .filter(|s| s.last_active_ms() > since && self.table.is_live(s, now))
+            .filter_map(|s| {
+                let owner = owner_name(&s.owner()?);
+                let key = store::session_key(&s.id);
+                Some((s, owner, key))
+            })
+            .collect();
+        for chunk in used.chunks(TOUCH_BATCH) {
+            let batch: Vec<Touch<'_>> = chunk
+                .iter()
+                .map(|(s, owner, key)| Touch {
+                    user: owner,
+                    session: key,
+                    lives: self.lives(s, now),
+                })
+                .collect();
+            if self
+                .c
+                .call("touch", self.c.store.touch(&batch))
+                .await
+                .is_none()
+            {
+                self.resync = true;
+                return;
+            }
+        }
+        self.flushed_ms = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owners_round_trip_through_the_store() {
+        let u = User::new("DIR", "Ann");
+        let back = owner_of(&owner_name(&u)).unwrap();
+        assert_eq!(
+            (back.key.as_ref(), back.dir.as_ref(), back.id.as_ref()),
+            ("dir\\ann", "DIR", "Ann")
+        );
+        assert!(owner_of("no-backslash").is_none());
+        assert!(owner_of("\\id").is_none());
+        assert!(owner_of("dir\\").is_none());
+    }
+
+    #[test]
+    fn store_keys_hide_what_they_stand_for() {
+        let k = store::session_key("3f2a9c1e-0000-4000-8000-123456789abc");
+        assert_eq!(k.len(), 32);
+        assert!(!k.contains("3f2a9c1e"));
+        assert_eq!(
+            k,
+            store::session_key("3f2a9c1e-0000-4000-8000-123456789abc")
+        );
+        assert_ne!(
+            k,
+            store::session_key("3f2a9c1e-0000-4000-8000-123456789abd")
+        );
+        assert_ne!(store::device_key(1), store::device_key(2));
+    }
+}

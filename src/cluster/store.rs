@@ -40,7 +40,8 @@ return {1, n}
 "#;
 
 /// A session made (or met) by a guard: its reservation (ARGV[1], may be empty) becomes the
-/// session ARGV[2], live for ARGV[3] ms, owned by ARGV[4] on node ARGV[5] through guard ARGV[6].
+/// session ARGV[2], live for ARGV[3] ms, owned by ARGV[4] on node ARGV[5] through guard ARGV[6],
+/// on the virtual proxy ARGV[7]; ARGV[8..] are the (hashed) devices the guard linked to it.
 const COMMIT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -48,9 +49,20 @@ local ttl = tonumber(ARGV[3])
 if ARGV[1] ~= '' then redis.call('ZREM', KEYS[2], ARGV[1]) end
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[2])
 if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
-redis.call('HSET', KEYS[3], 'owner', ARGV[4], 'node', ARGV[5], 'guard', ARGV[6])
+redis.call('HSET', KEYS[3], 'owner', ARGV[4], 'node', ARGV[5], 'guard', ARGV[6], 'vp', ARGV[7])
+for i = 8, #ARGV do redis.call('HSET', KEYS[3], 'd:' .. ARGV[i], '1') end
 redis.call('PEXPIRE', KEYS[3], ttl)
 return 1
+"#;
+
+/// A device (ARGV[1], hashed) linked to a session (KEYS[1]) that is still in the store: a
+/// session ended meanwhile is not brought back as a record without a lifetime.
+const LINK: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'd:' .. ARGV[1], '1')
+  return 1
+end
+return 0
 "#;
 
 /// Activity written back: per session, its user's set (KEYS[2i-1]) and record (KEYS[2i]),
@@ -113,6 +125,50 @@ pub struct SessionRecord {
     pub node: String,
     /// The guard that made or met it.
     pub guard: String,
+    /// The virtual proxy's prefix.
+    pub vp: String,
+    /// The hashed device ids a guard of the pair linked to it (see [`device_key`]).
+    pub devices: Vec<String>,
+}
+
+/// A session as [`Store::commit`] records it.
+pub struct NewSession<'a> {
+    pub owner: &'a str,
+    /// The session's key: [`session_key`] of the cookie value.
+    pub session: &'a str,
+    pub node: &'a str,
+    pub vp: &'a str,
+    pub lives: Duration,
+    /// Hashed device ids ([`device_key`]).
+    pub devices: &'a [String],
+}
+
+/// A session's key in the store: a hash of the cookie value. Qlik's session ids are random
+/// (128 bits), so the hash is as unguessable as the id and cannot be turned back into it; it
+/// is the same on every guard of the pair without a key they would have to share.
+pub fn session_key(value: &str) -> String {
+    short_hash("qsguard cluster session key v1", value.as_bytes())
+}
+
+/// A device id as the store keeps it (the id itself is a browser's secret).
+pub fn device_key(device: u128) -> String {
+    short_hash("qsguard cluster device key v1", &device.to_be_bytes())
+}
+
+/// A user as a key part: names stay out of the keys (an operator listing keys sees no one),
+/// and `DIR\Ann` and `dir\ann` are one user (Qlik compares without case).
+fn user_part(user: &str) -> String {
+    short_hash(
+        "qsguard cluster user key v1",
+        user.to_lowercase().as_bytes(),
+    )
+}
+
+fn short_hash(context: &str, input: &[u8]) -> String {
+    let h = blake3::Hasher::new_derive_key(context)
+        .update(input)
+        .finalize();
+    h.to_hex()[..32].to_string()
 }
 
 /// Activity of one session, written back in a batch.
@@ -132,6 +188,7 @@ pub struct Store {
     reserve: Script,
     commit: Script,
     touch: Script,
+    link: Script,
 }
 
 impl Store {
@@ -154,13 +211,14 @@ impl Store {
             reserve: Script::new(RESERVE),
             commit: Script::new(COMMIT),
             touch: Script::new(TOUCH),
+            link: Script::new(LINK),
         })
     }
 
     /// Users are compared without case (as Qlik does), so both guards key `DIR\Ann` and
     /// `dir\ann` alike.
     fn user_keys(&self, user: &str) -> (String, String) {
-        let user = user.to_lowercase();
+        let user = user_part(user);
         (
             format!("{}u:{user}:s", self.prefix),
             format!("{}u:{user}:r", self.prefix),
@@ -244,36 +302,100 @@ impl Store {
         Ok(())
     }
 
-    /// Records a session of `owner` on `node` (its key: the keyed hash of its cookie), live
-    /// for `lives`; the reservation it was made under, if any, becomes it. A session met
-    /// without one (adopted) is recorded the same way.
+    /// Records a session (`s.session` is the keyed hash of its cookie), live for `s.lives`;
+    /// the reservation it was made under, if any, becomes it. A session met without one
+    /// (adopted) is recorded the same way.
     pub async fn commit(
         &self,
-        owner: &str,
         reservation: Option<&Reservation>,
-        session: &str,
-        node: &str,
-        lives: Duration,
+        s: &NewSession<'_>,
     ) -> Result<(), StoreError> {
-        let (sessions, reservations) = self.user_keys(owner);
-        let record = self.session_key(session);
+        let (sessions, reservations) = self.user_keys(s.owner);
+        let record = self.session_key(s.session);
         let mut conn = self.conn.clone();
-        let _: i64 = self
+        let mut call = self.commit.prepare_invoke();
+        call.key(&sessions)
+            .key(&reservations)
+            .key(&record)
+            .arg(reservation.map_or("", |r| r.id.as_str()))
+            .arg(s.session)
+            .arg(s.lives.as_millis().max(1) as u64)
+            .arg(s.owner)
+            .arg(s.node)
+            .arg(&self.guard)
+            .arg(s.vp);
+        for d in s.devices {
+            call.arg(d);
+        }
+        let _: i64 = self.within(call.invoke_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    /// A device linked to a session after it was committed; false when the store no longer
+    /// has the session.
+    pub async fn link(&self, session: &str, device: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let n: i64 = self
             .within(
-                self.commit
-                    .key(&sessions)
-                    .key(&reservations)
-                    .key(&record)
-                    .arg(reservation.map_or("", |r| r.id.as_str()))
-                    .arg(session)
-                    .arg(lives.as_millis().max(1) as u64)
-                    .arg(owner)
-                    .arg(node)
-                    .arg(&self.guard)
+                self.link
+                    .key(self.session_key(session))
+                    .arg(device)
                     .invoke_async(&mut conn),
             )
             .await?;
-        Ok(())
+        Ok(n == 1)
+    }
+
+    /// Sets this guard's mark in the store; true when it was missing: the store is new to this
+    /// guard (its first start, or a store restarted empty), so what the guard knows must be
+    /// written again.
+    pub async fn mark(&self) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let set: Option<String> = self
+            .within(
+                redis::cmd("SET")
+                    .arg(format!("{}g:{}", self.prefix, self.guard))
+                    .arg(1)
+                    .arg("NX")
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(set.is_some())
+    }
+
+    /// The device-cookie signing key of the pair: the first guard to ask makes it, the others
+    /// read it, so a device cookie one guard issued verifies on the other. (It signs ids only:
+    /// with it one can make a cookie for an id, but the ids linked to sessions are secrets of
+    /// their browsers and are in the store only hashed.)
+    pub async fn device_signing_key(&self) -> Result<[u8; 32], StoreError> {
+        let key = format!("{}device-key", self.prefix);
+        let fresh: [u8; 32] = rand::random();
+        let hex: String = fresh.iter().map(|b| format!("{b:02x}")).collect();
+        let mut conn = self.conn.clone();
+        let (_, got): (Option<String>, String) = self
+            .within(
+                redis::pipe()
+                    .cmd("SET")
+                    .arg(&key)
+                    .arg(&hex)
+                    .arg("NX")
+                    .cmd("GET")
+                    .arg(&key)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        let mut out = [0u8; 32];
+        let bytes = got.as_bytes();
+        if bytes.len() != 64 {
+            return Err(StoreError::Redis(format!(
+                "{key} is not 64 hex digits (delete it: the guards make a new one)"
+            )));
+        }
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = u8::from_str_radix(&got[2 * i..2 * i + 2], 16)
+                .map_err(|_| StoreError::Redis(format!("{key} is not 64 hex digits")))?;
+        }
+        Ok(out)
     }
 
     /// Whose a session is and where it lives, when a guard meets a cookie it does not know.
@@ -291,6 +413,12 @@ impl Store {
                 owner: owner.clone(),
                 node: node.clone(),
                 guard: fields.get("guard").cloned().unwrap_or_default(),
+                vp: fields.get("vp").cloned().unwrap_or_default(),
+                devices: fields
+                    .keys()
+                    .filter_map(|k| k.strip_prefix("d:"))
+                    .map(str::to_string)
+                    .collect(),
             }),
             _ => None,
         })

@@ -41,10 +41,14 @@ pub enum Kind {
     /// A call to a node's QPS REST API failed (the node and the operation are in the cause);
     /// the guard fell back to the Personal API where it could.
     QpsApiFailed,
+    /// The pair's store (`[cluster]`) did not answer: the guard decides from its own table.
+    StoreUnreachable,
+    /// The pair's store answers again: the guard wrote its sessions to it.
+    StoreBack,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 13] = [
+    pub const ALL: [Kind; 15] = [
         Kind::CookieLost,
         Kind::CookieModified,
         Kind::CookieDuplicated,
@@ -58,6 +62,8 @@ impl Kind {
         Kind::BurstHeld,
         Kind::SessionLost,
         Kind::QpsApiFailed,
+        Kind::StoreUnreachable,
+        Kind::StoreBack,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -75,6 +81,8 @@ impl Kind {
             Kind::BurstHeld => "burst_held",
             Kind::SessionLost => "session_lost",
             Kind::QpsApiFailed => "qps_api_failed",
+            Kind::StoreUnreachable => "store_unreachable",
+            Kind::StoreBack => "store_back",
         }
     }
 

@@ -57,6 +57,9 @@ pub struct Metrics {
     events: Family<KindLabel, Counter>,
     sessions_live: Gauge,
     users_at_limit: Gauge,
+    store_up: Gauge,
+    store_calls: Counter,
+    store_errors: Counter,
     websockets_open: Gauge,
     node_up: Family<NodeLabel, Gauge>,
     node_sessions: Family<NodeLabel, Gauge>,
@@ -138,6 +141,25 @@ impl Metrics {
             "Requests on their way to the Qlik node",
             node_in_flight.clone(),
         );
+        let store_up = Gauge::default();
+        store_up.set(-1);
+        registry.register(
+            "qsguard_cluster_store_up",
+            "1 while the pair's store ([cluster]) answers, 0 while it does not (the guard decides from its own table), -1 for a single guard",
+            store_up.clone(),
+        );
+        let store_calls = Counter::default();
+        registry.register(
+            "qsguard_cluster_store_calls",
+            "Calls to the pair's store (reserve, look-up, and the batched writes)",
+            store_calls.clone(),
+        );
+        let store_errors = Counter::default();
+        registry.register(
+            "qsguard_cluster_store_errors",
+            "Calls to the pair's store that failed or passed cluster.store_timeout",
+            store_errors.clone(),
+        );
         let qps_api_failures: Family<ApiLabel, Counter> = Family::default();
         registry.register(
             "qsguard_qps_api_failures",
@@ -145,6 +167,9 @@ impl Metrics {
             qps_api_failures.clone(),
         );
         Metrics {
+            store_up,
+            store_calls,
+            store_errors,
             qps_api_failures,
             node_up,
             node_sessions,
@@ -186,6 +211,18 @@ impl Metrics {
             });
             let have = c.get();
             if *want > have {
+                c.inc_by(want - have);
+            }
+        }
+    }
+
+    /// The pair's store: whether it answers, and the calls and failures so far (kept by the
+    /// cluster); called before [`Metrics::render`].
+    pub fn cluster(&self, up: bool, calls: u64, errors: u64) {
+        self.store_up.set(i64::from(up));
+        for (c, want) in [(&self.store_calls, calls), (&self.store_errors, errors)] {
+            let have = c.get();
+            if want > have {
                 c.inc_by(want - have);
             }
         }

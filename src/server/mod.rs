@@ -127,6 +127,7 @@ impl Guard {
         ));
         if let Some(sessions) = proxy.sessions() {
             start_session_guard(sessions, &config, &stop);
+            sessions.join_pair(stop.clone()).await;
         }
         tokio::spawn(proxy.clone().reap_forever(stop.clone()));
         tokio::spawn(proxy.clone().health_forever(stop.clone()));

@@ -130,6 +130,17 @@ impl DeviceKeys {
         Ok(())
     }
 
+    /// The key a pair of guards shares (from their store): used from now on, not written to
+    /// the key file (the store keeps it). A cookie signed with the key used so far no longer
+    /// verifies, as after a rotation.
+    pub fn adopt(&self, key: [u8; 32]) {
+        if **self.key.load() == key {
+            return;
+        }
+        self.key.store(std::sync::Arc::new(key));
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
     /// Where the key is kept, if anywhere.
     pub fn file(&self) -> Option<&Path> {
         self.file.as_deref()

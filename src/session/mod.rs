@@ -177,7 +177,7 @@ impl Holds {
     /// Gives the request's own slot back (a session made meanwhile counts by itself).
     fn release(&mut self) {
         if let (Some(g), Some((u, r))) = (&self.guard, self.reservation.take()) {
-            g.table.release(&u, r);
+            g.release_slot(&u, r);
         }
     }
 }
@@ -188,6 +188,10 @@ impl Drop for Holds {
         self.release();
     }
 }
+
+/// How long a slot taken for a session on its way is held, at most (a login dance may take a
+/// while: a password prompt).
+const RESERVATION_MS: u64 = 60_000;
 
 /// Owner lookups of unconfirmed cookie values at once, at most.
 const MAX_LOOKUPS: usize = 32;
@@ -252,6 +256,8 @@ pub struct SessionGuard {
     /// One snapshot writer at a time (the periodic one, shutdown, an upgrade).
     pub(crate) snapshot_lock: std::sync::Mutex<()>,
     events: Arc<Events>,
+    /// The pair's shared store (`[cluster]`), if this guard is one of a pair.
+    cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// The part of `[sessions]` a reload may change.
@@ -350,10 +356,17 @@ impl SessionGuard {
         }
         let qps_health = Arc::new(ApiHealth::new(events.clone()));
         qps_health.set_configured(config.qps_api.is_some());
+        let cluster = match &config.cluster {
+            Some(c) => Some(Arc::new(crate::cluster::Cluster::new(c, events.clone())?)),
+            None => None,
+        };
         Ok(SessionGuard {
             table: {
                 let t = Table::new(timeouts, s.device_memory);
                 t.set_max_devices(s.max_devices);
+                if let Some(c) = &cluster {
+                    t.set_journal(c.journal());
+                }
                 t
             },
             // A login dance may take a while (a password prompt): give it a minute.
@@ -375,7 +388,28 @@ impl SessionGuard {
             ),
             snapshot_lock: std::sync::Mutex::new(()),
             events,
+            cluster,
         })
+    }
+
+    /// The pair's store, when this guard is one of a pair.
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.cluster.as_ref()
+    }
+
+    /// With `[cluster]`: the pair's device-cookie key (so a device cookie one guard issued
+    /// verifies on the other), then the store's writer, until `stop`.
+    pub async fn join_pair(self: &Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let Some(c) = self.cluster.clone() else {
+            return;
+        };
+        match tokio::time::timeout(Duration::from_secs(2), c.device_signing_key()).await {
+            Ok(Some(key)) => self.device_keys.adopt(key),
+            _ => {
+                tracing::warn!(guard = %c.name(), "the cluster store did not give the pair's device-cookie key at start: this guard signs device cookies with its own key until it is back, so the other guard does not know its browsers' devices")
+            }
+        }
+        tokio::spawn(c.run(self.clone(), stop));
     }
 
     /// Applies a reloaded config: the limit policy, the inactivity timeouts and the nodes'
@@ -492,6 +526,18 @@ impl SessionGuard {
             }
             ctx.session = Some(s);
             return Verdict::Forward(ctx);
+        }
+        // A cookie this guard does not know, or let expire, that the pair's store knows: a
+        // session made or kept in use through the other guard. Adopted on the store's word
+        // (a guard of the pair had it from Qlik), it takes the hot path from now on.
+        if let (Some(c), Some(value)) = (&self.cluster, cookie.first) {
+            if self.adopt_from_pair(c, &mut ctx, value).await {
+                ctx.unknown = None;
+                if let Some(s) = self.known_live(&mut ctx, &cookie, req.path, req.headers) {
+                    ctx.session = Some(s);
+                    return Verdict::Forward(ctx);
+                }
+            }
         }
         self.note_browser(&mut ctx, &cookie, req.headers);
         ctx.carried = cookie.first.map(Box::from);
@@ -746,6 +792,72 @@ impl SessionGuard {
             }
         }
         Some(s)
+    }
+
+    /// A cookie value this guard does not know (or let expire) looked up in the pair's store:
+    /// when a guard of the pair recorded it as a live session of this virtual proxy, on a
+    /// node this guard has, of the user the identity header names (if any), it is this
+    /// guard's too. The request's device is linked only when the store says a guard of the
+    /// pair linked it, so a device cookie planted beside a stolen session cookie gains
+    /// nothing it did not have.
+    async fn adopt_from_pair(
+        &self,
+        c: &crate::cluster::Cluster,
+        ctx: &mut Context,
+        value: &str,
+    ) -> bool {
+        let local = self.table.get(ctx.vp, value);
+        if let Some(s) = &local {
+            if !matches!(s.state(), State::Expired | State::Unconfirmed) {
+                return false;
+            }
+        }
+        let Some(record) = c.lookup(value).await else {
+            return false;
+        };
+        if record.vp != self.vps[ctx.vp].prefix {
+            return false;
+        }
+        let Some(owner) = crate::cluster::owner_of(&record.owner) else {
+            return false;
+        };
+        if ctx.identity.as_ref().is_some_and(|i| i.key != owner.key) {
+            return false;
+        }
+        let Some(node) = self
+            .nodes
+            .load()
+            .keys()
+            .find(|n| ***n == *record.node)
+            .cloned()
+        else {
+            return false;
+        };
+        let s = match local {
+            Some(s) if s.state() == State::Expired => {
+                if !self.table.revive(&s) {
+                    return false;
+                }
+                s
+            }
+            Some(s) => {
+                if !self.table.confirm(&s) {
+                    return false;
+                }
+                s
+            }
+            None => self
+                .table
+                .insert(ctx.vp, value, node, None, None, default_attributes(ctx.tls)),
+        };
+        self.table.set_owner(&s, owner);
+        let device = crate::cluster::store::device_key(ctx.device);
+        if ctx.device_trusted && !ctx.new_device && record.devices.contains(&device) {
+            self.table.link_device(&s, ctx.device);
+        }
+        self.counters.adopted.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(session = %s.hash, user = %owner_text(&s), vp = %self.vps[ctx.vp].prefix, from = %record.guard, "a session of the pair adopted from the cluster store");
+        true
     }
 
     /// A request without a live session: note the browser (its login dance's node, Host,
@@ -1090,7 +1202,10 @@ impl SessionGuard {
         trusted: bool,
     ) -> Verdict {
         let prefix = &self.vps[ctx.vp].prefix;
-        let mut limit = self.limit(&user, ctx.vp, trusted);
+        let mut limit = match &self.cluster {
+            Some(c) if c.is_up() => self.pair_limit(c, &user, ctx.vp, trusted).await,
+            _ => self.limit(&user, ctx.vp, trusted, false),
+        };
         if let Limit::WaitForPending = limit {
             limit = Box::pin(self.wait_for_pending(&user, ctx.vp)).await;
         }
@@ -1183,12 +1298,45 @@ impl SessionGuard {
 
     fn release_flight(&self, f: &Flight) {
         if let Some((u, r)) = f.dance().reservation.take() {
-            self.table.release(&u, r);
+            self.release_slot(&u, r);
         }
     }
 
-    /// The limit decision, under the user's entry lock.
-    fn limit(&self, user: &User, vp: usize, trusted: bool) -> Limit {
+    /// A slot in the user's count given back, here and in the pair's store.
+    fn release_slot(&self, user: &User, r: u64) {
+        self.table.release(user, r);
+        if let Some(c) = &self.cluster {
+            c.release(r);
+        }
+    }
+
+    /// A session made under the request's or its flight's slot: in the pair's store the
+    /// slot becomes the session (before the slot is released here).
+    fn made_under_slot(&self, ctx: &Context, s: &Arc<Session>) {
+        let Some(c) = &self.cluster else { return };
+        if let Some((u, r)) = &ctx.holds.reservation {
+            c.made(s, u, *r);
+        }
+        if let Some(f) = self.flights.get(ctx.device, ctx.vp) {
+            if let Some((u, r)) = &f.dance().reservation {
+                c.made(s, u, *r);
+            }
+        }
+    }
+
+    /// The limit decision of a pair: the store counts the user's sessions and slots through
+    /// every guard and grants the slot or not in one atomic step; at the limit, `on_limit`
+    /// picks from this guard's own sessions (a reuse or an eviction needs the cookie value,
+    /// which only a guard that has seen the session holds). A store that does not answer
+    /// leaves the decision to this guard's table.
+    async fn pair_limit(
+        &self,
+        c: &crate::cluster::Cluster,
+        user: &User,
+        vp: usize,
+        trusted: bool,
+    ) -> Limit {
+        use crate::cluster::Slot;
         let Policy {
             max,
             on_limit,
@@ -1199,7 +1347,46 @@ impl SessionGuard {
             OnLimit::Evict => max - headroom,
             _ => max,
         };
-        let lifetime = 60_000;
+        let r = self.table.with_user(user, |e, t, now| {
+            let r = t.new_reservation(vp, now + RESERVATION_MS);
+            e.reservations.push(r);
+            r.id
+        });
+        match c.reserve(user, threshold, r).await {
+            Slot::Granted => Limit::Proceed(Some(r)),
+            Slot::AtLimit => {
+                self.table.release(user, r);
+                let limit = self.limit(user, vp, trusted, true);
+                if let Limit::Evict(victim, r) = &limit {
+                    // The victim stops counting in the store before the slot is asked for.
+                    c.end_now(victim).await;
+                    if let Slot::AtLimit = c.reserve(user, threshold, *r).await {
+                        tracing::info!(user = %user, "after the eviction the pair still counts the user at the limit (sessions through the other guard): the new session goes on, as Qlik has one fewer");
+                    }
+                }
+                limit
+            }
+            Slot::Unavailable => {
+                self.table.release(user, r);
+                self.limit(user, vp, trusted, false)
+            }
+        }
+    }
+
+    /// The limit decision, under the user's entry lock. `pair_full`: the pair's store counts
+    /// the user at the limit already, whatever this guard's own table holds.
+    fn limit(&self, user: &User, vp: usize, trusted: bool, pair_full: bool) -> Limit {
+        let Policy {
+            max,
+            on_limit,
+            headroom,
+            ..
+        } = self.policy();
+        let threshold = match on_limit {
+            OnLimit::Evict => max - headroom,
+            _ => max,
+        };
+        let lifetime = RESERVATION_MS;
         self.table.with_user(user, |e, t, now| {
             e.reservations.retain(|r| r.until_ms > now);
             let live: Vec<Arc<Session>> = e
@@ -1214,7 +1401,7 @@ impl SessionGuard {
                 e.reservations.push(r);
                 r.id
             };
-            if used < threshold {
+            if used < threshold && !pair_full {
                 return Limit::Proceed(Some(reserve(e)));
             }
             match on_limit {
@@ -1236,7 +1423,7 @@ impl SessionGuard {
                         .min_by_key(|s| s.last_active_ms());
                     match victim {
                         Some(v) if t.end(v, State::Evicted) => Limit::Evict(v.clone(), reserve(e)),
-                        _ if used < max => Limit::Proceed(Some(reserve(e))),
+                        _ if used < max && !pair_full => Limit::Proceed(Some(reserve(e))),
                         _ => Limit::Refuse,
                     }
                 }
@@ -1260,7 +1447,7 @@ impl SessionGuard {
             {
                 return Limit::Reuse(s);
             }
-            match self.limit(user, vp, true) {
+            match self.limit(user, vp, true, false) {
                 Limit::WaitForPending => continue,
                 other => return other,
             }
@@ -1522,14 +1709,20 @@ impl SessionGuard {
             self.table.end(&dead, State::Ended);
         }
         // The browser's device is linked by the caller: a new id, issued with this cookie.
+        // The owner is set after the pair's store has been told that the slot became this
+        // session: told in the other order, the store would count both for a moment.
         let s = self.table.insert(
             ctx.vp,
             &c.value,
             node.clone(),
             None,
-            ctx.identity.clone(),
+            None,
             c.attributes.clone(),
         );
+        self.made_under_slot(ctx, &s);
+        if let Some(i) = &ctx.identity {
+            self.table.set_owner(&s, i.clone());
+        }
         {
             let mut m = s.meta();
             if let Some(h) = &ctx.host {

@@ -215,6 +215,9 @@ pub struct Table {
     /// After a scan at the cap found nothing to forget: no new scan before this (table ms),
     /// so that a flood at a full map costs a look-up per request, not a scan of the map.
     no_room_until_ms: AtomicU64,
+    /// Where changes go that a pair's other guards must know (see [`crate::cluster`]): set
+    /// once at start with `[cluster]`, never on a single guard.
+    journal: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<crate::cluster::Change>>,
 }
 
 /// What `max_devices` is when nobody sets it (the config's default).
@@ -248,6 +251,18 @@ impl Table {
             device_admission: Mutex::new(()),
             devices_refused: AtomicU64::new(0),
             no_room_until_ms: AtomicU64::new(0),
+            journal: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// From now on, sessions owned, linked and ended are reported to `to` (a pair's store).
+    pub fn set_journal(&self, to: tokio::sync::mpsc::UnboundedSender<crate::cluster::Change>) {
+        let _ = self.journal.set(to);
+    }
+
+    fn report(&self, change: impl FnOnce() -> crate::cluster::Change) {
+        if let Some(j) = self.journal.get() {
+            let _ = j.send(change());
         }
     }
 
@@ -519,9 +534,16 @@ impl Table {
                 d.last_user = owner;
             }
         }
-        let mut m = session.meta();
-        if !m.devices.contains(&device) {
-            m.devices.push(device);
+        let added = {
+            let mut m = session.meta();
+            let added = !m.devices.contains(&device);
+            if added {
+                m.devices.push(device);
+            }
+            added && m.owner.is_some()
+        };
+        if added && session.state() == State::Live {
+            self.report(|| crate::cluster::Change::Linked(session.clone(), device));
         }
     }
 
@@ -565,6 +587,35 @@ impl Table {
                 e.last_user = Some(user.clone());
             }
         }
+        if session.state() == State::Live {
+            self.report(|| crate::cluster::Change::Owned(session.clone()));
+        }
+    }
+
+    /// A session this guard had let expire that the pair's store says is live (the other
+    /// guard kept it in use): live again, counted for its owner and node.
+    pub fn revive(&self, s: &Arc<Session>) -> bool {
+        let revived = s
+            .state
+            .compare_exchange(
+                State::Expired as u8,
+                State::Live as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok();
+        if revived {
+            self.touch(s);
+            *self.per_node.entry(s.node.clone()).or_insert(0) += 1;
+            if let Some(owner) = s.owner() {
+                self.with_user(&owner, |u, _, _| {
+                    if !u.sessions.iter().any(|x| Arc::ptr_eq(x, s)) {
+                        u.sessions.push(s.clone());
+                    }
+                });
+            }
+        }
+        revived
     }
 
     /// Ends a live session; returns false when it had ended already.
@@ -579,9 +630,20 @@ impl Table {
             )
             .is_ok();
         if ended {
-            s.meta().ended_ms = self.now_ms();
+            let owner = {
+                let mut m = s.meta();
+                m.ended_ms = self.now_ms();
+                m.owner.clone()
+            };
             if let Some(mut n) = self.per_node.get_mut(&s.node) {
                 *n -= 1;
+            }
+            // Expiry is this guard's view only: the other guard may have kept it in use.
+            if let (Some(owner), false) = (owner, state == State::Expired) {
+                self.report(|| crate::cluster::Change::Ended {
+                    owner,
+                    value: s.id.clone(),
+                });
             }
             return true;
         }
