@@ -38,6 +38,8 @@
 #                      (GET /login through qsguard, the origin sets the session cookie),
 #                      so the guard takes its real hot path                      [plain]
 #   guard-api          qsguard, guard on, no Cookie field at all (a new device each time) [plain]
+#   guard-browser-pair guard-browser as one guard of a pair: [cluster] on a redis-server the
+#                      script starts (the headline compares it with guard-browser) [plain]
 #   nginx-log          nginx with its default `combined` access log to a file    [log]
 #   noguard-log        qsguard guard off, [log] requests = true, stderr (text) to a file [log]
 #   guard-browser-log  qsguard guard on, browser, request log to a file          [log]
@@ -219,7 +221,7 @@ install_tools() {
     command -v haproxy >/dev/null || need+=(haproxy)
     command -v openssl >/dev/null || need+=(openssl)
     command -v curl >/dev/null || need+=(curl)
-    command -v redis-server >/dev/null || need+=(redis-server)
+    command -v redis-server >/dev/null && command -v redis-cli >/dev/null || need+=(redis-server)
     command -v taskset >/dev/null || need+=(util-linux)
     if command -v nginx >/dev/null && [[ "$(nginx -V 2>&1)" != *--with-http_v2_module* ]]; then
         need+=(nginx-full)   # Debian's nginx flavour with http_v2
@@ -584,6 +586,19 @@ prepare() {
         done
         [[ $sessions == *alice* ]] \
             || die "$name: the guard did not learn the session's owner (admin /sessions: ${sessions:0:300})"
+        # One of a pair: the session is in the store (else the row measures a guard whose
+        # store is down, which decides alone).
+        if ((R_CLUSTER)); then
+            local ready=""
+            for ((i = 0; i < 50; i++)); do
+                ready="$(curl -s --max-time 5 "http://127.0.0.1:$P_ADMIN/readyz" 2>/dev/null)" || true
+                [[ $ready == *'"degraded":false'* && -n "$(redis-cli -p "$P_REDIS" --scan --pattern "qsguard:cost:$name:s:*")" ]] && break
+                sleep 0.2
+            done
+            [[ $ready == *'"degraded":false'* ]] || die "$name: the guard's store is not ok (/readyz: ${ready:0:300})"
+            [[ -n "$(redis-cli -p "$P_REDIS" --scan --pattern "qsguard:cost:$name:s:*")" ]] \
+                || die "$name: the guard did not write the browser's session to the store"
+        fi
     fi
     local hdr=()
     [[ -n $RUN_COOKIE ]] && hdr=(-H "Cookie: $RUN_COOKIE")

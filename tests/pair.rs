@@ -475,3 +475,55 @@ async fn a_login_costs_two_store_calls_and_a_request_with_a_live_cookie_none() {
     );
     pair.shutdown().await;
 }
+
+/// A probe on the pair's store, as a third guard would see it.
+fn probe(redis: &Redis) -> qsguard::cluster::store::Store {
+    qsguard::cluster::store::Store::new(&qsguard::config::ClusterConfig {
+        redis_url: redis.url(),
+        name: Some("probe".into()),
+        key_prefix: "qsguard:pair-test:".into(),
+        store_timeout: Duration::from_millis(500),
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn activity_through_one_guard_keeps_a_session_counted_for_the_pair_and_idleness_ends_it() {
+    let redis = Redis::start().await;
+    let pair = Pair::start(&redis, "inactivity_timeout = \"3s\"").await;
+    let store = probe(&redis);
+    let (mut busy, mut idle) = (Jar::new(), Jar::new());
+    for (jar, user) in [(&mut busy, "CORP\\busy"), (&mut idle, "CORP\\idle")] {
+        assert_eq!(
+            browse_as(pair.a.addr, "/hdr/hub/", jar, user).await.status,
+            200
+        );
+    }
+    real_poll_async("both counted", Duration::from_secs(3), || {
+        let store = &store;
+        async move {
+            (store.count("CORP\\busy").await.ok()? == 1
+                && store.count("CORP\\idle").await.ok()? == 1)
+                .then_some(())
+        }
+    })
+    .await;
+    // Twice the timeout of use through A: the store is told, so B counts it too.
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(6) {
+        let r = browse_as(pair.a.addr, "/hdr/hub/", &mut busy, "CORP\\busy").await;
+        assert_eq!(r.status, 200);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        store.count("CORP\\busy").await.unwrap(),
+        1,
+        "kept alive by its activity"
+    );
+    assert_eq!(
+        store.count("CORP\\idle").await.unwrap(),
+        0,
+        "idle past its timeout"
+    );
+    pair.shutdown().await;
+}

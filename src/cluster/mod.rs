@@ -279,9 +279,10 @@ impl Cluster {
             table: &guard.table,
             prefixes: &prefixes,
             pending_ends: Vec::new(),
-            flushed_ms: 0,
+            written: HashMap::new(),
             resync: true,
             last: None,
+            in_flush: false,
         };
         let mut tick = tokio::time::interval(FLUSH_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -292,10 +293,9 @@ impl Cluster {
                     None => return,
                 },
                 _ = tick.tick() => {
-                    let before = self.calls.load(Ordering::Relaxed);
+                    w.in_flush = true;
                     w.flush().await;
-                    let made = self.calls.load(Ordering::Relaxed) - before;
-                    self.flush_calls.fetch_add(made, Ordering::Relaxed);
+                    w.in_flush = false;
                 }
                 _ = stop.cancelled() => {
                     // What is queued still goes (bounded: each call has its deadline).
@@ -327,19 +327,45 @@ struct Writer<'a> {
     prefixes: &'a [String],
     /// Ends the store did not take (it was down): written when it is back.
     pending_ends: Vec<(String, String)>,
-    /// Activity up to this table time is written.
-    flushed_ms: u64,
+    /// Per session (by address), the activity the store has last been told of.
+    written: HashMap<usize, u64>,
     /// Every live session is to be written (start, the store back, a store that lost it).
     resync: bool,
     /// The session last committed, its owner and devices: a login reports the session made,
     /// then its owner and its device, which that one commit has written already.
     last: Option<(Arc<Session>, Arc<str>, Vec<u128>)>,
+    /// In the once-a-second flush (its calls are counted apart).
+    in_flush: bool,
 }
 
 impl Writer<'_> {
+    async fn call<T>(
+        &self,
+        what: &str,
+        f: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Option<T> {
+        if self.in_flush {
+            self.c.flush_calls.fetch_add(1, Ordering::Relaxed);
+        }
+        self.c.call(what, f).await
+    }
+
+    /// How long the store is to count `s` from now: its inactivity timeout from its last
+    /// activity, plus how late the store may learn of newer activity ([`Writer::every`] and a
+    /// flush), so that the store never drops a session Qlik still has.
     fn lives(&self, s: &Session, now: u64) -> Duration {
         let idle = now.saturating_sub(s.last_active_ms());
-        Duration::from_millis(self.table.timeout_ms(s.vp).saturating_sub(idle).max(1))
+        let timeout = self.table.timeout_ms(s.vp);
+        let late = self.every(s) + FLUSH_EVERY.as_millis() as u64;
+        Duration::from_millis((timeout + late).saturating_sub(idle).max(1))
+    }
+
+    /// A session's activity is written back when it is this much newer than what the store
+    /// has: a minute, or a thirtieth of a shorter timeout. Once a second for every session in
+    /// use would cost the store a write per session per second for nothing: the store needs
+    /// to know only that the session still lives, not when its last click was.
+    fn every(&self, s: &Session) -> u64 {
+        (self.table.timeout_ms(s.vp) / 30).clamp(1, 60_000)
     }
 
     async fn commit(&mut self, s: &Arc<Session>, owner: &User, reservation: Option<&Reservation>) {
@@ -359,7 +385,6 @@ impl Writer<'_> {
             devices: &devices,
         };
         if self
-            .c
             .call("commit", self.c.store.commit(reservation, &record))
             .await
             .is_none()
@@ -367,6 +392,8 @@ impl Writer<'_> {
             self.resync = true;
             self.last = None;
         } else {
+            self.written
+                .insert(Arc::as_ptr(s) as usize, s.last_active_ms());
             self.last = Some((s.clone(), owner.key.clone(), ids));
         }
     }
@@ -407,7 +434,6 @@ impl Writer<'_> {
             Change::Ended { owner, value } => {
                 let (name, key) = (owner_name(&owner), store::session_key(&value));
                 if self
-                    .c
                     .call("end", self.c.store.end(&name, &key))
                     .await
                     .is_none()
@@ -425,8 +451,7 @@ impl Writer<'_> {
                 }
                 if s.state() == State::Live && owner.is_some() {
                     let key = store::session_key(&s.id);
-                    self.c
-                        .call("link", self.c.store.link(&key, &store::device_key(device)))
+                    self.call("link", self.c.store.link(&key, &store::device_key(device)))
                         .await;
                 }
             }
@@ -437,7 +462,7 @@ impl Writer<'_> {
     /// while it was down, every live session after an outage or into a store that lost them),
     /// then the activity since the last flush.
     async fn flush(&mut self) {
-        let Some(fresh) = self.c.call("mark", self.c.store.mark()).await else {
+        let Some(fresh) = self.call("mark", self.c.store.mark()).await else {
             return;
         };
         if fresh || self.resync {
@@ -447,7 +472,6 @@ impl Writer<'_> {
             self.resync = false;
             for (name, key) in std::mem::take(&mut self.pending_ends) {
                 if self
-                    .c
                     .call("end", self.c.store.end(&name, &key))
                     .await
                     .is_none()
@@ -472,22 +496,32 @@ impl Writer<'_> {
         self.touch().await;
     }
 
-    /// The activity of the sessions used since the last flush, in batches.
+    /// The activity of the sessions in use that the store has not been told of for
+    /// [`Writer::every`], in batches.
     async fn touch(&mut self) {
         let now = self.table.now_ms();
-        let since = self.flushed_ms;
-        let used: Vec<(Arc<Session>, String, String)> = self
-            .table
-            .all()
-            .into_iter()
-            .filter(|s| s.last_active_ms() > since && self.table.is_live(s, now))
-            .filter_map(|s| {
-                let owner = owner_name(&s.owner()?);
-                let key = store::session_key(&s.id);
-                Some((s, owner, key))
-            })
-            .collect();
-        for chunk in used.chunks(TOUCH_BATCH) {
+        let mut written = HashMap::with_capacity(self.written.len());
+        let mut due: Vec<(Arc<Session>, String, String)> = Vec::new();
+        for s in self.table.all() {
+            if !self.table.is_live(&s, now) {
+                continue;
+            }
+            let addr = Arc::as_ptr(&s) as usize;
+            let told = self.written.get(&addr).copied().unwrap_or(0);
+            let active = s.last_active_ms();
+            if active > told + self.every(&s) {
+                if let Some(owner) = s.owner() {
+                    let key = store::session_key(&s.id);
+                    due.push((s, owner_name(&owner), key));
+                    written.insert(addr, active);
+                    continue;
+                }
+            }
+            written.insert(addr, told);
+        }
+        // Sessions gone from the table are forgotten here too.
+        self.written = written;
+        for chunk in due.chunks(TOUCH_BATCH) {
             let batch: Vec<Touch<'_>> = chunk
                 .iter()
                 .map(|(s, owner, key)| Touch {
@@ -497,7 +531,6 @@ impl Writer<'_> {
                 })
                 .collect();
             if self
-                .c
                 .call("touch", self.c.store.touch(&batch))
                 .await
                 .is_none()
@@ -506,7 +539,6 @@ impl Writer<'_> {
                 return;
             }
         }
-        self.flushed_ms = now;
     }
 }
 
