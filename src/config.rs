@@ -458,6 +458,9 @@ pub struct ClusterConfig {
     /// table (a store that is slow must not make Qlik slow).
     #[serde(default = "default_store_timeout", with = "duration")]
     pub store_timeout: Duration,
+    /// With `rediss://`: the CA (PEM) that signed the store's certificate; unset: the
+    /// system's roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_key_prefix() -> String {
@@ -472,6 +475,7 @@ impl std::fmt::Debug for ClusterConfig {
             .field("name", &self.name)
             .field("key_prefix", &self.key_prefix)
             .field("store_timeout", &self.store_timeout)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -738,17 +742,29 @@ impl Config {
         let Some(c) = &self.cluster else {
             return Ok(());
         };
-        if c.redis_url.starts_with("rediss://") {
+        let tls = c.redis_url.starts_with("rediss://");
+        if !tls && !c.redis_url.starts_with("redis://") {
             return Err(err(
                 "cluster.redis_url",
-                "TLS to the store (rediss://) is not supported by this build yet; use redis:// on a trusted network",
+                format!(
+                    "`{}` is not a redis:// or rediss:// URL",
+                    redacted_url(&c.redis_url)
+                ),
             ));
         }
-        if !c.redis_url.starts_with("redis://") {
-            return Err(err(
-                "cluster.redis_url",
-                format!("`{}` is not a redis:// URL", redacted_url(&c.redis_url)),
-            ));
+        if let Some(ca) = &c.ca_file {
+            if !tls {
+                return Err(err(
+                    "cluster.ca_file",
+                    "is for a store reached over TLS: redis_url must be rediss://",
+                ));
+            }
+            if let Err(e) = std::fs::metadata(ca) {
+                return Err(err(
+                    "cluster.ca_file",
+                    format!("cannot read {}: {e}", ca.display()),
+                ));
+            }
         }
         if let Err(e) = redis::Client::open(c.redis_url.as_str()) {
             return Err(err("cluster.redis_url", format!("not a Redis URL: {e}")));
@@ -1501,7 +1517,14 @@ url = "http://127.0.0.1:4280"
         );
         let cases = [
             ("redis_url = \"http://10.0.0.5\"", "cluster.redis_url"),
-            ("redis_url = \"rediss://10.0.0.5\"", "cluster.redis_url"),
+            (
+                "redis_url = \"redis://h\"\nca_file = \"/etc/hosts\"",
+                "cluster.ca_file",
+            ),
+            (
+                "redis_url = \"rediss://h\"\nca_file = \"/nonexistent/ca.pem\"",
+                "cluster.ca_file",
+            ),
             (
                 "redis_url = \"redis://h\"\nname = \"guard a\"",
                 "cluster.name",
@@ -1519,6 +1542,11 @@ url = "http://127.0.0.1:4280"
                 "cluster.store_timeout",
             ),
         ];
+        let tls = Config::parse(&format!(
+            "{MIN}[cluster]\nredis_url = \"rediss://h:6380/0\"\nca_file = \"/etc/hosts\"\n"
+        ))
+        .expect("rediss:// with a CA file");
+        assert!(tls.cluster.unwrap().ca_file.is_some());
         for (body, key) in cases {
             let e = Config::parse(&format!("{MIN}[cluster]\n{body}\n"))
                 .unwrap_err()

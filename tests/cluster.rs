@@ -20,6 +20,7 @@ fn store(redis: &Redis, name: &str) -> Store {
         name: Some(name.into()),
         key_prefix: "qsguard:test:".into(),
         store_timeout: Duration::from_millis(100),
+        ca_file: None,
     })
     .expect("store client")
 }
@@ -196,4 +197,29 @@ async fn a_dead_store_answers_within_the_deadline_and_is_used_again_when_back() 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(back, "the store is used again once it is back");
+}
+
+#[tokio::test]
+async fn the_store_over_tls_is_reached_with_its_ca_and_refused_without_it() {
+    let cert = common::tls::TestCert::new();
+    let redis = Redis::start_tls(&cert.cert_file(), &cert.key_file()).await;
+    let config = |ca_file| ClusterConfig {
+        redis_url: format!("rediss://localhost:{}/0", redis.port),
+        name: Some("guard-a".into()),
+        key_prefix: "qsguard:test:".into(),
+        store_timeout: Duration::from_millis(500),
+        ca_file,
+    };
+    let trusted = Store::new(&config(Some(cert.cert_file()))).unwrap();
+    let r = trusted
+        .reserve("DIR\\ann", 5, MINUTE)
+        .await
+        .expect("TLS with the store's CA");
+    assert!(r.is_some());
+    assert_eq!(trusted.count("DIR\\ann").await.unwrap(), 1);
+    // The system's roots do not know a self-signed certificate: no answer, and soon.
+    let untrusted = Store::new(&config(None)).unwrap();
+    let started = Instant::now();
+    let e = untrusted.count("DIR\\ann").await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(2), "{e}");
 }

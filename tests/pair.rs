@@ -280,13 +280,7 @@ async fn the_store_stopped_and_restarted_mid_load_fails_no_request() {
     assert!(served > 20, "{served}");
     // The store came back empty: each guard wrote its live sessions to it again, so the
     // pair counts them (the one made while it was down too).
-    let store = qsguard::cluster::store::Store::new(&qsguard::config::ClusterConfig {
-        redis_url: redis.url(),
-        name: Some("probe".into()),
-        key_prefix: "qsguard:pair-test:".into(),
-        store_timeout: Duration::from_millis(500),
-    })
-    .unwrap();
+    let store = probe(&redis);
     for user in ["CORP\\s0", "CORP\\s1", "CORP\\s2", "CORP\\s3", "CORP\\down"] {
         let mut counted = 0;
         for _ in 0..100 {
@@ -483,6 +477,7 @@ fn probe(redis: &Redis) -> qsguard::cluster::store::Store {
         name: Some("probe".into()),
         key_prefix: "qsguard:pair-test:".into(),
         store_timeout: Duration::from_millis(500),
+        ca_file: None,
     })
     .unwrap()
 }

@@ -195,7 +195,23 @@ impl Store {
     /// Does not wait for the store: a guard starts and serves while the store is down, and
     /// the first call that finds it back uses it.
     pub fn new(config: &ClusterConfig) -> Result<Store, StoreError> {
-        let client = redis::Client::open(config.redis_url.as_str())?;
+        let client = match &config.ca_file {
+            // rediss:// with the CA that signed the store's certificate; without one, the
+            // client crate checks it against the system's roots.
+            Some(ca) => {
+                let root = std::fs::read(ca).map_err(|e| {
+                    StoreError::Redis(format!("cannot read cluster.ca_file {}: {e}", ca.display()))
+                })?;
+                redis::Client::build_with_tls(
+                    config.redis_url.as_str(),
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(root),
+                    },
+                )?
+            }
+            None => redis::Client::open(config.redis_url.as_str())?,
+        };
         let manager = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.store_timeout))
             .set_response_timeout(Some(config.store_timeout))

@@ -9,6 +9,8 @@ use std::time::Duration;
 pub struct Redis {
     pub port: u16,
     child: Option<Child>,
+    /// Serving TLS only, with this certificate and key.
+    tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl Redis {
@@ -17,7 +19,26 @@ impl Redis {
             .and_then(|l| l.local_addr())
             .expect("a free loopback port")
             .port();
-        let mut r = Redis { port, child: None };
+        let mut r = Redis {
+            port,
+            child: None,
+            tls: None,
+        };
+        r.resume().await;
+        r
+    }
+
+    /// A store that speaks TLS only (`rediss://`), with this certificate and key.
+    pub async fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
+        let mut r = Redis {
+            port,
+            child: None,
+            tls: Some((cert.to_path_buf(), key.to_path_buf())),
+        };
         r.resume().await;
         r
     }
@@ -29,8 +50,19 @@ impl Redis {
     /// Starts (again) on the same port, with an empty store, and waits until it answers.
     pub async fn resume(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--bind", "127.0.0.1"]);
+        match &self.tls {
+            None => cmd.args(["--port", &self.port.to_string()]),
+            Some((cert, key)) => cmd
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key)
+                .args(["--tls-auth-clients", "no"]),
+        };
+        let child = cmd
             .args(["--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -42,6 +74,10 @@ impl Redis {
         let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
         for _ in 0..200 {
             if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+                if self.tls.is_some() {
+                    // No PING without a handshake: listening is what can be seen.
+                    return;
+                }
                 use tokio::io::{AsyncReadExt, AsyncWriteExt};
                 let mut buf = [0u8; 16];
                 if s.write_all(b"PING\r\n").await.is_ok()
