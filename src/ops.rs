@@ -174,6 +174,13 @@ guard -> Qlik (from {}/readyz):",
             }
         }
         let _ = writeln!(out, "{n} live session(s)");
+        if let Some(guard) = v["cluster"]["guard"].as_str() {
+            let _ = writeln!(
+                out,
+                "(as guard `{guard}` of a pair knows them: the limit counts the sessions of every guard, in the store ({}))",
+                v["cluster"]["store"].as_str().unwrap_or("?")
+            );
+        }
         Ok(out)
     }
 
