@@ -6,7 +6,8 @@
 #
 # Phase "load": a static upstream (nginx answering 200 "ok\n") on core 0; wrk (1 thread, keep-alive)
 # on core 0; each proxy alone on core 1. For each round and each connection count, wrk hits the
-# upstream directly, then nginx, HAProxy and qsguard in front of it. Per run it records req/s,
+# upstream directly, then nginx, HAProxy and qsguard in front of it (qsguard three ways: guard on,
+# guard off, and guard on as one guard of a pair, [cluster] on a local redis-server). Per run it records req/s,
 # p50/p99 latency and the proxy's CPU time; the table shows the medians over the rounds and the
 # ratios to nginx.
 #
@@ -66,7 +67,7 @@ QUIET_MAX="${QUIET_MAX:-10}"
 QUIET_WAIT="${QUIET_WAIT:-300}"
 FOREIGN_MAX="${FOREIGN_MAX:-10}"
 ATTEMPTS="${ATTEMPTS:-5}"
-TARGETS=(direct nginx haproxy qsguard qsguard-noguard)
+TARGETS=(direct nginx haproxy qsguard qsguard-noguard qsguard-pair)
 
 # Ports, all on 127.0.0.1.
 P_UPSTREAM=$((BASE_PORT + 0))     # static nginx upstream (load phase)
@@ -81,6 +82,9 @@ P_WS_QSGUARD=$((BASE_PORT + 8))
 P_WS_QSGUARD_ADMIN=$((BASE_PORT + 9))
 P_QSGUARD_OFF=$((BASE_PORT + 10))  # qsguard with the session guard off (load)
 P_QSGUARD_OFF_ADMIN=$((BASE_PORT + 11))
+P_QSGUARD_PAIR=$((BASE_PORT + 12)) # qsguard as one guard of a pair ([cluster]) (load)
+P_QSGUARD_PAIR_ADMIN=$((BASE_PORT + 13))
+P_REDIS=$((BASE_PORT + 14))        # redis-server, the pair's store
 
 has_phase() { [[ " $PHASES " == *" $1 "* ]]; }
 log() { printf '[load.sh %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
@@ -186,6 +190,7 @@ install_tools() {
     command -v nginx >/dev/null || need+=(nginx)
     command -v haproxy >/dev/null || need+=(haproxy)
     has_phase load && { command -v wrk >/dev/null || need+=(wrk); }
+    has_phase load && { command -v redis-server >/dev/null || need+=(redis-server); }
     command -v taskset >/dev/null || need+=(util-linux)
     command -v pgrep >/dev/null || need+=(procps)
     if ((${#need[@]})); then
@@ -201,6 +206,7 @@ install_tools() {
     done
     if has_phase load; then
         command -v wrk >/dev/null || die "'wrk' is still missing after installing; install it by hand"
+        command -v redis-server >/dev/null || die "'redis-server' is still missing after installing; install it by hand"
     fi
 }
 install_tools
@@ -430,8 +436,36 @@ start_haproxy() {  # start_haproxy NAME CORE PORT UPSTREAM_PORT
     STARTED_PIDS=("$STARTED_PID")
 }
 
-start_qsguard() {  # start_qsguard NAME CORE PORT ADMIN_PORT UPSTREAM_PORT [GUARD true|false]
-    local name="$1" core="$2" port="$3" admin="$4" up="$5" guard="${6:-true}" cfg="$WORK/$1.toml"
+# login_through NAME PORT: the browser logs in once through that guard, which learns the
+# session and its device. The guard signs the device cookie it issues with the new session (an
+# id the browser chose is never trusted): wrk's browser sends that one to that guard, as a real
+# browser would (DEVICE_OF[NAME]).
+declare -A DEVICE_OF
+login_through() {
+    local name="$1" port="$2" device
+    (
+        exec 3<>"/dev/tcp/127.0.0.1/$port" || exit 0
+        printf 'GET /login HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: qsguard=%s\r\nConnection: close\r\n\r\n' "$BENCH_DEVICE" >&3
+        timeout 5 cat <&3 >"$WORK/login-$name.answer" || true
+    )
+    device="$(tr -d '\r' <"$WORK/login-$name.answer" | grep -i '^set-cookie: qsguard=' | head -n1 | sed -E 's/^[^=]*=([^;[:space:]]*).*/\1/')" || true
+    DEVICE_OF[$name]="$device"
+}
+
+# wrk_header TARGET: WRK_EXTRA for that target (its own device cookie, for a guard).
+wrk_header() {
+    WRK_EXTRA=()
+    [[ $WRK_HEADER == none ]] && return 0
+    local device="${DEVICE_OF[$1]:-}"
+    if [[ -n $device ]]; then
+        WRK_EXTRA=(-H "${WRK_HEADER//qsguard=$BENCH_DEVICE/qsguard=$device}")
+    else
+        WRK_EXTRA=(-H "$WRK_HEADER")
+    fi
+}
+
+start_qsguard() {  # start_qsguard NAME CORE PORT ADMIN_PORT UPSTREAM_PORT [GUARD true|false] [REDIS_PORT]
+    local name="$1" core="$2" port="$3" admin="$4" up="$5" guard="${6:-true}" redis="${7:-}" cfg="$WORK/$1.toml"
     cat >"$cfg" <<EOF
 [server]
 listen = "127.0.0.1:$port"
@@ -445,6 +479,9 @@ requests = false
 [sessions]
 guard = $guard
 EOF
+    if [[ -n $redis ]]; then
+        printf '[cluster]\nredis_url = "redis://127.0.0.1:%s/0"\nname = "load-%s"\nkey_prefix = "qsguard:load:"\n' "$redis" "$name" >>"$cfg"
+    fi
     "$QSGUARD" check-config "$cfg" >/dev/null || die "qsguard check-config $cfg failed"
     start "$name" "$core" "$QSGUARD" --config "$cfg" --log-level warn
     wait_port "$name" "$STARTED_PID" "$port"
@@ -477,7 +514,7 @@ RAW="$WORK/load.tsv"   # one line per measurement
 
 declare -A URL PIDS_OF
 run_load_phase() {
-    check_ports_free "$P_UPSTREAM" "$P_NGINX" "$P_HAPROXY" "$P_QSGUARD" "$P_QSGUARD_ADMIN" "$P_QSGUARD_OFF" "$P_QSGUARD_OFF_ADMIN"
+    check_ports_free "$P_UPSTREAM" "$P_NGINX" "$P_HAPROXY" "$P_QSGUARD" "$P_QSGUARD_ADMIN" "$P_QSGUARD_OFF" "$P_QSGUARD_OFF_ADMIN" "$P_QSGUARD_PAIR" "$P_QSGUARD_PAIR_ADMIN" "$P_REDIS"
     LOAD_MARK=${#OURS[@]}
 
     # The static upstream: nginx, one worker, keep-alive without a request cap, fixed 200 "ok\n".
@@ -532,28 +569,24 @@ run_load_phase() {
 
     start_qsguard qsguard "$PROXY_CORE" "$P_QSGUARD" "$P_QSGUARD_ADMIN" "$P_UPSTREAM"
     PIDS_OF[qsguard]="${STARTED_PIDS[*]}"
-    # The browser logs in once through the guard: the guard learns the session and its device.
-    (
-        exec 3<>"/dev/tcp/127.0.0.1/$P_QSGUARD" || exit 0
-        printf 'GET /login HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: qsguard=%s\r\nConnection: close\r\n\r\n' "$BENCH_DEVICE" >&3
-        timeout 5 cat <&3 >"$WORK/login.answer" || true
-    )
-    # The guard signs the device cookie it issues with the new session (an id the browser chose
-    # is never trusted): wrk's browser sends that one, as a real browser would.
-    local device
-    device="$(tr -d '\r' <"$WORK/login.answer" | grep -i '^set-cookie: qsguard=' | head -n1 | sed -E 's/^[^=]*=([^;[:space:]]*).*/\1/')" || true
-    if [[ -n $device && ${#WRK_EXTRA[@]} -gt 0 ]]; then
-        WRK_EXTRA=(-H "${WRK_HEADER//qsguard=$BENCH_DEVICE/qsguard=$device}")
-    fi
+    login_through qsguard "$P_QSGUARD"
 
     start_qsguard qsguard-noguard "$PROXY_CORE" "$P_QSGUARD_OFF" "$P_QSGUARD_OFF_ADMIN" "$P_UPSTREAM" false
     PIDS_OF[qsguard-noguard]="${STARTED_PIDS[*]}"
+
+    # One guard of a pair: its store (in memory) beside the load generator.
+    start redis "$LOAD_CORE" redis-server --bind 127.0.0.1 --port "$P_REDIS" --save "" --appendonly no
+    wait_port redis "$STARTED_PID" "$P_REDIS"
+    start_qsguard qsguard-pair "$PROXY_CORE" "$P_QSGUARD_PAIR" "$P_QSGUARD_PAIR_ADMIN" "$P_UPSTREAM" true "$P_REDIS"
+    PIDS_OF[qsguard-pair]="${STARTED_PIDS[*]}"
+    login_through qsguard-pair "$P_QSGUARD_PAIR"
 
     URL[direct]="http://127.0.0.1:$P_UPSTREAM/"
     URL[nginx]="http://127.0.0.1:$P_NGINX/"
     URL[haproxy]="http://127.0.0.1:$P_HAPROXY/"
     URL[qsguard]="http://127.0.0.1:$P_QSGUARD/"
     URL[qsguard-noguard]="http://127.0.0.1:$P_QSGUARD_OFF/"
+    URL[qsguard-pair]="http://127.0.0.1:$P_QSGUARD_PAIR/"
     PIDS_OF[direct]=""
 
     local t
@@ -569,6 +602,7 @@ run_load_phase() {
     if [[ $WARMUP != 0 ]]; then
         for t in "${TARGETS[@]}"; do
             log "warm-up $t ($WARMUP, 64 connections)"
+            wrk_header "$t"
             taskset -c "$LOAD_CORE" wrk -t1 -c64 -d"$WARMUP" ${WRK_EXTRA[@]+"${WRK_EXTRA[@]}"} "${URL[$t]}" >/dev/null
         done
     fi
@@ -580,6 +614,7 @@ run_load_phase() {
         for c in $CONNS; do
             for t in "${TARGETS[@]}"; do
                 out="$WORK/wrk-$t-$c-$round.txt"; OUT="$out"
+                wrk_header "$t"
                 read -r -a pids <<<"${PIDS_OF[$t]}"
                 for p in ${pids[@]+"${pids[@]}"}; do
                     alive "$p" || die "$t (pid $p) is no longer running; see $WORK/$t.log"
@@ -621,7 +656,7 @@ run_load_phase() {
         echo
         echo "| proxy | RSS at start KiB | RSS after the load phase KiB | requests measured |"
         echo "|---|---:|---:|---:|"
-        for t in nginx haproxy qsguard qsguard-noguard; do
+        for t in nginx haproxy qsguard qsguard-noguard qsguard-pair; do
             # shellcheck disable=SC2086
             printf '| %s | %s | %s | %s |\n' "$t" "${RSS_START[$t]}" "$(mem_kib ${PIDS_OF[$t]} | cut -d' ' -f1)" \
                 "$(awk -F'\t' -v t="$t" 'NR > 1 && $2 == t {s += $7} END {printf "%.0f", s}' "$RAW")"

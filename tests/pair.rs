@@ -121,6 +121,18 @@ async fn a_browser_alternating_between_the_guards_keeps_one_session_on_one_node(
     assert_eq!(session_guard(&pair.b).counters.restored.load(Relaxed), 1);
     assert_eq!(pair.created(), 1);
     assert_eq!(pair.refusals(), 0);
+    // A dump of the store gives no one a session: no cookie value, no device id, and user
+    // names only as the owner of a record, never in a key.
+    let dump = redis.dump().await;
+    assert!(dump.contains("u:") && dump.contains("s:"), "{dump}");
+    assert!(!dump.contains(&value), "{dump}");
+    assert!(
+        dump.lines()
+            .all(|l| !l.split(' ').next().unwrap().to_lowercase().contains("alt")),
+        "{dump}"
+    );
+    common::audit::scan("the cluster store", &dump);
+    common::audit::assert_clean();
     pair.shutdown().await;
 }
 

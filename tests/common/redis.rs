@@ -91,6 +91,47 @@ impl Redis {
         panic!("redis-server on port {} did not answer", self.port);
     }
 
+    /// Every key and every value in the store, as text (for the secrets audit: a dump of the
+    /// store must give no one a session).
+    pub async fn dump(&self) -> String {
+        let client = redis::Client::open(self.url()).expect("redis url");
+        let mut c = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to the test's redis-server");
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("*")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let mut out = String::new();
+        for k in keys {
+            let kind: String = redis::cmd("TYPE")
+                .arg(&k)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            let value: Vec<String> = match kind.as_str() {
+                "hash" => redis::cmd("HGETALL")
+                    .arg(&k)
+                    .query_async(&mut c)
+                    .await
+                    .unwrap(),
+                "zset" => redis::cmd("ZRANGE")
+                    .arg(&k)
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut c)
+                    .await
+                    .unwrap(),
+                "string" => vec![redis::cmd("GET").arg(&k).query_async(&mut c).await.unwrap()],
+                other => vec![format!("({other})")],
+            };
+            out.push_str(&format!("{k} {}\n", value.join(" ")));
+        }
+        out
+    }
+
     /// Kills it (no shutdown courtesy: a store that dies is what the guard must survive).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
