@@ -461,10 +461,38 @@ pub struct ClusterConfig {
     /// With `rediss://`: the CA (PEM) that signed the store's certificate; unset: the
     /// system's roots.
     pub ca_file: Option<PathBuf>,
+    /// A secret every guard of the pair has and the store has not (32 bytes or more): cookie
+    /// values are then kept in the store sealed with it, so that a guard that has not seen a
+    /// session can still restore or reuse it. Unset: the store holds no values.
+    pub secret_file: Option<PathBuf>,
 }
 
 fn default_key_prefix() -> String {
     "qsguard:".into()
+}
+
+/// The pair's secret in `cluster.secret_file`: at least 32 bytes once trimmed (a line of
+/// base64 or hex from 32 random bytes, say).
+pub fn pair_secret(file: &Path) -> Result<Vec<u8>, ConfigError> {
+    let bytes = std::fs::read(file).map_err(|e| {
+        err(
+            "cluster.secret_file",
+            format!("cannot read {}: {e}", file.display()),
+        )
+    })?;
+    let secret = bytes.trim_ascii().to_vec();
+    if secret.len() < 32 {
+        return Err(err(
+            "cluster.secret_file",
+            format!(
+                "{} holds {} bytes: at least 32 are needed (head -c 32 /dev/urandom | base64 > {})",
+                file.display(),
+                secret.len(),
+                file.display()
+            ),
+        ));
+    }
+    Ok(secret)
 }
 
 /// By hand: the URL may carry the store's password, and a debug line must not.
@@ -476,6 +504,7 @@ impl std::fmt::Debug for ClusterConfig {
             .field("key_prefix", &self.key_prefix)
             .field("store_timeout", &self.store_timeout)
             .field("ca_file", &self.ca_file)
+            .field("secret_file", &self.secret_file)
             .finish()
     }
 }
@@ -768,6 +797,9 @@ impl Config {
         }
         if let Err(e) = redis::Client::open(c.redis_url.as_str()) {
             return Err(err("cluster.redis_url", format!("not a Redis URL: {e}")));
+        }
+        if let Some(f) = &c.secret_file {
+            pair_secret(f)?;
         }
         let key_safe = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic());
         if let Some(name) = &c.name {
@@ -1522,6 +1554,10 @@ url = "http://127.0.0.1:4280"
                 "cluster.ca_file",
             ),
             (
+                "redis_url = \"redis://h\"\nsecret_file = \"/nonexistent/pair.secret\"",
+                "cluster.secret_file",
+            ),
+            (
                 "redis_url = \"rediss://h\"\nca_file = \"/nonexistent/ca.pem\"",
                 "cluster.ca_file",
             ),
@@ -1542,6 +1578,20 @@ url = "http://127.0.0.1:4280"
                 "cluster.store_timeout",
             ),
         ];
+        let short =
+            std::env::temp_dir().join(format!("qsguard-short-secret-{}", std::process::id()));
+        std::fs::write(&short, "too short\n").unwrap();
+        let e = Config::parse(&format!(
+            "{MIN}[cluster]\nredis_url = \"redis://h\"\nsecret_file = \"{}\"\n",
+            short.display()
+        ))
+        .unwrap_err()
+        .to_string();
+        let _ = std::fs::remove_file(&short);
+        assert!(
+            e.starts_with("cluster.secret_file") && e.contains("32"),
+            "{e}"
+        );
         let tls = Config::parse(&format!(
             "{MIN}[cluster]\nredis_url = \"rediss://h:6380/0\"\nca_file = \"/etc/hosts\"\n"
         ))

@@ -21,6 +21,7 @@ fn store(redis: &Redis, name: &str) -> Store {
         key_prefix: "qsguard:test:".into(),
         store_timeout: Duration::from_millis(100),
         ca_file: None,
+        secret_file: None,
     })
     .expect("store client")
 }
@@ -34,6 +35,8 @@ fn rec<'a>(owner: &'a str, session: &'a str, node: &'a str, lives: Duration) -> 
         vp: "",
         lives,
         devices: &[],
+        sealed: "",
+        attributes: "",
     }
 }
 
@@ -209,6 +212,7 @@ async fn the_store_over_tls_is_reached_with_its_ca_and_refused_without_it() {
         key_prefix: "qsguard:test:".into(),
         store_timeout: Duration::from_millis(500),
         ca_file,
+        secret_file: None,
     };
     let trusted = Store::new(&config(Some(cert.cert_file()))).unwrap();
     let r = trusted

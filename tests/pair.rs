@@ -15,11 +15,22 @@ use qsguard::Guard;
 
 /// The config of guard `name` of a pair sharing `redis`, in front of `nodes`.
 fn pair_config(nodes: &[SocketAddr], redis: &Redis, name: &str, sessions: &str) -> String {
+    pair_config_with(nodes, redis, name, sessions, "")
+}
+
+/// [`pair_config`] with more `[cluster]` lines.
+fn pair_config_with(
+    nodes: &[SocketAddr],
+    redis: &Redis,
+    name: &str,
+    sessions: &str,
+    cluster: &str,
+) -> String {
     config_text(
         nodes,
         "",
         &format!(
-            "[sessions]\n{sessions}\n[cluster]\nredis_url = \"{}\"\nname = \"{name}\"\nkey_prefix = \"qsguard:pair-test:\"\nstore_timeout = \"200ms\"\n",
+            "[sessions]\n{sessions}\n[cluster]\nredis_url = \"{}\"\nname = \"{name}\"\nkey_prefix = \"qsguard:pair-test:\"\nstore_timeout = \"200ms\"\n{cluster}\n",
             redis.url()
         ),
     )
@@ -33,10 +44,20 @@ struct Pair {
 
 impl Pair {
     async fn start(redis: &Redis, sessions: &str) -> Pair {
+        Pair::start_with(redis, sessions, "").await
+    }
+
+    async fn start_with(redis: &Redis, sessions: &str, cluster: &str) -> Pair {
         let sims = [sim().await, sim().await];
         let nodes = [sims[0].addr(), sims[1].addr()];
-        let a = guard_with(&pair_config(&nodes, redis, "guard-a", sessions)).await;
-        let b = guard_with(&pair_config(&nodes, redis, "guard-b", sessions)).await;
+        let a = guard_with(&pair_config_with(
+            &nodes, redis, "guard-a", sessions, cluster,
+        ))
+        .await;
+        let b = guard_with(&pair_config_with(
+            &nodes, redis, "guard-b", sessions, cluster,
+        ))
+        .await;
         Pair { sims, a, b }
     }
 
@@ -373,12 +394,19 @@ async fn one_guard_killed_reloaded_or_upgraded_while_the_other_serves() {
     round(a.addr, &mut browsers, "through A").await;
     round(b.addr, &mut browsers, "through B").await;
 
-    // A dies without a word: the balancer sends everyone to B, which serves every user on
-    // their own session, and still counts Ann at the limit.
+    // A dies without a word while B serves (the same browsers, in other tabs, go on through
+    // B all along): the balancer sends everyone to B, which serves every user on their own
+    // session, and still counts Ann at the limit.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let through_b = tokio::spawn(keep_browsing([b.addr, b.addr], browsers.clone(), stop_rx));
+    tokio::time::sleep(Duration::from_millis(100)).await;
     kill("-KILL", a.pid);
     let _ = exited(a.child).await;
     reap.0.retain(|p| *p != a.pid);
     round(b.addr, &mut browsers, "through B after A died").await;
+    stop_tx.send(true).unwrap();
+    let served = through_b.await.expect("no request through B failed");
+    assert!(served > 9, "the load through B went on: {served}");
     assert_eq!(created(), 9, "no user got a new Qlik session");
     let page = browse_as(b.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\ann").await;
     assert_eq!(page.status, 429, "{}", page.text());
@@ -490,6 +518,7 @@ fn probe(redis: &Redis) -> qsguard::cluster::store::Store {
         key_prefix: "qsguard:pair-test:".into(),
         store_timeout: Duration::from_millis(500),
         ca_file: None,
+        secret_file: None,
     })
     .unwrap()
 }
@@ -532,5 +561,109 @@ async fn activity_through_one_guard_keeps_a_session_counted_for_the_pair_and_idl
         0,
         "idle past its timeout"
     );
+    pair.shutdown().await;
+}
+
+#[tokio::test]
+async fn with_the_pairs_secret_a_guard_restores_and_reuses_sessions_it_never_saw() {
+    let redis = Redis::start().await;
+    let dir = TempDir::new("pair-secret");
+    let secret = dir.write(
+        "pair.secret",
+        "c2VjcmV0IHNoYXJlZCBieSB0aGUgdHdvIGd1YXJkcyBvbmx5IQ==\n",
+    );
+    let pair = Pair::start_with(
+        &redis,
+        "on_limit = \"reuse\"",
+        &format!("secret_file = \"{}\"", secret.display()),
+    )
+    .await;
+
+    // A browser's session made through A; the browser restarts (its session cookie gone) and
+    // comes back through B, which never saw the session: its own session is put back.
+    let mut jar = Jar::new();
+    let r = browse_as(pair.a.addr, "/hdr/hub/", &mut jar, "CORP\\far").await;
+    assert_eq!(r.status, 200);
+    let value = jar_get(&jar, COOKIE).unwrap();
+    // The commit is written behind the login: the store has it (with the browser's device)
+    // a moment later.
+    let store = probe(&redis);
+    let key = qsguard::cluster::store::session_key(&value);
+    real_poll_async(
+        "the session and its device in the store",
+        Duration::from_secs(3),
+        || {
+            let (store, key) = (&store, &key);
+            async move {
+                let r = store.lookup(key).await.ok()??;
+                (!r.devices.is_empty() && r.sealed.is_some()).then_some(())
+            }
+        },
+    )
+    .await;
+    let mut restarted = without(&jar, COOKIE);
+    let r = browse_as(pair.b.addr, "/hdr/hub/back", &mut restarted, "CORP\\far").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        session_guard(&pair.b).counters.restored.load(Relaxed),
+        1,
+        "restored through B"
+    );
+    assert_eq!(jar_get(&restarted, COOKIE).as_deref(), Some(value.as_str()));
+    assert_eq!(pair.created(), 1, "no second session");
+
+    // Five scripts of one user through A; a sixth through B at the limit goes with one of
+    // the five (reuse), which B had never seen.
+    for _ in 0..5 {
+        let r = browse_as(pair.a.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\bot").await;
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(pair.live("CORP\\bot"), 5);
+    real_poll_async(
+        "the five in the store, sealed",
+        Duration::from_secs(3),
+        || {
+            let store = &store;
+            async move {
+                let found = store.user_sessions("CORP\\bot").await.ok()?;
+                (found.iter().filter(|(_, r)| r.sealed.is_some()).count() == 5).then_some(())
+            }
+        },
+    )
+    .await;
+    let r = browse_as(pair.b.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\bot").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(session_guard(&pair.b).counters.reused.load(Relaxed), 1);
+    assert_eq!(pair.live("CORP\\bot"), 5);
+    assert_eq!(pair.refusals(), 0);
+
+    // A link of a device to Far's session written into the store by an intruder (without
+    // the tag only a guard can make) leads nowhere; the link A made does.
+    let c = session_guard(&pair.b).cluster().unwrap();
+    let real: u128 = u128::from_str_radix(
+        jar_get(&jar, "qsguard").unwrap().split('.').next().unwrap(),
+        16,
+    )
+    .unwrap();
+    assert_eq!(c.device_sessions(real).await.len(), 1);
+    let forged = qsguard::cluster::store::device_key(0xdead_beef);
+    redis
+        .cmd(&["SADD", &format!("qsguard:pair-test:d:{forged}"), &key])
+        .await;
+    redis
+        .cmd(&[
+            "HSET",
+            &format!("qsguard:pair-test:s:{key}"),
+            &format!("d:{forged}"),
+            "1",
+        ])
+        .await;
+    assert!(c.device_sessions(0xdead_beef).await.is_empty());
+
+    // The store holds the values sealed only.
+    let dump = redis.dump().await;
+    assert!(!dump.contains(&value), "{dump}");
+    common::audit::scan("the cluster store", &dump);
+    common::audit::assert_clean();
     pair.shutdown().await;
 }

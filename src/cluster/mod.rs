@@ -19,6 +19,7 @@
 //!   writes every live session it knows (and a store that came back empty gets all of them:
 //!   each guard keeps a mark in the store whose absence says so).
 
+pub mod seal;
 pub mod store;
 
 use std::collections::HashMap;
@@ -40,8 +41,14 @@ use store::{NewSession, Reservation, SessionRecord, Store, StoreError, Touch};
 pub enum Change {
     /// A live session whose owner is known now (made, adopted, owner resolved).
     Owned(Arc<Session>),
-    /// A session made under a slot the store granted: the slot becomes the session.
-    Made(Arc<Session>, User, Reservation),
+    /// A session made under a slot the store granted: the slot becomes the session; `done`
+    /// hears when the store has it.
+    Made(
+        Arc<Session>,
+        User,
+        Reservation,
+        Option<tokio::sync::oneshot::Sender<()>>,
+    ),
     /// A session ended by a logout, an eviction, Qlik or an admin (not by the timeout: the
     /// other guard may have kept it alive).
     Ended { owner: User, value: Box<str> },
@@ -90,11 +97,19 @@ pub struct Cluster {
     /// The store's reservations by the id of the table's own reservation they go with.
     slots: Mutex<HashMap<u64, Reservation>>,
     events: Arc<Events>,
+    /// Seals cookie values for the store (`cluster.secret_file`), if the pair has a secret.
+    sealer: Option<seal::Sealer>,
 }
 
 impl Cluster {
     pub fn new(config: &ClusterConfig, events: Arc<Events>) -> Result<Cluster, String> {
         let store = Store::new(config).map_err(|e| format!("cluster.redis_url: {e}"))?;
+        let sealer = match &config.secret_file {
+            Some(f) => Some(seal::Sealer::new(
+                &crate::config::pair_secret(f).map_err(|e| e.to_string())?,
+            )),
+            None => None,
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         Ok(Cluster {
             store,
@@ -109,6 +124,7 @@ impl Cluster {
             rx: Mutex::new(Some(rx)),
             slots: Mutex::new(HashMap::new()),
             events,
+            sealer,
         })
     }
 
@@ -237,10 +253,26 @@ impl Cluster {
     }
 
     /// A session was made under the table's reservation `local`: the store's slot becomes it.
-    pub fn made(&self, s: &Arc<Session>, user: &User, local: u64) {
-        if let Some(r) = self.lock_slots().remove(&local) {
-            let _ = self.tx.send(Change::Made(s.clone(), user.clone(), r));
-        }
+    /// The receiver hears when the store has it (see [`Cluster::settled`]).
+    pub fn made(
+        &self,
+        s: &Arc<Session>,
+        user: &User,
+        local: u64,
+    ) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        let r = self.lock_slots().remove(&local)?;
+        let (done, heard) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Change::Made(s.clone(), user.clone(), r, Some(done)))
+            .ok()?;
+        Some(heard)
+    }
+
+    /// Waits (at most `store_timeout`) until the store has a session just made, so that the
+    /// browser's next request, whichever guard it reaches, finds it there: the answer that
+    /// sets the cookie waits one store write, a login's only.
+    pub async fn settled(&self, heard: tokio::sync::oneshot::Receiver<()>) {
+        let _ = tokio::time::timeout(self.store.deadline(), heard).await;
     }
 
     /// Ends a session in the store now (an eviction, before the slot it frees is asked for).
@@ -250,6 +282,72 @@ impl Cluster {
             self.call("end", self.store.end(&owner_name(&owner), &key))
                 .await;
         }
+    }
+
+    /// The tag of a device's link to a session: keyed with the pair's secret, `"1"` without.
+    fn link_tag(&self, key: &str, device: &str) -> String {
+        match &self.sealer {
+            Some(s) => s.link_tag(key, device),
+            None => "1".into(),
+        }
+    }
+
+    /// Whether the store holds sealed cookie values (the pair has a secret).
+    pub fn seals(&self) -> bool {
+        self.sealer.is_some()
+    }
+
+    /// Opens what the store gives: only values sealed by the pair for the very record they
+    /// are in (the record's key is the hash of the value).
+    fn opened(&self, found: Vec<(String, SessionRecord)>) -> Vec<(String, SessionRecord)> {
+        let Some(sealer) = &self.sealer else {
+            return Vec::new();
+        };
+        found
+            .into_iter()
+            .filter_map(|(key, r)| {
+                let value = sealer.open(&key, r.sealed.as_deref()?)?;
+                (store::session_key(&value) == key).then_some((value, r))
+            })
+            .collect()
+    }
+
+    /// The sessions, with their values, that a guard of the pair linked to `device`. Only with
+    /// a secret, and not while the store is down.
+    pub async fn device_sessions(&self, device: u128) -> Vec<(String, SessionRecord)> {
+        if self.sealer.is_none() || !self.is_up() {
+            return Vec::new();
+        }
+        let device = store::device_key(device);
+        let found = self
+            .call("device sessions", self.store.device_sessions(&device))
+            .await
+            .unwrap_or_default();
+        let Some(sealer) = &self.sealer else {
+            return Vec::new();
+        };
+        // Only links a guard made (tagged with the secret): one written into the store by
+        // anyone else does not lead a browser to someone's session.
+        self.opened(found)
+            .into_iter()
+            .filter(|(value, r)| {
+                let tag = sealer.link_tag(&store::session_key(value), &device);
+                r.device_tags.get(&device) == Some(&tag)
+            })
+            .collect()
+    }
+
+    /// The user's sessions in the pair, with their values, the latest active first. Only with
+    /// a secret, and not while the store is down.
+    pub async fn user_sessions(&self, user: &User) -> Vec<(String, SessionRecord)> {
+        if self.sealer.is_none() || !self.is_up() {
+            return Vec::new();
+        }
+        let found = self
+            .call("user sessions", self.store.user_sessions(&owner_name(user)))
+            .await
+            .unwrap_or_default();
+        self.opened(found)
     }
 
     /// What the store knows of a cookie value this guard does not know. Not asked while the
@@ -373,8 +471,24 @@ impl Writer<'_> {
             return;
         }
         let (name, key) = (owner_name(owner), store::session_key(&s.id));
-        let ids = s.meta().devices.clone();
-        let devices: Vec<String> = ids.iter().map(|d| store::device_key(*d)).collect();
+        let (ids, attributes) = {
+            let m = s.meta();
+            (m.devices.clone(), m.cookie_attributes.clone())
+        };
+        let sealed = self
+            .c
+            .sealer
+            .as_ref()
+            .map(|k| k.seal(&key, &s.id))
+            .unwrap_or_default();
+        let devices: Vec<(String, String)> = ids
+            .iter()
+            .map(|d| {
+                let device = store::device_key(*d);
+                let tag = self.c.link_tag(&key, &device);
+                (device, tag)
+            })
+            .collect();
         let now = self.table.now_ms();
         let record = NewSession {
             owner: &name,
@@ -383,6 +497,8 @@ impl Writer<'_> {
             vp: self.prefixes.get(s.vp).map_or("", |p| p.as_str()),
             lives: self.lives(s, now),
             devices: &devices,
+            sealed: &sealed,
+            attributes: &attributes,
         };
         if self
             .call("commit", self.c.store.commit(reservation, &record))
@@ -425,11 +541,14 @@ impl Writer<'_> {
                     }
                 }
             }
-            Change::Made(s, user, r) => {
+            Change::Made(s, user, r, done) => {
                 // The owner Qlik names later wins (`Owned`); until then the user the slot was
                 // reserved for is the best the guard knows.
                 let owner = s.owner().unwrap_or(user);
                 self.commit(&s, &owner, Some(&r)).await;
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
             }
             Change::Ended { owner, value } => {
                 let (name, key) = (owner_name(&owner), store::session_key(&value));
@@ -451,7 +570,9 @@ impl Writer<'_> {
                 }
                 if s.state() == State::Live && owner.is_some() {
                     let key = store::session_key(&s.id);
-                    self.call("link", self.c.store.link(&key, &store::device_key(device)))
+                    let device = store::device_key(device);
+                    let tag = self.c.link_tag(&key, &device);
+                    self.call("link", self.c.store.link(&key, &device, &tag))
                         .await;
                 }
             }

@@ -41,7 +41,10 @@ return {1, n}
 
 /// A session made (or met) by a guard: its reservation (ARGV[1], may be empty) becomes the
 /// session ARGV[2], live for ARGV[3] ms, owned by ARGV[4] on node ARGV[5] through guard ARGV[6],
-/// on the virtual proxy ARGV[7]; ARGV[8..] are the (hashed) devices the guard linked to it.
+/// on the virtual proxy ARGV[7], its cookie value sealed ARGV[8] (may be empty) and Qlik's
+/// cookie attributes ARGV[9]; ARGV[11..] are pairs of a (hashed) device the guard linked to it
+/// and the link's tag, each device indexed under the key prefix ARGV[10] (`d:<device>`: the
+/// sessions of a device).
 const COMMIT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -49,17 +52,27 @@ local ttl = tonumber(ARGV[3])
 if ARGV[1] ~= '' then redis.call('ZREM', KEYS[2], ARGV[1]) end
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[2])
 if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
-redis.call('HSET', KEYS[3], 'owner', ARGV[4], 'node', ARGV[5], 'guard', ARGV[6], 'vp', ARGV[7])
-for i = 8, #ARGV do redis.call('HSET', KEYS[3], 'd:' .. ARGV[i], '1') end
+redis.call('HSET', KEYS[3], 'owner', ARGV[4], 'node', ARGV[5], 'guard', ARGV[6], 'vp', ARGV[7], 'a', ARGV[9])
+if ARGV[8] ~= '' then redis.call('HSET', KEYS[3], 'v', ARGV[8]) end
+for i = 11, #ARGV, 2 do
+  redis.call('HSET', KEYS[3], 'd:' .. ARGV[i], ARGV[i + 1])
+  local d = ARGV[10] .. 'd:' .. ARGV[i]
+  redis.call('SADD', d, ARGV[2])
+  if redis.call('PTTL', d) < ttl then redis.call('PEXPIRE', d, ttl) end
+end
 redis.call('PEXPIRE', KEYS[3], ttl)
 return 1
 "#;
 
-/// A device (ARGV[1], hashed) linked to a session (KEYS[1]) that is still in the store: a
-/// session ended meanwhile is not brought back as a record without a lifetime.
+/// A device (ARGV[1], hashed; the link's tag ARGV[4]) linked to a session (KEYS[1], whose key
+/// is ARGV[3]) that is still in the store, and indexed under ARGV[2]: a session ended meanwhile
+/// is not brought back as a record without a lifetime.
 const LINK: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'd:' .. ARGV[1], '1')
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then
+  redis.call('HSET', KEYS[1], 'd:' .. ARGV[1], ARGV[4])
+  redis.call('SADD', ARGV[2], ARGV[3])
+  if redis.call('PTTL', ARGV[2]) < ttl then redis.call('PEXPIRE', ARGV[2], ttl) end
   return 1
 end
 return 0
@@ -129,6 +142,14 @@ pub struct SessionRecord {
     pub vp: String,
     /// The hashed device ids a guard of the pair linked to it (see [`device_key`]).
     pub devices: Vec<String>,
+    /// Each link's tag (keyed with the pair's secret, `"1"` without one): with a secret, a
+    /// device listed without its tag was not linked by a guard.
+    pub device_tags: std::collections::HashMap<String, String>,
+    /// The cookie value, sealed with the pair's secret (`cluster.secret_file`), if the guards
+    /// have one.
+    pub sealed: Option<String>,
+    /// Qlik's attributes for the cookie (to set it back as Qlik did).
+    pub attributes: String,
 }
 
 /// A session as [`Store::commit`] records it.
@@ -139,8 +160,32 @@ pub struct NewSession<'a> {
     pub node: &'a str,
     pub vp: &'a str,
     pub lives: Duration,
-    /// Hashed device ids ([`device_key`]).
-    pub devices: &'a [String],
+    /// Hashed device ids ([`device_key`]) and the tags of their links.
+    pub devices: &'a [(String, String)],
+    /// The cookie value sealed with the pair's secret, or empty.
+    pub sealed: &'a str,
+    pub attributes: &'a str,
+}
+
+/// A record as Redis gives it, if it is one.
+fn record_of(fields: &std::collections::HashMap<String, String>) -> Option<SessionRecord> {
+    Some(SessionRecord {
+        owner: fields.get("owner")?.clone(),
+        node: fields.get("node")?.clone(),
+        guard: fields.get("guard").cloned().unwrap_or_default(),
+        vp: fields.get("vp").cloned().unwrap_or_default(),
+        devices: fields
+            .keys()
+            .filter_map(|k| k.strip_prefix("d:"))
+            .map(str::to_string)
+            .collect(),
+        device_tags: fields
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix("d:")?.to_string(), v.clone())))
+            .collect(),
+        sealed: fields.get("v").filter(|v| !v.is_empty()).cloned(),
+        attributes: fields.get("a").cloned().unwrap_or_default(),
+    })
 }
 
 /// A session's key in the store: a hash of the cookie value. Qlik's session ids are random
@@ -229,6 +274,11 @@ impl Store {
             touch: Script::new(TOUCH),
             link: Script::new(LINK),
         })
+    }
+
+    /// How long a call may take.
+    pub fn deadline(&self) -> Duration {
+        self.deadline
     }
 
     /// Users are compared without case (as Qlik does), so both guards key `DIR\Ann` and
@@ -339,9 +389,12 @@ impl Store {
             .arg(s.owner)
             .arg(s.node)
             .arg(&self.guard)
-            .arg(s.vp);
-        for d in s.devices {
-            call.arg(d);
+            .arg(s.vp)
+            .arg(s.sealed)
+            .arg(s.attributes)
+            .arg(&self.prefix);
+        for (d, tag) in s.devices {
+            call.arg(d).arg(tag);
         }
         let _: i64 = self.within(call.invoke_async(&mut conn)).await?;
         Ok(())
@@ -349,13 +402,16 @@ impl Store {
 
     /// A device linked to a session after it was committed; false when the store no longer
     /// has the session.
-    pub async fn link(&self, session: &str, device: &str) -> Result<bool, StoreError> {
+    pub async fn link(&self, session: &str, device: &str, tag: &str) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
         let n: i64 = self
             .within(
                 self.link
                     .key(self.session_key(session))
                     .arg(device)
+                    .arg(format!("{}d:{device}", self.prefix))
+                    .arg(session)
+                    .arg(tag)
                     .invoke_async(&mut conn),
             )
             .await?;
@@ -424,20 +480,62 @@ impl Store {
                     .query_async(&mut conn),
             )
             .await?;
-        Ok(match (fields.get("owner"), fields.get("node")) {
-            (Some(owner), Some(node)) => Some(SessionRecord {
-                owner: owner.clone(),
-                node: node.clone(),
-                guard: fields.get("guard").cloned().unwrap_or_default(),
-                vp: fields.get("vp").cloned().unwrap_or_default(),
-                devices: fields
-                    .keys()
-                    .filter_map(|k| k.strip_prefix("d:"))
-                    .map(str::to_string)
-                    .collect(),
-            }),
-            _ => None,
-        })
+        Ok(record_of(&fields))
+    }
+
+    /// The records of `keys` (session keys), in one round trip; sessions gone are left out.
+    async fn records(&self, keys: &[String]) -> Result<Vec<(String, SessionRecord)>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for k in keys {
+            pipe.cmd("HGETALL").arg(self.session_key(k));
+        }
+        let mut conn = self.conn.clone();
+        let all: Vec<std::collections::HashMap<String, String>> =
+            self.within(pipe.query_async(&mut conn)).await?;
+        Ok(keys
+            .iter()
+            .zip(all)
+            .filter_map(|(k, f)| record_of(&f).map(|r| (k.clone(), r)))
+            .collect())
+    }
+
+    /// The sessions a guard of the pair linked to a device (hashed, [`device_key`]).
+    pub async fn device_sessions(
+        &self,
+        device: &str,
+    ) -> Result<Vec<(String, SessionRecord)>, StoreError> {
+        let mut conn = self.conn.clone();
+        let keys: Vec<String> = self
+            .within(
+                redis::cmd("SMEMBERS")
+                    .arg(format!("{}d:{device}", self.prefix))
+                    .query_async(&mut conn),
+            )
+            .await?;
+        self.records(&keys).await
+    }
+
+    /// The user's sessions the pair counts, the one that lives longest (the latest active)
+    /// first.
+    pub async fn user_sessions(
+        &self,
+        user: &str,
+    ) -> Result<Vec<(String, SessionRecord)>, StoreError> {
+        let (sessions, _) = self.user_keys(user);
+        let mut conn = self.conn.clone();
+        let keys: Vec<String> = self
+            .within(
+                redis::cmd("ZREVRANGE")
+                    .arg(&sessions)
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        self.records(&keys).await
     }
 
     /// A session ended (logout, eviction, Qlik replaced it): it stops counting for both guards.

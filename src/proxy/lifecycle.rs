@@ -477,6 +477,12 @@ async fn after(x: &mut Exchange, resp: &Head, conn: &mut Conn) -> Result<After, 
         (Some(g), Some(c)) => g.after(c, &node.name_arc(), x.head.target(), resp.status, resp),
         _ => Vec::new(),
     };
+    // A pair: a new session's answer waits until the store has it (boxed: only a login's).
+    if let (Some(g), Some(c)) = (&x.proxy.sessions, x.ctx.as_deref_mut()) {
+        if let Some(settled) = g.settle(c) {
+            settled.await;
+        }
+    }
     if x.settings.sticky_cookie.is_some() {
         extra.extend(
             x.proxy

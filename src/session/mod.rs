@@ -121,6 +121,8 @@ pub struct Context {
     /// The node of the browser's login dance in progress, for a request without a session.
     pub node_hint: Option<Arc<str>>,
     pub peer: IpAddr,
+    /// With a pair: hears when the store has the session this answer makes.
+    pair_written: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 /// What a request holds in the guard while it is on its way: a slot in its user's count (when
@@ -684,6 +686,7 @@ impl SessionGuard {
             client: None,
             node_hint: None,
             peer,
+            pair_written: None,
         });
         Ok((ctx, cookie))
     }
@@ -806,8 +809,7 @@ impl SessionGuard {
         ctx: &mut Context,
         value: &str,
     ) -> bool {
-        let local = self.table.get(ctx.vp, value);
-        if let Some(s) = &local {
+        if let Some(s) = self.table.get(ctx.vp, value) {
             if !matches!(s.state(), State::Expired | State::Unconfirmed) {
                 return false;
             }
@@ -815,49 +817,77 @@ impl SessionGuard {
         let Some(record) = c.lookup(value).await else {
             return false;
         };
-        if record.vp != self.vps[ctx.vp].prefix {
-            return false;
-        }
-        let Some(owner) = crate::cluster::owner_of(&record.owner) else {
-            return false;
-        };
-        if ctx.identity.as_ref().is_some_and(|i| i.key != owner.key) {
-            return false;
-        }
-        let Some(node) = self
-            .nodes
-            .load()
-            .keys()
-            .find(|n| ***n == *record.node)
-            .cloned()
+        let Some(s) = self.take_from_pair(ctx.vp, value, &record, ctx.identity.as_ref(), ctx.tls)
         else {
             return false;
         };
-        let s = match local {
-            Some(s) if s.state() == State::Expired => {
-                if !self.table.revive(&s) {
-                    return false;
-                }
-                s
-            }
-            Some(s) => {
-                if !self.table.confirm(&s) {
-                    return false;
-                }
-                s
-            }
-            None => self
-                .table
-                .insert(ctx.vp, value, node, None, None, default_attributes(ctx.tls)),
-        };
-        self.table.set_owner(&s, owner);
         let device = crate::cluster::store::device_key(ctx.device);
         if ctx.device_trusted && !ctx.new_device && record.devices.contains(&device) {
             self.table.link_device(&s, ctx.device);
         }
-        self.counters.adopted.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(session = %s.hash, user = %owner_text(&s), vp = %self.vps[ctx.vp].prefix, from = %record.guard, "a session of the pair adopted from the cluster store");
         true
+    }
+
+    /// A session the pair's store records, made this guard's: of virtual proxy `vp`, on a
+    /// node this guard has, of the user `identity` names (if any). Inserted, or revived if
+    /// this guard had let it expire while the other kept it in use, or confirmed if it was
+    /// waiting for Qlik's word. `None` when it does not fit, or this guard knows it ended.
+    fn take_from_pair(
+        &self,
+        vp: usize,
+        value: &str,
+        record: &crate::cluster::store::SessionRecord,
+        identity: Option<&User>,
+        tls: bool,
+    ) -> Option<Arc<Session>> {
+        if record.vp != self.vps[vp].prefix {
+            return None;
+        }
+        let owner = crate::cluster::owner_of(&record.owner)?;
+        if identity.is_some_and(|i| i.key != owner.key) {
+            return None;
+        }
+        let node = self
+            .nodes
+            .load()
+            .keys()
+            .find(|n| ***n == *record.node)
+            .cloned()?;
+        let s = match self.table.get(vp, value) {
+            Some(s) if s.state() == State::Live => return Some(s),
+            Some(s) if s.state() == State::Expired => self.table.revive(&s).then_some(s)?,
+            Some(s) if s.state() == State::Unconfirmed => self.table.confirm(&s).then_some(s)?,
+            // Ended here (a logout, Qlik's word): dead, whatever the store still says.
+            Some(_) => return None,
+            None => {
+                let attributes = if record.attributes.is_empty() {
+                    default_attributes(tls)
+                } else {
+                    record.attributes.clone()
+                };
+                self.table.insert(vp, value, node, None, None, attributes)
+            }
+        };
+        self.table.set_owner(&s, owner);
+        self.counters.adopted.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(session = %s.hash, user = %owner_text(&s), vp = %self.vps[vp].prefix, from = %record.guard, "a session of the pair adopted from the cluster store");
+        Some(s)
+    }
+
+    /// A browser this guard does not know a session of: the sessions a guard of the pair
+    /// linked to its (signed) device, taken from the store with their sealed values, so that
+    /// the restore below finds them. Only with the pair's secret.
+    async fn device_sessions_from_pair(&self, ctx: &Context) {
+        let Some(c) = self.cluster.as_ref().filter(|c| c.seals()) else {
+            return;
+        };
+        for (value, record) in c.device_sessions(ctx.device).await {
+            if let Some(s) =
+                self.take_from_pair(ctx.vp, &value, &record, ctx.identity.as_ref(), ctx.tls)
+            {
+                self.table.link_device(&s, ctx.device);
+            }
+        }
     }
 
     /// A request without a live session: note the browser (its login dance's node, Host,
@@ -1024,16 +1054,24 @@ impl SessionGuard {
         headers: &H,
     ) -> Result<Verdict, Box<Context>> {
         let info = &self.vps[ctx.vp];
-        let restored = (info.restore && ctx.device_trusted)
-            .then(|| {
-                self.table.device_session(
-                    ctx.device,
-                    ctx.vp,
-                    ctx.identity.as_ref(),
-                    info.identity_header.is_some(),
-                )
-            })
-            .flatten();
+        let local = || {
+            (info.restore && ctx.device_trusted)
+                .then(|| {
+                    self.table.device_session(
+                        ctx.device,
+                        ctx.vp,
+                        ctx.identity.as_ref(),
+                        info.identity_header.is_some(),
+                    )
+                })
+                .flatten()
+        };
+        let mut restored = local();
+        if restored.is_none() && info.restore && ctx.device_trusted {
+            // Perhaps a session made through the other guard of the pair.
+            self.device_sessions_from_pair(&ctx).await;
+            restored = local();
+        }
         if let Some(s) = restored {
             self.counters.restored.fetch_add(1, Ordering::Relaxed);
             match (cookie.first, &ctx.unknown) {
@@ -1312,16 +1350,34 @@ impl SessionGuard {
 
     /// A session made under the request's or its flight's slot: in the pair's store the
     /// slot becomes the session (before the slot is released here).
-    fn made_under_slot(&self, ctx: &Context, s: &Arc<Session>) {
-        let Some(c) = &self.cluster else { return };
+    fn made_under_slot(
+        &self,
+        ctx: &Context,
+        s: &Arc<Session>,
+    ) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        let c = self.cluster.as_ref()?;
+        let mut heard = None;
         if let Some((u, r)) = &ctx.holds.reservation {
-            c.made(s, u, *r);
+            heard = c.made(s, u, *r);
         }
         if let Some(f) = self.flights.get(ctx.device, ctx.vp) {
             if let Some((u, r)) = &f.dance().reservation {
-                c.made(s, u, *r);
+                heard = c.made(s, u, *r).or(heard);
             }
         }
+        heard
+    }
+
+    /// After the response phase: with a pair, the answer that sets a new session's cookie
+    /// waits until the store has the session (see [`crate::cluster::Cluster::settled`]).
+    /// `None` (nothing to wait for) on every other answer.
+    pub fn settle(
+        &self,
+        ctx: &mut Context,
+    ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> {
+        let heard = ctx.pair_written.take()?;
+        let c = self.cluster.clone()?;
+        Some(Box::pin(async move { c.settled(heard).await }))
     }
 
     /// The limit decision of a pair: the store counts the user's sessions and slots through
@@ -1356,7 +1412,15 @@ impl SessionGuard {
             Slot::Granted => Limit::Proceed(Some(r)),
             Slot::AtLimit => {
                 self.table.release(user, r);
-                let limit = self.limit(user, vp, trusted, true);
+                let mut limit = self.limit(user, vp, trusted, true);
+                if let (Limit::Refuse | Limit::WaitForPending, OnLimit::Reuse, true) =
+                    (&limit, on_limit, trusted)
+                {
+                    // None of the user's sessions here: one made through the other guard.
+                    if let Some(s) = self.reuse_from_pair(c, user, vp).await {
+                        limit = Limit::Reuse(s);
+                    }
+                }
                 if let Limit::Evict(victim, r) = &limit {
                     // The victim stops counting in the store before the slot is asked for.
                     c.end_now(victim).await;
@@ -1371,6 +1435,25 @@ impl SessionGuard {
                 self.limit(user, vp, trusted, false)
             }
         }
+    }
+
+    /// The user's most recently active session of `vp` that the pair's store has, with its
+    /// sealed value, made this guard's for a reuse (only with the pair's secret).
+    async fn reuse_from_pair(
+        &self,
+        c: &crate::cluster::Cluster,
+        user: &User,
+        vp: usize,
+    ) -> Option<Arc<Session>> {
+        let now = self.table.now_ms();
+        for (value, record) in c.user_sessions(user).await {
+            if let Some(s) = self.take_from_pair(vp, &value, &record, Some(user), false) {
+                if self.table.is_restorable(&s, now) {
+                    return Some(s);
+                }
+            }
+        }
+        None
     }
 
     /// The limit decision, under the user's entry lock. `pair_full`: the pair's store counts
@@ -1486,7 +1569,8 @@ impl SessionGuard {
         let mut new_session = None;
         if let Some(c) = fresh {
             if ctx.session.as_deref().map(|s| &*s.id) != Some(c.value.as_str()) {
-                let s = self.record_new(ctx, node, c);
+                let (s, written) = self.record_new(ctx, node, c);
+                ctx.pair_written = written;
                 // `record_new` ended the browser's flight, whoever led it; a user's cookie-less
                 // flight is this request's to end.
                 ctx.holds.finish_flight(Outcome::Session(s.clone()));
@@ -1693,7 +1777,7 @@ impl SessionGuard {
         ctx: &Context,
         node: &Arc<str>,
         c: &cookies::SetCookie,
-    ) -> Arc<Session> {
+    ) -> (Arc<Session>, Option<tokio::sync::oneshot::Receiver<()>>) {
         if let Some(old) = &ctx.session {
             if self.table.end(old, State::Replaced) {
                 self.counters.replaced.fetch_add(1, Ordering::Relaxed);
@@ -1719,7 +1803,7 @@ impl SessionGuard {
             None,
             c.attributes.clone(),
         );
-        self.made_under_slot(ctx, &s);
+        let written = self.made_under_slot(ctx, &s);
         if let Some(i) = &ctx.identity {
             self.table.set_owner(&s, i.clone());
         }
@@ -1743,7 +1827,7 @@ impl SessionGuard {
         if ctx.identity.is_none() {
             self.resolve_owner(s.clone(), ctx.host.clone());
         }
-        s
+        (s, written)
     }
 
     /// Learns who owns a session, off the hot path.
@@ -2136,6 +2220,7 @@ impl Context {
             client: c.client.clone(),
             node_hint: None,
             peer: c.peer,
+            pair_written: None,
         }
     }
 }

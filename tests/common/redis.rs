@@ -91,6 +91,20 @@ impl Redis {
         panic!("redis-server on port {} did not answer", self.port);
     }
 
+    /// Runs one command on the store (a test writing into it as an intruder would).
+    pub async fn cmd(&self, args: &[&str]) {
+        let client = redis::Client::open(self.url()).expect("redis url");
+        let mut c = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to the test's redis-server");
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        let _: redis::Value = cmd.query_async(&mut c).await.expect("the command");
+    }
+
     /// Every key and every value in the store, as text (for the secrets audit: a dump of the
     /// store must give no one a session).
     pub async fn dump(&self) -> String {
