@@ -543,7 +543,7 @@ async fn events(state: &State, query: &str) -> Response<Full<Bytes>> {
     }
     json(
         StatusCode::OK,
-        json!({"last": ev.last_id(), "events": found}),
+        json!({"last": ev.last_id(), "events": found, "cluster": cluster_json(state)}),
     )
 }
 

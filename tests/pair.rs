@@ -331,6 +331,20 @@ async fn the_store_stopped_and_restarted_mid_load_fails_no_request() {
         assert!(events.count(Kind::StoreUnreachable) >= 1);
         assert!(events.count(Kind::StoreBack) >= 1);
     }
+    // Each guard says that what it shows is its own view.
+    for path in ["/sessions", "/events", "/readyz"] {
+        let v = admin_call(pair.b.admin_addr, http::Method::GET, path, None)
+            .await
+            .json();
+        assert_eq!(v["cluster"]["guard"], "guard-b", "{path}: {v}");
+        assert!(
+            v["cluster"]["shows"]
+                .as_str()
+                .unwrap()
+                .contains("this guard"),
+            "{path}"
+        );
+    }
     let metrics = admin_call(pair.a.admin_addr, http::Method::GET, "/metrics", None)
         .await
         .text();
