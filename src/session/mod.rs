@@ -1246,6 +1246,14 @@ impl SessionGuard {
         };
         if let Limit::WaitForPending = limit {
             limit = Box::pin(self.wait_for_pending(&user, ctx.vp)).await;
+            // The wait ends on this guard's count; a pair's slot is the store's to give.
+            if let (Limit::Proceed(Some(r)), Some(c)) = (&limit, &self.cluster) {
+                if let crate::cluster::Slot::AtLimit = c.reserve(&user, self.policy().max, *r).await
+                {
+                    self.table.release(&user, *r);
+                    limit = Limit::Refuse;
+                }
+            }
         }
         let max = self.policy().max;
         match limit {
