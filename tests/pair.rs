@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::redis::Redis;
 use common::*;
+use qsguard::session::table::State;
 use qsguard::sim::Simulator;
 use qsguard::Guard;
 
@@ -285,6 +286,27 @@ async fn the_store_stopped_and_restarted_mid_load_fails_no_request() {
         )
         .await;
     }
+    // `qsguard doctor` says so too, and `qsguard sessions` says whose view it lists.
+    let admin = qsguard::ops::Admin {
+        url: format!("http://{}", pair.a.admin_addr),
+        token: None,
+    };
+    let (report, _) = qsguard::ops::doctor(
+        &format!("http://{}", pair.a.addr),
+        "/__qsguard/cookie-check",
+        Some(&admin),
+    )
+    .await
+    .unwrap();
+    common::audit::scan("qsguard doctor", &report);
+    assert!(
+        report.contains("cluster store") && report.contains("DEGRADED"),
+        "{report}"
+    );
+    let listed = admin.sessions(None).await.unwrap();
+    common::audit::scan("qsguard sessions", &listed);
+    assert!(listed.contains("guard `guard-a` of a pair"), "{listed}");
+    common::audit::assert_clean();
     // New logins while the store is down: decided from each guard's own table.
     let mut fresh = Jar::new();
     assert_eq!(
@@ -558,13 +580,33 @@ async fn activity_through_one_guard_keeps_a_session_counted_for_the_pair_and_idl
         }
     })
     .await;
-    // Twice the timeout of use through A: the store is told, so B counts it too.
+    // B sees the busy session once, then only A for twice the timeout: the store is told,
+    // so B counts it too, and B, which let it expire meanwhile, takes it up again (revived)
+    // instead of taking it for dead.
+    let r = browse_as(pair.b.addr, "/hdr/hub/", &mut busy, "CORP\\busy").await;
+    assert_eq!(r.status, 200);
+    let value = jar_get(&busy, COOKIE).unwrap();
+    let b = session_guard(&pair.b);
+    let state = || b.table.get(1, &value).map(|s| s.state());
+    assert_eq!(state(), Some(State::Live));
     let start = std::time::Instant::now();
+    let mut revived = false;
     while start.elapsed() < Duration::from_secs(6) {
         let r = browse_as(pair.a.addr, "/hdr/hub/", &mut busy, "CORP\\busy").await;
         assert_eq!(r.status, 200);
+        if !revived && start.elapsed() > Duration::from_millis(4_200) {
+            // Past B's timeout (3 s and the sweep), before its tombstone is gone (3 s more).
+            assert_eq!(state(), Some(State::Expired));
+            let r = browse_as(pair.b.addr, "/hdr/hub/", &mut busy, "CORP\\busy").await;
+            assert_eq!(r.status, 200);
+            assert_eq!(state(), Some(State::Live));
+            revived = true;
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    assert!(revived);
+    assert_eq!(pair.created(), 2, "no new session for busy through B");
+    assert_eq!(pair.unknown_cookies(), 0);
     assert_eq!(
         store.count("CORP\\busy").await.unwrap(),
         1,
@@ -679,5 +721,26 @@ async fn with_the_pairs_secret_a_guard_restores_and_reuses_sessions_it_never_saw
     assert!(!dump.contains(&value), "{dump}");
     common::audit::scan("the cluster store", &dump);
     common::audit::assert_clean();
+    pair.shutdown().await;
+}
+
+#[tokio::test]
+async fn evict_at_the_pairs_limit_ends_one_of_this_guards_sessions_for_the_sixth() {
+    let redis = Redis::start().await;
+    let pair = Pair::start(&redis, "on_limit = \"evict\"").await;
+    for i in 0..5 {
+        let via = if i < 3 { pair.a.addr } else { pair.b.addr };
+        let r = browse_as(via, "/hdr/hub/", &mut Jar::new(), "CORP\\ev").await;
+        assert_eq!(r.status, 200, "login {i}");
+    }
+    assert_eq!(pair.live("CORP\\ev"), 5);
+    // B alone has two: only the store knows the user is at the limit, and B ends the least
+    // recently active of its own before the sixth goes to Qlik.
+    let r = browse_as(pair.b.addr, "/hdr/hub/", &mut Jar::new(), "CORP\\ev").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(session_guard(&pair.b).counters.evicted.load(Relaxed), 1);
+    assert_eq!(pair.live("CORP\\ev"), 5, "one ended for the sixth");
+    assert_eq!(pair.created(), 6);
+    assert_eq!(pair.refusals(), 0);
     pair.shutdown().await;
 }

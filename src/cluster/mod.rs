@@ -407,12 +407,13 @@ impl Cluster {
     }
 }
 
-/// The owner as the store keeps it (`DIR\id`, as Qlik writes it).
+/// The owner as the store keeps it (`DIR\id`, as Qlik writes it: the user's `Display`).
 fn owner_name(u: &User) -> String {
-    format!("{}\\{}", u.dir, u.id)
+    u.to_string()
 }
 
-/// The owner the store names.
+/// The owner the store names. Not `User::parse`, which is for identity headers (US-ASCII):
+/// an owner Qlik named may be any text.
 pub fn owner_of(name: &str) -> Option<User> {
     let (dir, id) = name.split_once('\\')?;
     (!dir.is_empty() && !id.is_empty()).then(|| User::new(dir, id))

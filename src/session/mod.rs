@@ -273,6 +273,14 @@ pub(crate) struct Policy {
 }
 
 impl Policy {
+    /// The count at which `on_limit` applies: with `evict`, `evict_headroom` below the limit.
+    fn threshold(&self) -> usize {
+        match self.on_limit {
+            OnLimit::Evict => self.max - self.headroom,
+            _ => self.max,
+        }
+    }
+
     fn new(s: &crate::config::SessionsConfig) -> Policy {
         Policy {
             max: s.max_per_user,
@@ -1248,7 +1256,8 @@ impl SessionGuard {
             limit = Box::pin(self.wait_for_pending(&user, ctx.vp)).await;
             // The wait ends on this guard's count; a pair's slot is the store's to give.
             if let (Limit::Proceed(Some(r)), Some(c)) = (&limit, &self.cluster) {
-                if let crate::cluster::Slot::AtLimit = c.reserve(&user, self.policy().max, *r).await
+                if let crate::cluster::Slot::AtLimit =
+                    c.reserve(&user, self.policy().threshold(), *r).await
                 {
                     self.table.release(&user, *r);
                     limit = Limit::Refuse;
@@ -1401,16 +1410,8 @@ impl SessionGuard {
         trusted: bool,
     ) -> Limit {
         use crate::cluster::Slot;
-        let Policy {
-            max,
-            on_limit,
-            headroom,
-            ..
-        } = self.policy();
-        let threshold = match on_limit {
-            OnLimit::Evict => max - headroom,
-            _ => max,
-        };
+        let policy = self.policy();
+        let (on_limit, threshold) = (policy.on_limit, policy.threshold());
         let r = self.table.with_user(user, |e, t, now| {
             let r = t.new_reservation(vp, now + RESERVATION_MS);
             e.reservations.push(r);
@@ -1467,16 +1468,8 @@ impl SessionGuard {
     /// The limit decision, under the user's entry lock. `pair_full`: the pair's store counts
     /// the user at the limit already, whatever this guard's own table holds.
     fn limit(&self, user: &User, vp: usize, trusted: bool, pair_full: bool) -> Limit {
-        let Policy {
-            max,
-            on_limit,
-            headroom,
-            ..
-        } = self.policy();
-        let threshold = match on_limit {
-            OnLimit::Evict => max - headroom,
-            _ => max,
-        };
+        let policy = self.policy();
+        let (max, on_limit, threshold) = (policy.max, policy.on_limit, policy.threshold());
         let lifetime = RESERVATION_MS;
         self.table.with_user(user, |e, t, now| {
             e.reservations.retain(|r| r.until_ms > now);

@@ -15,12 +15,8 @@ pub struct Redis {
 
 impl Redis {
     pub async fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free loopback port")
-            .port();
         let mut r = Redis {
-            port,
+            port: free_port(),
             child: None,
             tls: None,
         };
@@ -30,12 +26,8 @@ impl Redis {
 
     /// A store that speaks TLS only (`rediss://`), with this certificate and key.
     pub async fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free loopback port")
-            .port();
         let mut r = Redis {
-            port,
+            port: free_port(),
             child: None,
             tls: Some((cert.to_path_buf(), key.to_path_buf())),
         };
@@ -153,6 +145,13 @@ impl Redis {
             let _ = c.wait();
         }
     }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
 }
 
 impl Drop for Redis {
