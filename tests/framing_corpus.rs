@@ -323,6 +323,55 @@ fn cases() -> Vec<Case> {
                 field_is(r, "x-a", &[b"caf\xe9\tau lait"])
             })],
         ),
+        // ---- The one-pass reader's edges (lines copied as they stand, 32-byte blocks)
+        case(
+            "field lines as written and not, side by side (each value forwarded trimmed)",
+            "GET /hub/ HTTP/1.1\r\nHost: q\r\nX-A: 1\r\nX-B:2\r\nX-C:  3 \t\r\nX-D: 4\r\nX-E: 5\r\n\r\n",
+            vec![fwd_check("/hub/", b"", |r| {
+                field_is(r, "x-a", &[b"1"])?;
+                field_is(r, "x-b", &[b"2"])?;
+                field_is(r, "x-c", &[b"3"])?;
+                field_is(r, "x-d", &[b"4"])?;
+                field_is(r, "x-e", &[b"5"])
+            })],
+        ),
+        case(
+            "an empty value and one of whitespace only",
+            "GET /hub/ HTTP/1.1\r\nHost: q\r\nX-A:\r\nX-B: \t \r\n\r\n",
+            vec![fwd_check("/hub/", b"", |r| {
+                field_is(r, "x-a", &[b""])?;
+                field_is(r, "x-b", &[b""])
+            })],
+        ),
+        case(
+            "a bare CR far into a long value (past the first 32-byte block)",
+            format!(
+                "GET /hub/ HTTP/1.1\r\nHost: q\r\nX-A: {}\rGET /canary HTTP/1.1\r\n\r\n",
+                "a".repeat(70)
+            ),
+            vec![refuse(400)],
+        ),
+        case(
+            "a value longer than 32 bytes, then a short field",
+            format!(
+                "GET /hub/ HTTP/1.1\r\nHost: q\r\nX-A: {}\r\nX-B: b\r\n\r\n",
+                "a".repeat(22)
+            ),
+            vec![fwd_check("/hub/", b"", |r| field_is(r, "x-b", &[b"b"]))],
+        ),
+        case(
+            "DEL at the end of a long value",
+            format!(
+                "GET /hub/ HTTP/1.1\r\nHost: q\r\nX-A: {}\x7f\r\n\r\n",
+                "a".repeat(40)
+            ),
+            vec![refuse(400)],
+        ),
+        case(
+            "a bare LF ending the last field line",
+            "GET /hub/ HTTP/1.1\r\nHost: q\r\nX-A: a\n\r\n",
+            vec![refuse(400)],
+        ),
         // ---- The live hole and its relatives: framing fields named in Connection
         case("THE HOLE: Connection: Content-Length", &hole, vec![refuse(400)]),
         case(

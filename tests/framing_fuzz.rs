@@ -798,8 +798,14 @@ fn value_byte() -> impl Strategy<Value = u8> {
     ]
 }
 
+/// Mostly short, sometimes long: the head reader looks at bytes in blocks and copies lines
+/// that stand as written whole, so a bad byte deep in a long value and lines of every length
+/// side by side must be met too.
 fn value() -> impl Strategy<Value = Vec<u8>> {
-    vec(value_byte(), 0..10)
+    prop_oneof![
+        8 => vec(value_byte(), 0..10),
+        1 => vec(value_byte(), 30..90),
+    ]
 }
 
 fn field() -> impl Strategy<Value = Field> {

@@ -521,11 +521,14 @@ async fn after(x: &mut Exchange, resp: &Head, conn: &mut Conn) -> Result<After, 
 /// A small HTML 4xx from Qlik may be its "too many sessions" page: its length, if so.
 fn refusal_candidate(resp: &Head) -> Option<usize> {
     use crate::head_view::HeadView;
-    let html = resp
-        .first("content-type")
-        .is_some_and(|v| v.starts_with(b"text/html"));
+    // The status and length first: looking for a field by a name the parser does not know
+    // compares it with every field, and this runs on every response.
+    let html = || {
+        resp.first("content-type")
+            .is_some_and(|v| v.starts_with(b"text/html"))
+    };
     match resp.framing {
-        Framing::Length(n) if (400..500).contains(&resp.status) && html && n <= 64 * 1024 => {
+        Framing::Length(n) if (400..500).contains(&resp.status) && n <= 64 * 1024 && html() => {
             Some(n as usize)
         }
         _ => None,

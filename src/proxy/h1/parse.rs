@@ -274,6 +274,8 @@ struct Field {
     name: Range<usize>,
     value: Range<usize>,
     known: Known,
+    /// The line stands as `name: value` CRLF (one space, nothing trimmed): see [`Head::line`].
+    plain: bool,
 }
 
 /// A parsed head: its bytes, and where the parts are.
@@ -334,6 +336,14 @@ impl Head {
     pub fn field(&self, i: usize) -> (&[u8], &[u8]) {
         let f = &self.fields[i];
         (&self.bytes[f.name.clone()], &self.bytes[f.value.clone()])
+    }
+
+    /// Field `i`'s whole line, CRLF included, when it stands in the bytes exactly as the engine
+    /// would write it (`name: value` CRLF, one space, nothing trimmed): it can then be copied
+    /// as one slice, with its neighbours when they are such lines too.
+    pub fn line(&self, i: usize) -> Option<Range<usize>> {
+        let f = &self.fields[i];
+        f.plain.then_some(f.name.start..f.value.end + 2)
     }
 
     /// What field `i` is, as the parser recognised it.
@@ -439,9 +449,12 @@ struct Fields {
     expect_continue: bool,
     hosts: usize,
     host_valid: bool,
+    /// The first field that cannot be framed; the fields after it are not read.
+    error: Option<FieldError>,
 }
 
 /// Why the field lines cannot be framed.
+#[derive(Clone, Copy)]
 enum FieldError {
     Syntax,
     ContentLength,
@@ -449,40 +462,45 @@ enum FieldError {
     Lookalike,
 }
 
-/// Goes through the field lines once: what they say about framing, and each field's
-/// [`Known`] kind into `out`. Field values need no check of their own for control bytes:
-/// httparse refuses every CTL but HTAB in a value (and a CR not followed by LF), which the
-/// corpus and the fuzzer hold it to.
-fn read_fields(
-    base: &[u8],
-    fields: &[httparse::Header<'_>],
-    out: &mut Vec<Field>,
-) -> Result<Fields, FieldError> {
-    let mut f = Fields::default();
-    out.reserve_exact(fields.len());
-    for h in fields {
-        let name = h.name.as_bytes();
-        let value = h.value;
-        let known = Known::of(name);
+impl Fields {
+    /// What one field line says about framing, in the order of the lines. The lines were
+    /// checked for syntax by whichever reader found them ([`scan_fields`] or httparse): every
+    /// CTL but HTAB in a value is refused there (and a CR not followed by LF), which the
+    /// corpus and the fuzzer hold them to.
+    fn read(&mut self, base: &[u8], name: &[u8], value: &[u8], known: Known) {
+        if self.error.is_none() {
+            if let Err(e) = self.read_one(base, name, value, known) {
+                self.error = Some(e);
+            }
+        }
+    }
+
+    fn read_one(
+        &mut self,
+        base: &[u8],
+        name: &[u8],
+        value: &[u8],
+        known: Known,
+    ) -> Result<(), FieldError> {
         match known {
             Known::ContentLength => {
-                if f.content_length.is_some() {
+                if self.content_length.is_some() {
                     return Err(FieldError::ContentLength);
                 }
-                f.content_length = Some(content_length(value).ok_or(FieldError::ContentLength)?);
+                self.content_length = Some(content_length(value).ok_or(FieldError::ContentLength)?);
             }
             Known::TransferEncoding => {
-                f.te_fields += 1;
+                self.te_fields += 1;
                 for part in value.split(|&b| b == b',') {
                     let token = trim_ows(part);
                     if token.is_empty() || !token.iter().all(|&b| is_tchar(b)) {
                         return Err(FieldError::TransferEncoding);
                     }
                     let r = range_of(base, token);
-                    f.codings.push((r.start, r.end));
+                    self.codings.push((r.start, r.end));
                     let chunked = token.eq_ignore_ascii_case(b"chunked");
-                    f.chunked_count += chunked as usize;
-                    f.chunked_last = chunked;
+                    self.chunked_count += chunked as usize;
+                    self.chunked_last = chunked;
                 }
             }
             Known::Connection => {
@@ -496,16 +514,16 @@ fn read_fields(
                         return Err(FieldError::Syntax);
                     }
                     match Known::of(t) {
-                        Known::Upgrade => f.connection_upgrade = true,
-                        Known::KeepAlive => f.connection_keep_alive = true,
+                        Known::Upgrade => self.connection_upgrade = true,
+                        Known::KeepAlive => self.connection_keep_alive = true,
                         Known::Other if t.eq_ignore_ascii_case(b"close") => {
-                            f.connection_close = true
+                            self.connection_close = true
                         }
                         k => {
-                            f.connection_names = true;
-                            f.connection_names_framing |=
+                            self.connection_names = true;
+                            self.connection_names_framing |=
                                 matches!(k, Known::ContentLength | Known::TransferEncoding);
-                            f.connection_names_protected |= matches!(
+                            self.connection_names_protected |= matches!(
                                 k,
                                 Known::Host
                                     | Known::ContentLength
@@ -516,13 +534,13 @@ fn read_fields(
                     }
                 }
             }
-            Known::Upgrade => f.upgrade = true,
+            Known::Upgrade => self.upgrade = true,
             Known::Expect => {
-                f.expect_continue |= trim_ows(value).eq_ignore_ascii_case(b"100-continue")
+                self.expect_continue |= trim_ows(value).eq_ignore_ascii_case(b"100-continue")
             }
             Known::Host => {
-                f.hosts += 1;
-                f.host_valid = valid_host(value);
+                self.hosts += 1;
+                self.host_valid = valid_host(value);
             }
             Known::Other
                 if matches!(name.len(), 4 | 14 | 17)
@@ -533,13 +551,8 @@ fn read_fields(
             }
             _ => {}
         }
-        out.push(Field {
-            name: range_of(base, name),
-            value: range_of(base, value),
-            known,
-        });
+        Ok(())
     }
-    Ok(f)
 }
 
 /// `Content_Length`, `transfer_encoding`, `HOST_`...: a name that a server folding `_` into `-`
@@ -595,9 +608,190 @@ fn crlf_only_parsed(head: &[u8]) -> bool {
     more_lf == 0
 }
 
-/// Parses the request head at the start of `bytes`: `Ok(None)` while it is incomplete. The
-/// returned head's `bytes` are filled by the caller (a cheap slice of its buffer).
-pub fn parse_request(bytes: &[u8], max_head: usize) -> Result<Option<(usize, Head)>, Rejection> {
+/// The start line of a head and where the head ends, as one of the two readers found them.
+struct StartLine {
+    /// The head's length, its final CRLF included.
+    len: usize,
+    method: Range<usize>,
+    target: Range<usize>,
+    reason: Range<usize>,
+    minor: u8,
+    status: u16,
+}
+
+/// Room for the fields of a usual head, so that one allocation serves it.
+const FIELDS_USUAL: usize = 16;
+
+/// The one-pass reader: the request line and every field line of a head that is whole in
+/// `bytes`, each line ending in CRLF and holding only the bytes its grammar allows, with the
+/// fields pushed to `out`.
+///
+/// It decides nothing on its own: anything it does not take (a head cut short, leading empty
+/// lines, a bare CR or LF, a control byte, obs-text in the target, whitespace before a colon,
+/// a folded line, more than [`MAX_HEADERS`] fields) gives `None`, and the head is read again
+/// by httparse and the checks after it ([`read_request_line_slowly`]), which say what it is.
+/// For a head it takes, it finds what httparse finds: the unit test
+/// `the_one_pass_reader_agrees_with_httparse` holds the two to the same answer over corpus
+/// heads and their mutations. Why it exists: the common head is read in one pass instead of
+/// httparse's pass, a pass for bare line ends and one for the fields (about half the cost of
+/// reading a head, `benches/cost.sh`).
+fn scan_request(bytes: &[u8], out: &mut Vec<Field>, f: &mut Fields) -> Option<StartLine> {
+    let mut i = 0;
+    while TCHAR[*bytes.get(i)? as usize] {
+        i += 1;
+    }
+    if i == 0 || bytes[i] != b' ' {
+        return None;
+    }
+    let method = 0..i;
+    i += 1;
+    let target_start = i;
+    i += bytes[i..]
+        .iter()
+        .take_while(|&&b| matches!(b, 0x21..=0x7e))
+        .count();
+    if i == target_start || *bytes.get(i)? != b' ' {
+        return None;
+    }
+    let target = target_start..i;
+    let minor = match bytes.get(i + 1..i + 11)? {
+        b"HTTP/1.1\r\n" => 1,
+        b"HTTP/1.0\r\n" => 0,
+        _ => return None,
+    };
+    let len = scan_fields(bytes, i + 11, out, f)?;
+    Some(StartLine {
+        len,
+        method,
+        target,
+        reason: 0..0,
+        minor,
+        status: 0,
+    })
+}
+
+/// [`scan_request`] for a response head: `HTTP/1.x NNN reason` (a reason of HTAB, SP and
+/// VCHAR; obs-text goes to httparse) or `HTTP/1.x NNN` with no reason.
+fn scan_response(bytes: &[u8], out: &mut Vec<Field>, f: &mut Fields) -> Option<StartLine> {
+    let minor = match bytes.get(..9)? {
+        b"HTTP/1.1 " => 1,
+        b"HTTP/1.0 " => 0,
+        _ => return None,
+    };
+    let mut status = 0u16;
+    for &d in bytes.get(9..12)? {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        status = status * 10 + (d - b'0') as u16;
+    }
+    let mut i = 12;
+    let reason = match bytes.get(i)? {
+        b' ' => {
+            i += 1;
+            let start = i;
+            while matches!(bytes.get(i)?, b'\t' | 0x20..=0x7e) {
+                i += 1;
+            }
+            start..i
+        }
+        b'\r' => 0..0,
+        _ => return None,
+    };
+    if bytes.get(i..i + 2)? != b"\r\n" {
+        return None;
+    }
+    let len = scan_fields(bytes, i + 2, out, f)?;
+    Some(StartLine {
+        len,
+        method: 0..0,
+        target: 0..0,
+        reason,
+        minor,
+        status,
+    })
+}
+
+/// The field lines from `start` to the empty line that ends the head; its end, or `None` for
+/// anything [`scan_request`] leaves to httparse. Lines are found by their LF, and the bytes of
+/// all of them are checked at once when the head is whole ([`field_bytes_ok`]): a field line is
+/// mostly value, and a value needs no look of its own but that one.
+fn scan_fields(bytes: &[u8], start: usize, out: &mut Vec<Field>, f: &mut Fields) -> Option<usize> {
+    let mut i = start;
+    let mut lines = 1;
+    loop {
+        let rest = &bytes[i..];
+        let lf = memchr::memchr(b'\n', rest)?;
+        if lf == 0 || rest[lf - 1] != b'\r' {
+            return None;
+        }
+        let line = &rest[..lf - 1];
+        if line.is_empty() {
+            let end = i + lf + 1;
+            return field_bytes_ok(&bytes[start..end], lines).then_some(end);
+        }
+        let name_len = line.iter().take_while(|&&b| TCHAR[b as usize]).count();
+        if name_len == 0 || line.get(name_len) != Some(&b':') || out.len() == MAX_HEADERS {
+            return None;
+        }
+        let mut from = name_len + 1;
+        while matches!(line.get(from), Some(b' ' | b'\t')) {
+            from += 1;
+        }
+        let mut to = line.len();
+        while to > from && matches!(line[to - 1], b' ' | b'\t') {
+            to -= 1;
+        }
+        let known = Known::of(&line[..name_len]);
+        f.read(bytes, &line[..name_len], &line[from..to], known);
+        out.push(Field {
+            known,
+            name: i..i + name_len,
+            value: i + from..i + to,
+            plain: from == name_len + 2 && line[name_len + 1] == b' ' && to == line.len(),
+        });
+        lines += 1;
+        i += lf + 1;
+    }
+}
+
+/// `lines` field lines (the empty one that ends the head included), each found ending in CRLF,
+/// hold no control byte but HTAB and those CRs and LFs: exactly two per line. Counted in 32
+/// lanes, a block of 32 bytes at a time, which the compiler makes vector code of.
+fn field_bytes_ok(bytes: &[u8], lines: usize) -> bool {
+    fn control(b: u8) -> u8 {
+        ((b < 0x20 && b != b'\t') || b == 0x7f) as u8
+    }
+    let mut n = 0;
+    // A lane counts at most one per block: 254 blocks and the tail's fit in a byte.
+    for batch in bytes.chunks(32 * 254) {
+        let mut lanes = [0u8; 32];
+        let mut blocks = batch.chunks_exact(32);
+        for block in &mut blocks {
+            for (lane, &b) in lanes.iter_mut().zip(block) {
+                *lane += control(b);
+            }
+        }
+        // The tail as a block of its own, filled up with a byte that is no control byte.
+        let mut tail = [b'a'; 32];
+        tail[..blocks.remainder().len()].copy_from_slice(blocks.remainder());
+        for (lane, &b) in lanes.iter_mut().zip(&tail) {
+            *lane += control(b);
+        }
+        n += lanes.iter().map(|&l| l as usize).sum::<usize>();
+    }
+    n == 2 * lines
+}
+
+/// httparse's reading of a request head, with the checks httparse leaves to its caller: what
+/// every head [`scan_request`] does not take goes through here. `Ok(None)` while the head is
+/// incomplete.
+fn read_request_line_slowly(
+    bytes: &[u8],
+    max_head: usize,
+    out: &mut Vec<Field>,
+    f: &mut Fields,
+) -> Result<Option<StartLine>, Rejection> {
     let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     let len = match req.parse_with_uninit_headers(bytes, &mut fields) {
@@ -627,25 +821,89 @@ pub fn parse_request(bytes: &[u8], max_head: usize) -> Result<Option<(usize, Hea
     if !crlf_only_parsed(&bytes[..len]) {
         return Err(Rejection::BareLineEnd);
     }
-    let minor = req.version.unwrap_or(1);
-    if req.method == Some("CONNECT") {
+    fields_of(bytes, req.headers, out, f);
+    Ok(Some(StartLine {
+        len,
+        method: range_of(bytes, req.method.unwrap_or("").as_bytes()),
+        target: range_of(bytes, req.path.unwrap_or("").as_bytes()),
+        reason: 0..0,
+        minor: req.version.unwrap_or(1),
+        status: 0,
+    }))
+}
+
+/// httparse's fields as [`Field`]s.
+fn fields_of(base: &[u8], fields: &[httparse::Header<'_>], out: &mut Vec<Field>, f: &mut Fields) {
+    out.clear();
+    *f = Fields::default();
+    for h in fields {
+        f.read(
+            base,
+            h.name.as_bytes(),
+            h.value,
+            Known::of(h.name.as_bytes()),
+        );
+    }
+    out.extend(fields.iter().map(|h| {
+        let (name, value) = (range_of(base, h.name.as_bytes()), range_of(base, h.value));
+        Field {
+            // A line end follows a value whose line had no whitespace after it (the head has
+            // been checked to hold CRLF line ends only).
+            plain: value.start == name.end + 2
+                && base[name.end + 1] == b' '
+                && base.get(value.end) == Some(&b'\r'),
+            name,
+            value,
+            known: Known::of(h.name.as_bytes()),
+        }
+    }));
+}
+
+/// Parses the request head at the start of `bytes`: `Ok(None)` while it is incomplete. The
+/// returned head's `bytes` are filled by the caller (a cheap slice of its buffer).
+pub fn parse_request(bytes: &[u8], max_head: usize) -> Result<Option<(usize, Head)>, Rejection> {
+    parse_request_by(bytes, max_head, true)
+}
+
+/// [`parse_request`], with the one-pass reader or (`one_pass` false, for the test that holds
+/// the two to the same answer) httparse only.
+fn parse_request_by(
+    bytes: &[u8],
+    max_head: usize,
+    one_pass: bool,
+) -> Result<Option<(usize, Head)>, Rejection> {
+    let mut fields = Vec::with_capacity(FIELDS_USUAL);
+    let mut f = Fields::default();
+    let line = match one_pass
+        .then(|| scan_request(bytes, &mut fields, &mut f))
+        .flatten()
+    {
+        Some(line) if line.len <= max_head => line,
+        _ => match read_request_line_slowly(bytes, max_head, &mut fields, &mut f)? {
+            Some(line) => line,
+            None => return Ok(None),
+        },
+    };
+    if &bytes[line.method.clone()] == b"CONNECT" {
         return Err(Rejection::Connect);
     }
-    let target = req.path.unwrap_or("");
-    if !target.starts_with('/')
+    let target = &bytes[line.target.clone()];
+    if target.first() != Some(&b'/')
         || !target
-            .bytes()
-            .all(|b| (0x21..=0x7e).contains(&b) && b != b'#')
+            .iter()
+            .all(|&b| (0x21..=0x7e).contains(&b) && b != b'#')
     {
         return Err(Rejection::BadTarget);
     }
-    let mut fields = Vec::new();
-    let f = read_fields(bytes, req.headers, &mut fields).map_err(|e| match e {
-        FieldError::Syntax => Rejection::Malformed,
-        FieldError::ContentLength => Rejection::BadContentLength,
-        FieldError::TransferEncoding => Rejection::BadTransferEncoding,
-        FieldError::Lookalike => Rejection::LookalikeFramingField,
-    })?;
+    let minor = line.minor;
+    if let Some(e) = f.error {
+        return Err(match e {
+            FieldError::Syntax => Rejection::Malformed,
+            FieldError::ContentLength => Rejection::BadContentLength,
+            FieldError::TransferEncoding => Rejection::BadTransferEncoding,
+            FieldError::Lookalike => Rejection::LookalikeFramingField,
+        });
+    }
     if f.hosts > 1 || (f.hosts == 0 && minor == 1) || (f.hosts == 1 && !f.host_valid) {
         return Err(Rejection::BadHost);
     }
@@ -674,20 +932,18 @@ pub fn parse_request(bytes: &[u8], max_head: usize) -> Result<Option<(usize, Hea
             None => Framing::None,
         }
     };
-    let target_range = range_of(bytes, target.as_bytes());
     let upgrade = f.upgrade && f.connection_upgrade;
     if upgrade && framing.has_body() {
         return Err(Rejection::UpgradeWithBody);
     }
     let close = f.connection_close || (minor == 0 && !f.connection_keep_alive);
     Ok(Some((
-        len,
+        line.len,
         Head {
             bytes: Bytes::new(),
-            method: range_of(bytes, req.method.unwrap_or("").as_bytes()),
-            path_end: target_range.start
-                + memchr::memchr(b'?', target.as_bytes()).unwrap_or(target.len()),
-            target: target_range,
+            path_end: line.target.start + memchr::memchr(b'?', target).unwrap_or(target.len()),
+            method: line.method,
+            target: line.target,
             reason: 0..0,
             minor,
             fields,
@@ -703,10 +959,12 @@ pub fn parse_request(bytes: &[u8], max_head: usize) -> Result<Option<(usize, Hea
     )))
 }
 
-/// Parses a response head from a node, for a request that was a HEAD or not. Qlik is trusted
-/// more than a browser, but a response whose length cannot be known exactly is refused (the
-/// connection could not be reused safely, and the browser would be told a wrong length).
-pub fn parse_response(bytes: &[u8], head_request: bool) -> Result<Option<(usize, Head)>, Invalid> {
+/// httparse's reading of a response head, for what [`scan_response`] does not take.
+fn read_status_line_slowly(
+    bytes: &[u8],
+    out: &mut Vec<Field>,
+    f: &mut Fields,
+) -> Result<Option<StartLine>, Invalid> {
     let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
     let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
@@ -717,7 +975,7 @@ pub fn parse_response(bytes: &[u8], head_request: bool) -> Result<Option<(usize,
     let len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => {
-            return if bytes.len() > 256 * 1024 {
+            return if bytes.len() > MAX_RESPONSE_HEAD {
                 Err(Invalid("the response head is larger than 256 KiB"))
             } else {
                 Ok(None)
@@ -729,16 +987,60 @@ pub fn parse_response(bytes: &[u8], head_request: bool) -> Result<Option<(usize,
         return Err(Invalid("a line of the response head does not end in CRLF"));
     }
     let status = resp.code.ok_or(Invalid("no status code"))?;
-    let minor = resp.version.unwrap_or(1);
-    let mut fields = Vec::new();
-    let f = read_fields(bytes, resp.headers, &mut fields).map_err(|e| {
-        Invalid(match e {
+    // httparse gives a reason it did not find in the bytes (a `""` of its own) when there is
+    // none or it holds obs-text: the guard then writes none.
+    let reason = resp
+        .reason
+        .filter(|r| !r.is_empty())
+        .map_or(0..0, |r| range_of(bytes, r.as_bytes()));
+    fields_of(bytes, resp.headers, out, f);
+    Ok(Some(StartLine {
+        len,
+        method: 0..0,
+        target: 0..0,
+        reason,
+        minor: resp.version.unwrap_or(1),
+        status,
+    }))
+}
+
+/// The most a response head may take before it is refused.
+const MAX_RESPONSE_HEAD: usize = 256 * 1024;
+
+/// Parses a response head from a node, for a request that was a HEAD or not. Qlik is trusted
+/// more than a browser, but a response whose length cannot be known exactly is refused (the
+/// connection could not be reused safely, and the browser would be told a wrong length).
+pub fn parse_response(bytes: &[u8], head_request: bool) -> Result<Option<(usize, Head)>, Invalid> {
+    parse_response_by(bytes, head_request, true)
+}
+
+/// [`parse_response`], with the one-pass reader or httparse only (see [`parse_request_by`]).
+fn parse_response_by(
+    bytes: &[u8],
+    head_request: bool,
+    one_pass: bool,
+) -> Result<Option<(usize, Head)>, Invalid> {
+    let mut fields = Vec::with_capacity(FIELDS_USUAL);
+    let mut f = Fields::default();
+    let line = match one_pass
+        .then(|| scan_response(bytes, &mut fields, &mut f))
+        .flatten()
+    {
+        Some(line) => line,
+        None => match read_status_line_slowly(bytes, &mut fields, &mut f)? {
+            Some(line) => line,
+            None => return Ok(None),
+        },
+    };
+    let (status, minor) = (line.status, line.minor);
+    if let Some(e) = f.error {
+        return Err(Invalid(match e {
             FieldError::Syntax => "a response field is not valid",
             FieldError::ContentLength => "an invalid or repeated Content-Length",
             FieldError::TransferEncoding => "an invalid Transfer-Encoding",
             FieldError::Lookalike => "a lookalike framing field",
-        })
-    })?;
+        }));
+    }
     // A response's Connection may name Host (meaningless) or Cookie, not its framing.
     let names_framing = f.connection_names_framing;
     if names_framing {
@@ -782,13 +1084,13 @@ pub fn parse_response(bytes: &[u8], head_request: bool) -> Result<Option<(usize,
         || (minor == 0 && !f.connection_keep_alive)
         || framing == Framing::UntilClose;
     Ok(Some((
-        len,
+        line.len,
         Head {
             bytes: Bytes::new(),
             method: 0..0,
             target: 0..0,
             path_end: 0,
-            reason: range_of(bytes, resp.reason.unwrap_or("").as_bytes()),
+            reason: line.reason,
             minor,
             fields,
             connection_names: f.connection_names,
@@ -1113,7 +1415,7 @@ mod tests {
         );
     }
 
-    /// `read_fields` leaves control bytes in values to httparse: hold it to that for every
+    /// The readers refuse control bytes in values (`scan_fields`, httparse): hold them to that for every
     /// byte, in requests and responses, at the start, middle and end of a value.
     #[test]
     fn every_control_byte_in_a_value_is_refused() {
@@ -1292,6 +1594,221 @@ mod tests {
                 "{}",
                 String::from_utf8_lossy(bad)
             );
+        }
+    }
+
+    /// What a parse said, in a form two parses can be compared by (the ranges of an empty
+    /// value or reason may point anywhere; their bytes may not differ).
+    fn said<E: std::fmt::Debug>(bytes: &[u8], r: Result<Option<(usize, Head)>, E>) -> String {
+        match r {
+            Err(e) => format!("error {e:?}"),
+            Ok(None) => "incomplete".into(),
+            Ok(Some((len, mut h))) => {
+                h.bytes = Bytes::copy_from_slice(bytes);
+                let fields: Vec<_> = (0..h.len())
+                    .map(|i| {
+                        let (n, v) = h.field(i);
+                        let line = h.line(i).map(|r| h.bytes[r].to_vec());
+                        (n.to_vec(), v.to_vec(), h.known(i), line)
+                    })
+                    .collect();
+                format!(
+                    "{len} {:?} {:?} {:?} {:?} {:?} {} {fields:?} {:?} {:?} {:?} {:?} {} {} {} {} {:?}",
+                    h.method(),
+                    h.target(),
+                    h.path(),
+                    h.query(),
+                    h.reason(),
+                    h.minor,
+                    h.connection_tokens(),
+                    h.framing,
+                    h.length,
+                    h.codings,
+                    h.close,
+                    h.upgrade,
+                    h.expect_continue,
+                    h.status,
+                    h.connection_names,
+                )
+            }
+        }
+    }
+
+    /// Heads of every shape the guard meets, and the edges of the one-pass reader.
+    const REQUESTS: &[&[u8]] = &[
+        b"GET / HTTP/1.1\r\nHost: q\r\n\r\n",
+        b"GET /hub/?a=b&c HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: x\r\nAccept: */*\r\nCookie: _ga=1; X-Qlik-Session=3f2a9c1e; qsguard=0123\r\n\r\n",
+        b"POST /qrs/app?xrfkey=a HTTP/1.1\r\nHost: [::1]:443\r\nContent-Length: 5\r\nX-Qlik-User: UserDirectory=D; UserId=u\r\n\r\nhello",
+        b"POST /u HTTP/1.1\r\nHost: q\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+        b"POST /u HTTP/1.1\r\nHost: q\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+        b"GET /app/engineData HTTP/1.1\r\nHost: q\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        b"GET / HTTP/1.0\r\n\r\n",
+        b"GET / HTTP/1.0\r\nConnection: keep-alive\r\nHost: q\r\n\r\n",
+        b"\r\n\r\nGET / HTTP/1.1\r\nHost: q\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: q\r\nX-Empty:\r\nX-Spaces:   \t \r\nX-Tab:\tv\t\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: q\r\nX-Obs: caf\xc3\xa9 \xff\r\n\r\n",
+        b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: q\r\n\r\n",
+        b"GET /a#b HTTP/1.1\r\nHost: q\r\n\r\n",
+        b"CONNECT q:443 HTTP/1.1\r\nHost: q\r\n\r\n",
+        b"GET http://q/ HTTP/1.1\r\nHost: q\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: q\r\nContent_Length: 5\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: q\r\nConnection: close, cookie\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: q\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: q\r\nHost: q\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost : q\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: q\r\n folded\r\n\r\n",
+        b"GET / HTTP/1.1\nHost: q\n\n",
+        b"GET / HTTP/1.1\r\nHost: q\r\nX: a\rb\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: q\r\nX: a\x7fb\x00c\r\n\r\n",
+        b"GET  / HTTP/1.1\r\nHost: q\r\n\r\n",
+        b"GET / HTTP/1.2\r\nHost: q\r\n\r\n",
+        b"G@T / HTTP/1.1\r\nHost: q\r\n\r\n",
+    ];
+
+    const RESPONSES: &[&[u8]] = &[
+        b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sat, 05 Dec 2026 07:48:06 GMT\r\nContent-Type: text/plain\r\nContent-Length: 100\r\nConnection: keep-alive\r\n\r\n",
+        b"HTTP/1.1 302 Found\r\nLocation: /hub/\r\nSet-Cookie: X-Qlik-Session=abc; Path=/; HttpOnly\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 \r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200  two  spaces\t\r\n\r\n",
+        b"HTTP/1.1 200 Caf\xc3\xa9\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.0 204 No Content\r\nConnection: keep-alive\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nConnection: x-custom\r\nX-Custom: 1\r\nContent-Length: 2\r\n\r\nhi",
+        b"HTTP/1.1 999 What\r\n\r\n",
+        b"HTTP/1.1 20 Short\r\n\r\n",
+        b"HTTP/2.0 200 OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\nContent-Length: 1\n\n",
+    ];
+
+    /// Bytes a mutation puts in: the ones each reader treats specially.
+    const MUTANTS: &[u8] = b"\r\n\t :;,\x00\x01\x7f\x80\xff/?#_-=aZ0";
+
+    fn mutations(seed: &[u8], rng: &mut rand::rngs::StdRng, n: usize) -> Vec<Vec<u8>> {
+        use rand::Rng;
+        let mut out = Vec::with_capacity(n + seed.len());
+        for cut in 0..=seed.len() {
+            out.push(seed[..cut].to_vec());
+        }
+        for _ in 0..n {
+            let mut m = seed.to_vec();
+            for _ in 0..rng.random_range(1..4) {
+                let at = rng.random_range(0..=m.len());
+                let b = MUTANTS[rng.random_range(0..MUTANTS.len())];
+                match rng.random_range(0..4) {
+                    0 => m.insert(at, b),
+                    1 if at < m.len() => m[at] = b,
+                    2 if at < m.len() => {
+                        m.remove(at);
+                    }
+                    _ => m.truncate(at),
+                }
+            }
+            out.push(m);
+        }
+        out
+    }
+
+    /// The one-pass reader takes the usual heads, and whatever it takes, it reads as httparse
+    /// and the checks after it do; what it leaves, httparse decides. Every corpus head, each of
+    /// its prefixes, and random mutations of it; and heads with 127 to 129 fields.
+    #[test]
+    fn the_one_pass_reader_agrees_with_httparse() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x9b5_2026);
+        let mut taken = 0;
+        let mut many = Vec::new();
+        for n in [127, 128, 129] {
+            let mut h = b"GET / HTTP/1.1\r\nHost: q\r\n".to_vec();
+            for i in 1..n {
+                h.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
+            }
+            h.extend_from_slice(b"\r\n");
+            many.push(h);
+        }
+        let requests = REQUESTS.iter().map(|r| r.to_vec()).chain(many);
+        for seed in requests {
+            for m in mutations(&seed, &mut rng, 3000) {
+                for max in [8192, 40] {
+                    let fast = said(&m, parse_request_by(&m, max, true));
+                    let slow = said(&m, parse_request_by(&m, max, false));
+                    assert_eq!(fast, slow, "{:?} (max {max})", String::from_utf8_lossy(&m));
+                }
+                taken +=
+                    scan_request(&m, &mut Vec::new(), &mut Fields::default()).is_some() as usize;
+            }
+        }
+        for seed in RESPONSES {
+            for m in mutations(seed, &mut rng, 3000) {
+                for head in [false, true] {
+                    let fast = said(&m, parse_response_by(&m, head, true));
+                    let slow = said(&m, parse_response_by(&m, head, false));
+                    assert_eq!(fast, slow, "{:?}", String::from_utf8_lossy(&m));
+                }
+                taken +=
+                    scan_response(&m, &mut Vec::new(), &mut Fields::default()).is_some() as usize;
+            }
+        }
+        assert!(
+            taken > 10_000,
+            "the one-pass reader took only {taken} heads"
+        );
+        for usual in [REQUESTS[0], REQUESTS[1], REQUESTS[2], REQUESTS[5]] {
+            assert!(scan_request(usual, &mut Vec::new(), &mut Fields::default()).is_some());
+        }
+        for usual in &RESPONSES[..4] {
+            assert!(scan_response(usual, &mut Vec::new(), &mut Fields::default()).is_some());
+        }
+    }
+
+    /// Only a line that stands exactly as the engine writes it (`name: value` CRLF) is offered
+    /// whole for copying, whichever reader found it.
+    #[test]
+    fn a_field_line_is_offered_whole_only_as_written() {
+        let bytes: &[u8] =
+            b"GET / HTTP/1.1\r\nHost: q\r\nA:1\r\nB:  2\r\nC: 3 \r\nD:\t4\r\nE: 5\r\nF: \r\n\r\n";
+        for one_pass in [true, false] {
+            let (_, mut h) = parse_request_by(bytes, 8192, one_pass).unwrap().unwrap();
+            h.bytes = Bytes::copy_from_slice(bytes);
+            let whole: Vec<Option<&[u8]>> = (0..h.len())
+                .map(|i| h.line(i).map(|r| &h.bytes[r]))
+                .collect();
+            assert_eq!(
+                whole,
+                [
+                    Some(&b"Host: q\r\n"[..]),
+                    None,
+                    None,
+                    None,
+                    None,
+                    Some(b"E: 5\r\n"),
+                    // Empty, and written as the engine would write it.
+                    Some(b"F: \r\n"),
+                ],
+                "one pass: {one_pass}"
+            );
+        }
+    }
+
+    /// A status line without a reason, or with obs-text in it, is passed on with no reason
+    /// (httparse names none that is in the bytes; taking its word once made the guard slice
+    /// outside the head).
+    #[test]
+    fn a_response_without_a_readable_reason_has_none() {
+        for (bytes, want) in [
+            (&b"HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n"[..], &b""[..]),
+            (
+                b"HTTP/1.1 200 Caf\xc3\xa9\r\nContent-Length: 0\r\n\r\n",
+                b"",
+            ),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", b"OK"),
+        ] {
+            for one_pass in [true, false] {
+                let (_, mut h) = parse_response_by(bytes, false, one_pass).unwrap().unwrap();
+                h.bytes = Bytes::copy_from_slice(bytes);
+                assert_eq!(h.reason(), want);
+            }
         }
     }
 }
