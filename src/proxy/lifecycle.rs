@@ -160,7 +160,7 @@ pub(crate) async fn exchange<T: Transport>(proxy: &Arc<Proxy>, t: &mut T, head: 
     }
     // 3. choose node: a private connection's, unless the request goes with a session that
     // lives on another node (that one would be lost there; the private connection waits).
-    x.sticky = proxy.sticky_in(&x.head);
+    x.sticky = Proxy::sticky_in(&x.settings, &x.head);
     let session_node = x
         .ctx
         .as_deref()
@@ -172,7 +172,7 @@ pub(crate) async fn exchange<T: Transport>(proxy: &Arc<Proxy>, t: &mut T, head: 
     x.private |= bound.is_some();
     let node = match &bound {
         Some(b) => b.node.clone(),
-        None => match proxy.node_for(x.ctx.as_deref(), x.sticky.as_deref()) {
+        None => match proxy.node_for(&x.upstreams, x.ctx.as_deref(), x.sticky.as_deref()) {
             Ok(n) => n,
             Err(e) => return fail(t, x, e).await,
         },
@@ -484,10 +484,13 @@ async fn after(x: &mut Exchange, resp: &Head, conn: &mut Conn) -> Result<After, 
         }
     }
     if x.settings.sticky_cookie.is_some() {
-        extra.extend(
-            x.proxy
-                .sticky_set_cookie(x.sticky.as_deref(), node, x.info.tls),
-        );
+        extra.extend(Proxy::sticky_set_cookie(
+            &x.settings,
+            &x.upstreams,
+            x.sticky.as_deref(),
+            node,
+            x.info.tls,
+        ));
     }
     if let (Some(g), Some(n)) = (&x.proxy.sessions, refusal_candidate(resp)) {
         // Qlik's own limit page: small (at most 64 KiB, see `refusal_candidate`), read whole,

@@ -240,8 +240,10 @@ impl Proxy {
     /// The node for a request: a Qlik session lives in the memory of the node that made it,
     /// and a login dance exists only on the node that started it; anything else goes to the
     /// node with the fewest live sessions (for its weight) that is up and not draining.
+    /// `ups`: the nodes the request started with.
     pub(crate) fn node_for(
         &self,
+        ups: &Upstreams,
         ctx: Option<&session::Context>,
         sticky: Option<&str>,
     ) -> Result<Arc<Node>, ProxyError> {
@@ -251,7 +253,6 @@ impl Proxy {
                 .map(|s| s.node.clone())
                 .or_else(|| c.node_hint.clone())
         });
-        let ups = self.upstreams.load();
         if let Some(n) = wanted.and_then(|name| ups.by_name(&name)) {
             if n.is_up() {
                 return Ok(n);
@@ -284,8 +285,10 @@ impl Proxy {
     /// The sticky cookie's value in a request (when `proxy.sticky_cookie` is set), if the
     /// request also carries a virtual proxy's session cookie: without one there is no session
     /// to stick to.
-    pub(crate) fn sticky_in<H: crate::head_view::HeadView>(&self, headers: &H) -> Option<String> {
-        let settings = self.settings();
+    pub(crate) fn sticky_in<H: crate::head_view::HeadView>(
+        settings: &Settings,
+        headers: &H,
+    ) -> Option<String> {
         let name = settings.sticky_cookie.as_deref()?;
         let [sticky] = session::cookies::find(headers, [name]);
         let value = sticky.first?;
@@ -299,14 +302,14 @@ impl Proxy {
     /// The sticky cookie to set on a response from `node`, when the request did not carry it
     /// (with several nodes only: with one there is nothing to stick to).
     pub(crate) fn sticky_set_cookie(
-        &self,
+        settings: &Settings,
+        ups: &Upstreams,
         sent: Option<&str>,
         node: &Node,
         tls: bool,
     ) -> Option<HeaderValue> {
-        let settings = self.settings();
         let name = settings.sticky_cookie.as_deref()?;
-        if sent == Some(&*node.sticky) || self.upstreams.load().nodes().len() < 2 {
+        if sent == Some(&*node.sticky) || ups.nodes().len() < 2 {
             return None;
         }
         let c = cookie::Cookie::build((name, &*node.sticky))

@@ -76,13 +76,12 @@ impl DeviceKeys {
         })
     }
 
-    /// The cookie value for `id`.
-    pub fn sign(&self, id: DeviceId) -> String {
+    /// The cookie value for `id` (on the stack: it is written into a `Set-Cookie` at once).
+    pub fn sign(&self, id: DeviceId) -> Signed {
         let mut out = [b'.'; 32 + 1 + 64];
         hex_into(&mut out[..32], &id.to_be_bytes());
         hex_into(&mut out[33..], self.tag(id).as_bytes());
-        // Hex digits and a dot: ASCII.
-        String::from_utf8(out.to_vec()).unwrap_or_default()
+        Signed(out)
     }
 
     /// The device a cookie value names, if the guard signed it with its current key.
@@ -151,6 +150,17 @@ impl DeviceKeys {
         h.update(b"qsguard device ");
         h.update(&id.to_be_bytes());
         h.finalize()
+    }
+}
+
+/// A device cookie value as [`DeviceKeys::sign`] writes it: `<id>.<tag>` in hex.
+pub struct Signed([u8; 32 + 1 + 64]);
+
+impl std::ops::Deref for Signed {
+    type Target = str;
+    fn deref(&self) -> &str {
+        // Hex digits and a dot: ASCII.
+        std::str::from_utf8(&self.0).unwrap_or_default()
     }
 }
 
@@ -257,7 +267,7 @@ mod tests {
         let v = k.sign(id);
         assert_eq!(v.len(), 32 + 1 + 64);
         assert_eq!(
-            v,
+            &*v,
             format!("{id:032x}.{}", k.tag(id).to_hex()),
             "the hex of both"
         );
@@ -267,20 +277,20 @@ mod tests {
         let other = k.sign(id + 1);
         let forged = format!("{}{}", &other[..33], &v[33..]);
         assert_eq!(k.verify(&forged), None);
-        let mut bad_tag = v.clone().into_bytes();
+        let mut bad_tag = v.to_string().into_bytes();
         let last = bad_tag.len() - 1;
         bad_tag[last] = if bad_tag[last] == b'0' { b'1' } else { b'0' };
         assert_eq!(k.verify(std::str::from_utf8(&bad_tag).unwrap()), None);
         // Another guard's key (or a rotated one) does not verify.
         assert_eq!(DeviceKeys::load(None).unwrap().verify(&v), None);
-        for junk in ["", ".", "zz.zz", &v[..v.len() - 1], &format!("{v}0")] {
+        for junk in ["", ".", "zz.zz", &v[..v.len() - 1], &format!("{}0", &*v)] {
             assert_eq!(k.verify(junk), None, "{junk}");
         }
         // Hex digits of either case are the same value; any other byte anywhere is not.
         assert_eq!(k.verify(&v.to_uppercase()), Some(id));
         for at in (0..v.len()).filter(|&i| i != 32) {
             for bad in [b'g', b'G', b'/', b':', b'@', b'`', b' ', 0xff] {
-                let mut b = v.clone().into_bytes();
+                let mut b = v.to_string().into_bytes();
                 b[at] = bad;
                 let text = String::from_utf8_lossy(&b);
                 assert_eq!(k.verify(&text), None, "{text}");

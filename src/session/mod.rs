@@ -2240,8 +2240,13 @@ pub(crate) fn clipped(v: &[u8], max: usize) -> String {
 /// The address chain and User-Agent of a request.
 fn requester_of<H: HeadView>(headers: &H, peer: IpAddr) -> events::Requester {
     let joined = |name: &'static str| -> Option<String> {
-        let v: Vec<String> = headers.values(name).map(|v| clipped(v, 300)).collect();
-        (!v.is_empty()).then(|| v.join(", "))
+        let mut values = headers.values(name);
+        let mut out = clipped(values.next()?, 300);
+        for v in values {
+            out.push_str(", ");
+            out.push_str(&clipped(v, 300));
+        }
+        Some(out)
     };
     events::Requester {
         peer: Some(peer),

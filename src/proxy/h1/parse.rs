@@ -191,6 +191,9 @@ pub enum Known {
     XForwardedHost,
     /// Looked up on every request (connection-bound authentication, [`crate::ntlm`]).
     Authorization,
+    /// Looked up for every request without a live session (the browser's note, events).
+    UserAgent,
+    Via,
 }
 
 impl Known {
@@ -202,6 +205,7 @@ impl Known {
         };
         let (known, text): (Known, &[u8]) = match (name.len(), first | 0x20) {
             (2, b't') => (Known::Te, b"te"),
+            (3, b'v') => (Known::Via, b"via"),
             (4, b'h') => (Known::Host, b"host"),
             (6, b'c') => (Known::Cookie, b"cookie"),
             (6, b'e') => (Known::Expect, b"expect"),
@@ -210,6 +214,7 @@ impl Known {
             (10, b'c') => (Known::Connection, b"connection"),
             (10, b's') => (Known::SetCookie, b"set-cookie"),
             (10, b'k') => (Known::KeepAlive, b"keep-alive"),
+            (10, b'u') => (Known::UserAgent, b"user-agent"),
             (13, b'a') => (Known::Authorization, b"authorization"),
             (14, b'c') => (Known::ContentLength, b"content-length"),
             (15, b'x') => (Known::XForwardedFor, b"x-forwarded-for"),
@@ -1497,7 +1502,9 @@ mod tests {
             (b"hast", Known::Other),
             (b"Content_Length", Known::Other),
             (b"x-forwarded-fox", Known::Other),
-            (b"User-Agent", Known::Other),
+            (b"User-Agent", Known::UserAgent),
+            (b"VIA", Known::Via),
+            (b"User-Agents", Known::Other),
             (b"", Known::Other),
         ] {
             assert_eq!(
