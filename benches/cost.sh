@@ -203,7 +203,7 @@ cleanup() {
     if ((rc != 0 && RESULTS_STARTED)); then
         printf '\n**This run failed (exit %s): the tables above, if any, are incomplete.**\n' "$rc" >>"$RESULTS"
     fi
-    if ((rc != 0)); then log "logs and configs kept in $WORK"; else rm -rf "$WORK"; fi
+    if ((rc != 0)) || [[ -n ${KEEP_WORK:-} ]]; then log "logs and configs kept in $WORK"; else rm -rf "$WORK"; fi
     exit "$rc"
 }
 trap cleanup EXIT

@@ -81,6 +81,19 @@ async fn server(addr: &str) -> ExitCode {
         };
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
+            // A proxy's health check is a plain GET: a Qlik node answers it, and so does this.
+            let mut stream = stream;
+            if !is_upgrade(&stream).await {
+                use tokio::io::AsyncWriteExt;
+                let mut head = [0u8; 4096];
+                let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut head).await;
+                let _ = stream
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n",
+                    )
+                    .await;
+                return;
+            }
             let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
                 return;
             };
@@ -93,6 +106,26 @@ async fn server(addr: &str) -> ExitCode {
             }
         });
     }
+}
+
+/// Whether the request waiting on `stream` asks for a WebSocket (its head, peeked, names an
+/// `Upgrade`).
+async fn is_upgrade(stream: &TcpStream) -> bool {
+    let mut buf = [0u8; 4096];
+    for _ in 0..1000 {
+        let Ok(n) = stream.peek(&mut buf).await else {
+            return false;
+        };
+        let head = &buf[..n];
+        if n == 0 || n == buf.len() || head.windows(4).any(|w| w == b"\r\n\r\n") {
+            return head
+                .to_ascii_lowercase()
+                .windows(8)
+                .any(|w| w == b"upgrade:");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    false
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;

@@ -16,6 +16,7 @@ pub mod headers;
 pub mod hold_last;
 pub mod lifecycle;
 pub mod pool;
+pub mod relay;
 pub(crate) mod shutdown_watch;
 pub mod tunnel;
 pub mod upstream;
@@ -103,6 +104,8 @@ pub struct Proxy {
     /// Open WebSocket tunnels, closed on shutdown after in-flight requests.
     tunnels: TaskTracker,
     close_tunnels: CancellationToken,
+    /// Where tunnels between two plain sockets are copied.
+    relay: Arc<relay::Relay>,
 }
 
 impl Proxy {
@@ -122,6 +125,7 @@ impl Proxy {
             diagnostics,
             tunnels: TaskTracker::new(),
             close_tunnels: CancellationToken::new(),
+            relay: Arc::default(),
         })
     }
 
@@ -357,6 +361,7 @@ impl Proxy {
     {
         let idle = self.settings().websocket_idle_timeout;
         let stop = self.close_tunnels.clone();
+        let relay = self.relay.clone();
         self.tunnels.spawn(async move {
             use tokio::io::AsyncWriteExt;
             let pool::Conn {
@@ -372,40 +377,56 @@ impl Proxy {
             if !from_qlik.is_empty() && client.write_all(&from_qlik).await.is_err() {
                 return;
             }
-            run_tunnel(client, up, Some(from_qlik), engine, idle, stop).await;
+            let observer = tunnel_opened(engine.as_ref(), &from_qlik);
+            // An idle tunnel keeps no buffer.
+            drop(from_qlik);
+            // Two plain sockets go to the relay thread; anything over TLS is copied here.
+            let (ending, moved) = match (plain_tcp(client), up) {
+                (Ok(client), pool::Stream::Plain(up)) => {
+                    match relay.run(client, up, idle, stop.clone(), observer).await {
+                        Ok(r) => r,
+                        Err(back) => {
+                            tunnel::run(back.client, back.upstream, idle, stop, back.observer).await
+                        }
+                    }
+                }
+                (Ok(client), up) => tunnel::run(client, up, idle, stop, observer).await,
+                (Err(client), up) => tunnel::run(client, up, idle, stop, observer).await,
+            };
+            tunnel_closed(engine.as_ref(), ending, moved);
         });
+    }
+}
+
+/// The client's socket as a plain TCP stream, if that is what it is.
+fn plain_tcp<S: 'static>(client: S) -> Result<tokio::net::TcpStream, S> {
+    let mut slot = Some(client);
+    match (&mut slot as &mut dyn std::any::Any).downcast_mut::<Option<tokio::net::TcpStream>>() {
+        Some(tcp) => Ok(tcp.take().expect("just put there")),
+        None => Err(slot.take().expect("just put there")),
     }
 }
 
 /// What the session guard needs to follow an engine WebSocket.
 pub(crate) type Engine = (Arc<SessionGuard>, Arc<Session>, Option<String>);
 
-/// Runs a tunnel; an engine WebSocket is counted on its session and listened to.
-async fn run_tunnel<C, U>(
-    client: C,
-    upstream: U,
-    already_sent: Option<BytesMut>,
-    engine: Option<Engine>,
-    idle: Option<Duration>,
-    stop: CancellationToken,
-) where
-    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
+/// An engine WebSocket is counted on its session and listened to, from the bytes Qlik sent
+/// with its 101 on.
+fn tunnel_opened(engine: Option<&Engine>, already_sent: &[u8]) -> Option<tunnel::Observer> {
     // An open engine WebSocket keeps its session alive in Qlik: count it, and listen for the
     // notifications that end the session.
-    let observer = engine.as_ref().map(|(guard, s, app)| {
+    engine.map(|(guard, s, app)| {
         guard.table.websocket_opened(s, app.clone());
         let mut o = guard.engine_observer(s.clone());
-        if let Some(bytes) = &already_sent {
-            o(bytes);
+        if !already_sent.is_empty() {
+            o(already_sent);
         }
         o
-    });
-    // An idle tunnel keeps no buffer.
-    drop(already_sent);
-    let (ending, moved) = tunnel::run(client, upstream, idle, stop, observer).await;
-    if let Some((guard, s, app)) = &engine {
+    })
+}
+
+fn tunnel_closed(engine: Option<&Engine>, ending: tunnel::Ending, moved: tunnel::Transferred) {
+    if let Some((guard, s, app)) = engine {
         guard.table.websocket_closed(s, app.as_deref());
     }
     tracing::debug!(

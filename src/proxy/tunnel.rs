@@ -105,7 +105,7 @@ struct Copy<C, U> {
 
 /// After one side closed, how long the other may keep its half open (HAProxy's
 /// `timeout client-fin`): a peer that never closes must not pin the tunnel forever.
-const FIN_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const FIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 const STACK_BUF: usize = 16 * 1024;
 
