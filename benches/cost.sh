@@ -64,6 +64,8 @@
 #               the same run, with B-vs-A columns (A = before, B = after a change)
 #   CG_OUT      keep the cachegrind output files in this directory (for cg_annotate; the
 #               results file prints the command)
+#   KEEP_WORK   1: keep the work directory (configs, logs, each row's strace summary) also
+#               after a run that succeeded; its path is logged at the end
 #   BASE_PORT   first of 48 consecutive loopback ports used        [18180]
 #   LOAD_CORE / PROXY_CORE  cores for client+origin / for the proxy [0 / 1]
 #   RESULTS     results file                           [benches/results/cost-<date>-<time>.md]
