@@ -39,7 +39,8 @@ pub struct Relay {
 /// What the opening tasks and the relay thread share.
 struct Shared {
     waker: Waker,
-    inbox: Mutex<Vec<Command>>,
+    /// `None` once the thread has ended (it cannot take commands any more).
+    inbox: Mutex<Option<Vec<Command>>>,
 }
 
 enum Command {
@@ -100,7 +101,7 @@ impl Relay {
         stop: CancellationToken,
         observer: Option<Observer>,
     ) -> Result<(Ending, Transferred), Unrelayed> {
-        let Some(shared) = self.shared() else {
+        let Some(shared) = self.shared().filter(|s| s.alive()) else {
             return Err(Unrelayed {
                 client,
                 upstream,
@@ -169,11 +170,39 @@ impl Drop for Relay {
 }
 
 impl Shared {
+    fn inbox(&self) -> std::sync::MutexGuard<'_, Option<Vec<Command>>> {
+        self.inbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn alive(&self) -> bool {
+        self.inbox().is_some()
+    }
+
+    /// A command for the thread. If the thread has ended, the command is dropped: an opening
+    /// then drops its sockets and its `done` sender, and its task sees the end at once.
     fn send(&self, c: Command) {
-        self.inbox.lock().unwrap_or_else(|e| e.into_inner()).push(c);
+        if let Some(inbox) = &mut *self.inbox() {
+            inbox.push(c);
+        }
         // A failed wake-up would leave the command waiting for the next event or sweep; the
         // eventfd write does not fail while the loop's poll lives.
         let _ = self.waker.wake();
+    }
+}
+
+/// Held by the relay thread: however it ends (a panic in an engine observer included), no
+/// command waits for it afterwards, and new tunnels stay on tokio.
+struct Ended(Arc<Shared>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!(
+                "WebSocket relay thread failed: its tunnels are closed, new ones stay on tokio"
+            );
+        }
+        let left = self.0.inbox().take();
+        drop(left);
     }
 }
 
@@ -186,12 +215,15 @@ fn start(fin_timeout: Duration) -> io::Result<Arc<Shared>> {
     let poll = Poll::new()?;
     let shared = Arc::new(Shared {
         waker: Waker::new(poll.registry(), WAKE)?,
-        inbox: Mutex::new(Vec::new()),
+        inbox: Mutex::new(Some(Vec::new())),
     });
     let inbox = shared.clone();
     std::thread::Builder::new()
         .name("qsguard-ws-relay".into())
-        .spawn(move || Loop::new(poll, inbox, fin_timeout).run())?;
+        .spawn(move || {
+            let _ended = Ended(inbox.clone());
+            Loop::new(poll, inbox, fin_timeout).run()
+        })?;
     Ok(shared)
 }
 
@@ -437,9 +469,8 @@ impl Loop {
 
     /// Runs what the tasks asked for; `false` once the relay is to stop.
     fn take_commands(&mut self) -> bool {
-        let commands =
-            std::mem::take(&mut *self.shared.inbox.lock().unwrap_or_else(|e| e.into_inner()));
-        for c in commands {
+        let commands = self.shared.inbox().as_mut().map(std::mem::take);
+        for c in commands.into_iter().flatten() {
             match c {
                 Command::Open(o) => self.open(*o),
                 Command::Close(key) => {
@@ -770,6 +801,29 @@ mod tests {
         assert_eq!(&got, b"still");
         drop((browser, qlik));
         ended(task).await;
+    }
+
+    #[tokio::test]
+    async fn after_a_panic_on_the_relay_thread_its_tunnels_end_and_new_ones_stay_on_tokio() {
+        let relay = Arc::new(Relay::default());
+        let observer: Observer = Box::new(|_: &[u8]| panic!("an engine observer failed"));
+        let (mut browser, mut qlik, task) =
+            tunnel(&relay, None, CancellationToken::new(), Some(observer)).await;
+        qlik.write_all(b"boom").await.unwrap();
+        assert_eq!(ended(task).await.0, Ending::Shutdown);
+        let mut b = [0u8; 4];
+        assert_eq!(
+            browser.read(&mut b).await.unwrap(),
+            0,
+            "closed with the thread"
+        );
+        // The next tunnel is given back, to be copied on tokio.
+        let (_b, client) = socket_pair().await;
+        let (_q, upstream) = socket_pair().await;
+        let r = relay
+            .run(client, upstream, None, CancellationToken::new(), None)
+            .await;
+        assert!(r.is_err(), "a relay whose thread ended takes no tunnel");
     }
 
     #[tokio::test]
