@@ -14,7 +14,7 @@
 use std::cell::RefCell;
 use std::io::Write;
 use std::sync::OnceLock;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use http::{Method, StatusCode};
 
@@ -27,7 +27,8 @@ pub struct Record {
     pub path: String,
     pub status: StatusCode,
     pub upstream: Option<String>,
-    pub started: Instant,
+    /// From the request's head to the end of its answer.
+    pub took: Duration,
     pub bytes: u64,
     pub peer: std::net::IpAddr,
     /// How the answer ended: `ok`, or why it did not (`client_gone`, `client_stalled`,
@@ -46,7 +47,7 @@ pub(crate) fn write_directly(format: LogFormat) {
 
 impl Record {
     pub(crate) fn emit(&self) {
-        let micros = self.started.elapsed().as_micros() as u64;
+        let micros = self.took.as_micros() as u64;
         match DIRECT.get() {
             Some(&format) => {
                 if tracing::enabled!(target: "qsguard::access", tracing::Level::INFO) {
@@ -249,7 +250,7 @@ mod tests {
             path: path.into(),
             status: StatusCode::from_u16(502).unwrap(),
             upstream: upstream.map(str::to_string),
-            started: Instant::now(),
+            took: Duration::from_micros(1234),
             bytes: 12345,
             peer: peer.parse().unwrap(),
             end,

@@ -316,7 +316,7 @@ async fn send<T: Transport>(
     let retry = whole && private.is_none();
     let mut conn = match private {
         Some(c) => c,
-        None => pool.checkout(node).await?,
+        None => pool.checkout(node, x.started).await?,
     };
     if let Err(e) = conn.io.write_all(&req).await {
         if !(conn.reused && retry) {
@@ -612,10 +612,16 @@ impl Finish {
     /// Logs the request and counts it; `end` says how its answer ended (`ok`,
     /// `client_gone`, `client_stalled`, `upstream_broke`).
     pub fn done(self, status: u16, bytes: u64, end: &'static str) {
+        self.done_at(Instant::now(), status, bytes, end)
+    }
+
+    /// [`Finish::done`] with the clock read once by the caller.
+    fn done_at(self, now: Instant, status: u16, bytes: u64, end: &'static str) {
+        let took = now.saturating_duration_since(self.started);
         self.proxy
             .diagnostics
             .metrics
-            .request(status, self.started.elapsed().as_secs_f64());
+            .request(status, took.as_secs_f64());
         if !self.log {
             return;
         }
@@ -624,7 +630,7 @@ impl Finish {
             path: self.path,
             status: http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_GATEWAY),
             upstream: self.node.as_ref().map(|n| n.name.clone()),
-            started: self.started,
+            took,
             bytes,
             peer: self.peer,
             end,
@@ -636,9 +642,11 @@ impl Finish {
     /// response ended cleanly and neither side asked to close it, unless it is private (a
     /// transport that keeps it has taken it already; any other closes it here).
     pub fn relayed(self, status: u16, bytes: u64, end: &'static str, conn: Option<Conn>) {
+        // One clock read for the pool and the log (each costs a vDSO call).
+        let now = Instant::now();
         if let (Some(conn), Some(node), false) = (conn, &self.node, self.private) {
-            self.upstreams.pool.checkin(node, conn);
+            self.upstreams.pool.checkin(node, conn, now);
         }
-        self.done(status, bytes, end)
+        self.done_at(now, status, bytes, end)
     }
 }

@@ -119,12 +119,14 @@ impl Pool {
     }
 
     /// A connection to `node`: the most recently used idle one that is still open, else new.
-    pub async fn checkout(&self, node: &Node) -> Result<Conn, ProxyError> {
+    /// `now`: the request's start, read once for it.
+    pub async fn checkout(&self, node: &Node, now: Instant) -> Result<Conn, ProxyError> {
         loop {
             let Some(conn) = self.idle(node).pop() else {
                 break;
             };
-            if conn.idle_since.elapsed() < self.idle_timeout && still_open(&conn) {
+            let idle = now.saturating_duration_since(conn.idle_since);
+            if idle < self.idle_timeout && still_open(&conn) {
                 return Ok(conn);
             }
         }
@@ -174,13 +176,14 @@ impl Pool {
     }
 
     /// Puts a connection whose last response was read to its end back for reuse.
-    pub fn checkin(&self, node: &Node, mut conn: Conn) {
+    /// `now`: the end of its response, read once for it.
+    pub fn checkin(&self, node: &Node, mut conn: Conn, now: Instant) {
         if !conn.buf.is_empty() {
             // Bytes past the end of the response: the connection is out of step. Close it.
             return;
         }
         conn.reused = true;
-        conn.idle_since = Instant::now();
+        conn.idle_since = now;
         let mut idle = self.idle(node);
         if idle.len() < self.max_idle {
             idle.push(conn);

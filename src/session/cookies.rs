@@ -95,7 +95,7 @@ pub fn find<'a, H: HeadView, const N: usize>(headers: &'a H, names: [&str; N]) -
             let Some(i) = names.iter().position(|&name| name.as_bytes() == n) else {
                 continue;
             };
-            let Ok(v) = std::str::from_utf8(trim_end_sp(&pair[eq + 1..])) else {
+            let Some(v) = crate::head_view::text(trim_end_sp(&pair[eq + 1..])) else {
                 continue;
             };
             let f = &mut found[i];

@@ -321,17 +321,24 @@ impl Head {
     }
 
     pub fn target(&self) -> &str {
-        // Checked to be visible ASCII by `parse_request`.
-        std::str::from_utf8(&self.bytes[self.target.clone()]).unwrap_or("/")
+        self.target_part(self.target.clone()).unwrap_or("/")
     }
 
     pub fn path(&self) -> &str {
-        std::str::from_utf8(&self.bytes[self.target.start..self.path_end]).unwrap_or("/")
+        self.target_part(self.target.start..self.path_end)
+            .unwrap_or("/")
     }
 
     pub fn query(&self) -> Option<&str> {
         let q = self.path_end + 1..self.target.end;
-        (self.path_end < self.target.end).then(|| std::str::from_utf8(&self.bytes[q]).unwrap_or(""))
+        (self.path_end < self.target.end).then(|| self.target_part(q).unwrap_or(""))
+    }
+
+    /// A part of the target as text: checked to be visible ASCII by `parse_request` (a
+    /// response's target is empty), so the ASCII check of [`crate::head_view::text`] is all
+    /// the validation it costs.
+    fn target_part(&self, r: Range<usize>) -> Option<&str> {
+        crate::head_view::text(&self.bytes[r])
     }
 
     pub fn reason(&self) -> &[u8] {
