@@ -915,10 +915,11 @@ impl SessionGuard {
         ctx.host = headers
             .first("host")
             .and_then(|h| HeaderValue::from_bytes(h).ok());
-        let ua = headers
-            .first("user-agent")
-            .and_then(|v| std::str::from_utf8(v).ok());
-        self.table.seen_device(ctx.device, ua, ctx.peer, false);
+        // A device id minted for this request (128 random bits) is in no table yet: no lookup.
+        if !ctx.new_device {
+            let ua = headers.first("user-agent").and_then(crate::head_view::text);
+            self.table.seen_device(ctx.device, ua, ctx.peer, false);
+        }
         ctx.client = Some(requester_of(headers, ctx.peer));
         if cookie.count > 1 {
             self.duplicated(ctx, cookie.count, None);
