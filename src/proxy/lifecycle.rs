@@ -289,7 +289,7 @@ async fn send<T: Transport>(
         detail,
     };
     // The head, and the part of the body already in hand, in one write.
-    let mut req = BytesMut::with_capacity(x.head.bytes.len() + 256);
+    let mut req = HeadBuf::lend(x.head.bytes.len() + 256);
     let cookie = match (&x.proxy.sessions, &x.ctx) {
         (Some(g), Some(c)) => g.cookie_to_send(c),
         _ => None,
@@ -407,6 +407,61 @@ impl BodyPace {
                 "the request body came slower than server.body_min_rate (after the grace of server.header_read_timeout)",
             )),
         }
+    }
+}
+
+/// The buffer a request is written into on its way to Qlik, lent by the thread and given back
+/// when dropped: a buffer per request would cost an allocation and a free on every request.
+/// One that grew past [`HeadBuf::KEEP`] (a large head or body part) is let go.
+struct HeadBuf(BytesMut);
+
+thread_local! {
+    static SPARE_BUFS: std::cell::RefCell<Vec<BytesMut>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl HeadBuf {
+    const KEEP: usize = 64 * 1024;
+    /// Buffers a thread keeps: one per request being sent on it at once, a few at most.
+    const SPARE: usize = 8;
+
+    fn lend(room: usize) -> HeadBuf {
+        let mut buf = SPARE_BUFS
+            .try_with(|s| s.try_borrow_mut().ok()?.pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        buf.reserve(room);
+        HeadBuf(buf)
+    }
+}
+
+impl std::ops::Deref for HeadBuf {
+    type Target = BytesMut;
+    fn deref(&self) -> &BytesMut {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for HeadBuf {
+    fn deref_mut(&mut self) -> &mut BytesMut {
+        &mut self.0
+    }
+}
+
+impl Drop for HeadBuf {
+    fn drop(&mut self) {
+        if self.0.capacity() > Self::KEEP {
+            return;
+        }
+        let mut buf = std::mem::take(&mut self.0);
+        buf.clear();
+        let _ = SPARE_BUFS.try_with(|s| {
+            if let Ok(mut s) = s.try_borrow_mut() {
+                if s.len() < Self::SPARE {
+                    s.push(buf);
+                }
+            }
+        });
     }
 }
 
@@ -648,5 +703,30 @@ impl Finish {
             self.upstreams.pool.checkin(node, conn, now);
         }
         self.done_at(now, status, bytes, end)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_buffer_goes_back_to_the_thread_empty_unless_it_grew_large() {
+        let spare = || SPARE_BUFS.with_borrow(|s| s.len());
+        let mut a = HeadBuf::lend(300);
+        assert!(a.capacity() >= 300);
+        a.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+        let kept = spare();
+        drop(a);
+        assert_eq!(spare(), kept + 1);
+        let b = HeadBuf::lend(100);
+        assert_eq!(spare(), kept, "lent again");
+        assert!(b.is_empty(), "and empty");
+        drop(b);
+        let mut big = HeadBuf::lend(HeadBuf::KEEP + 1);
+        big.extend_from_slice(&[b'x'; 10]);
+        let kept = spare();
+        drop(big);
+        assert_eq!(spare(), kept, "a buffer past KEEP is let go");
     }
 }
