@@ -316,7 +316,7 @@ async fn send<T: Transport>(
     let retry = whole && private.is_none();
     let mut conn = match private {
         Some(c) => c,
-        None => pool.checkout(node, x.started).await?,
+        None => pool.checkout(node).await?,
     };
     if let Err(e) = conn.io.write_all(&req).await {
         if !(conn.reused && retry) {
@@ -416,7 +416,7 @@ impl BodyPace {
 struct HeadBuf(BytesMut);
 
 thread_local! {
-    static SPARE_BUFS: std::cell::RefCell<Vec<BytesMut>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SPARE_BUFS: super::spare::Spares<BytesMut> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl HeadBuf {
@@ -425,11 +425,7 @@ impl HeadBuf {
     const SPARE: usize = 8;
 
     fn lend(room: usize) -> HeadBuf {
-        let mut buf = SPARE_BUFS
-            .try_with(|s| s.try_borrow_mut().ok()?.pop())
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+        let mut buf = super::spare::take(&SPARE_BUFS).unwrap_or_default();
         buf.reserve(room);
         HeadBuf(buf)
     }
@@ -455,13 +451,7 @@ impl Drop for HeadBuf {
         }
         let mut buf = std::mem::take(&mut self.0);
         buf.clear();
-        let _ = SPARE_BUFS.try_with(|s| {
-            if let Ok(mut s) = s.try_borrow_mut() {
-                if s.len() < Self::SPARE {
-                    s.push(buf);
-                }
-            }
-        });
+        super::spare::give(&SPARE_BUFS, buf, Self::SPARE);
     }
 }
 

@@ -18,6 +18,7 @@ pub mod lifecycle;
 pub mod pool;
 pub mod relay;
 pub(crate) mod shutdown_watch;
+pub(crate) mod spare;
 pub mod tunnel;
 pub mod upstream;
 

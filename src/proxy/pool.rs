@@ -119,14 +119,15 @@ impl Pool {
     }
 
     /// A connection to `node`: the most recently used idle one that is still open, else new.
-    /// `now`: the request's start, read once for it.
-    pub async fn checkout(&self, node: &Node, now: Instant) -> Result<Conn, ProxyError> {
+    /// The clock is read here, not taken from the request's start: the session guard may have
+    /// held the request for seconds (a burst's wait, a lookup in Qlik), and a connection
+    /// idle longer than the timeout must not be taken for a fresh one.
+    pub async fn checkout(&self, node: &Node) -> Result<Conn, ProxyError> {
         loop {
             let Some(conn) = self.idle(node).pop() else {
                 break;
             };
-            let idle = now.saturating_duration_since(conn.idle_since);
-            if idle < self.idle_timeout && still_open(&conn) {
+            if conn.idle_since.elapsed() < self.idle_timeout && still_open(&conn) {
                 return Ok(conn);
             }
         }

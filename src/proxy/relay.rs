@@ -280,22 +280,16 @@ impl Tunnel {
             if dir.done {
                 return Ok(());
             }
-            while dir.written < dir.pending.len() {
+            if dir.written < dir.pending.len() {
                 if !self.ready[dst].writable {
                     return Ok(());
                 }
-                match (&self.sides[dst]).write(&dir.pending[dir.written..]) {
-                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                    Ok(n) => {
-                        dir.written += n;
-                        self.moved = true;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        self.ready[dst].writable = false;
-                        return Ok(());
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
+                let left = &dir.pending[dir.written..];
+                let n = send_some(&self.sides[dst], left, &mut self.ready[dst].writable)?;
+                dir.written += n;
+                self.moved |= n > 0;
+                if dir.written < dir.pending.len() {
+                    return Ok(());
                 }
             }
             if !dir.pending.is_empty() {
@@ -337,19 +331,7 @@ impl Tunnel {
                     o(data);
                 }
             }
-            let mut off = 0;
-            while off < n {
-                match (&self.sides[dst]).write(&data[off..]) {
-                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                    Ok(m) => off += m,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        self.ready[dst].writable = false;
-                        break;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-            }
+            let off = send_some(&self.sides[dst], data, &mut self.ready[dst].writable)?;
             if off < n {
                 let dir = &mut self.dirs[d];
                 dir.pending = data[off..].to_vec();
@@ -395,6 +377,25 @@ impl Tunnel {
         }
         // The sockets close as they drop.
     }
+}
+
+/// Writes as much of `data` to `to` as it takes now, and says how much that was; a socket
+/// that takes no more is marked not writable until its next edge.
+fn send_some(to: &TcpStream, data: &[u8], writable: &mut bool) -> io::Result<usize> {
+    let mut off = 0;
+    while off < data.len() {
+        match (&*to).write(&data[off..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => off += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                *writable = false;
+                break;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(off)
 }
 
 /// The relay thread's state.

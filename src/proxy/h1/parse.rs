@@ -641,16 +641,12 @@ const SPARE_LISTS: usize = 8;
 thread_local! {
     /// Field lists of dropped heads, for the next heads parsed on this thread: two heads per
     /// request would otherwise cost two allocations and two frees (about 250 instructions).
-    static SPARE: std::cell::RefCell<Vec<Vec<Field>>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SPARE: crate::proxy::spare::Spares<Vec<Field>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// An empty field list with room for a usual head: a dropped head's, else a new one.
 fn spare_fields() -> Vec<Field> {
-    SPARE
-        .try_with(|s| s.try_borrow_mut().ok()?.pop())
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| Vec::with_capacity(FIELDS_USUAL))
+    crate::proxy::spare::take(&SPARE).unwrap_or_else(|| Vec::with_capacity(FIELDS_USUAL))
 }
 
 impl Drop for Head {
@@ -661,13 +657,7 @@ impl Drop for Head {
         }
         let mut fields = std::mem::take(&mut self.fields);
         fields.clear();
-        let _ = SPARE.try_with(|s| {
-            if let Ok(mut s) = s.try_borrow_mut() {
-                if s.len() < SPARE_LISTS {
-                    s.push(fields);
-                }
-            }
-        });
+        crate::proxy::spare::give(&SPARE, fields, SPARE_LISTS);
     }
 }
 
