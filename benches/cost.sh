@@ -545,7 +545,7 @@ launch() {
     fi
     if [[ -n $cg ]]; then
         if [[ ${VG_TOOL:-cachegrind} == callgrind ]]; then
-            pre=(valgrind --tool=callgrind --callgrind-out-file="$cg" --log-file="$WORK/$name.vg")
+            pre=(valgrind --tool=callgrind ${VG_OPTS:-} --callgrind-out-file="$cg" --log-file="$WORK/$name.vg")
         else
             pre=(valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file="$cg" --log-file="$WORK/$name.vg")
         fi

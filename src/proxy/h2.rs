@@ -34,7 +34,7 @@ use super::h1::chunked::{self, Chunked};
 use super::h1::parse::{self, Framing, Head};
 use super::headers;
 use super::hold_last::HoldLast;
-use super::lifecycle::{self, BodyPart, Exchange, Finish, Reply, Transport};
+use super::lifecycle::{self, BodyPart, Exchange, Finish, Transport};
 use super::pool::Conn;
 use super::{ConnInfo, Proxy, Settings};
 use crate::pages::Page;
@@ -327,6 +327,13 @@ struct Stream {
     response: Option<Response<ResponseBody>>,
 }
 
+impl Stream {
+    fn answer_now(&mut self, finish: Finish, page: Page) {
+        finish.done(page.status().as_u16(), 0, "ok");
+        self.response = Some(page.map(Either::Right));
+    }
+}
+
 impl Transport for Stream {
     fn info(&self) -> ConnInfo {
         self.info
@@ -395,24 +402,23 @@ impl Transport for Stream {
     }
 
     async fn answer(&mut self, x: Exchange, page: Page) {
-        Finish::new(x).done(page.status().as_u16(), 0, "ok");
-        self.response = Some(page.map(Either::Right));
+        self.answer_now(Finish::new(x), page)
     }
 
-    async fn respond(&mut self, reply: Reply) {
-        let Reply {
-            x,
-            head,
-            conn,
-            extra,
-            ..
-        } = reply;
+    async fn respond(
+        &mut self,
+        x: &mut Exchange,
+        head: &Head,
+        conn: Conn,
+        extra: Vec<HeaderValue>,
+        _switching: bool,
+    ) {
         let Ok(status) = StatusCode::from_u16(head.status) else {
             let e = ProxyError::UpstreamFailed {
                 upstream: x.node.as_ref().map(|n| n.name.clone()).unwrap_or_default(),
                 detail: format!("status {} cannot be sent over HTTP/2", head.status),
             };
-            return self.answer(x, e.to_response()).await;
+            return self.answer_now(Finish::of(x), e.to_response());
         };
         if head.status == 101 {
             // Nothing asked for an upgrade (HTTP/2 forbids the fields): Qlik broke protocol.
@@ -420,12 +426,12 @@ impl Transport for Stream {
                 upstream: x.node.as_ref().map(|n| n.name.clone()).unwrap_or_default(),
                 detail: "an upgrade nobody asked for".into(),
             };
-            return self.answer(x, e.to_response()).await;
+            return self.answer_now(Finish::of(x), e.to_response());
         }
-        let mut resp = Response::new(Either::Left(RelayBody::new(conn, &head, Finish::new(x))));
+        let mut resp = Response::new(Either::Left(RelayBody::new(conn, head, Finish::of(x))));
         *resp.status_mut() = status;
         let h = resp.headers_mut();
-        for (name, value) in headers::response_fields(&head) {
+        for (name, value) in headers::response_fields(head) {
             if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
                 h.append(n, v);
             }

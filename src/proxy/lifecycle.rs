@@ -80,7 +80,19 @@ pub(crate) trait Transport: Send {
     /// Sends Qlik's answer: its head as [`headers`] filters it plus the guard's `extra`
     /// cookies, then the body relayed from `conn`; ends with [`Finish::done`]. A `private`
     /// exchange's connection is the transport's to keep ([`super::bound`]), never the pool's.
-    fn respond(&mut self, reply: Reply) -> impl Future<Output = ()> + Send;
+    /// `switching`: a `101` to an upgrade request, the connection becomes a tunnel.
+    ///
+    /// The exchange and the response head are lent, not given: the future is built and then
+    /// moved twice on its way to being polled, and everything given it by value goes along
+    /// each time (some 650 bytes, four copies per request when this took one `Reply`).
+    fn respond(
+        &mut self,
+        x: &mut Exchange,
+        head: &Head,
+        conn: Conn,
+        extra: Vec<HeaderValue>,
+        switching: bool,
+    ) -> impl Future<Output = ()> + Send;
 
     /// The upstream connection private to this client connection, if it has one (HTTP/2
     /// never does: an NTLM request is refused there).
@@ -119,17 +131,6 @@ pub(crate) struct Exchange {
     /// The upstream connection belongs to this client connection (connection-bound
     /// authentication): it is not pooled, and if it breaks the client connection closes.
     pub private: bool,
-}
-
-/// Qlik's answer on its way to the client.
-pub(crate) struct Reply {
-    pub x: Exchange,
-    pub head: Head,
-    pub conn: Conn,
-    /// The guard's own `Set-Cookie` values, after Qlik's.
-    pub extra: Vec<HeaderValue>,
-    /// `101` to an upgrade request: the connection becomes a tunnel.
-    pub switching: bool,
 }
 
 /// Runs the phases for one request whose head `head` came over `t`.
@@ -203,14 +204,7 @@ pub(crate) async fn exchange<T: Transport>(proxy: &Arc<Proxy>, t: &mut T, head: 
     drop(busy);
     // 7. respond (and 8. log, when the body has gone)
     let switching = head.status == 101 && x.head.upgrade;
-    t.respond(Reply {
-        x,
-        head,
-        conn,
-        extra,
-        switching,
-    })
-    .await
+    t.respond(&mut x, &head, conn, extra, switching).await
 }
 
 /// Phase 1: what must not reach Qlik, beyond what the transport's parser judged.
@@ -636,7 +630,12 @@ pub(crate) struct Finish {
 }
 
 impl Finish {
-    pub fn new(x: Exchange) -> Finish {
+    pub fn new(mut x: Exchange) -> Finish {
+        Finish::of(&mut x)
+    }
+
+    /// [`Finish::new`] for an exchange that is only lent (its node is taken).
+    pub fn of(x: &mut Exchange) -> Finish {
         Finish {
             log: x.settings.log_requests,
             method: http::Method::from_bytes(x.head.method()).unwrap_or(http::Method::GET),
@@ -646,9 +645,9 @@ impl Finish {
                 String::new()
             },
             peer: x.info.peer.ip(),
-            proxy: x.proxy,
-            upstreams: x.upstreams,
-            node: x.node,
+            proxy: x.proxy.clone(),
+            upstreams: x.upstreams.clone(),
+            node: x.node.take(),
             started: x.started,
             private: x.private,
         }

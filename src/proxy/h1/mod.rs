@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use http::HeaderValue;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
@@ -30,7 +31,7 @@ use super::bound::Bound;
 use super::deadline::LazyDeadline;
 use super::error::ProxyError;
 use super::headers;
-use super::lifecycle::{self, BodyPart, DeviceMemoCell, Exchange, Finish, Reply, Transport};
+use super::lifecycle::{self, BodyPart, DeviceMemoCell, Exchange, Finish, Transport};
 use super::pool::Conn;
 use super::shutdown_watch::ShutdownWatch;
 use super::{ConnInfo, Proxy, Settings};
@@ -316,14 +317,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Transport for ClientConn<S> {
         };
     }
 
-    async fn respond(&mut self, reply: Reply) {
-        let Reply {
-            x,
-            head,
-            mut conn,
-            extra,
-            switching,
-        } = reply;
+    async fn respond(
+        &mut self,
+        x: &mut Exchange,
+        head: &Head,
+        mut conn: Conn,
+        extra: Vec<HeaderValue>,
+        switching: bool,
+    ) {
         let upgrade = x.head.upgrade;
         // A refused upgrade ends the connection (the client may already be sending frames).
         let close = self.close_asked
@@ -331,7 +332,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Transport for ClientConn<S> {
             || (upgrade && !switching)
             || self.stop.is_requested();
         self.out.clear();
-        headers::write_response_head(&mut self.out, &head, &extra, close, switching);
+        headers::write_response_head(&mut self.out, head, &extra, close, switching);
         let st = x.settings.send_timeout;
         let (sent, relay) = relay_body(self, &mut conn, head.framing, st).await;
         if let Relay::UpstreamBroke(why) = &relay {
@@ -355,7 +356,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Transport for ClientConn<S> {
         // A 101 nobody asked for leaves the connection in another protocol: not reusable.
         let clean = relay == Relay::Complete && head.status != 101;
         let private = x.node.clone().filter(|_| x.private);
-        let finish = Finish::new(x);
+        let finish = Finish::of(x);
         if switching {
             finish.done(head.status, sent, relay.end());
             self.next = Next::Tunnel(conn, engine);
