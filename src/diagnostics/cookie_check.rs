@@ -84,6 +84,11 @@ impl CookieCheck {
         out
     }
 
+    /// The request is under the check's path: [`CookieCheck::handle`] answers it.
+    pub fn owns(&self, path: &str) -> bool {
+        path.starts_with(self.path.as_str())
+    }
+
     /// Answers a request under the check's path; `None` for any other path.
     pub fn handle<H: HeadView>(
         &self,
@@ -281,6 +286,34 @@ mod tests {
                 .unwrap()
                 .to_bytes();
         serde_json::from_slice(&body).unwrap()
+    }
+
+    /// The proxy asks `owns` before it builds the endpoint's future: it must say yes to
+    /// every path `handle` answers, and no to the rest.
+    #[test]
+    fn owns_exactly_what_it_handles() {
+        let c = CookieCheck::new("/__qsguard/cookie-check/");
+        let h = HeaderMap::new();
+        for path in [
+            "/__qsguard/cookie-check",
+            "/__qsguard/cookie-check/",
+            "/__qsguard/cookie-check/set",
+            "/__qsguard/cookie-check/report",
+            "/__qsguard/cookie-check/nope",
+            "/__qsguard/cookie-checker",
+            "/__qsguard/cookie",
+            "/__qsguard/",
+            "/hub/",
+            "/",
+        ] {
+            assert_eq!(
+                c.owns(path),
+                c.handle(path, Some("id=abc"), &h, false).is_some(),
+                "{path}"
+            );
+        }
+        assert!(c.owns("/__qsguard/cookie-check/set"));
+        assert!(!c.owns("/hub/"));
     }
 
     fn all(check: &CookieCheck, skip: &[&str]) -> String {

@@ -78,7 +78,7 @@ pub async fn handle(
         body,
         response: None,
     };
-    lifecycle::exchange(&proxy, &mut stream, head).await;
+    lifecycle::exchange(&proxy, &mut stream, &head).await;
     Ok(stream.response.unwrap_or_else(|| {
         // Every phase ends in an answer; this is only a safety net.
         ProxyError::BadRequest("the request could not be answered")
@@ -401,13 +401,13 @@ impl Transport for Stream {
         }
     }
 
-    async fn answer(&mut self, x: Exchange, page: Page) {
+    async fn answer(&mut self, x: Exchange<'_>, page: Page) {
         self.answer_now(Finish::new(x), page)
     }
 
     async fn respond(
         &mut self,
-        x: &mut Exchange,
+        x: &mut Exchange<'_>,
         head: &Head,
         conn: Conn,
         extra: Vec<HeaderValue>,

@@ -75,7 +75,7 @@ pub(crate) trait Transport: Send {
     ) -> impl Future<Output = Result<Bytes, ProxyError>> + Send;
 
     /// Sends an answer the guard wrote itself, and logs it.
-    fn answer(&mut self, x: Exchange, page: Page) -> impl Future<Output = ()> + Send;
+    fn answer(&mut self, x: Exchange<'_>, page: Page) -> impl Future<Output = ()> + Send;
 
     /// Sends Qlik's answer: its head as [`headers`] filters it plus the guard's `extra`
     /// cookies, then the body relayed from `conn`; ends with [`Finish::done`]. A `private`
@@ -87,7 +87,7 @@ pub(crate) trait Transport: Send {
     /// each time (some 650 bytes, four copies per request when this took one `Reply`).
     fn respond(
         &mut self,
-        x: &mut Exchange,
+        x: &mut Exchange<'_>,
         head: &Head,
         conn: Conn,
         extra: Vec<HeaderValue>,
@@ -114,10 +114,11 @@ pub(crate) trait Transport: Send {
 
 pub(crate) type DeviceMemoCell = std::sync::Mutex<session::device::DeviceMemo>;
 
-/// One request on its way through the phases.
-pub(crate) struct Exchange {
+/// One request on its way through the phases. The request head is lent by the transport:
+/// a head given by value is copied each time the futures it passes through are moved.
+pub(crate) struct Exchange<'h> {
     pub proxy: Arc<Proxy>,
-    pub head: Head,
+    pub head: &'h Head,
     pub info: ConnInfo,
     pub started: Instant,
     /// The settings and nodes this request started with: a reload meanwhile changes neither.
@@ -134,8 +135,8 @@ pub(crate) struct Exchange {
 }
 
 /// Runs the phases for one request whose head `head` came over `t`.
-pub(crate) async fn exchange<T: Transport>(proxy: &Arc<Proxy>, t: &mut T, head: Head) {
-    let private = crate::ntlm::request_binds(&head);
+pub(crate) async fn exchange<T: Transport>(proxy: &Arc<Proxy>, t: &mut T, head: &Head) {
+    let private = crate::ntlm::request_binds(head);
     let mut x = Exchange {
         proxy: proxy.clone(),
         head,
@@ -152,8 +153,10 @@ pub(crate) async fn exchange<T: Transport>(proxy: &Arc<Proxy>, t: &mut T, head: 
     if let Err(e) = admit(&x) {
         return fail(t, x, e).await;
     }
-    if let Some(page) = own_endpoint(&x, t).await {
-        return t.answer(x, page).await;
+    if is_own_endpoint(&x) {
+        if let Some(page) = own_endpoint(&x, t).await {
+            return t.answer(x, page).await;
+        }
     }
     // 2. guard
     if let Some(page) = guard(&mut x, t.device_memo()).await {
@@ -161,7 +164,7 @@ pub(crate) async fn exchange<T: Transport>(proxy: &Arc<Proxy>, t: &mut T, head: 
     }
     // 3. choose node: a private connection's, unless the request goes with a session that
     // lives on another node (that one would be lost there; the private connection waits).
-    x.sticky = Proxy::sticky_in(&x.settings, &x.head);
+    x.sticky = Proxy::sticky_in(&x.settings, x.head);
     let session_node = x
         .ctx
         .as_deref()
@@ -208,7 +211,7 @@ pub(crate) async fn exchange<T: Transport>(proxy: &Arc<Proxy>, t: &mut T, head: 
 }
 
 /// Phase 1: what must not reach Qlik, beyond what the transport's parser judged.
-fn admit(x: &Exchange) -> Result<(), ProxyError> {
+fn admit(x: &Exchange<'_>) -> Result<(), ProxyError> {
     if x.head.method() == b"TRACE" {
         return Err(ProxyError::MethodNotAllowed);
     }
@@ -222,9 +225,21 @@ fn admit(x: &Exchange) -> Result<(), ProxyError> {
     Ok(())
 }
 
+/// The request is for one of [`own_endpoint`]'s paths. Asked first, so that the other
+/// requests, nearly all, do not build and move that future and its empty answer.
+fn is_own_endpoint(x: &Exchange<'_>) -> bool {
+    let path = x.head.path();
+    x.proxy
+        .diagnostics
+        .cookie_check
+        .as_ref()
+        .is_some_and(|c| c.owns(path))
+        || (x.proxy.sessions.is_some() && path == pages::END_SESSION_PATH)
+}
+
 /// The guard's own endpoints: the cookie self-test, the limit page's end-session form.
-async fn own_endpoint<T: Transport>(x: &Exchange, t: &mut T) -> Option<Page> {
-    let head = &x.head;
+async fn own_endpoint<T: Transport>(x: &Exchange<'_>, t: &mut T) -> Option<Page> {
+    let head = x.head;
     if let Some(check) = &x.proxy.diagnostics.cookie_check {
         if let Some(page) = check.handle(head.path(), head.query(), head, x.info.tls) {
             return Some(page);
@@ -248,17 +263,17 @@ async fn own_endpoint<T: Transport>(x: &Exchange, t: &mut T) -> Option<Page> {
 }
 
 /// Phase 2: the session guard's decision; `Some` when it answers itself.
-async fn guard(x: &mut Exchange, device_memo: Option<&DeviceMemoCell>) -> Option<Page> {
+async fn guard(x: &mut Exchange<'_>, device_memo: Option<&DeviceMemoCell>) -> Option<Page> {
     let guard = x.proxy.sessions.as_ref()?;
     let view = session::Request {
         method: x.head.method(),
         path: x.head.path(),
         query: x.head.query(),
-        headers: &x.head,
+        headers: x.head,
         device_memo,
     };
     // The scheme the browser used: TLS here, or what a trusted proxy in front says.
-    let https = headers::browser_used_https(&x.head, &x.settings.trusted, x.info);
+    let https = headers::browser_used_https(x.head, &x.settings.trusted, x.info);
     match guard.before(&view, x.info.peer.ip(), https).await {
         Verdict::Pass => None,
         Verdict::Forward(ctx) => {
@@ -272,7 +287,7 @@ async fn guard(x: &mut Exchange, device_memo: Option<&DeviceMemoCell>) -> Option
 /// Phases 4 and 5: the request to `node` (over `private`, the client connection's own
 /// upstream connection, when it has one), and Qlik's response head.
 async fn send<T: Transport>(
-    x: &Exchange,
+    x: &Exchange<'_>,
     t: &mut T,
     node: &Arc<Node>,
     private: Option<Conn>,
@@ -290,7 +305,7 @@ async fn send<T: Transport>(
     };
     headers::write_request_head(
         &mut req,
-        &x.head,
+        x.head,
         &x.settings.trusted,
         &x.settings.identity,
         x.info,
@@ -510,7 +525,7 @@ enum After {
 
 /// Phase 6: what the response teaches the guard; the `Set-Cookie`s the guard adds. Fails only
 /// when a body it must look at does not come in time.
-async fn after(x: &mut Exchange, resp: &Head, conn: &mut Conn) -> Result<After, ProxyError> {
+async fn after(x: &mut Exchange<'_>, resp: &Head, conn: &mut Conn) -> Result<After, ProxyError> {
     let node = x.node.as_ref().expect("a node was chosen");
     let mut extra = match (&x.proxy.sessions, x.ctx.as_deref_mut()) {
         (Some(g), Some(c)) => g.after(c, &node.name_arc(), x.head.target(), resp.status, resp),
@@ -591,7 +606,7 @@ async fn read_at_least(conn: &mut Conn, n: usize) {
 
 /// The request could not be forwarded (or was refused): the error page, logged, with what
 /// went wrong counted against the node.
-async fn fail<T: Transport>(t: &mut T, x: Exchange, e: ProxyError) {
+async fn fail<T: Transport>(t: &mut T, x: Exchange<'_>, e: ProxyError) {
     let peer = x.info.peer;
     if e.is_upstream() {
         if let Some(n) = &x.node {
@@ -630,12 +645,12 @@ pub(crate) struct Finish {
 }
 
 impl Finish {
-    pub fn new(mut x: Exchange) -> Finish {
+    pub fn new(mut x: Exchange<'_>) -> Finish {
         Finish::of(&mut x)
     }
 
     /// [`Finish::new`] for an exchange that is only lent (its node is taken).
-    pub fn of(x: &mut Exchange) -> Finish {
+    pub fn of(x: &mut Exchange<'_>) -> Finish {
         Finish {
             log: x.settings.log_requests,
             method: http::Method::from_bytes(x.head.method()).unwrap_or(http::Method::GET),

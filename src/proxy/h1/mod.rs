@@ -47,8 +47,9 @@ enum Next {
     Tunnel(Conn, Option<super::Engine>),
 }
 
-enum ReadHead {
-    Head(Head),
+enum ReadHead<'a> {
+    /// The head, parsed into the connection's slot for it.
+    Head(&'a Head),
     Rejected(Rejection),
     Closed,
 }
@@ -101,8 +102,11 @@ where
         private: None,
         device_memo: Default::default(),
     };
+    // The request being served, lent to its exchange: kept here, not passed along by value,
+    // it is not copied from future to future on its way.
+    let mut slot: Option<Head> = None;
     loop {
-        let head = match read_head(&mut c, &proxy).await {
+        let head = match read_head(&mut c, &proxy, &mut slot).await {
             ReadHead::Head(h) => h,
             ReadHead::Closed => return,
             ReadHead::Rejected(r) => {
@@ -116,7 +120,15 @@ where
         c.close_asked = head.close;
         c.next = Next::Close;
         lifecycle::exchange(&proxy, &mut c, head).await;
+        // Let go of it now: its bytes are a part of the read buffer, which can take the
+        // next request's bytes in place only once no part of it is held.
+        slot = None;
         c.served += 1;
+        if matches!(c.next, Next::KeepAlive) {
+            // Looked at first: taking `next` out moves a tunnel's connection along with it.
+            c.next = Next::Close;
+            continue;
+        }
         match std::mem::replace(&mut c.next, Next::Close) {
             Next::KeepAlive => continue,
             Next::Close => {
@@ -134,7 +146,11 @@ where
 
 /// Reads a request head. The clock starts when the connection waits for a head, so it also
 /// bounds idle keep-alive time (and slow-drip clients).
-async fn read_head<S: AsyncRead + Unpin>(c: &mut ClientConn<S>, proxy: &Proxy) -> ReadHead {
+async fn read_head<'a, S: AsyncRead + Unpin>(
+    c: &mut ClientConn<S>,
+    proxy: &Proxy,
+    slot: &'a mut Option<Head>,
+) -> ReadHead<'a> {
     let settings = proxy.settings();
     c.head_deadline
         .set(tokio::time::Instant::now() + settings.header_read_timeout);
@@ -145,7 +161,7 @@ async fn read_head<S: AsyncRead + Unpin>(c: &mut ClientConn<S>, proxy: &Proxy) -
             match parse::parse_request(&c.buf, max_header_size) {
                 Ok(Some((len, mut head))) => {
                     head.bytes = c.buf.split_to(len).freeze();
-                    return ReadHead::Head(head);
+                    return ReadHead::Head(slot.insert(head));
                 }
                 Ok(None) => {}
                 Err(r) => return ReadHead::Rejected(r),
@@ -297,7 +313,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Transport for ClientConn<S> {
         Ok(self.buf.split_to(n).freeze())
     }
 
-    async fn answer(&mut self, x: Exchange, page: Page) {
+    async fn answer(&mut self, x: Exchange<'_>, page: Page) {
         // An unread body would be read as the next request: close instead. So does a
         // refused request (what follows it cannot be trusted) and a stopping guard, and a
         // failed leg of a connection-bound handshake (the browser starts it again).
@@ -319,7 +335,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Transport for ClientConn<S> {
 
     async fn respond(
         &mut self,
-        x: &mut Exchange,
+        x: &mut Exchange<'_>,
         head: &Head,
         mut conn: Conn,
         extra: Vec<HeaderValue>,
