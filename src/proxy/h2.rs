@@ -34,7 +34,7 @@ use super::h1::chunked::{self, Chunked};
 use super::h1::parse::{self, Framing, Head};
 use super::headers;
 use super::hold_last::HoldLast;
-use super::lifecycle::{self, BodyPart, Exchange, Finish, Transport};
+use super::lifecycle::{self, BodyPart, DeviceMemoCell, Exchange, Finish, Transport};
 use super::pool::Conn;
 use super::{ConnInfo, Proxy, Settings};
 use crate::pages::Page;
@@ -44,10 +44,13 @@ pub type ResponseBody = Either<RelayBody, Full<Bytes>>;
 
 /// The hyper service entry point for one HTTP/2 request. `Err` resets the stream with the
 /// error's reason (hyper finds the `h2::Error` and sends its code in `RST_STREAM`).
+/// `device_memo`: the connection's memory of its device cookie, shared by its streams (a
+/// browser sends the same one on every stream: checked once, not once per request).
 pub async fn handle(
     proxy: Arc<Proxy>,
     req: Request<Incoming>,
     info: ConnInfo,
+    device_memo: &DeviceMemoCell,
 ) -> Result<Response<ResponseBody>, h2::Error> {
     let (parts, body) = req.into_parts();
     let max_head = proxy.settings().max_header_size;
@@ -77,6 +80,7 @@ pub async fn handle(
         framing: head.framing,
         body,
         response: None,
+        device_memo,
     };
     lifecycle::exchange(&proxy, &mut stream, &head).await;
     Ok(stream.response.unwrap_or_else(|| {
@@ -101,6 +105,9 @@ pub async fn handle(
 pub struct Streams(Arc<StreamsInner>);
 
 struct StreamsInner {
+    /// The connection's memory of its device cookie (it rides along with the count: one
+    /// per connection, reached by every stream).
+    device_memo: DeviceMemoCell,
     open: AtomicUsize,
     /// When the connection last had no stream: nanoseconds after `born`.
     quiet_since: AtomicU64,
@@ -110,6 +117,7 @@ struct StreamsInner {
 impl Default for Streams {
     fn default() -> Self {
         Streams(Arc::new(StreamsInner {
+            device_memo: Default::default(),
             open: AtomicUsize::new(0),
             quiet_since: AtomicU64::new(0),
             born: Instant::now(),
@@ -206,7 +214,7 @@ pub async fn handle_counted(
     // hyper spawns a task per stream, and the spawn moves the stream's future three or four
     // times on its way into the task's cell: kept small, with the request's whole lifecycle
     // built in one box at the first poll (was some 4,000 instructions of memcpy per request).
-    let resp = Box::pin(handle(proxy, req, info)).await?;
+    let resp = Box::pin(handle(proxy, req, info, &streams.0.device_memo)).await?;
     Ok(resp.map(|body| Tracked { body, _open: open }))
 }
 
@@ -320,23 +328,29 @@ fn head_of(
 }
 
 /// One HTTP/2 stream while its request goes through the lifecycle.
-struct Stream {
+struct Stream<'c> {
     info: ConnInfo,
     framing: Framing,
     body: HoldLast<Incoming>,
     response: Option<Response<ResponseBody>>,
+    /// The connection's, see [`handle`].
+    device_memo: &'c DeviceMemoCell,
 }
 
-impl Stream {
+impl Stream<'_> {
     fn answer_now(&mut self, finish: Finish, page: Page) {
         finish.done(page.status().as_u16(), 0, "ok");
         self.response = Some(page.map(Either::Right));
     }
 }
 
-impl Transport for Stream {
+impl Transport for Stream<'_> {
     fn info(&self) -> ConnInfo {
         self.info
+    }
+
+    fn device_memo(&self) -> Option<&DeviceMemoCell> {
+        Some(self.device_memo)
     }
 
     fn body_in_hand(&mut self, _out: &mut BytesMut) -> Result<BodyPart, ProxyError> {

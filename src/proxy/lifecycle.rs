@@ -100,8 +100,8 @@ pub(crate) trait Transport: Send {
         None
     }
 
-    /// The connection's memory of its device cookie ([`session::device::DeviceMemo`]); HTTP/2
-    /// streams have none of their own.
+    /// The connection's memory of its device cookie ([`session::device::DeviceMemo`]): an
+    /// HTTP/1 connection's, or the HTTP/2 connection's that its streams share.
     fn device_memo(&self) -> Option<&DeviceMemoCell> {
         None
     }
@@ -253,7 +253,9 @@ async fn own_endpoint<T: Transport>(x: &Exchange<'_>, t: &mut T) -> Option<Page>
     // connection (and its task) forever.
     let read = tokio::time::timeout(x.settings.header_read_timeout, t.small_body(8 * 1024));
     Some(match read.await {
-        Ok(Ok(body)) => guard.end_session_form(head.method(), head, &body).await,
+        // Boxed: the form's future (a QPS call) is some 2.5 KB, and every exchange's future
+        // would carry it, for a form sent once in a while.
+        Ok(Ok(body)) => Box::pin(guard.end_session_form(head.method(), head, &body)).await,
         Ok(Err(e)) => e.to_response(),
         Err(_) => ProxyError::ClientTooSlow(
             "the end-session form did not arrive within server.header_read_timeout",
