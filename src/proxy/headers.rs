@@ -1,7 +1,7 @@
 //! The header rules on the way through, one copy for both protocols: which fields are
 //! hop-by-hop, how X-Forwarded-* is set, how a restored session's cookie is put on the
 //! request, and how the framing is written. Requests always go to Qlik as HTTP/1.1 bytes
-//! written here; responses come back as bytes too, and [`response_fields`] says which of
+//! written here; responses come back as bytes too, and [`response_field_indices`] says which of
 //! Qlik's fields the client gets, whether the transport writes them as HTTP/1.1 bytes
 //! ([`write_response_head`]) or as an HTTP/2 header map.
 //!
@@ -261,15 +261,10 @@ pub(crate) fn write_ip<B: BufMut>(out: &mut B, ip: IpAddr) {
     }
 }
 
-/// Qlik's response fields as the client gets them, in Qlik's order and byte for byte (every
-/// `Set-Cookie` its own field): without the hop-by-hop ones, those `Connection` names, and
-/// the framing.
-pub(crate) fn response_fields(resp: &Head) -> impl Iterator<Item = (&[u8], &[u8])> {
-    response_field_indices(resp).map(|i| resp.field(i))
-}
-
-/// The positions of [`response_fields`] in the head.
-fn response_field_indices(resp: &Head) -> impl Iterator<Item = usize> + '_ {
+/// The positions of Qlik's response fields as the client gets them, in Qlik's order and byte
+/// for byte (every `Set-Cookie` its own field): without the hop-by-hop ones, those
+/// `Connection` names, and the framing.
+pub(crate) fn response_field_indices(resp: &Head) -> impl Iterator<Item = usize> + '_ {
     let named = resp.connection_tokens();
     (0..resp.len()).filter(move |&i| {
         !response_field_dropped(resp.known(i))
@@ -280,7 +275,7 @@ fn response_field_indices(resp: &Head) -> impl Iterator<Item = usize> + '_ {
     })
 }
 
-/// The response head as an HTTP/1.1 client gets it: Qlik's status and [`response_fields`],
+/// The response head as an HTTP/1.1 client gets it: Qlik's status and [`response_field_indices`],
 /// the guard's `Set-Cookie`s after Qlik's, the framing the engine writes, and the
 /// connection's fate (`close`, or the upgrade of a `101`).
 pub(crate) fn write_response_head(
@@ -495,7 +490,8 @@ mod tests {
         let bytes: &'static [u8] = b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nConnection: x-drop\r\nX-Drop: 1\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\nSet-Cookie: b=2\r\n\r\n";
         let (_, mut h) = parse_response(bytes, false).unwrap().unwrap();
         h.bytes = bytes::Bytes::from_static(bytes);
-        let names: Vec<String> = response_fields(&h)
+        let names: Vec<String> = response_field_indices(&h)
+            .map(|i| h.field(i))
             .map(|(n, v)| {
                 format!(
                     "{}={}",

@@ -350,6 +350,11 @@ impl Head {
         (&self.bytes[f.name.clone()], &self.bytes[f.value.clone()])
     }
 
+    /// Field `i`'s value as a part of the head's bytes (shared, not copied).
+    pub fn value_bytes(&self, i: usize) -> Bytes {
+        self.bytes.slice(self.fields[i].value.clone())
+    }
+
     /// Field `i`'s whole line, CRLF included, when it stands in the bytes exactly as the engine
     /// would write it (`name: value` CRLF, one space, nothing trimmed): it can then be copied
     /// as one slice, with its neighbours when they are such lines too.
@@ -1280,6 +1285,19 @@ mod tests {
 
     fn req(bytes: &[u8]) -> Result<Option<(usize, Head)>, Rejection> {
         parse_request(bytes, 8192)
+    }
+
+    /// HTTP/2 answers take their values as parts of the head's bytes.
+    #[test]
+    fn value_bytes_are_the_field_values() {
+        let bytes: &'static [u8] = b"HTTP/1.1 200 OK\r\nA: 1\r\nB:  two \r\nC:\r\n\r\n";
+        let (_, mut h) = parse_response(bytes, false).unwrap().unwrap();
+        h.bytes = Bytes::from_static(bytes);
+        for i in 0..h.len() {
+            assert_eq!(&h.value_bytes(i)[..], h.field(i).1);
+        }
+        assert_eq!(&h.value_bytes(1)[..], b"two");
+        assert!(h.value_bytes(2).is_empty());
     }
 
     #[test]
