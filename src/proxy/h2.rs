@@ -101,6 +101,9 @@ pub async fn handle(
 /// Nothing is notified per stream: the last stream to close notes the time, and the idle
 /// watch, asleep for most of the connection's life, reads it when its own timer fires (a
 /// notification and a fresh timer per request cost about a thousand instructions each).
+///
+/// It also holds what the streams of one connection share: the memory of the device cookie
+/// (see [`handle`]).
 #[derive(Clone)]
 pub struct Streams(Arc<StreamsInner>);
 
