@@ -122,6 +122,8 @@ impl Seen {
 struct Origin {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
+    /// Connections the proxy opened to it.
+    accepted: Arc<AtomicUsize>,
 }
 
 impl Origin {
@@ -130,12 +132,19 @@ impl Origin {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
         tokio::spawn(async move {
             while let Ok((s, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(origin_connection(s, log.clone()));
             }
         });
-        Origin { addr, seen }
+        Origin {
+            addr,
+            seen,
+            accepted,
+        }
     }
 
     fn seen(&self) -> Vec<Seen> {
@@ -581,6 +590,8 @@ struct StreamState {
     body: Vec<u8>,
     ended: bool,
     reset: Option<u32>,
+    /// The stream's HEADERS and DATA frames as they came: kind, payload length, END_STREAM.
+    frames: Vec<(u8, usize, bool)>,
 }
 
 struct H2 {
@@ -733,6 +744,7 @@ impl H2 {
                     p = p[1..p.len().saturating_sub(pad)].to_vec();
                 }
                 let s = self.streams.entry(stream).or_default();
+                s.frames.push((DATA, p.len(), flags & END_STREAM != 0));
                 s.body.extend_from_slice(&p);
                 if flags & END_STREAM != 0 {
                     s.ended = true;
@@ -749,6 +761,11 @@ impl H2 {
                     start += 5;
                 }
                 let frag = p[start..end].to_vec();
+                self.streams.entry(stream).or_default().frames.push((
+                    HEADERS,
+                    p.len(),
+                    flags & END_STREAM != 0,
+                ));
                 self.block = Some((stream, frag, flags & END_STREAM != 0));
                 if flags & END_HEADERS != 0 {
                     self.decode_block();
@@ -1195,6 +1212,40 @@ type MakeAsk = Box<dyn Fn(&str) -> Ask>;
 ///    declared length was already filled): refused, and the origin never records a complete
 ///    request for it (a head and part of a body, then a closed connection, is tolerated), and
 ///    never receives unparsable bytes.
+/// Qlik's answer ends on the DATA frame that carries its last bytes (END_STREAM set there),
+/// not on an empty DATA frame of its own after them: a frame less per response, and no
+/// extra pass of the connection for it.
+#[tokio::test]
+async fn h2_answer_ends_with_its_last_bytes() {
+    let b = Bench::start().await;
+    let mut c = b.h2().await;
+    for _ in 0..3 {
+        let m = b.unique("end");
+        let id = c.send(&Ask::get(&m)).await;
+        let out = c.outcome(id).await;
+        assert!(out.is_origin_answer(&format!("/case/{m}")), "{out}");
+        let frames = &c.streams[&id].frames;
+        let data: Vec<_> = frames.iter().filter(|f| f.0 == DATA).collect();
+        assert!(
+            frames.first().is_some_and(|f| f.0 == HEADERS && !f.2),
+            "the answer has a body: HEADERS without END_STREAM first, got {frames:?}"
+        );
+        assert!(
+            !data.is_empty() && data.iter().all(|f| f.1 > 0),
+            "no empty DATA frame, got {frames:?}"
+        );
+        assert!(
+            frames.last().is_some_and(|f| f.0 == DATA && f.2)
+                && frames.iter().filter(|f| f.2).count() == 1,
+            "END_STREAM on the last DATA frame, and only there, got {frames:?}"
+        );
+    }
+    // Each answer, ended with its last bytes, gave its connection back to the pool: the
+    // three went over one.
+    assert_eq!(b.origin.accepted.load(Ordering::SeqCst), 1);
+    b.finish().await;
+}
+
 #[tokio::test]
 async fn h2_content_length_disagreeing_with_data_is_refused() {
     let b = Bench::start().await;
