@@ -29,7 +29,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -302,6 +302,16 @@ async fn save_periodically(
     }
 }
 
+/// How the kernel finds a client that vanished (a laptop closed, a VPN dropped, a NAT that
+/// forgot the connection): keepalive probes after this long with nothing received...
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// ...every this long, this many times, unanswered...
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_PROBES: u32 = 3;
+/// ...and at most this long for data sent to stay unacknowledged (the probes only run on a
+/// connection with nothing in flight; a stalled write to a vanished client needs this).
+const UNACKNOWLEDGED_LIMIT: Duration = Duration::from_secs(90);
+
 fn bind(addr: SocketAddr, key: &str, reuse_port: bool) -> Result<TcpListener, String> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
@@ -318,6 +328,17 @@ fn bind(addr: SocketAddr, key: &str, reuse_port: bool) -> Result<TcpListener, St
     socket
         .set_nonblocking(true)
         .map_err(|e| format!("{key}: {e}"))?;
+    // Set on the listener, so every accepted connection inherits them (Linux) without a
+    // system call of its own. This is how a dead client is found, on every protocol: HTTP/2
+    // PING keep-alives (hyper's) cost a lock and a clock read per frame received, some
+    // thousand instructions per request; nginx and HAProxy rely on the kernel too.
+    let _ = socket.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(KEEPALIVE_INTERVAL)
+            .with_retries(KEEPALIVE_PROBES),
+    );
+    let _ = socket.set_tcp_user_timeout(Some(UNACKNOWLEDGED_LIMIT));
     socket
         .bind(&addr.into())
         .map_err(|e| format!("{key}: cannot listen on {addr}: {e}"))?;
@@ -449,9 +470,7 @@ async fn serve_http2<S>(
         crate::proxy::h2::handle_counted(proxy.clone(), req, info, counted.clone())
     });
     let conn = http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
         .max_header_list_size(settings.max_header_size as u32)
-        .keep_alive_interval(Some(Duration::from_secs(60)))
         .serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
     let mut stop = crate::proxy::shutdown_watch::ShutdownWatch::new(stop);
@@ -470,5 +489,26 @@ async fn serve_http2<S>(
     };
     if let Err(e) = result {
         tracing::debug!(client = %info.peer, "HTTP/2 connection ended: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The dead-client detection is set once on the listener: every accepted connection must
+    /// carry it (it is not set again per connection).
+    #[tokio::test]
+    async fn accepted_connections_inherit_the_dead_client_detection() {
+        let listener = bind("127.0.0.1:0".parse().unwrap(), "server.listen", false).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let s = socket2::SockRef::from(&accepted);
+        assert!(s.keepalive().unwrap(), "SO_KEEPALIVE");
+        assert_eq!(s.keepalive_time().unwrap(), KEEPALIVE_IDLE);
+        assert_eq!(s.keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        assert_eq!(s.keepalive_retries().unwrap(), KEEPALIVE_PROBES);
+        assert_eq!(s.tcp_user_timeout().unwrap(), Some(UNACKNOWLEDGED_LIMIT));
     }
 }
