@@ -82,7 +82,7 @@ fn name(msg: &[u8], field: usize, flags: u32) -> Option<String> {
     let off = le32(msg, field + 4)? as usize;
     let bytes = msg.get(off..off.checked_add(len)?)?;
     let text = if flags & NEGOTIATE_UNICODE != 0 {
-        if len % 2 != 0 {
+        if !len.is_multiple_of(2) {
             return None;
         }
         let units: Vec<u16> = bytes

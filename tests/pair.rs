@@ -85,7 +85,7 @@ impl Pair {
     }
 
     fn guard(&self, i: usize) -> &Guard {
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             &self.a
         } else {
             &self.b

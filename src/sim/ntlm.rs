@@ -371,7 +371,7 @@ fn utf16le(s: &str) -> Vec<u8> {
 }
 
 fn from_utf16le(b: &[u8]) -> Option<String> {
-    if b.len() % 2 != 0 {
+    if !b.len().is_multiple_of(2) {
         return None;
     }
     let units: Vec<u16> = b
@@ -459,7 +459,7 @@ pub(crate) fn b64_encode(data: &[u8]) -> String {
 
 /// Standard base64 with padding; anything else is refused.
 pub(crate) fn b64_decode(s: &[u8]) -> Option<Vec<u8>> {
-    if s.len() % 4 != 0 {
+    if !s.len().is_multiple_of(4) {
         return None;
     }
     let mut out = Vec::with_capacity(s.len() / 4 * 3);
