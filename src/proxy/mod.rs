@@ -12,6 +12,7 @@ pub(crate) mod deadline;
 pub mod error;
 pub mod h1;
 pub mod h2;
+pub mod h2_tasks;
 pub mod headers;
 pub mod hold_last;
 pub mod lifecycle;

@@ -29,7 +29,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -469,24 +469,24 @@ async fn serve_http2<S>(
     let svc = service_fn(move |req| {
         crate::proxy::h2::handle_counted(proxy.clone(), req, info, counted.clone())
     });
-    let conn = http2::Builder::new(TokioExecutor::new())
+    // The streams run in this task (see proxy::h2_tasks), not each in a task of its own.
+    let exec = crate::proxy::h2_tasks::StreamExec::default();
+    let conn = http2::Builder::new(exec.clone())
         .max_header_list_size(settings.max_header_size as u32)
         .serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
     let mut stop = crate::proxy::shutdown_watch::ShutdownWatch::new(stop);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = stop.requested() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-        // GOAWAY, then the connection ends: nothing is open on it.
-        _ = streams.idle_for(idle) => {
-            tracing::debug!(client = %info.peer, "HTTP/2 connection idle for server.http2_idle_timeout: closed");
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    let close = async {
+        tokio::select! {
+            _ = stop.requested() => {}
+            // GOAWAY, then the connection ends: nothing is open on it.
+            _ = streams.idle_for(idle) => {
+                tracing::debug!(client = %info.peer, "HTTP/2 connection idle for server.http2_idle_timeout: closed");
+            }
         }
     };
+    let result =
+        crate::proxy::h2_tasks::drive(conn.as_mut(), &exec, close, |c| c.graceful_shutdown()).await;
     if let Err(e) = result {
         tracing::debug!(client = %info.peer, "HTTP/2 connection ended: {e}");
     }

@@ -671,31 +671,35 @@ impl SessionGuard {
                 }
             }
         };
-        let ctx = Box::new(Context {
-            vp,
-            device,
-            new_device,
-            device_sent: sent_device.first.is_some(),
-            device_trusted,
-            cookieless: cookie.count == 0 && sent_device.count == 0 && identity.is_some(),
-            identity,
-            windows_user: is_auth_module(rest)
-                .then(|| windows_user(req.headers))
-                .flatten(),
-            session: None,
-            set_back: false,
-            unknown: None,
-            carried: None,
-            logout: req.method == b"DELETE" && is_personal_api(rest),
-            host: None,
-            app: app_of(rest),
-            tls,
-            holds: Holds::default(),
-            client: None,
-            node_hint: None,
-            peer,
-            pair_written: None,
-        });
+        // Written into its box, not moved there (the several hundred bytes copied otherwise).
+        let ctx = Box::write(
+            Box::new_uninit(),
+            Context {
+                vp,
+                device,
+                new_device,
+                device_sent: sent_device.first.is_some(),
+                device_trusted,
+                cookieless: cookie.count == 0 && sent_device.count == 0 && identity.is_some(),
+                identity,
+                windows_user: is_auth_module(rest)
+                    .then(|| windows_user(req.headers))
+                    .flatten(),
+                session: None,
+                set_back: false,
+                unknown: None,
+                carried: None,
+                logout: req.method == b"DELETE" && is_personal_api(rest),
+                host: None,
+                app: app_of(rest),
+                tls,
+                holds: Holds::default(),
+                client: None,
+                node_hint: None,
+                peer,
+                pair_written: None,
+            },
+        );
         Ok((ctx, cookie))
     }
 
