@@ -190,22 +190,6 @@ impl Shared {
     }
 }
 
-/// Held by the relay thread: however it ends (a panic in an engine observer included), no
-/// command waits for it afterwards, and new tunnels stay on tokio.
-struct Ended(Arc<Shared>);
-
-impl Drop for Ended {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            tracing::error!(
-                "WebSocket relay thread failed: its tunnels are closed, new ones stay on tokio"
-            );
-        }
-        let left = self.0.inbox().take();
-        drop(left);
-    }
-}
-
 const WAKE: Token = Token(usize::MAX);
 /// How often deadlines are checked while some tunnel has one.
 const SWEEP: Duration = Duration::from_secs(1);
@@ -220,10 +204,7 @@ fn start(fin_timeout: Duration) -> io::Result<Arc<Shared>> {
     let inbox = shared.clone();
     std::thread::Builder::new()
         .name("qsguard-ws-relay".into())
-        .spawn(move || {
-            let _ended = Ended(inbox.clone());
-            Loop::new(poll, inbox, fin_timeout).run()
-        })?;
+        .spawn(move || Loop::new(poll, inbox, fin_timeout).run())?;
     Ok(shared)
 }
 
@@ -409,6 +390,22 @@ struct Loop {
     timed: usize,
     next_sweep: Instant,
     fin_timeout: Duration,
+}
+
+/// However the relay thread ends (a panic in an engine observer included), no command waits
+/// for it afterwards, and new tunnels stay on tokio. The relay is marked ended here, before
+/// the fields (its tunnels) are dropped: a task that sees its tunnel end and opens another at
+/// once must find the relay ended, not hand the new tunnel to a thread that is going away.
+impl Drop for Loop {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!(
+                "WebSocket relay thread failed: its tunnels are closed, new ones stay on tokio"
+            );
+        }
+        let left = self.shared.inbox().take();
+        drop(left);
+    }
 }
 
 impl Loop {
