@@ -72,13 +72,16 @@ pub async fn drive<C: Future>(
         // Whatever woke the task the first time, everything is polled.
         conn: AtomicBool::new(true),
         streams: AtomicBool::new(true),
+        close: AtomicBool::new(true),
     });
     let conn_waker = Waker::from(Arc::new(Woke(turn.clone(), Part::Connection)));
     let streams_waker = Waker::from(Arc::new(Woke(turn.clone(), Part::Streams)));
+    let close_waker = Waker::from(Arc::new(Woke(turn.clone(), Part::Close)));
     std::future::poll_fn(move |cx| {
         turn.task.register(cx.waker());
         let mut for_conn = Context::from_waker(&conn_waker);
         let mut for_streams = Context::from_waker(&streams_waker);
+        let mut for_close = Context::from_waker(&close_waker);
         for _ in 0..MAX_ROUNDS {
             turn.in_turn.store(true, Ordering::SeqCst);
             // Each flag is cleared just before the part it stands for is polled: a wake
@@ -88,11 +91,17 @@ pub async fn drive<C: Future>(
             if turn.streams.swap(false, Ordering::SeqCst) {
                 while let Poll::Ready(Some(())) = running.poll_next_unpin(&mut for_streams) {}
             }
-            if ended.is_none() && turn.conn.swap(false, Ordering::SeqCst) {
-                if !closing && close.as_mut().poll(&mut for_conn).is_ready() {
+            // The close is looked at only when its own timer or the stop woke it (polled
+            // with the connection, it cost a few hundred instructions a request).
+            if !closing && ended.is_none() && turn.close.swap(false, Ordering::SeqCst) {
+                if close.as_mut().poll(&mut for_close).is_ready() {
                     closing = true;
                     graceful(conn.as_mut());
+                    // The GOAWAY is sent by the connection's poll.
+                    turn.conn.store(true, Ordering::SeqCst);
                 }
+            }
+            if ended.is_none() && turn.conn.swap(false, Ordering::SeqCst) {
                 if let Poll::Ready(out) = conn.as_mut().poll(&mut for_conn) {
                     ended = Some(out);
                 }
@@ -113,7 +122,8 @@ pub async fn drive<C: Future>(
             }
             turn.in_turn.store(false, Ordering::SeqCst);
             let again = turn.streams.load(Ordering::SeqCst)
-                || (ended.is_none() && turn.conn.load(Ordering::SeqCst));
+                || (ended.is_none() && turn.conn.load(Ordering::SeqCst))
+                || (ended.is_none() && !closing && turn.close.load(Ordering::SeqCst));
             if !again {
                 return match ended.take() {
                     Some(out) if running.is_empty() => Poll::Ready(out),
@@ -149,12 +159,15 @@ struct Turn {
     conn: AtomicBool,
     /// A stream was woken since the streams were last polled.
     streams: AtomicBool,
+    /// The close (shutdown, idle timer) was woken since it was last polled.
+    close: AtomicBool,
 }
 
 #[derive(Clone, Copy)]
 enum Part {
     Connection,
     Streams,
+    Close,
 }
 
 /// The waker of one part: it notes the wake, and wakes the task unless a poll is under way.
@@ -170,6 +183,7 @@ impl Wake for Woke {
         match self.1 {
             Part::Connection => turn.conn.store(true, Ordering::SeqCst),
             Part::Streams => turn.streams.store(true, Ordering::SeqCst),
+            Part::Close => turn.close.store(true, Ordering::SeqCst),
         }
         if !turn.in_turn.load(Ordering::SeqCst) {
             turn.task.wake();
