@@ -93,13 +93,15 @@ pub async fn drive<C: Future>(
             }
             // The close is looked at only when its own timer or the stop woke it (polled
             // with the connection, it cost a few hundred instructions a request).
-            if !closing && ended.is_none() && turn.close.swap(false, Ordering::SeqCst) {
-                if close.as_mut().poll(&mut for_close).is_ready() {
-                    closing = true;
-                    graceful(conn.as_mut());
-                    // The GOAWAY is sent by the connection's poll.
-                    turn.conn.store(true, Ordering::SeqCst);
-                }
+            if !closing
+                && ended.is_none()
+                && turn.close.swap(false, Ordering::SeqCst)
+                && close.as_mut().poll(&mut for_close).is_ready()
+            {
+                closing = true;
+                graceful(conn.as_mut());
+                // The GOAWAY is sent by the connection's poll.
+                turn.conn.store(true, Ordering::SeqCst);
             }
             if ended.is_none() && turn.conn.swap(false, Ordering::SeqCst) {
                 if let Poll::Ready(out) = conn.as_mut().poll(&mut for_conn) {
