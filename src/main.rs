@@ -10,7 +10,7 @@ use qsguard::logging::{self, LogFormat};
 use qsguard::{Config, Guard};
 
 /// jemalloc instead of the C library's allocator (as Pingora does): a request still
-/// allocates (hyper's HTTP/2 streams, header maps, a task per stream), and glibc's general
+/// allocates (hyper's HTTP/2 streams, header maps, frames), and glibc's general
 /// paths (`_int_malloc`, `_int_free`, consolidation) cost some 2,800 instructions per HTTP/2
 /// request more, while an idle proxied WebSocket takes less memory (1.95 KiB, glibc 2.15).
 /// mimalloc was as fast but held 5.1 KiB per idle WebSocket. Measured with benches/cost.sh and

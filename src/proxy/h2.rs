@@ -214,11 +214,11 @@ pub async fn handle_counted(
     streams: Streams,
 ) -> Result<Response<Tracked<ResponseBody>>, h2::Error> {
     let open = streams.open();
-    // hyper spawns a task per stream, and the spawn moves the stream's future three or four
-    // times on its way into the task's cell: kept small, with the request's whole lifecycle
-    // built in one box at the first poll (was some 4,000 instructions of memcpy per request).
-    // Made in the box rather than made and then moved in (Box::pin copied all of its
-    // several kilobytes).
+    // hyper moves the stream's future several times before it first runs (into its stream
+    // state, to the executor, into `h2_tasks`' box): kept small, with the request's whole
+    // lifecycle built in one box at the first poll (was some 4,000 instructions of memcpy per
+    // request), and written into that box rather than built and moved in (`Box::pin` copied
+    // all of its several kilobytes).
     let resp = Box::into_pin(Box::write(
         Box::new_uninit(),
         handle(proxy, req, info, &streams.0.device_memo),

@@ -211,6 +211,19 @@ mod tests {
         ends: bool,
     }
 
+    impl Handing {
+        /// `left` streams for `exec`, each counted in `done` when it ends; `ends`: see there.
+        fn new(exec: &StreamExec, left: usize, done: &Arc<AtomicUsize>, ends: bool) -> Handing {
+            Handing {
+                exec: exec.clone(),
+                left,
+                done: done.clone(),
+                graceful: false,
+                ends,
+            }
+        }
+    }
+
     impl Future for Handing {
         type Output = &'static str;
         fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<&'static str> {
@@ -235,13 +248,7 @@ mod tests {
     async fn the_connection_ends_only_with_its_last_stream() {
         let exec = StreamExec::default();
         let done = Arc::new(AtomicUsize::new(0));
-        let conn = Handing {
-            exec: exec.clone(),
-            left: 3,
-            done: done.clone(),
-            graceful: false,
-            ends: true,
-        };
+        let conn = Handing::new(&exec, 3, &done, true);
         tokio::pin!(conn);
         let never = std::future::pending();
         let out = drive(conn.as_mut(), &exec, never, |_| panic!("not closed")).await;
@@ -258,13 +265,7 @@ mod tests {
         let exec = StreamExec::default();
         let done = Arc::new(AtomicUsize::new(0));
         exec.execute(async { panic!("a stream's bug") });
-        let conn = Handing {
-            exec: exec.clone(),
-            left: 2,
-            done: done.clone(),
-            graceful: false,
-            ends: true,
-        };
+        let conn = Handing::new(&exec, 2, &done, true);
         tokio::pin!(conn);
         let never = std::future::pending();
         let out = drive(conn.as_mut(), &exec, never, |_| panic!("not closed")).await;
@@ -315,13 +316,7 @@ mod tests {
     async fn close_ends_the_connection_gracefully_and_its_streams_finish() {
         let exec = StreamExec::default();
         let done = Arc::new(AtomicUsize::new(0));
-        let conn = Handing {
-            exec: exec.clone(),
-            left: 2,
-            done: done.clone(),
-            graceful: false,
-            ends: false,
-        };
+        let conn = Handing::new(&exec, 2, &done, false);
         tokio::pin!(conn);
         let close = tokio::time::sleep(Duration::from_millis(5));
         let out = drive(conn.as_mut(), &exec, close, |c| c.get_mut().graceful = true).await;
