@@ -106,6 +106,10 @@ enum Seen {
     Incomplete {
         bytes: Vec<u8>,
     },
+    /// The proxy closed the connection while a `/case/hold-*` request waited for its answer.
+    Abandoned {
+        target: String,
+    },
 }
 
 impl Seen {
@@ -115,6 +119,7 @@ impl Seen {
             Seen::Garbage { bytes, .. } | Seen::Incomplete { bytes } => {
                 contains(bytes, what.as_bytes())
             }
+            Seen::Abandoned { target } => target.contains(what),
         }
     }
 }
@@ -175,7 +180,21 @@ async fn origin_connection(mut s: TcpStream, log: Arc<Mutex<Vec<Seen>>>) {
                     .iter()
                     .any(|v| v.eq_ignore_ascii_case("close"));
                 let body = format!("target:{}", r.target);
+                let target = r.target.clone();
                 log.lock().unwrap().push(Seen::Request(r));
+                if target.starts_with("/case/hold-") {
+                    // Never answered: waits for the proxy to give up on it.
+                    let _ = s.read(&mut chunk).await;
+                    log.lock().unwrap().push(Seen::Abandoned { target });
+                    return;
+                }
+                if target.starts_with("/case/short-") {
+                    // 100 bytes promised, 10 sent, and the connection closed.
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
+                        .await;
+                    return;
+                }
                 let resp = format!(
                     "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
                     body.len()
@@ -1243,6 +1262,58 @@ async fn h2_answer_ends_with_its_last_bytes() {
     // Each answer, ended with its last bytes, gave its connection back to the pool: the
     // three went over one.
     assert_eq!(b.origin.accepted.load(Ordering::SeqCst), 1);
+    b.finish().await;
+}
+
+/// A client that resets its stream while Qlik is still answering: the guard gives up the
+/// upstream request (its connection closed, never pooled) and the HTTP/2 connection goes on.
+/// An answer that breaks off after its head: the stream is reset (INTERNAL_ERROR), never
+/// ended as if it were whole.
+#[tokio::test]
+async fn h2_resets_both_ways() {
+    let b = Bench::start().await;
+    let mut c = b.h2().await;
+    let m = b.unique("hold");
+    let target = format!("/case/{m}");
+    let id = c.send(&Ask::get(&m)).await;
+    let waiting = Instant::now() + WAIT;
+    while b.origin.requests_to(&target).is_empty() {
+        assert!(
+            Instant::now() < waiting,
+            "the request never reached the origin"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    c.frame(RST_STREAM, 0, id, &0x8u32.to_be_bytes()).await; // CANCEL
+    let abandoned = |b: &Bench| {
+        b.origin
+            .seen()
+            .iter()
+            .any(|s| matches!(s, Seen::Abandoned { target: t } if *t == target))
+    };
+    let waiting = Instant::now() + WAIT;
+    while !abandoned(&b) {
+        assert!(
+            Instant::now() < waiting,
+            "the guard kept waiting for Qlik's answer to a stream the client reset"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let m = b.unique("short");
+    let id = c.send(&Ask::get(&m)).await;
+    let out = c.outcome(id).await;
+    assert!(
+        matches!(out, Outcome::Reset(0x2)),
+        "an answer cut short must reset the stream with INTERNAL_ERROR, but the proxy {out}"
+    );
+    let frames = &c.streams[&id].frames;
+    assert!(
+        frames.iter().all(|f| !f.2),
+        "nothing of it carries END_STREAM: {frames:?}"
+    );
+    b.keeps_serving("the resets", &mut c).await;
+    drop(c);
     b.finish().await;
 }
 

@@ -95,6 +95,18 @@ async fn the_limit_page_at_max_per_user() {
         assert_eq!(page.status, 429, "{proto:?}: {}", page.text());
         let retry: u64 = page.header("retry-after").unwrap().parse().unwrap();
         assert!(retry > 0, "{proto:?}: retry-after {retry}");
+        // The guard's own page says how long it is and when it was written, on both
+        // transports (over HTTP/2 the guard sets them itself).
+        assert_eq!(
+            page.header("content-length"),
+            Some(page.body.len().to_string()),
+            "{proto:?}"
+        );
+        assert!(
+            page.header("date").is_some_and(|d| d.ends_with(" GMT")),
+            "{proto:?}: {:?}",
+            page.header("date")
+        );
         assert!(
             page.header("content-type")
                 .unwrap()

@@ -1,6 +1,6 @@
-//! The HTTP/2 transport: hyper's HTTP/2 server (TLS + ALPN `h2`) hands over each request; it
-//! goes through the same request lifecycle as HTTP/1 ([`super::lifecycle`]); this module
-//! supplies how its bytes come and go:
+//! The HTTP/2 transport: the h2 crate's server (TLS + ALPN `h2`, driven by
+//! [`super::h2_tasks`]) hands over each request; it goes through the same request lifecycle as
+//! HTTP/1 ([`super::lifecycle`]); this module supplies how its bytes come and go:
 //!
 //! - **head**: the HTTP/2 request put into the engine's head form, after the rules RFC 9113
 //!   adds (no connection-specific field, `te` only `trailers`, no control byte in a value, a
@@ -10,12 +10,14 @@
 //! - **body**: the DATA frames, framed for Qlik by the engine: `Content-Length` when the client
 //!   gave one (the last frame is handed on only once the stream has ended, [`HoldLast`]),
 //!   else chunked;
-//! - **answer / respond**: a hyper response whose body streams from the upstream connection
-//!   ([`RelayBody`]) and gives it back to the pool at its end, writing the access-log line.
+//! - **answer / respond**: a response whose body streams from the upstream connection
+//!   ([`RelayBody`]) and gives it back to the pool at its end, writing the access-log line;
+//!   [`stream`] sends it as HEADERS and DATA frames, as the client's flow control allows.
 //!
 //! A connection-bound handshake or a WebSocket cannot be held per stream; browsers use
 //! HTTP/1.1 for those.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -23,11 +25,12 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
+use h2::server::SendResponse;
+use h2::{RecvStream, SendStream};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Either, Full, Limited};
-use hyper::body::Incoming;
 
 use super::error::ProxyError;
 use super::h1::chunked::{self, Chunked};
@@ -42,29 +45,33 @@ use crate::pages::Page;
 /// The body of every HTTP/2 response: Qlik's, streamed, or one the guard wrote.
 pub type ResponseBody = Either<RelayBody, Full<Bytes>>;
 
-/// The hyper service entry point for one HTTP/2 request. `Err` resets the stream with the
-/// error's reason (hyper finds the `h2::Error` and sends its code in `RST_STREAM`).
-/// `device_memo`: the connection's memory of its device cookie, shared by its streams (a
-/// browser sends the same one on every stream: checked once, not once per request).
-pub async fn handle(
+/// One HTTP/2 request, from its head to its answer, put in `answer` (it stays there until it
+/// has been sent: the answer is a large value, each move of it a copy). `Err`: the stream is
+/// reset with that reason. `device_memo`: the connection's memory of its device cookie,
+/// shared by its streams (a browser sends the same one on every stream: checked once, not
+/// once per request).
+async fn handle(
     proxy: Arc<Proxy>,
-    req: Request<Incoming>,
+    req: Request<RecvStream>,
     info: ConnInfo,
     device_memo: &DeviceMemoCell,
-) -> Result<Response<ResponseBody>, h2::Error> {
+    answer: &mut Option<Response<ResponseBody>>,
+) -> Result<(), h2::Reason> {
     let (parts, body) = req.into_parts();
+    let body = RequestBody(body);
     let max_head = proxy.settings().max_header_size;
     let head = match head_of(&parts, body.is_end_stream(), max_head) {
         Ok(h) => h,
         Err(e) => {
             tracing::info!(client = %info.peer, "refused: {e}");
-            return Ok(e.to_response().map(Either::Right));
+            *answer = Some(e.to_response().map(Either::Right));
+            return Ok(());
         }
     };
     if crate::ntlm::needs_http1(head.path(), &head) {
         // Browsers retry over HTTP/1.1, where the handshake gets a connection of its own.
         tracing::debug!(client = %info.peer, "Windows authentication over HTTP/2: stream reset with HTTP_1_1_REQUIRED");
-        return Err(h2::Error::from(h2::Reason::HTTP_1_1_REQUIRED));
+        return Err(h2::Reason::HTTP_1_1_REQUIRED);
     }
     let mut body = HoldLast::new(body);
     if head.length == Some(0) && !body.is_end_stream() {
@@ -72,27 +79,23 @@ pub async fn handle(
         // only once the stream has ended without DATA.
         if let Err(e) = no_data(&mut body).await {
             tracing::info!(client = %info.peer, "refused: {e}");
-            return Ok(e.to_response().map(Either::Right));
+            *answer = Some(e.to_response().map(Either::Right));
+            return Ok(());
         }
     }
     let mut stream = Stream {
         info,
         framing: head.framing,
         body,
-        response: None,
+        response: answer,
         device_memo,
     };
     lifecycle::exchange(&proxy, &mut stream, &head).await;
-    Ok(stream.response.unwrap_or_else(|| {
-        // Every phase ends in an answer; this is only a safety net.
-        ProxyError::BadRequest("the request could not be answered")
-            .to_response()
-            .map(Either::Right)
-    }))
+    Ok(())
 }
 
 /// The open streams of one HTTP/2 connection, for its idle timeout
-/// (`server.http2_idle_timeout`). hyper's server has none: a client that opens a connection
+/// (`server.http2_idle_timeout`). h2's server has none: a client that opens a connection
 /// and leaves it idle would hold it (and a slot of `server.max_connections`) forever.
 /// A stream counts from its request until its response body has been sent or reset, so a
 /// long download or a slow Qlik answer keeps the connection, and only a connection with no
@@ -180,55 +183,178 @@ impl Drop for StreamOpen {
     }
 }
 
-/// A response body that keeps its stream counted as open until hyper drops it.
-pub struct Tracked<B> {
-    body: B,
-    _open: StreamOpen,
+/// One HTTP/2 stream, made by [`super::h2_tasks::Served`] for each request: the request goes
+/// through the lifecycle, and its answer is sent. The stream counts as open in `streams`
+/// until its answer has been sent (or reset).
+///
+/// Boxed, and written into its box rather than built and moved in: the future is several
+/// kilobytes, and every move of it (into `h2_tasks`' set of streams, out of the connection's
+/// poll) copied all of it (some 1,500 instructions a request).
+pub fn stream(
+    proxy: Arc<Proxy>,
+    req: Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+    info: ConnInfo,
+    streams: Streams,
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    let boxed: Box<_> = Box::write(
+        Box::new_uninit(),
+        serve_stream(proxy, req, respond, info, streams),
+    );
+    Box::into_pin(boxed)
 }
 
-impl<B: Body + Unpin> Body for Tracked<B> {
-    type Data = B::Data;
-    type Error = B::Error;
+async fn serve_stream(
+    proxy: Arc<Proxy>,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    info: ConnInfo,
+    streams: Streams,
+) {
+    let _open = streams.open();
+    let mut answer = None;
+    let handled = {
+        let mut handled = std::pin::pin!(handle(
+            proxy,
+            req,
+            info,
+            &streams.0.device_memo,
+            &mut answer
+        ));
+        // While Qlik is answering, the client may reset the stream: the request is then
+        // dropped wherever it is (its upstream connection closed, never pooled).
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = handled.as_mut().poll(cx) {
+                return Poll::Ready(Some(r));
+            }
+            match respond.poll_reset(cx) {
+                Poll::Ready(_) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
+    };
+    match handled {
+        Some(Ok(())) => {}
+        Some(Err(reason)) => return respond.send_reset(reason),
+        None => {
+            tracing::debug!(client = %info.peer, "the client reset the HTTP/2 stream before its answer");
+            return;
+        }
+    }
+    let resp = answer.get_or_insert_with(|| {
+        // Every phase ends in an answer; this is only a safety net.
+        ProxyError::BadRequest("the request could not be answered")
+            .to_response()
+            .map(Either::Right)
+    });
+    // The head goes to h2; the body stays where it is until it has been sent.
+    let mut head = Response::new(());
+    *head.status_mut() = resp.status();
+    *head.headers_mut() = std::mem::take(resp.headers_mut());
+    if let Either::Right(page) = resp.body() {
+        // The guard's own page: it says when and how long, as over HTTP/1.1, and not
+        // `connection: close` (HTTP/2 has no such field: h2 would refuse the answer).
+        let h = head.headers_mut();
+        h.remove(header::CONNECTION);
+        let len = page.size_hint().exact().unwrap_or(0);
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        if let Ok(date) = HeaderValue::from_str(&super::h1::httpdate(std::time::SystemTime::now()))
+        {
+            h.entry(header::DATE).or_insert(date);
+        }
+    }
+    let body = resp.body_mut();
+    let end = body.is_end_stream();
+    match respond.send_response(head, end) {
+        Ok(tx) if !end => send_body(tx, body).await,
+        Ok(_) => {}
+        // The stream was reset meanwhile: the body, dropped, logs the client as gone.
+        Err(e) => tracing::debug!(client = %info.peer, "HTTP/2 answer not sent: {e}"),
+    }
+}
+
+/// Sends `body` in DATA frames, each as the client's window allows (h2 holds what it cannot
+/// send yet; asking for capacity before each frame keeps that to one frame), the last with
+/// END_STREAM. A client that resets the stream ends it; a body that fails resets it.
+async fn send_body(mut tx: SendStream<Bytes>, body: &mut ResponseBody) {
+    let sent = std::future::poll_fn(|cx| loop {
+        tx.reserve_capacity(1);
+        if tx.capacity() == 0 {
+            loop {
+                match tx.poll_capacity(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Some(Ok(0))) => {}
+                    Poll::Ready(Some(Ok(_))) => break,
+                    // Reset or closed: nothing more can be sent.
+                    Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(Ok(())),
+                }
+            }
+        } else if tx.poll_reset(cx).is_ready() {
+            return Poll::Ready(Ok(()));
+        }
+        match Pin::new(&mut *body).poll_frame(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Some(Ok(frame))) => {
+                // Only DATA: neither body has trailers.
+                if let Ok(data) = frame.into_data() {
+                    let end = body.is_end_stream();
+                    if tx.send_data(data, end).is_err() || end {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+            // Ended without saying so beforehand: END_STREAM on an empty DATA frame.
+            Poll::Ready(None) => {
+                let _ = tx.send_data(Bytes::new(), true);
+                return Poll::Ready(Ok(()));
+            }
+        }
+    })
+    .await;
+    if sent.is_err() {
+        // Qlik broke off mid-answer (logged by the body): the client must not take the
+        // truncated answer for a whole one.
+        tx.send_reset(h2::Reason::INTERNAL_ERROR);
+    }
+}
+
+/// The request's DATA frames as a body: each frame's bytes are given back to the client's
+/// flow-control window as they are taken.
+struct RequestBody(RecvStream);
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = h2::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        match self.0.poll_data(cx) {
+            Poll::Ready(Some(Ok(data))) => {
+                let _ = self.0.flow_control().release_capacity(data.len());
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+            Poll::Ready(None) => match self.0.poll_trailers(cx) {
+                Poll::Ready(Ok(Some(t))) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+                Poll::Ready(Ok(None)) => Poll::Ready(None),
+                Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+                Poll::Pending => Poll::Pending,
+            },
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.0.is_end_stream()
     }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
-/// [`handle`], with the stream counted in `streams` until its response body is done.
-pub async fn handle_counted(
-    proxy: Arc<Proxy>,
-    req: Request<Incoming>,
-    info: ConnInfo,
-    streams: Streams,
-) -> Result<Response<Tracked<ResponseBody>>, h2::Error> {
-    let open = streams.open();
-    // hyper moves the stream's future several times before it first runs (into its stream
-    // state, to the executor, into `h2_tasks`' box): kept small, with the request's whole
-    // lifecycle built in one box at the first poll (was some 4,000 instructions of memcpy per
-    // request), and written into that box rather than built and moved in (`Box::pin` copied
-    // all of its several kilobytes).
-    let resp = Box::into_pin(Box::write(
-        Box::new_uninit(),
-        handle(proxy, req, info, &streams.0.device_memo),
-    ))
-    .await?;
-    Ok(resp.map(|body| Tracked { body, _open: open }))
 }
 
 /// Waits for the end of a stream that must bring no DATA.
-async fn no_data(body: &mut HoldLast<Incoming>) -> Result<(), ProxyError> {
+async fn no_data(body: &mut HoldLast<RequestBody>) -> Result<(), ProxyError> {
     while let Some(frame) = body.frame().await {
         match frame {
             Ok(f) if f.data_ref().is_some_and(|d| !d.is_empty()) => {
@@ -340,8 +466,9 @@ fn head_of(
 struct Stream<'c> {
     info: ConnInfo,
     framing: Framing,
-    body: HoldLast<Incoming>,
-    response: Option<Response<ResponseBody>>,
+    body: HoldLast<RequestBody>,
+    /// Where the answer goes (see [`handle`]).
+    response: &'c mut Option<Response<ResponseBody>>,
     /// The connection's, see [`handle`].
     device_memo: &'c DeviceMemoCell,
 }
@@ -349,7 +476,7 @@ struct Stream<'c> {
 impl Stream<'_> {
     fn answer_now(&mut self, finish: Finish, page: Page) {
         finish.done(page.status().as_u16(), 0, "ok");
-        self.response = Some(page.map(Either::Right));
+        *self.response = Some(page.map(Either::Right));
     }
 }
 
@@ -451,7 +578,7 @@ impl Transport for Stream<'_> {
             };
             return self.answer_now(Finish::of(x), e.to_response());
         }
-        // Filled in where it stays until hyper takes it (a move less of a large value).
+        // Filled in where it stays until it is sent (a move less of a large value).
         let resp = self
             .response
             .insert(Response::new(Either::Left(RelayBody::new(
@@ -608,7 +735,7 @@ impl Body for RelayBody {
         }
     }
 
-    /// True as soon as the last bytes are in hand, so that hyper sends them with END_STREAM
+    /// True as soon as the last bytes are in hand, so that they are sent with END_STREAM
     /// (and an empty answer as HEADERS with END_STREAM), not in an empty DATA frame of their
     /// own after one more poll: a frame less per response (the end is logged on drop).
     fn is_end_stream(&self) -> bool {

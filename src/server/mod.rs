@@ -3,7 +3,7 @@
 //!
 //! [`Guard::start`] binds everything first (so a bad address fails before anything serves),
 //! then runs one accept loop per listener. Each client connection is served by the HTTP/1.1
-//! engine (`proxy::h1`), or by hyper's HTTP/2 server when TLS ALPN picked `h2`.
+//! engine (`proxy::h1`), or by the HTTP/2 server (`proxy::h2_tasks`) when TLS ALPN picked `h2`.
 //!
 //! A reload ([`Control::reload`]: SIGHUP or `POST /reload`) reads the config file again and
 //! applies it in an order that cannot half-fail: everything that can fail (parsing,
@@ -27,9 +27,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper::server::conn::http2;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -330,7 +327,7 @@ fn bind(addr: SocketAddr, key: &str, reuse_port: bool) -> Result<TcpListener, St
         .map_err(|e| format!("{key}: {e}"))?;
     // Set on the listener, so every accepted connection inherits them (Linux) without a
     // system call of its own. This is how a dead client is found, on every protocol: HTTP/2
-    // PING keep-alives (hyper's) cost a lock and a clock read per frame received, some
+    // PING keep-alives (as hyper's were) cost a lock and a clock read per frame received, some
     // thousand instructions per request; nginx and HAProxy rely on the kernel too.
     let _ = socket.set_tcp_keepalive(
         &socket2::TcpKeepalive::new()
@@ -466,15 +463,12 @@ async fn serve_http2<S>(
     let idle = proxy.settings().http2_idle_timeout;
     let streams = crate::proxy::h2::Streams::default();
     let counted = streams.clone();
-    let svc = service_fn(move |req| {
-        crate::proxy::h2::handle_counted(proxy.clone(), req, info, counted.clone())
-    });
     // The streams run in this task (see proxy::h2_tasks), not each in a task of its own.
-    let exec = crate::proxy::h2_tasks::StreamExec::default();
-    let conn = http2::Builder::new(exec.clone())
-        .max_header_list_size(settings.max_header_size as u32)
-        .serve_connection(TokioIo::new(stream), svc);
-    tokio::pin!(conn);
+    let handshake =
+        crate::proxy::h2_tasks::builder(settings.max_header_size as u32).handshake(stream);
+    let conn = crate::proxy::h2_tasks::Served::new(handshake, move |req, respond| {
+        crate::proxy::h2::stream(proxy.clone(), req, respond, info, counted.clone())
+    });
     let mut stop = crate::proxy::shutdown_watch::ShutdownWatch::new(stop);
     let close = async {
         tokio::select! {
@@ -485,8 +479,7 @@ async fn serve_http2<S>(
             }
         }
     };
-    let result =
-        crate::proxy::h2_tasks::drive(conn.as_mut(), &exec, close, |c| c.graceful_shutdown()).await;
+    let result = crate::proxy::h2_tasks::drive(conn, close).await;
     if let Err(e) = result {
         tracing::debug!(client = %info.peer, "HTTP/2 connection ended: {e}");
     }

@@ -582,7 +582,7 @@ async fn write_page<S: AsyncWrite + Unpin>(
 }
 
 /// RFC 9110 IMF-fixdate.
-fn httpdate(t: std::time::SystemTime) -> String {
+pub(crate) fn httpdate(t: std::time::SystemTime) -> String {
     let secs = t
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
