@@ -294,3 +294,49 @@ async fn certificates_by_sni_and_a_renewed_certificate_served_after_a_reload() {
     assert_eq!(ca.served(guard.addr, "localhost").await, renewed);
     guard.shutdown().await;
 }
+
+/// Answers larger than the client's flow-control window go through whole, the guard sending
+/// as the client's WINDOW_UPDATEs come (three at once on one connection, each stream with a
+/// 32 KiB window), and the connection serves on.
+#[tokio::test]
+async fn http2_large_answers_follow_the_clients_window() {
+    let sim = sim().await;
+    let tls = TestCert::new();
+    let guard = guard_with(&tls_config(sim.addr(), &tls)).await;
+    let stream = tls_connect(guard.addr, &tls.connector(&[b"h2"])).await;
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(32 * 1024)
+        .initial_connection_window_size(64 * 1024)
+        .handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let n = 3 << 20;
+    let get = |path: String| {
+        let mut sender = sender.clone();
+        async move {
+            let req = http::Request::get(format!("https://qlik.example.com{path}"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let resp = sender.send_request(req).await.unwrap();
+            let status = resp.status();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, body)
+        }
+    };
+    let path = format!("/__sim/bytes?n={n}");
+    let all = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        futures_util::future::join_all((0..3).map(|_| get(path.clone()))),
+    )
+    .await
+    .expect("the large answers came through");
+    for (status, body) in all {
+        assert_eq!(status, 200);
+        assert_eq!(body.len(), n);
+        assert!(body.iter().all(|&b| b == b'q'));
+    }
+    let (status, _) = get("/__sim/echo".into()).await;
+    assert_eq!(status, 200);
+    guard.shutdown().await;
+}

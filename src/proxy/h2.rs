@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, Bytes, BytesMut};
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Either, Full, Limited};
@@ -274,27 +274,33 @@ async fn serve_stream(
     }
 }
 
-/// Sends `body` in DATA frames, each as the client's window allows (h2 holds what it cannot
-/// send yet; asking for capacity before each frame keeps that to one frame), the last with
-/// END_STREAM. A client that resets the stream ends it; a body that fails resets it.
+/// Sends `body` in DATA frames, the last with END_STREAM. After a frame, the next is taken
+/// from Qlik only once the client's window has room (h2 holds a frame it cannot send yet, so
+/// at most one waits beyond the window); an answer of one frame, most of them, goes without
+/// asking for capacity at all (three locks of h2's state fewer). A client that resets the
+/// stream ends it; a body that fails resets it.
 async fn send_body(mut tx: SendStream<Bytes>, body: &mut ResponseBody) {
+    let mut sent_one = false;
     let sent = std::future::poll_fn(|cx| loop {
-        tx.reserve_capacity(1);
-        if tx.capacity() == 0 {
-            loop {
+        if sent_one {
+            tx.reserve_capacity(1);
+            while tx.capacity() == 0 {
                 match tx.poll_capacity(cx) {
                     Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Some(Ok(0))) => {}
-                    Poll::Ready(Some(Ok(_))) => break,
+                    Poll::Ready(Some(Ok(_))) => {}
                     // Reset or closed: nothing more can be sent.
                     Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(Ok(())),
                 }
             }
-        } else if tx.poll_reset(cx).is_ready() {
-            return Poll::Ready(Ok(()));
         }
         match Pin::new(&mut *body).poll_frame(cx) {
-            Poll::Pending => return Poll::Pending,
+            Poll::Pending => {
+                // Waiting for Qlik: woken by a reset of the stream too.
+                return match tx.poll_reset(cx) {
+                    Poll::Ready(_) => Poll::Ready(Ok(())),
+                    Poll::Pending => Poll::Pending,
+                };
+            }
             Poll::Ready(Some(Ok(frame))) => {
                 // Only DATA: neither body has trailers.
                 if let Ok(data) = frame.into_data() {
@@ -302,6 +308,7 @@ async fn send_body(mut tx: SendStream<Bytes>, body: &mut ResponseBody) {
                     if tx.send_data(data, end).is_err() || end {
                         return Poll::Ready(Ok(()));
                     }
+                    sent_one = true;
                 }
             }
             Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
@@ -594,7 +601,7 @@ impl Transport for Stream<'_> {
         for i in headers::response_field_indices(head) {
             let (name, _) = head.field(i);
             let value = HeaderValue::from_maybe_shared(head.value_bytes(i));
-            if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name), value) {
+            if let (Some(n), Ok(v)) = (headers::response_name(name), value) {
                 h.append(n, v);
             }
         }

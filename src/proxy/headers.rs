@@ -11,10 +11,11 @@
 use std::net::IpAddr;
 
 use bytes::{BufMut, BytesMut};
+use http::header::{self, HeaderName};
 use http::HeaderValue;
 use ipnet::IpNet;
 
-use super::h1::parse::{Framing, Head, Known};
+use super::h1::parse::{eq_token_folded, Framing, Head, Known};
 use super::ConnInfo;
 use crate::session::cookies;
 use crate::session::identity::IdentitySources;
@@ -346,10 +347,86 @@ pub(crate) fn status_digits(code: u16) -> [u8; 3] {
     ]
 }
 
+/// The `HeaderName` of one of Qlik's response field names (a token, as the engine's parser
+/// checked), for an HTTP/2 answer: the usual ones by a comparison or two, decided by length
+/// and first letter as [`Known::of`] does; any other through `HeaderName::from_bytes`, whose
+/// own parse costs some 200 instructions a name, for every field of every answer.
+pub(crate) fn response_name(name: &[u8]) -> Option<HeaderName> {
+    let first = *name.first()?;
+    let (known, text): (HeaderName, &[u8]) = match (name.len(), first | 0x20) {
+        (4, b'd') => (header::DATE, b"date"),
+        (4, b'e') => (header::ETAG, b"etag"),
+        (4, b'v') => (header::VARY, b"vary"),
+        (6, b's') => (header::SERVER, b"server"),
+        (6, b'p') => (header::PRAGMA, b"pragma"),
+        (7, b'e') => (header::EXPIRES, b"expires"),
+        (8, b'l') => (header::LOCATION, b"location"),
+        (10, b's') => (header::SET_COOKIE, b"set-cookie"),
+        (12, b'c') => (header::CONTENT_TYPE, b"content-type"),
+        (13, b'c') => (header::CACHE_CONTROL, b"cache-control"),
+        (13, b'l') => (header::LAST_MODIFIED, b"last-modified"),
+        (16, b'c') => (header::CONTENT_ENCODING, b"content-encoding"),
+        (15, b'x') => (header::X_FRAME_OPTIONS, b"x-frame-options"),
+        (22, b'x') => (header::X_CONTENT_TYPE_OPTIONS, b"x-content-type-options"),
+        (23, b'c') => (header::CONTENT_SECURITY_POLICY, b"content-security-policy"),
+        (25, b's') => (
+            header::STRICT_TRANSPORT_SECURITY,
+            b"strict-transport-security",
+        ),
+        _ => return HeaderName::from_bytes(name).ok(),
+    };
+    if eq_token_folded(name, text) {
+        Some(known)
+    } else {
+        HeaderName::from_bytes(name).ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::proxy::h1::parse::{parse_request, parse_response};
+
+    #[test]
+    fn response_names_are_those_http_would_make() {
+        let names = [
+            "Date",
+            "ETag",
+            "vary",
+            "Server",
+            "PRAGMA",
+            "Expires",
+            "Location",
+            "Set-Cookie",
+            "Content-Type",
+            "Cache-Control",
+            "Last-Modified",
+            "Content-Encoding",
+            "X-Frame-Options",
+            "X-Content-Type-Options",
+            "Content-Security-Policy",
+            "Strict-Transport-Security",
+            // Same length and first letter as one of those, or none of them.
+            "Dote",
+            "Eta-",
+            "Sorver",
+            "Content-Language",
+            "Cache-Controls",
+            "X-Qlik-Xrfkey",
+            "x-custom_field",
+            "Link",
+            "Content-Typo",
+        ];
+        for name in names {
+            assert_eq!(
+                response_name(name.as_bytes()),
+                Some(HeaderName::from_bytes(name.as_bytes()).unwrap()),
+                "{name}"
+            );
+        }
+        assert_eq!(response_name(b""), None);
+        assert_eq!(response_name(b"bad name"), None);
+    }
 
     fn head(bytes: &'static [u8]) -> Head {
         let (_, mut h) = parse_request(bytes, 16384).unwrap().unwrap();

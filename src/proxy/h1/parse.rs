@@ -252,7 +252,7 @@ impl Known {
 /// case, and gives `-` only for `-` and CR; CR is never in a token, and every name compared
 /// here is one (httparse checks field names and the parser `Connection` tokens; the guard's
 /// own names are constants).
-fn eq_token_folded(name: &[u8], lower: &[u8]) -> bool {
+pub(crate) fn eq_token_folded(name: &[u8], lower: &[u8]) -> bool {
     const FOLD: u64 = 0x2020_2020_2020_2020;
     let n = name.len();
     if n != lower.len() {
