@@ -1,6 +1,7 @@
-//! The session guard's decision is a future inside every request's future, and hyper spawns
-//! one task per HTTP/2 stream: the spawn copies the whole future (several times, into the
-//! task's cell). A cold path awaited inline (ending a session in Qlik, waiting for a pending
+//! The session guard's decision is a future inside every request's future, and an HTTP/2
+//! stream's future was moved several times before it ran (hyper spawned a task per stream,
+//! copying the whole future into the task's cell; today it is written into its box once, but
+//! every state of it is still that size). A cold path awaited inline (ending a session in Qlik, waiting for a pending
 //! login) made `before()` 4.9 KB and an HTTP/2 request through the guard cost 155k instead of
 //! 81k instructions (`benches/cost.sh`, row guard-h2), nearly all of it `memcpy`. Cold paths
 //! are boxed; this keeps them so.
