@@ -387,5 +387,23 @@ async fn idle_http2_connections_are_closed() {
     let _ = tokio::time::timeout(Duration::from_secs(10), conn)
         .await
         .expect("idle again once the stream is done: closed");
+
+    // A client that chose h2 and never sends its preface holds no connection either.
+    let mut silent = tls_connect(guard.addr, &cert.connector(&[b"h2"])).await;
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match silent.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                // The guard's own SETTINGS may come first.
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "a connection without an HTTP/2 preface is closed after the idle timeout"
+    );
     guard.shutdown().await;
 }
