@@ -1577,6 +1577,55 @@ async fn h2_bad_content_length_values_are_refused_and_big_bodies_get_413() {
     b.finish().await;
 }
 
+/// 6b. The fields of an HTTP/2 request are written as HTTP/1.1 lines and judged by the same
+///    rules as a head that came as HTTP/1.1 (`parse::RequestWriter`): a name with `_` that a
+///    server folding `_` into `-` reads as a framing field is refused, more fields than an
+///    HTTP/1.1 head may have is 431, and a value with whitespace around it reaches the origin
+///    without it.
+#[tokio::test]
+async fn h2_fields_are_judged_by_the_http1_rules() {
+    let b = Bench::start().await;
+    for (name, value) in [("content_length", "5"), ("transfer_encoding", "chunked")] {
+        let m = b.unique("lookalike");
+        let ask = Ask::post(&m).field(name, value).data("hello");
+        b.refused(
+            &format!("`{name}` stands for a framing field"),
+            &m,
+            ask,
+            Reach::Nothing,
+        )
+        .await;
+    }
+
+    let m = b.unique("many-fields");
+    let mut ask = Ask::get(&m);
+    for i in 0..130 {
+        ask = ask.field(format!("x-f{i}"), "1");
+    }
+    b.answered_by_proxy(
+        "more than 128 fields (as an HTTP/1.1 head)",
+        &m,
+        ask,
+        431,
+        Reach::Nothing,
+    )
+    .await;
+
+    let mut c = b.h2().await;
+    let m = b.unique("padded");
+    let ask = Ask::get(&m).field("x-padded", " \tv w\t ");
+    let target = format!("/case/{m}");
+    if let Some(r) = b.forwarded("a padded value", &mut c, &ask, &target).await {
+        b.check(r.all("x-padded") == ["v w"], || {
+            format!(
+                "a padded value must reach the origin without its whitespace, got {:?}",
+                r.all("x-padded")
+            )
+        });
+    }
+    b.finish().await;
+}
+
 /// 7. RFC 9113 8.3: a pseudo-header field after a regular field, a request without `:path`,
 ///    and a repeated `:path` are malformed: refused, never at the origin.
 #[tokio::test]

@@ -59,8 +59,8 @@ async fn handle(
 ) -> Result<(), h2::Reason> {
     let (parts, body) = req.into_parts();
     let body = RequestBody(body);
-    let max_head = proxy.settings().max_header_size;
-    let head = match head_of(&parts, body.is_end_stream(), max_head) {
+    // (Its size is bounded by h2, with `server.max_header_size` as the list's limit.)
+    let head = match head_of(&parts, body.is_end_stream()) {
         Ok(h) => h,
         Err(e) => {
             tracing::info!(client = %info.peer, "refused: {e}");
@@ -374,14 +374,11 @@ fn is_connection_specific(name: &header::HeaderName) -> bool {
         || matches!(name.as_str(), "keep-alive" | "proxy-connection")
 }
 
-/// The HTTP/2 request as the engine's head, judged by the engine's parser.
-fn head_of(
-    parts: &http::request::Parts,
-    end_stream: bool,
-    max_head: usize,
-) -> Result<Head, ProxyError> {
+/// The HTTP/2 request as the engine's head: written as HTTP/1.1 lines and judged by the
+/// engine's rules ([`parse::RequestWriter`]).
+fn head_of(parts: &http::request::Parts, end_stream: bool) -> Result<Head, ProxyError> {
     let h = &parts.headers;
-    let authority = parts.uri.authority().map(|a| a.as_str());
+    let authority = parts.uri.authority();
     // One pass over the fields (not a hashed lookup per name): what HTTP/2 forbids, and what
     // would break the HTTP/1.1 lines they become.
     let mut host = None;
@@ -400,53 +397,20 @@ fn head_of(
         }
     }
     if let (Some(host), Some(a)) = (host, authority) {
-        if !host.as_bytes().eq_ignore_ascii_case(a.as_bytes()) {
+        if !host.as_bytes().eq_ignore_ascii_case(a.as_str().as_bytes()) {
             return Err(ProxyError::BadRequest(
                 "the Host header differs from :authority",
             ));
         }
     }
     let target = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("");
-    let mut b = BytesMut::with_capacity(256 + h.len() * 32);
-    b.put_slice(parts.method.as_str().as_bytes());
-    b.put_slice(b" ");
-    b.put_slice(target.as_bytes());
-    b.put_slice(b" HTTP/1.1\r\n");
+    let mut w = parse::RequestWriter::new(&parts.method, target, 256 + h.len() * 32);
     if let (None, Some(a)) = (host, authority) {
-        b.put_slice(b"host: ");
-        b.put_slice(a.as_bytes());
-        b.put_slice(b"\r\n");
+        w.host(a);
     }
-    // The `cookie` fields are joined where the first stood: `HeaderMap` yields all the
-    // values of a name one after another, so the line is open while they come.
-    let mut cookie_open = false;
-    for (name, value) in h.iter() {
-        if name == header::COOKIE {
-            b.put_slice(if cookie_open { b"; " } else { b"cookie: " });
-            b.put_slice(value.as_bytes());
-            cookie_open = true;
-            continue;
-        }
-        if cookie_open {
-            b.put_slice(b"\r\n");
-            cookie_open = false;
-        }
-        if name == header::TE {
-            continue;
-        }
-        b.put_slice(name.as_str().as_bytes());
-        b.put_slice(b": ");
-        b.put_slice(value.as_bytes());
-        b.put_slice(b"\r\n");
-    }
-    if cookie_open {
-        b.put_slice(b"\r\n");
-    }
-    b.put_slice(b"\r\n");
-    let (_, mut head) = parse::parse_request(&b, max_head + b.len())
-        .map_err(ProxyError::Rejected)?
-        .ok_or(ProxyError::BadRequest("the request head is incomplete"))?;
-    head.bytes = b.freeze();
+    // `te: trailers` (the only `te` that gets this far) is hop-by-hop: not passed on.
+    w.fields(h.iter().filter(|(name, _)| *name != header::TE));
+    let mut head = w.finish().map_err(ProxyError::Rejected)?;
     if head.framing == Framing::None && !end_stream {
         // No length given: the body goes to Qlik chunked, as the DATA frames come.
         head.framing = Framing::Chunked;

@@ -40,6 +40,9 @@ use std::ops::Range;
 
 use bytes::Bytes;
 
+mod written;
+pub use written::RequestWriter;
+
 /// Most header fields in one head (more gets 431).
 pub const MAX_HEADERS: usize = 128;
 
@@ -928,6 +931,19 @@ fn parse_request_by(
             None => return Ok(None),
         },
     };
+    judge_request(bytes, line, fields, f).map(|(len, head)| Some((len, head)))
+}
+
+/// What a request head's lines say, as one of the readers found them (the one-pass reader,
+/// httparse, or [`written::RequestWriter`] for the lines the engine writes from HTTP/2's
+/// fields): every rule past the syntax of the lines is decided here, once for all of them.
+#[inline(always)]
+fn judge_request(
+    bytes: &[u8],
+    line: StartLine,
+    fields: Vec<Field>,
+    f: Fields,
+) -> Result<(usize, Head), Rejection> {
     if &bytes[line.method.clone()] == b"CONNECT" {
         return Err(Rejection::Connect);
     }
@@ -981,7 +997,7 @@ fn parse_request_by(
         return Err(Rejection::UpgradeWithBody);
     }
     let close = f.connection_close || (minor == 0 && !f.connection_keep_alive);
-    Ok(Some((
+    Ok((
         line.len,
         Head {
             bytes: Bytes::new(),
@@ -1000,7 +1016,7 @@ fn parse_request_by(
             expect_continue: f.expect_continue,
             status: 0,
         },
-    )))
+    ))
 }
 
 /// httparse's reading of a response head, for what [`scan_response`] does not take.
