@@ -390,8 +390,8 @@ fn head_of(parts: &http::request::Parts, end_stream: bool) -> Result<Head, Proxy
         }
         // No CR, LF or NUL can be in a value to make a line of its own once written out:
         // h2 makes every value with `HeaderValue::from_bytes`, which refuses every control
-        // byte but HTAB (a stream with one is reset), and the engine's parser judges the
-        // written head again below. (A scan here cost some 270 instructions a request.)
+        // byte but HTAB (a stream with one is reset); the writer below takes only such
+        // values. (A scan here cost some 270 instructions a request.)
         if name == header::HOST {
             host = Some(value);
         }

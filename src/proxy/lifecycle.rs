@@ -343,8 +343,9 @@ async fn send<T: Transport>(
     // connection, which is dropped with it (never pooled).
     let mut part = BytesMut::new();
     let mut done = whole;
-    let pace = BodyPace::new(&x.settings);
-    while !done {
+    // Only for a body still to come: its clock read is saved on every other request.
+    let pace = (!done).then(|| BodyPace::new(&x.settings));
+    while let (false, Some(pace)) = (done, &pace) {
         part.clear();
         let got = pace
             .within(sent, t.more_body(&mut part, &x.settings))

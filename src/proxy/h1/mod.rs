@@ -18,8 +18,10 @@
 pub mod chunked;
 pub mod parse;
 
+use std::future::Future;
 use std::io;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -528,7 +530,14 @@ async fn send<S: AsyncWrite + Unpin>(
     bytes: &[u8],
     limit: Duration,
 ) -> Result<(), Relay> {
-    match tokio::time::timeout(limit, io.write_all(bytes)).await {
+    let mut write = std::pin::pin!(io.write_all(bytes));
+    // Most writes are done at once (the socket has room): no timer (and no clock read) for
+    // them.
+    let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+    if let Poll::Ready(r) = first {
+        return r.map_err(|_| Relay::ClientGone);
+    }
+    match tokio::time::timeout(limit, write).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(Relay::ClientGone),
         Err(_) => Err(Relay::ClientStalled),

@@ -189,7 +189,8 @@ impl RequestWriter {
             minor: 1,
             status: 0,
         };
-        let (_, mut head) = judge_request(&self.bytes, line, self.fields, self.f)?;
+        let judged = judge_request(&self.bytes, line, self.fields, self.f)?;
+        let (_, mut head) = judged.expect("the judge answers a whole head");
         head.bytes = self.bytes.freeze();
         Ok(head)
     }
