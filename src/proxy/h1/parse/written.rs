@@ -22,7 +22,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http::uri::Authority;
 use http::{HeaderName, HeaderValue, Method};
 
-use super::{judge_request, spare_fields, Field, Fields, Head, Known, Rejection, StartLine};
+use super::{
+    judge_request, range_of, spare_fields, trim_ows, Field, Fields, Head, Known, Rejection,
+    StartLine,
+};
 
 /// A request head being written, line by line: [`RequestWriter::new`] writes the request line,
 /// [`RequestWriter::host`] and [`RequestWriter::fields`] the field lines, and
@@ -137,24 +140,15 @@ impl RequestWriter {
             self.broken.get_or_insert(Rejection::HeadTooLarge);
         } else {
             let bytes = &self.bytes[..];
-            let value_at = start + name_len + 2;
-            let value = &bytes[value_at..];
-            let ows = |b: &&u8| matches!(**b, b' ' | b'\t');
-            let (lead, trail) = match (value.first(), value.last()) {
-                (Some(a), Some(z)) if ows(&a) || ows(&z) => {
-                    let lead = value.iter().take_while(ows).count();
-                    (lead, value[lead..].iter().rev().take_while(ows).count())
-                }
-                _ => (0, 0),
-            };
-            let value = &value[lead..value.len() - trail];
+            let written = &bytes[start + name_len + 2..];
+            let value = trim_ows(written);
             self.f
                 .read(bytes, &bytes[start..start + name_len], value, known);
             self.fields.push(Field {
                 known,
-                plain: lead == 0 && trail == 0,
+                plain: value.len() == written.len(),
                 name: start..start + name_len,
-                value: value_at + lead..value_at + lead + value.len(),
+                value: range_of(bytes, value),
             });
         }
         self.bytes.put_slice(b"\r\n");
